@@ -1,0 +1,255 @@
+"""Load the SDXL components: from a hub id or a local diffusers dir, or build a built-in model.
+
+Built-ins need no download:
+- `tiny`: SDXL-shaped (two CLIP text encoders, text-time conditioning, cross-attention UNet with
+  three levels, 8x VAE) with small channels and seeded random weights; runs on CPU in seconds.
+- `sdxl-random`: the full SDXL base architecture (2.567 B-parameter UNet) with seeded random
+  weights. It costs exactly what the real model costs per step, so it is what GPU timings use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+BUILTIN_MODELS = ("tiny", "sdxl-random")
+
+SDXL_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "sample_max_value": 1.0,
+}
+
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+SDXL_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+SDXL_TEXT_ENCODER_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+TINY_UNET_CONFIG = {
+    **SDXL_UNET_CONFIG,
+    "sample_size": 16,
+    "block_out_channels": (32, 64, 64),
+    "transformer_layers_per_block": (1, 1, 2),
+    "attention_head_dim": (2, 4, 4),
+    "cross_attention_dim": 96,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+TINY_VAE_CONFIG = {**SDXL_VAE_CONFIG, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1,
+                   "norm_num_groups": 8, "sample_size": 128, "force_upcast": False}
+TINY_TEXT_ENCODER_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, hidden_act="quick_gelu", projection_dim=32)
+TINY_TEXT_ENCODER_2_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, hidden_act="gelu", projection_dim=32)
+
+
+@dataclass
+class Components:
+    """What the pipeline needs. `default_size` is the size a built-in prefers when none is given."""
+
+    name: str
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: dict
+    default_size: tuple[int, int] | None = None
+    lora: dict = field(default_factory=dict)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                "unet": self.unet, "vae": self.vae}
+
+    def to(self, device, dtype: torch.dtype) -> Components:
+        for name, module in self.modules().items():
+            # An SDXL VAE overflows in fp16 (config.force_upcast); keep it in fp32 as diffusers does.
+            keep_fp32 = name == "vae" and getattr(module.config, "force_upcast", False)
+            module.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).eval().requires_grad_(False)
+        return self
+
+
+def load(model: str, *, lora_path: str | None = None, lora_scale: float = 1.0, seed: int = 0) -> Components:
+    """fp32 components on the CPU, LoRA fused. Callers move them with `Components.to`."""
+    if model in BUILTIN_MODELS:
+        components = build_builtin(model, seed=seed)
+    else:
+        components = _from_pretrained(model)
+    if lora_path:
+        fuse_lora(components, lora_path, lora_scale)
+    return components
+
+
+def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu") -> Components:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if name == "tiny":
+        unet_cfg, vae_cfg, te_cfg, te2_cfg, size = (TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_ENCODER_CONFIG,
+                                                    TINY_TEXT_ENCODER_2_CONFIG, (128, 128))
+    elif name == "sdxl-random":
+        unet_cfg, vae_cfg, te_cfg, te2_cfg, size = (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SDXL_TEXT_ENCODER_CONFIG,
+                                                    SDXL_TEXT_ENCODER_2_CONFIG, None)
+    else:
+        raise UserError(f"unknown built-in model {name!r}: choose one of {', '.join(BUILTIN_MODELS)}")
+
+    def clip_config(cfg):
+        return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                              eos_token_id=49407, pad_token_id=49407, **cfg)
+
+    with _seeded(seed), torch.device(device):
+        text_encoder = CLIPTextModel(clip_config(te_cfg))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(te2_cfg))
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+    return Components(
+        name=name,
+        tokenizer=builtin_tokenizer(pad_token="<|endoftext|>"),
+        tokenizer_2=builtin_tokenizer(pad_token="!"),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        unet=unet.eval(),
+        vae=vae.eval(),
+        scheduler_config=dict(SDXL_SCHEDULER_CONFIG),
+        default_size=size,
+    )
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _from_pretrained(model: str) -> Components:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    local = Path(model).expanduser()
+    looks_local = local.exists() or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
+    if looks_local and not (local / "model_index.json").is_file():
+        raise UserError(f"{model} is not a diffusers model directory (no model_index.json); "
+                        "pass a hub id, a local diffusers dir, or --model tiny / --model sdxl-random")
+    source = str(local) if looks_local else model
+    try:
+        kwargs = {"local_files_only": looks_local or _hub_offline()}
+        components = Components(
+            name=model,
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+            tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
+            scheduler_config=dict(EulerDiscreteScheduler.load_config(source, subfolder="scheduler", **kwargs)),
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # diffusers/transformers/hub raise many types; people need one line
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {model!r} ({reason}); without hub access use --model tiny "
+                        "or --model sdxl-random, or pass a local diffusers directory") from None
+    return components
+
+
+def fuse_lora(components: Components, lora_path: str, scale: float) -> None:
+    """Load a diffusers-format SDXL LoRA (hub id, dir or .safetensors file) and fuse it at `scale`."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(lora_path).expanduser()
+    is_local = path.exists() or lora_path.endswith(".safetensors") or lora_path.startswith((".", "/", "~"))
+    if is_local and not path.exists():
+        raise UserError(f"--lora-path {lora_path} does not exist")
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
+        scheduler=_any_scheduler(components.scheduler_config),
+    )
+    weight_name = path.name if path.is_file() else None
+    source = str(path.parent if path.is_file() else path) if is_local else lora_path
+    try:
+        pipe.load_lora_weights(source, weight_name=weight_name, adapter_name="sdxl_bench",
+                               local_files_only=is_local or _hub_offline())
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load LoRA {lora_path!r}: {reason}") from None
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["sdxl_bench"])
+    pipe.unload_lora_weights()
+    components.lora = {"path": lora_path, "scale": scale}
+
+
+def _any_scheduler(config: dict):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(config)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@lru_cache(maxsize=None)
+def builtin_tokenizer(pad_token: str):
+    """A real CLIP BPE tokenizer built from the vocabulary that open_clip ships: no download."""
+    import open_clip.tokenizer as oct
+    from transformers import CLIPTokenizer
+
+    bpe_lines = gzip.open(oct.default_bpe(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in bpe_lines[1 : 49152 - 256 - 2 + 1]]  # CLIP's own slice
+    byte_chars = list(oct.bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, pad_token=pad_token,
+                         model_max_length=77)
