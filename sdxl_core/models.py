@@ -33,6 +33,7 @@ SDXL_SCHEDULER_CONFIG = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "sample_max_value": 1.0,
+    "skip_prk_steps": True,
 }
 
 SDXL_UNET_CONFIG = {
@@ -108,6 +109,9 @@ class Components:
                 "unet": self.unet, "vae": self.vae}
 
     def to(self, device, dtype: torch.dtype) -> Components:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # its "cast with to()" notice is noise for random weights
         for name, module in self.modules().items():
             # An SDXL VAE overflows in fp16 (config.force_upcast); keep it in fp32 as diffusers does.
             keep_fp32 = name == "vae" and getattr(module.config, "force_upcast", False)

@@ -1,0 +1,94 @@
+"""What a run was and what it measured: the JSON report, the latency table, library and device facts."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+REPORT_SCHEMA_VERSION = 1
+REPORT_KEYS = ("schema", "created", "command", "variant", "engine", "prompt", "seed", "timings_ms",
+               "per_batch_ms", "images_per_second", "unet_steps", "images", "libraries", "device")
+TIMED_STAGES = ("clip", "clip2", "unet", "vae", "total")
+LIBRARIES = ("torch", "diffusers", "transformers", "nvidia-modelopt", "triton", "tensorrt", "onnx", "onnxruntime",
+             "peft", "open-clip-torch")
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"type": device.type, "name": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads()}
+    props = torch.cuda.get_device_properties(device)
+    return {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count}
+
+
+def make_report(variant, engines, results, *, prompt: str, seed: int, images: list[str], command: str) -> dict:
+    per_batch = [{k: round(r.timings[k], 3) for k in TIMED_STAGES} for r in results]
+    mean = {k: round(statistics.fmean(b[k] for b in per_batch), 3) for k in TIMED_STAGES}
+    return {
+        "schema": REPORT_SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "variant": dataclasses.asdict(variant),
+        "engine": engines.info,
+        "prompt": prompt,
+        "seed": seed,
+        "timings_ms": mean,
+        "per_batch_ms": per_batch,
+        "images_per_second": round(variant.batch_size * 1000.0 / mean["total"], 4),
+        "unet_steps": results[0].unet_calls,
+        "images": images,
+        "libraries": library_versions(),
+        "device": device_info(engines.device),
+    }
+
+
+def stage_table(report: dict) -> str:
+    """The demo's latency table, with the two text encoders on rows of their own."""
+    t, steps = report["timings_ms"], report["unet_steps"]
+    rows = [("CLIP", t["clip"]), ("CLIP2", t["clip2"]), (f"UNet x {steps}", t["unet"]), ("VAE-Dec", t["vae"])]
+    line = "|" + "-" * 18 + "|" + "-" * 16 + "|"
+    out = [line, f"| {'Module':<16} | {'Latency':>14} |", line]
+    out += [f"| {name:<16} | {ms:>11.2f} ms |" for name, ms in rows]
+    out += [line, f"| {'Pipeline':<16} | {t['total']:>11.2f} ms |", line]
+    out.append(f"UNet per step: {t['unet'] / steps:.2f} ms   Throughput: {report['images_per_second']:.3f} image/s"
+               f"   ({report['variant']['name']}, {report['device']['name']}, batch {report['variant']['batch_size']})")
+    return "\n".join(out)
+
+
+def markdown_summary(paths: list[Path]) -> str:
+    """One table row per txt2img report, for people reading CI artifacts."""
+    lines = ["| variant | model | device | size | steps | CLIP ms | CLIP2 ms | UNet ms/step | VAE ms | total ms | img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+            t, v = report["timings_ms"], report["variant"]
+        except (OSError, ValueError, KeyError) as exc:
+            from .errors import UserError
+
+            raise UserError(f"{path} is not a txt2img report ({type(exc).__name__}: {exc})") from None
+        lines.append(f"| {v['name']} | {v['model']} | {report['device']['name']} | {v['height']}x{v['width']} | "
+                     f"{report['unet_steps']} | {t['clip']:.1f} | {t['clip2']:.1f} | "
+                     f"{t['unet'] / report['unet_steps']:.2f} | {t['vae']:.1f} | {t['total']:.1f} | "
+                     f"{report['images_per_second']:.3f} |")
+    return "\n".join(lines) + "\n"

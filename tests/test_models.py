@@ -1,0 +1,66 @@
+"""Built-in models, real-weights loading errors, tokenizers, LoRA fusing."""
+
+import pytest
+import torch
+
+from sdxl_core import models
+from sdxl_core.errors import UserError
+
+
+def test_sdxl_random_has_the_full_sdxl_unet():
+    components = models.build_builtin("sdxl-random", device="meta")
+    assert round(models.count_parameters(components.unet) / 1e9, 3) == 2.567
+    assert models.count_parameters(components.text_encoder) == pytest.approx(123e6, rel=0.01)
+    assert models.count_parameters(components.text_encoder_2) == pytest.approx(695e6, rel=0.01)
+    assert models.count_parameters(components.vae) == pytest.approx(83.65e6, rel=0.01)
+
+
+def test_tiny_is_sdxl_shaped_and_seeded():
+    a, b = models.build_builtin("tiny", seed=0), models.build_builtin("tiny", seed=0)
+    c = models.build_builtin("tiny", seed=1)
+    assert a.unet.config.addition_embed_type == "text_time"
+    assert a.unet.config.cross_attention_dim == a.text_encoder.config.hidden_size + a.text_encoder_2.config.hidden_size
+    wa, wb, wc = (x.unet.conv_in.weight for x in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_builtin_tokenizer_is_clip_bpe_without_download():
+    import open_clip
+
+    text = "a photo of an astronaut riding a horse on mars"
+    ids = models.builtin_tokenizer("!")([text], padding="max_length", max_length=77).input_ids[0]
+    assert ids == open_clip.tokenize([text])[0].tolist()  # open_clip pads with 0 == "!"
+
+
+def test_missing_local_model_names_the_builtins(tmp_path):
+    with pytest.raises(UserError, match="--model tiny"):
+        models.load(str(tmp_path / "nowhere"))
+
+
+def test_offline_hub_id_fails_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load model .*--model tiny") as info:
+        models.load("stabilityai/stable-diffusion-xl-base-1.0")
+    assert "\n" not in str(info.value)
+
+
+def test_local_diffusers_dir_round_trip(tmp_path):
+    """The real loading path (from_pretrained) on a directory written by save_pretrained."""
+    tiny = models.build_builtin("tiny")
+    for sub, module in (("unet", tiny.unet), ("vae", tiny.vae), ("text_encoder", tiny.text_encoder),
+                        ("text_encoder_2", tiny.text_encoder_2)):
+        module.save_pretrained(tmp_path / sub)
+    tiny.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    tiny.tokenizer_2.save_pretrained(tmp_path / "tokenizer_2")
+    from diffusers import EulerDiscreteScheduler
+
+    EulerDiscreteScheduler.from_config(tiny.scheduler_config).save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    loaded = models.load(str(tmp_path))
+    assert torch.equal(loaded.unet.conv_in.weight, tiny.unet.conv_in.weight)
+    assert loaded.tokenizer_2("a cat").input_ids == tiny.tokenizer_2("a cat").input_ids
+
+
+def test_missing_lora_file_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        models.load("tiny", lora_path=str(tmp_path / "missing.safetensors"))
