@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .variants import PRECISIONS, SCHEDULERS, VARIANTS, Variant, get_variant
+from .variants import SCHEDULERS, VARIANTS, Variant, get_variant
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -72,9 +72,12 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", help="torch or tensorrt")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--half", choices=("fp16", "bf16"), default="fp16", help="dtype of unquantized GPU work")
-    p.add_argument("--onnx-dir", default="onnx", help="ONNX exports and calibration state")
-    p.add_argument("--engine-dir", default="engine", help="built engines; enough on its own to run them")
-    p.add_argument("--use-cuda-graph", action="store_true", help="capture the UNet step in a CUDA graph")
+    p.add_argument("--onnx-dir", default=None, help="ONNX exports and calibration state (reused when present)")
+    p.add_argument("--engine-dir", default=None,
+                   help="where engines are built and reused; enough on its own to run them (default: in memory)")
+    p.add_argument("--no-build", action="store_true",
+                   help="only load a prebuilt engine from --engine-dir: never calibrate, export or build")
+    p.add_argument("--use-cuda-graph", action="store_true", help="capture the UNet step in a CUDA graph (TensorRT)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -140,8 +143,7 @@ def cmd_txt2img(args) -> int:
     device = resolve_device(args.device)
     backend = get_backend(variant.backend)
     components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
-    engines = backend.prepare(variant, components, device, engine_dir=args.engine_dir, onnx_dir=args.onnx_dir,
-                              half=args.half, progress=not args.no_progress)
+    engines = prepare_engines(backend, variant, components, device, args)
     results = pipeline.run(engines, components, variant, prompt, negative_prompt=args.negative_prompt,
                            seed=args.seed, batch_count=args.batch_count, warmup_runs=args.num_warmup_runs,
                            progress=not args.no_progress)
@@ -163,8 +165,34 @@ def cmd_txt2img(args) -> int:
     return 0
 
 
+def prepare_engines(backend, variant, components, device, args):
+    options = dict(engine_dir=args.engine_dir, onnx_dir=args.onnx_dir, half=args.half,
+                   progress=not args.no_progress, allow_build=not args.no_build)
+    if args.use_cuda_graph:
+        options["use_cuda_graph"] = True
+    return backend.prepare(variant, components, device, **options)
+
+
 def cmd_build(args) -> int:
-    raise UserError("`sdxl-bench build` needs the 8-bit engine store, which is not in this build yet")
+    from . import models
+    from .engines import get_backend
+
+    if not args.engine_dir:
+        raise UserError("sdxl-bench build needs --engine-dir: that is where the engines go")
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    variants = [get_variant(n) for n in names]  # refuse a bad name before any work
+    device = resolve_device(args.device)
+    for variant in variants:
+        variant = variant.replace(**{k: v for k, v in (("model", args.model), ("backend", args.backend)) if v})
+        if variant.model == "tiny":
+            variant = variant.replace(height=128, width=128)
+        backend = get_backend(variant.backend)
+        components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
+        engines = prepare_engines(backend, variant, components, device, args)
+        info = engines.info
+        print(f"{variant.name}: {info.get('mode')} {info.get('engine_path')} "
+              f"({info.get('engine_bytes', 0) / 2**20:.1f} MiB)")
+    return 0
 
 
 def cmd_report(args) -> int:

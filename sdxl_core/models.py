@@ -13,7 +13,7 @@ import contextlib
 import gzip
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -244,7 +244,7 @@ def _seeded(seed: int):
         yield
 
 
-@lru_cache(maxsize=None)
+@cache
 def builtin_tokenizer(pad_token: str):
     """A real CLIP BPE tokenizer built from the vocabulary that open_clip ships: no download."""
     import open_clip.tokenizer as oct

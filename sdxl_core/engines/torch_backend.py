@@ -1,22 +1,37 @@
-"""The PyTorch backend: eager (or compiled) modules; fp16/bf16 on a GPU, fp32 on the CPU."""
+"""The PyTorch backend: fp16/bf16 on a GPU (fp32 on the CPU), with real INT8/FP8 UNet engines.
+
+A UNet engine is a directory under `--engine-dir` (see `store.py`):
+    unet_config.json   the diffusers UNet config: the engine dir alone rebuilds the module tree
+    layer_plan.json    which layers run as 8-bit modules (empty for FP16)
+    unet.safetensors   weights as they run: int8/fp8 with scales for quantized layers, else fp16
+    compile_cache.bin  PyTorch's portable compile caches (GPU only), so a reload skips most of compile
+Building an 8-bit engine calibrates with ModelOpt (state kept under `--onnx-dir`, keyed by the engine
+key); loading one needs neither the ONNX dir nor calibration.
+"""
 
 from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..variants import Variant
-from . import Engines, device_tag
+from . import Engines, device_tag, store
 
 NAME = "torch"
+CALIBRATION_BATCH = 2  # prompts per calibration batch, as the reference demo
 
 
 def version() -> str:
     return torch.__version__.split("+")[0]
 
 
-def compute_dtype(device: torch.device, precision: str = "fp16", half: str = "fp16") -> torch.dtype:
-    """8-bit engines keep fp16 (or bf16) for what stays unquantized; the CPU runs fp32."""
+def compute_dtype(device: torch.device, half: str = "fp16") -> torch.dtype:
+    """What stays unquantized runs in fp16 (or bf16) on a GPU and in fp32 on the CPU."""
     if device.type == "cpu":
         return torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[half]
@@ -24,8 +39,7 @@ def compute_dtype(device: torch.device, precision: str = "fp16", half: str = "fp
 
 def text_stages(components):
     def clip(ids):
-        out = components.text_encoder(ids, output_hidden_states=True)
-        return out.hidden_states[-2]
+        return components.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
 
     def clip2(ids):
         out = components.text_encoder_2(ids, output_hidden_states=True)
@@ -53,13 +67,187 @@ def unet_stage(unet: torch.nn.Module):
 
 
 def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
-            half: str = "fp16", progress: bool = True) -> Engines:
-    if variant.is_quantized:
-        raise UserError(f"--{variant.precision} engines are not available in this build of the torch backend yet")
-    dtype = compute_dtype(device, variant.precision, half)
+            half: str = "fp16", progress: bool = True, allow_build: bool = True, compile: bool | None = None,
+            use_cuda_graph: bool = False) -> Engines:
+    """Move the components to `device` and build or load the UNet engine for `variant`.
+
+    Without `engine_dir` the engine lives in memory only (FP16 is then plain eager PyTorch).
+    `allow_build=False` refuses to calibrate or build: the engine must already be in `engine_dir`.
+    """
+    dtype = compute_dtype(device, half)
+    compile = device.type == "cuda" if compile is None else compile
+    if use_cuda_graph:
+        raise UserError("--use-cuda-graph is a TensorRT backend flag; the torch backend compiles instead")
     components.to(device, dtype)
+    key = variant.engine_key(version(), device_tag(device))
+    expect = {"backend": NAME, "backend_version": version(), "device": device_tag(device), "dtype": str(dtype),
+              "precision": variant.precision, "unet_batch": variant.unet_batch,
+              "height": variant.height, "width": variant.width}
+    info = {"backend": NAME, "backend_version": version(), "engine_key": key, "compiled": compile,
+            "engine_dir": str(engine_dir) if engine_dir else None}
+
+    if engine_dir is None:
+        if not allow_build:
+            raise UserError("loading a prebuilt engine needs --engine-dir")
+        unet, build_info = _build_unet(variant, components, device, dtype, onnx_dir, key, progress)
+        info.update(build_info, mode="in-memory")
+        unet = _compile(unet, variant, device, dtype, compile, cache_file=None, info=info)
+    else:
+        with store.lock(engine_dir, key):
+            record = _verified_or_none(engine_dir, key, expect, allow_build)
+            if record is None:
+                if not allow_build:
+                    raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
+                unet, build_info = _build_unet(variant, components, device, dtype, onnx_dir, key, progress)
+                info.update(build_info, mode="built")
+                unet = _publish(engine_dir, key, unet, variant, device, dtype, compile, expect, info)
+            else:
+                unet = _load_unet(store.engine_path(engine_dir, key), device, dtype, info)
+                info.update(mode="loaded")
+                unet = _compile(unet, variant, device, dtype, compile,
+                                cache_file=store.engine_path(engine_dir, key) / "compile_cache.bin", info=info)
+        record = store.read_sidecar(store.engine_path(engine_dir, key))
+        info.update(engine_path=str(store.engine_path(engine_dir, key)),
+                    engine_bytes=store.engine_bytes(record, ("unet.safetensors",)))
     clip, clip2 = text_stages(components)
-    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(components.unet),
-                   vae=vae_stage(components),
-                   info={"backend": NAME, "backend_version": version(), "mode": "eager",
-                         "engine_key": variant.engine_key(version(), device_tag(device))})
+    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(unet),
+                   vae=vae_stage(components), info=info)
+
+
+def _verified_or_none(engine_dir, key, expect, allow_build):
+    try:
+        return store.verify(engine_dir, key, expect)
+    except store.EngineRefused as refused:
+        if not allow_build:
+            raise
+        print(f"warning: {refused}; rebuilding it", file=sys.stderr)
+        return None
+
+
+def _build_unet(variant, components, device, dtype, onnx_dir, key, progress):
+    """FP16: the model's UNet as is. INT8/FP8: calibrate (or reuse calibration), then convert to real 8-bit."""
+    unet = components.unet
+    if not variant.is_quantized:
+        return unet, {"calibration": None}
+    from .. import qmodules, quantize
+
+    started = time.perf_counter()
+    calibration_file = Path(onnx_dir) / key / "calibration.pt" if onnx_dir else None
+    meta = {"engine_key": key, "precision": variant.precision, "level": variant.quant_level}
+    calibration = "calibrated"
+    if calibration_file and calibration_file.exists():
+        try:
+            quantize.load_calibration(unet, calibration_file, meta)
+            calibration = "reused"
+        except quantize.CalibrationMismatch as mismatch:
+            print(f"warning: {mismatch}; recalibrating", file=sys.stderr)
+    if calibration == "calibrated":
+        quantize.quantize_unet(unet, variant, calibration_loop(components, variant, device, dtype, progress),
+                               progress=progress)
+        if calibration_file:
+            quantize.save_calibration(unet, calibration_file, meta)
+    calibrated_at = time.perf_counter()
+    unet, conversion = qmodules.convert_to_real(unet)
+    components.unet = unet
+    return unet, {"calibration": calibration, "calibration_s": round(calibrated_at - started, 2),
+                  "convert_s": round(time.perf_counter() - calibrated_at, 2), "converted": str(conversion)}
+
+
+def calibration_loop(components, variant: Variant, device, dtype, progress: bool):
+    """ModelOpt's forward_loop: the real pipeline on the packaged prompts at the variant's step count."""
+    from tqdm.auto import tqdm
+
+    from .. import pipeline, quantize
+
+    prompts = quantize.calibration_prompts(variant.calibration_size)
+    clip, clip2 = text_stages(components)
+
+    def forward_loop(unet):
+        engines = Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(unet),
+                          vae=lambda latents: latents)  # calibration needs no pixels
+        batches = [prompts[i:i + CALIBRATION_BATCH] for i in range(0, len(prompts), CALIBRATION_BATCH)]
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
+            pipeline.txt2img(engines, components, variant.replace(batch_size=len(batch)), batch, seed=i)
+
+    return forward_loop
+
+
+def _publish(engine_dir, key, unet, variant, device, dtype, compile, expect, info):
+    from safetensors.torch import save_file
+
+    from .. import qmodules
+
+    def write_files(tmp: Path) -> dict:
+        started = time.perf_counter()
+        (tmp / "unet_config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list))
+        (tmp / "layer_plan.json").write_text(json.dumps(qmodules.layer_plan(unet), indent=1, sort_keys=True))
+        state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+        save_file(state, str(tmp / "unet.safetensors"))
+        info["save_s"] = round(time.perf_counter() - started, 2)
+        compiled = _compile(unet, variant, device, dtype, compile, cache_file=tmp / "compile_cache.bin", info=info)
+        info["compiled_module"] = compiled
+        return {}
+
+    from ..runinfo import library_versions
+
+    store.publish(engine_dir, key, write_files, {**expect, "libraries": library_versions(),
+                                                 "gpu": torch.cuda.get_device_name(device)
+                                                 if device.type == "cuda" else None})
+    return info.pop("compiled_module")
+
+
+def _load_unet(path: Path, device, dtype, info) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from .. import qmodules
+
+    started = time.perf_counter()
+    config = json.loads((path / "unet_config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    qmodules.apply_layer_plan(unet, json.loads((path / "layer_plan.json").read_text()))
+    state = load_file(str(path / "unet.safetensors"), device=str(device))
+    unet.load_state_dict(state, strict=True, assign=True)
+    info["load_s"] = round(time.perf_counter() - started, 2)
+    return unet.eval().requires_grad_(False)
+
+
+def _compile(unet, variant, device, dtype, compile, *, cache_file: Path | None, info: dict):
+    """torch.compile the UNet and run one step so compile time is paid here, not in the first image.
+
+    With `cache_file`: load PyTorch's portable compile caches from it if present, else save them.
+    """
+    if not compile:
+        return unet
+    if cache_file is not None and cache_file.exists():
+        torch.compiler.load_cache_artifacts(cache_file.read_bytes())
+        info["compile_cache"] = "loaded"
+    started = time.perf_counter()
+    compiled = torch.compile(unet)
+    step = unet_stage(compiled)
+    with torch.inference_mode():
+        step(*dummy_unet_inputs(unet, variant, device, dtype))
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    info["compile_s"] = round(time.perf_counter() - started, 2)
+    if cache_file is not None and not cache_file.exists():
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            cache_file.write_bytes(artifacts[0])
+            info["compile_cache"] = "saved"
+    return compiled
+
+
+def dummy_unet_inputs(unet, variant: Variant, device, dtype, seed: int = 0):
+    """UNet inputs of the variant's shapes (random, never zeros): for warm-up and benchmarks."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    batch = variant.unet_batch
+    cross = unet.config.cross_attention_dim
+    text_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    sample = torch.randn(batch, 4, variant.height // 8, variant.width // 8, generator=g)
+    hidden = torch.randn(batch, 77, cross, generator=g)
+    text_embeds = torch.randn(batch, text_dim, generator=g)
+    time_ids = torch.tensor([[variant.height, variant.width, 0, 0, variant.height, variant.width]] * batch)
+    timestep = torch.tensor(500.0)
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                 for t in (sample, timestep, hidden, text_embeds, time_ids))

@@ -1,0 +1,126 @@
+"""UNet engines side by side: build (or reload) FP16, INT8 and FP8 engines, then time one UNet step each.
+
+    python benchmarks/unet_engines.py --model sdxl-random --engine-dir E --onnx-dir X --out build.json
+    python benchmarks/unet_engines.py --model sdxl-random --engine-dir E --reload --out reload.json
+
+Build: one seeded model, one engine per precision through `torch_backend.prepare` (ModelOpt calibration
+with the real pipeline, conversion to real 8-bit modules, safetensors + compile caches). Reload (a fresh
+process): the engines from `--engine-dir` alone, no ONNX dir, building forbidden. Both then time the
+UNet step on the same random inputs, interleaving precisions round by round (CUDA events, median), and
+report the relative error of each output against FP16 on those inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdxl_core import models  # noqa: E402
+from sdxl_core.engines import torch_backend  # noqa: E402
+from sdxl_core.runinfo import device_info, library_versions  # noqa: E402
+from sdxl_core.variants import VARIANTS  # noqa: E402
+
+FLOPS_PER_STEP_1024 = 13.52e12  # SDXL UNet, CFG batch 2 at 1024x1024 (torch.utils.flop_counter, FACTS.md)
+
+
+def time_step(step, inputs, device, iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(*inputs)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step(*inputs)
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sdxl-random")
+    p.add_argument("--precisions", default="fp16,int8,fp8")
+    p.add_argument("--calibration-size", type=int, default=32)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--engine-dir", required=True)
+    p.add_argument("--onnx-dir", default=None)
+    p.add_argument("--reload", action="store_true", help="load engines only (no ONNX dir, no calibration)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+    size = args.height or (128 if args.model == "tiny" else 1024)
+    master = models.build_builtin(args.model, device=device) if args.model in models.BUILTIN_MODELS \
+        else models.load(args.model)
+    engines, rows = {}, {}
+    for precision in args.precisions.split(","):
+        variant = VARIANTS[f"xl-1.0-{precision}"].replace(model=args.model, height=size, width=size,
+                                                         calibration_size=args.calibration_size)
+        components = dataclasses.replace(master, unet=master.unet if args.reload else copy.deepcopy(master.unet))
+        started = time.perf_counter()
+        engines[precision] = torch_backend.prepare(
+            variant, components, device, engine_dir=args.engine_dir,
+            onnx_dir=None if args.reload else args.onnx_dir, allow_build=not args.reload, compile=compile)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        info = {k: v for k, v in engines[precision].info.items() if k != "compiled_module"}
+        rows[precision] = {"prepare_s": round(time.perf_counter() - started, 2), **info}
+        print(f"{precision}: prepared in {rows[precision]['prepare_s']} s ({info.get('mode')})", flush=True)
+        del components
+    unet_fp32 = master.unet
+    inputs = torch_backend.dummy_unet_inputs(unet_fp32, variant, device, engines["fp16"].dtype if "fp16" in engines
+                                             else torch.float16)
+    del master
+    outputs = {}
+    with torch.inference_mode():
+        for precision, engine in engines.items():
+            outputs[precision] = engine.unet(*inputs).float()
+            time_step(engine.unet, inputs, device, 2)  # warm-up
+        samples = {precision: [] for precision in engines}
+        for _ in range(args.rounds):  # interleaved: every precision sees the same clocks and thermals
+            for precision, engine in engines.items():
+                samples[precision] += time_step(engine.unet, inputs, device, args.iters)
+    reference = outputs.get("fp16")
+    flops = FLOPS_PER_STEP_1024 * (size / 1024) ** 2
+    for precision, row in rows.items():
+        median = statistics.median(samples[precision])
+        row.update(ms_per_step=round(median, 3), ms_all=[round(t, 3) for t in samples[precision]],
+                   tflops=round(flops / median / 1e9, 1))
+        if reference is not None:
+            err = (outputs[precision] - reference).norm() / reference.norm()
+            row["rel_err_vs_fp16"] = float(err)
+            row["speedup_vs_fp16"] = round(rows["fp16"]["ms_per_step"] / median, 3) if "fp16" in rows else None
+    report = {"mode": "reload" if args.reload else "build", "model": args.model, "size": size,
+              "unet_batch": variant.unet_batch, "calibration_size": args.calibration_size,
+              "device": device_info(device), "libraries": library_versions(), "command": " ".join(sys.argv),
+              "engines": rows}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{'precision':<9} {'mode':<8} {'ms/step':>9} {'TFLOP/s':>8} {'speed-up':>9} {'rel err':>9} "
+          f"{'calib s':>8} {'compile s':>9} {'load s':>7} {'engine MiB':>10}")
+    for precision, row in rows.items():
+        print(f"{precision:<9} {row.get('mode', ''):<8} {row['ms_per_step']:>9.2f} {row['tflops']:>8.1f} "
+              f"{row.get('speedup_vs_fp16') or 0:>9.3f} {row.get('rel_err_vs_fp16', 0):>9.4f} "
+              f"{row.get('calibration_s', 0):>8} {row.get('compile_s', '-'):>9} {row.get('load_s', '-'):>7} "
+              f"{row.get('engine_bytes', 0) / 2**20:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

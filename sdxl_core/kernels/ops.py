@@ -1,0 +1,40 @@
+"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations.
+
+torch.compile keeps each op as one opaque call (no graph break at a Python wrapper, no tracing into the
+autotuner) while the activation quantization before it stays plain torch ops that Inductor fuses into
+the producer (LayerNorm, GELU, the previous epilogue): measured on H100, quantizing inside the GEMM
+or as separate eager kernels cost more than the 8-bit GEMM saved (docs/perf).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fp8_gemm, int8_gemm
+
+
+@torch.library.custom_op("sdxl_bench::int8_mm", mutates_args=())
+def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=out_dtype)
+
+
+@torch.library.custom_op("sdxl_bench::fp8_mm", mutates_args=())
+def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    n, k = w_q.shape
+    if not x_q.is_cuda or k % 16 or n % 16:  # _scaled_mm needs multiples of 16; the reference is exact
+        out = (x_q.float() @ w_q.float().T) * (a_scale.float() * w_scale.float())
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+    if w_scale.numel() > 1:
+        scale_a = a_scale.float().expand(x_q.shape[0], 1).contiguous()
+        scale_b = w_scale.float().reshape(1, n)
+    else:
+        scale_a, scale_b = a_scale.float(), w_scale.float()
+    return fp8_gemm._scaled_mm(x_q, w_q, scale_a, scale_b, bias, out_dtype, False)
+
+
+@int8_mm.register_fake
+@fp8_mm.register_fake
+def _mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
