@@ -145,7 +145,9 @@ def _slug(text: str) -> str:
 _BASE = Variant(name="xl-1.0-fp16")
 VARIANTS: dict[str, Variant] = {
     "xl-1.0-fp16": _BASE,
-    "xl-1.0-int8": _BASE.replace(name="xl-1.0-int8", precision="int8", quant_level=2.5),
+    # Level 3 is the reference demo's current INT8 default (it started at 2.5); at 2.5 the SDXL engine keeps
+    # 55.4 % of the FP16 bytes (measured, docs/perf), above the suite's 55 % bound.
+    "xl-1.0-int8": _BASE.replace(name="xl-1.0-int8", precision="int8", quant_level=3.0),
     # Level 3 (all linear layers + conv) runs as real FP8 GEMMs on the torch backend; level 4 also
     # quantizes the attention matmuls, which only the TensorRT backend can run in FP8.
     "xl-1.0-fp8": _BASE.replace(name="xl-1.0-fp8", precision="fp8", quant_level=3.0),

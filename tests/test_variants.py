@@ -59,7 +59,7 @@ def test_fp16_engine_ignores_knobs_that_only_matter_for_calibration():
 
 
 def test_key_reads_like_the_reference_demo():
-    key = VARIANTS["xl-1.0-int8"].replace(model="sdxl-random").engine_key("2.11.0", "sm90")
+    key = VARIANTS["xl-1.0-int8"].replace(model="sdxl-random", quant_level=2.5).engine_key("2.11.0", "sm90")
     assert key.startswith("unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.sdxl-random.torch2-11-0.sm90.")
 
 
