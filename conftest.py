@@ -70,3 +70,135 @@ def tiny_components_factory():
     from sdxl_core import models
 
     return lambda **kw: models.load("tiny", **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Engine fixtures: one engine per variant per session, built once (or found in --engine-dir) and reused.
+
+ALL_VARIANTS = ("xl-1.0-fp16", "xl-1.0-int8", "xl-1.0-fp8", "xl-1.0-lcm-lora", "xl-turbo")
+
+
+def _selected_variants(config) -> list[str]:
+    names = config.getoption("--variants")
+    return [n.strip() for n in names.split(",")] if names else list(ALL_VARIANTS)
+
+
+def pytest_generate_tests(metafunc):
+    if "variant_engine" in metafunc.fixturenames:
+        metafunc.parametrize("variant_engine", _selected_variants(metafunc.config), indirect=True)
+
+
+@pytest.fixture(scope="session")
+def suite_model(pytestconfig, hardware) -> str:
+    return pytestconfig.getoption("--model") or ("sdxl-random" if hardware["cuda"] else "tiny")
+
+
+@pytest.fixture(scope="session")
+def suite_device(hardware):
+    import torch
+
+    return torch.device("cuda" if hardware["cuda"] else "cpu")
+
+
+def _shared_dir(tmp_path_factory, option_value, name):
+    """--engine-dir / --onnx-dir, else one dir that every xdist worker of this run shares."""
+    if option_value:
+        return option_value
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def engine_dir(pytestconfig, tmp_path_factory) -> str:
+    return _shared_dir(tmp_path_factory, pytestconfig.getoption("--engine-dir"), "engines")
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(pytestconfig, tmp_path_factory) -> str:
+    return _shared_dir(tmp_path_factory, pytestconfig.getoption("--onnx-dir"), "onnx")
+
+
+@pytest.fixture(scope="session")
+def suite_variant(suite_model, engine_dir):
+    """Variant name -> the variant as this suite runs it on `suite_model`.
+
+    On `tiny` (CPU): 128x128, at most 4 steps and 2 calibration prompts, and the LCM-LoRA variant uses a
+    small random LoRA the suite makes itself; on real or full-size models the variant table as it is.
+    """
+    from sdxl_core.variants import get_variant
+
+    def make(name: str):
+        variant = get_variant(name).replace(model=suite_model)
+        if suite_model == "tiny":
+            variant = variant.replace(height=128, width=128, steps=min(variant.steps, 4), calibration_size=2)
+            if variant.lora_path:
+                variant = variant.replace(lora_path=str(_tiny_lora(engine_dir)))
+        return variant
+
+    return make
+
+
+def _tiny_lora(engine_dir: str):
+    from pathlib import Path
+
+    from sdxl_core import models
+    from sdxl_core.files import build_lock
+    from tests.lora_utils import make_lora
+
+    directory = Path(engine_dir) / "tiny-lora"
+    with build_lock(directory):
+        if not (directory / "pytorch_lora_weights.safetensors").exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            make_lora(models.build_builtin("tiny").unet, directory)
+    return directory / "pytorch_lora_weights.safetensors"
+
+
+class BuiltEngine:
+    """A variant with its loaded components and engines, ready for the pipeline."""
+
+    def __init__(self, variant, components, engines):
+        self.variant, self.components, self.engines = variant, components, engines
+
+    def generate(self, prompt: str, seed: int = 0):
+        from sdxl_core import pipeline
+
+        return pipeline.txt2img(self.engines, self.components, self.variant, [prompt] * self.variant.batch_size,
+                                seed=seed)
+
+
+@pytest.fixture(scope="session")
+def engine_cache():
+    return {}
+
+
+@pytest.fixture(scope="session")
+def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig, engine_cache):
+    """name -> BuiltEngine, built once per session (the file lock keeps xdist workers from building twice)."""
+    from sdxl_core import models
+    from sdxl_core.engines import get_backend
+
+    def build(name: str) -> BuiltEngine:
+        if name not in engine_cache:
+            variant = suite_variant(name).replace(backend=pytestconfig.getoption("--backend"))
+            backend = get_backend(variant.backend)
+            components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
+            try:
+                engines = backend.prepare(variant, components, suite_device, engine_dir=engine_dir,
+                                          onnx_dir=onnx_dir, progress=False)
+            except Exception as exc:
+                if type(exc).__name__ == "OutOfMemoryError":
+                    pytest.skip(f"GPU out of memory building {name}: needs a card with more free memory")
+                raise
+            engine_cache[name] = BuiltEngine(variant, components, engines)
+        return engine_cache[name]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def variant_engine(request, build_engine) -> BuiltEngine:
+    return build_engine(request.param)

@@ -1,0 +1,162 @@
+"""Engines are built once, then run from the engine dir alone; bad artifacts are refused, never half-used."""
+
+import json
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdxl_core import models, pipeline, quantize
+from sdxl_core.engines import store, torch_backend
+from sdxl_core.errors import UserError
+from sdxl_core.variants import VARIANTS
+
+CPU = torch.device("cpu")
+INT8 = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=64, width=64, steps=3, calibration_size=2)
+FP16 = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64, steps=3)
+
+
+def prepare(variant, engine_dir, onnx_dir=None, **kw):
+    components = models.load("tiny")
+    return components, torch_backend.prepare(variant, components, CPU, engine_dir=engine_dir, onnx_dir=onnx_dir,
+                                             progress=False, **kw)
+
+
+def image_bytes(variant, components, engines):
+    return pipeline.txt2img(engines, components, variant, ["a castle on a hill"], seed=7).images[0].tobytes()
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Make calibration impossible: any attempt fails the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("calibration ran, but the engine should have been loaded")
+
+    monkeypatch.setattr(quantize, "quantize_unet", forbidden)
+    monkeypatch.setattr(quantize, "load_calibration", forbidden)
+
+
+@pytest.fixture(scope="module")
+def built_int8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reuse")
+    engine_dir, onnx_dir = root / "engines", root / "onnx"
+    components, engines = prepare(INT8, engine_dir, onnx_dir)
+    assert engines.info["mode"] == "built" and engines.info["calibration"] == "calibrated"
+    return engine_dir, onnx_dir, image_bytes(INT8, components, engines)
+
+
+def test_prebuilt_engine_runs_from_the_engine_dir_alone(built_int8, no_calibration, tmp_path):
+    engine_dir, onnx_dir, before = built_int8
+    copy = tmp_path / "only-engines"
+    shutil.copytree(engine_dir, copy)  # nothing but the engine dir travels
+    components, engines = prepare(INT8, copy, onnx_dir=None, allow_build=False)
+    assert engines.info["mode"] == "loaded"
+    assert image_bytes(INT8, components, engines) == before
+
+
+def test_a_second_session_builds_nothing(built_int8, no_calibration):
+    engine_dir, onnx_dir, before = built_int8
+    components, engines = prepare(INT8, engine_dir, onnx_dir)  # building allowed, but nothing to build
+    assert engines.info["mode"] == "loaded"
+    assert image_bytes(INT8, components, engines) == before
+
+
+def test_calibration_state_is_reused_when_only_the_engine_is_gone(built_int8, tmp_path, monkeypatch):
+    _, onnx_dir, before = built_int8
+    monkeypatch.setattr(quantize, "quantize_unet", lambda *a, **k: pytest.fail("recalibrated"))
+    components, engines = prepare(INT8, tmp_path / "fresh-engines", onnx_dir)
+    assert engines.info["calibration"] == "reused" and engines.info["mode"] == "built"
+    assert image_bytes(INT8, components, engines) == before
+
+
+def test_a_corrupt_calibration_file_is_recalibrated_with_a_message(tmp_path, capfd):
+    onnx_dir = tmp_path / "onnx"
+    prepare(INT8, tmp_path / "e1", onnx_dir)
+    (state,) = onnx_dir.glob("*/calibration.pt")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    _, engines = prepare(INT8, tmp_path / "e2", onnx_dir)
+    assert engines.info["calibration"] == "calibrated"
+    assert "recalibrating" in capfd.readouterr().err
+
+
+@pytest.fixture
+def fp16_engine(tmp_path):
+    _, engines = prepare(FP16, tmp_path / "engines")
+    return tmp_path / "engines", Path(engines.info["engine_path"])
+
+
+def _flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _foreign(path: Path):
+    sidecar = path / store.SIDECAR
+    record = json.loads(sidecar.read_text())
+    record["key"] = "unetxl-fp16.someone-else"
+    sidecar.write_text(json.dumps(record))
+
+
+def _other_version(path: Path):
+    sidecar = path / store.SIDECAR
+    record = json.loads(sidecar.read_text())
+    record["backend_version"] = "1.0.0"
+    sidecar.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _flip_byte(p / "unet.safetensors"), "unet.safetensors fails its checksum"),
+    (lambda p: _truncate(p / "unet.safetensors"), "unet.safetensors is truncated"),
+    (lambda p: (p / "layer_plan.json").unlink(), "layer_plan.json is missing"),
+    (_foreign, "its sidecar names another engine"),
+    (_other_version, "was built for backend_version='1.0.0'"),
+    (lambda p: (p / store.SIDECAR).write_text("{not json"), "unreadable sidecar"),
+])
+def test_damaged_or_foreign_engines_are_refused_in_one_line(fp16_engine, damage, message):
+    engine_dir, path = fp16_engine
+    damage(path)
+    with pytest.raises(UserError, match=message) as info:
+        prepare(FP16, engine_dir, allow_build=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_refused_engine_is_rebuilt_when_building_is_allowed(fp16_engine, capfd):
+    engine_dir, path = fp16_engine
+    _truncate(path / "unet.safetensors")
+    components, engines = prepare(FP16, engine_dir)
+    assert engines.info["mode"] == "built" and "rebuilding" in capfd.readouterr().err
+    assert store.verify(engine_dir, engines.info["engine_key"], {}) is not None
+
+
+def test_no_engine_and_no_building_is_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match="building was not allowed"):
+        prepare(FP16, tmp_path / "empty", allow_build=False)
+
+
+def _build_in_another_process(engine_dir: str, queue):
+    components = models.load("tiny")
+    engines = torch_backend.prepare(FP16, components, CPU, engine_dir=engine_dir, progress=False)
+    queue.put(engines.info["mode"])
+
+
+def test_concurrent_builders_leave_one_valid_engine(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_build_in_another_process, args=(str(tmp_path), queue)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0]
+    modes = sorted(queue.get(timeout=5) for _ in workers)
+    assert modes == ["built", "loaded"]  # the lock made the second one wait, then reuse
+    engines = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(engines) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert store.verify(tmp_path, engines[0].name, {}) is not None

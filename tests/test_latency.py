@@ -1,0 +1,141 @@
+"""Latency benchmarks (pytest-benchmark histories) and the 8-bit gates.
+
+Timing is CUDA-synchronized on a GPU. Speed is only ever asserted on an H100, as a ratio of medians
+taken side by side in this session; on the CPU the benchmarks still run (histories, extra_info) but
+assert nothing about speed. The engine-size bound holds everywhere and is asserted everywhere.
+"""
+
+import statistics
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdxl_core.engines import torch_backend
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+MAX_8BIT_WEIGHT_FRACTION = 0.55
+# The tiny model keeps 7.3 % of its bytes in layers the recipe never quantizes (time/add embeddings, conv_in,
+# conv_out, conv_shortcut); the full SDXL UNet 2.6 %. Its INT8 level-3 engine measures 56.0 % (55.3 % counted as
+# on a GPU). The 55 % bound itself is checked on the full architecture on CPU too: test_quantize.py.
+TINY_MAX_8BIT_WEIGHT_FRACTION = 0.57
+
+
+def _synced(fn, device):
+    def run():
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def _rounds(device):
+    return (20, 3) if device.type == "cuda" else (3, 1)
+
+
+def unet_step(engine):
+    inputs = torch_backend.dummy_unet_inputs(engine.components.unet, engine.variant, engine.engines.device,
+                                             engine.engines.dtype)
+
+    def step():
+        with torch.inference_mode():
+            return engine.engines.unet(*inputs)
+
+    return step
+
+
+@pytest.mark.bench
+def test_unet_step_latency(benchmark, variant_engine, suite_device):
+    rounds, warmup = _rounds(suite_device)
+    if suite_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(suite_device)
+    benchmark.pedantic(_synced(unet_step(variant_engine), suite_device), rounds=rounds, warmup_rounds=warmup)
+    _describe(benchmark, variant_engine, suite_device)
+
+
+@pytest.mark.bench
+def test_pipeline_latency(benchmark, variant_engine, suite_device):
+    rounds, warmup = (5, 1) if suite_device.type == "cuda" else (2, 1)
+    results = []
+    benchmark.pedantic(_synced(lambda: results.append(variant_engine.generate(PROMPT)), suite_device),
+                       rounds=rounds, warmup_rounds=warmup)
+    timed = results[warmup:]
+    benchmark.extra_info["stages_ms"] = {k: round(statistics.median(r.timings[k] for r in timed), 3)
+                                         for k in ("clip", "clip2", "unet", "vae", "total")}
+    benchmark.extra_info["unet_steps"] = timed[0].unet_calls
+    _describe(benchmark, variant_engine, suite_device)
+
+
+def _describe(benchmark, engine, device):
+    info = engine.engines.info
+    benchmark.extra_info.update(
+        variant=engine.variant.name, precision=engine.variant.precision, model=engine.variant.model,
+        size=f"{engine.variant.height}x{engine.variant.width}", unet_batch=engine.variant.unet_batch,
+        engine_key=info.get("engine_key"), engine_bytes=info.get("engine_bytes"), device=str(device),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
+
+
+def gpu_equivalent_weight_bytes(engine_path) -> int:
+    """Bytes of the engine's weights as they sit on a GPU: 8-bit tensors 1 byte, float tensors 2 (fp16).
+
+    On a GPU this is the file's tensor bytes; on the CPU (where unquantized tensors are fp32) it is what the
+    same engine holds on a GPU, so the bound means the same thing in CI as on the H100.
+    """
+    total = 0
+    with safe_open(f"{engine_path}/unet.safetensors", framework="pt") as f:
+        for name in f.keys():
+            tensor = f.get_slice(name)
+            numel = 1
+            for dim in tensor.get_shape():
+                numel *= dim
+            dtype = tensor.get_dtype()
+            total += numel * (1 if dtype in ("I8", "F8_E4M3") else 4 if dtype in ("I32",) else 2)
+    return total
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_8bit_engine_weights_fit_in_55_percent_of_fp16(build_engine, suite_model, precision):
+    fp16 = build_engine("xl-1.0-fp16").engines.info["engine_path"]
+    quantized = build_engine(f"xl-1.0-{precision}").engines.info["engine_path"]
+    fraction = gpu_equivalent_weight_bytes(quantized) / gpu_equivalent_weight_bytes(fp16)
+    bound = TINY_MAX_8BIT_WEIGHT_FRACTION if suite_model == "tiny" else MAX_8BIT_WEIGHT_FRACTION
+    assert fraction <= bound, (
+        f"{precision} engine holds {fraction:.1%} of the FP16 engine's weight bytes "
+        f"(bound {bound:.0%}): more layers stayed in 16 bits than the level should leave")
+
+
+def side_by_side_medians(engines: dict, rounds: int = 10, iters: int = 5) -> dict[str, float]:
+    """Median UNet-step ms per engine, interleaved round by round so every engine sees the same card state."""
+    steps = {name: unet_step(engine) for name, engine in engines.items()}
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            samples[name].append(start.elapsed_time(end) / iters)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.h100
+@pytest.mark.bench
+@pytest.mark.parametrize("precision, option", [("int8", "--min-int8-speedup"), ("fp8", "--min-fp8-speedup")])
+def test_8bit_speedup_gate_on_h100(build_engine, pytestconfig, precision, option):
+    engines = {"fp16": build_engine("xl-1.0-fp16"), precision: build_engine(f"xl-1.0-{precision}")}
+    medians = side_by_side_medians(engines)
+    speedup = medians["fp16"] / medians[precision]
+    required = pytestconfig.getoption(option)
+    assert speedup >= required, (
+        f"{precision.upper()} UNet step {medians[precision]:.2f} ms vs FP16 {medians['fp16']:.2f} ms: "
+        f"speed-up {speedup:.3f}x, gate {required:.2f}x ({torch.cuda.get_device_name()})")
