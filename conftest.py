@@ -64,14 +64,6 @@ def hardware(pytestconfig) -> dict:
     return pytestconfig.stash.get(HARDWARE, None) or _hardware()
 
 
-@pytest.fixture(scope="session")
-def tiny_components_factory():
-    """Fresh tiny components (fp32, CPU). A factory: engines mutate what they are given."""
-    from sdxl_core import models
-
-    return lambda **kw: models.load("tiny", **kw)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Engine fixtures: one engine per variant per session, built once (or found in --engine-dir) and reused.
 

@@ -13,6 +13,7 @@ from .errors import UserError
 from .variants import SCHEDULERS, VARIANTS, Variant, get_variant
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
+TINY_SIZE = 128  # the tiny model's own size keeps CPU runs to seconds, unless a size is asked for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="turn a run's JSON report(s) into a markdown summary")
     report.add_argument("reports", nargs="+", help="JSON files written by txt2img (or pytest-benchmark histories)")
     report.add_argument("--output", default=None, help="markdown file to write (default: print)")
+    history = commands.add_parser("history", help="pytest-benchmark histories to a markdown table and a PNG plot")
+    history.add_argument("storage", nargs="?", default=".benchmarks", help="--benchmark-storage dir")
+    history.add_argument("--output-dir", default="benchmark-history")
     return parser
 
 
@@ -114,9 +118,7 @@ def variant_from_args(args) -> Variant:
     if args.lora_path and Path(args.lora_path).suffix == ".safetensors" and not Path(args.lora_path).exists():
         raise UserError(f"--lora-path {args.lora_path} does not exist")
     if changes.get("model") == "tiny":
-        # The tiny model's own size keeps CPU runs to seconds, unless a size was asked for.
-        changes.setdefault("height", args.height or 128)
-        changes.setdefault("width", args.width or 128)
+        changes = {"height": TINY_SIZE, "width": TINY_SIZE, **changes}
     return base.replace(**changes)
 
 
@@ -185,7 +187,7 @@ def cmd_build(args) -> int:
     for variant in variants:
         variant = variant.replace(**{k: v for k, v in (("model", args.model), ("backend", args.backend)) if v})
         if variant.model == "tiny":
-            variant = variant.replace(height=128, width=128)
+            variant = variant.replace(height=TINY_SIZE, width=TINY_SIZE)
         backend = get_backend(variant.backend)
         components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
         engines = prepare_engines(backend, variant, components, device, args)
@@ -209,9 +211,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_history(args) -> int:
+    from .history import history_report
+
+    markdown, plot = history_report(args.storage, args.output_dir)
+    print(Path(markdown).read_text())
+    print(f"wrote {markdown} and {plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"txt2img": cmd_txt2img, "build": cmd_build, "report": cmd_report}
+    commands = {"txt2img": cmd_txt2img, "build": cmd_build, "report": cmd_report, "history": cmd_history}
     try:
         return commands[args.command](args)
     except UserError as exc:
