@@ -1,0 +1,543 @@
+"""The TensorRT backend: ONNX (with ModelOpt Q/DQ for 8-bit UNets) -> TensorRT plans, run on torch's stream.
+
+Four engines, as the reference demo has: clip, clip2, unetxl, vae. Each is a store entry (see `store.py`)
+under its own key, so variants that differ only in the UNet share the text-encoder and VAE engines:
+
+    <engine-dir>/<key>/<name>.trt<version>.plan   the serialized engine (name: clip, clip2, unetxl, vae)
+    <engine-dir>/<key>/sidecar.json               versions, GPU name + compute capability, I/O shapes and
+                                                  dtypes, builder settings, sha256 of the plan
+    <engine-dir>/timing_cache.trt<version>.<sm>.bin   the builder's timing cache, shared by every build
+
+Build (only when no valid engine exists for the key): export the component to ONNX under `--onnx-dir`
+unless that ONNX is already there (INT8/FP8 UNets are calibrated with ModelOpt first, then exported
+with Q/DQ), parse it, build with a strongly typed network for Q/DQ graphs and the FP16/BF16 flag
+otherwise, at a fixed optimization level with a static-shape profile, publish atomically under a build
+lock. Load checks the sidecar (TensorRT version, GPU, shapes) and the checksum first; a mismatch or a
+torn file is refused with one line, and rebuilt only when building is allowed.
+
+Runtime: I/O tensors are allocated once as torch tensors, `execute_async_v3` runs on the current torch
+CUDA stream, every engine's context shares one device-memory pool (the max of their requirements, the
+engines run one after another), and `use_cuda_graph=True` captures the UNet step in a CUDA graph.
+
+Importing this module needs no TensorRT; `prepare` without it raises a UserError naming the fix. The
+pure helpers (names, sidecar expectations, profiles, I/O specs, builder settings) need neither TensorRT
+nor a GPU and are unit-tested on their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import export
+from ..errors import UserError
+from ..variants import Variant
+from . import Engines, device_tag, store
+
+NAME = "tensorrt"
+MISSING = "--backend tensorrt needs TensorRT: pip install 'sdxl-bench[trt]' (see README)"
+ENGINE_NAMES = {"clip": "clip", "clip2": "clip2", "unet": "unetxl", "vae": "vae"}
+OPTIMIZATION_LEVEL = 3  # the reference demo's default
+MEMORY_ALIGNMENT = 256  # TensorRT's required alignment for context device memory
+
+# TensorRT DataType member names -> torch dtypes (by name, so this table needs no TensorRT import).
+TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+                "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
+                "FP8": torch.float8_e4m3fn}
+
+
+# --------------------------------------------------------------------------- TensorRT import and version
+
+def _import_tensorrt():
+    try:
+        import tensorrt
+    except Exception:  # not installed, a registry stub, or its CUDA libraries missing
+        raise UserError(MISSING) from None
+    if not hasattr(tensorrt, "Builder"):
+        raise UserError(MISSING)
+    return tensorrt
+
+
+def version() -> str:
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except Exception:
+        return "not-installed"
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def plan_filename(component: str, trt_version: str) -> str:
+    """`unetxl.trt10.8.0.43.plan`: the reference demo's engine file name, inside the key's directory."""
+    return f"{ENGINE_NAMES[component]}.trt{trt_version}.plan"
+
+
+def timing_cache_path(engine_dir: str | Path, trt_version: str, device: str) -> Path:
+    return Path(engine_dir) / f"timing_cache.trt{trt_version}.{device}.bin"
+
+
+def float_dtype(component: str, module_config, half: torch.dtype) -> torch.dtype:
+    """The dtype an engine's floating I/O has: `half`, except an SDXL VAE with force_upcast stays fp32."""
+    if component == "vae" and export._cfg(module_config, "force_upcast", False):
+        return torch.float32
+    return half
+
+
+def io_spec(variant: Variant, component: str, module_config=None, half: torch.dtype = torch.float16) -> dict:
+    """{tensor name: {"shape": [...], "dtype": "float16"}} the engine for `component` must have."""
+    fdtype = float_dtype(component, module_config, half)
+    spec = {}
+    for name, shape in export.io_shapes(variant, component, module_config).items():
+        dtype = torch.int32 if name == "input_ids" else torch.float32 if name == "timestep" else fdtype
+        spec[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+    return spec
+
+
+def profile_shapes(variant: Variant, component: str, module_config=None) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """Static shapes as an optimization profile: {input: (min, opt, max)}, all three equal."""
+    inputs, _ = export.IO_NAMES[component]
+    shapes = export.io_shapes(variant, component, module_config)
+    return {name: (tuple(shapes[name]),) * 3 for name in inputs}
+
+
+def builder_settings(has_qdq: bool, dtype: torch.dtype, optimization_level: int = OPTIMIZATION_LEVEL) -> dict:
+    """Q/DQ graphs build as strongly typed networks (the graph's own types decide every layer, which the
+    FP16/INT8/FP8 flags may not override); other graphs build weakly typed with the FP16 or BF16 flag."""
+    strongly_typed = bool(has_qdq)
+    return {"strongly_typed": strongly_typed,
+            "fp16": not strongly_typed and dtype == torch.float16,
+            "bf16": not strongly_typed and dtype == torch.bfloat16,
+            "optimization_level": optimization_level}
+
+
+def graph_has_qdq(onnx_file: str | Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def expected_sidecar(variant: Variant, component: str, *, trt_version: str, device: str, gpu: str,
+                     io: dict) -> dict:
+    """Sidecar fields that must match exactly before a plan is loaded (`store.verify`'s `expect`)."""
+    return {"backend": NAME, "backend_version": trt_version, "device": device, "gpu": gpu,
+            "component": component, "precision": variant.precision if component == "unet" else None,
+            "io": io}
+
+
+def io_mismatches(actual: dict, expected: dict) -> list[str]:
+    """Differences between an engine's I/O ({name: {"shape", "dtype"}}) and what this run needs."""
+    problems = [f"missing tensor {n}" for n in expected if n not in actual]
+    problems += [f"unexpected tensor {n}" for n in actual if n not in expected]
+    for name in sorted(expected.keys() & actual.keys()):
+        if list(actual[name]["shape"]) != list(expected[name]["shape"]):
+            problems.append(f"{name} shape {list(actual[name]['shape'])} != {list(expected[name]['shape'])}")
+        if actual[name]["dtype"] != expected[name]["dtype"]:
+            problems.append(f"{name} dtype {actual[name]['dtype']} != {expected[name]['dtype']}")
+    return problems
+
+
+def shared_memory_bytes(sizes) -> int:
+    """One pool for every context: the largest requirement, rounded up to TensorRT's alignment."""
+    size = max([0, *sizes])
+    return -(-size // MEMORY_ALIGNMENT) * MEMORY_ALIGNMENT
+
+
+def gpu_facts(device: torch.device) -> tuple[str, str]:
+    """(GPU name, compute capability "9.0") for sidecars."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+
+
+# --------------------------------------------------------------------------- build (needs TensorRT)
+
+def _logger(trt):
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+_LOGGER = None
+
+
+def _progress_monitor(trt, label: str):
+    """A trt.IProgressMonitor that prints top-level phases and a step count (TensorRT >= 10.0)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.steps: dict[str, int] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.steps[phase_name] = num_steps
+            if parent_phase is None:
+                print(f"[trt {label}] {phase_name} ({num_steps} steps)", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True  # never cancel
+
+        def phase_finish(self, phase_name):
+            self.steps.pop(phase_name, None)
+
+    return Monitor()
+
+
+def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_cache: Path | None = None,
+               workspace_bytes: int | None = None, progress: bool = True, label: str = "") -> bytes:
+    """Parse `onnx_file` and build a serialized engine. The timing cache file is read and updated."""
+    trt = _import_tensorrt()
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings["strongly_typed"] else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_file)):  # reads external data beside the file
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise UserError(f"TensorRT cannot parse {onnx_file}: {errors[0] if errors else 'unknown error'}")
+
+    config = builder.create_builder_config()
+    if settings["fp16"]:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if settings["bf16"]:
+        config.set_flag(trt.BuilderFlag.BF16)
+    config.builder_optimization_level = settings["optimization_level"]
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+
+    # Static shapes: the graph's inputs are already fixed; check them against the profile, and give
+    # the profile to any input the parser left dynamic.
+    trt_profile, dynamic = builder.create_optimization_profile(), False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tuple(tensor.shape)
+        wanted = profile.get(tensor.name)
+        if wanted is None:
+            raise UserError(f"{onnx_file}: unexpected input {tensor.name}; delete it to re-export")
+        if any(d < 0 for d in shape):
+            trt_profile.set_shape(tensor.name, *wanted)
+            dynamic = True
+        elif shape != tuple(wanted[1]):
+            raise UserError(f"{onnx_file}: input {tensor.name} has shape {list(shape)}, this variant needs "
+                            f"{list(wanted[1])}; delete it to re-export")
+    if dynamic:
+        config.add_optimization_profile(trt_profile)
+    monitor = _progress_monitor(trt, label) if progress else None  # must outlive the build
+    if monitor is not None:
+        config.progress_monitor = monitor
+
+    plan = builder.build_serialized_network(network, config)
+    del monitor
+    if plan is None:
+        raise UserError(f"TensorRT failed to build an engine from {onnx_file} (see the log above)")
+    if timing_cache is not None:
+        from ..files import atomic_write_bytes
+
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(plan)
+
+
+# --------------------------------------------------------------------------- runtime (needs TensorRT + CUDA)
+
+class TRTEngine:
+    """One deserialized engine with I/O torch tensors allocated once and a context without own memory."""
+
+    def __init__(self, plan: bytes, device: torch.device, label: str):
+        trt = _import_tensorrt()
+        self.label, self.device = label, device
+        self.runtime = trt.Runtime(_logger(trt))
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise store.EngineRefused(f"engine {label}: TensorRT {version()} cannot deserialize it; "
+                                      "delete it to rebuild")
+        if hasattr(trt, "ExecutionContextAllocationStrategy"):
+            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        else:
+            self.context = self.engine.create_execution_context_without_device_memory()
+        size = getattr(self.engine, "device_memory_size_v2", None)
+        self.device_memory_size = int(size if size is not None else self.engine.device_memory_size)
+        self.inputs, self.outputs, self.tensors, self.io = [], [], {}, {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            dtype = TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            if is_input:
+                self.context.set_input_shape(name, shape)
+            (self.inputs if is_input else self.outputs).append(name)
+            self.tensors[name] = torch.zeros(shape, dtype=dtype, device=device)
+            self.context.set_tensor_address(name, self.tensors[name].data_ptr())
+            self.io[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+        self.memory: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.side_stream = torch.cuda.Stream(device)  # for callers on the legacy default stream
+
+    def use_memory(self, pool: torch.Tensor) -> None:
+        """Point the context at a shared pool (kept alive here) that is at least `device_memory_size`."""
+        self.memory = pool
+        if hasattr(self.context, "set_device_memory"):  # TensorRT >= 10.1: (pointer, size)
+            try:
+                self.context.set_device_memory(pool.data_ptr(), pool.numel())
+            except TypeError:  # a binding that takes the pointer only
+                self.context.set_device_memory(pool.data_ptr())
+        else:
+            self.context.device_memory = pool.data_ptr()
+
+    def _enqueue(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT engine {self.label} failed to enqueue")
+
+    def capture_graph(self) -> None:
+        """Run once (TensorRT finishes lazy setup on the first enqueue), then capture one enqueue."""
+        self.run()
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # captures on a side stream that torch makes current
+            self._enqueue(torch.cuda.current_stream(self.device))
+        self.graph = graph
+
+    def run(self) -> None:
+        """Enqueue on the caller's current stream. TensorRT adds synchronizations when handed the legacy
+        default stream, so then it runs on a side stream ordered after and before the caller's work."""
+        current = torch.cuda.current_stream(self.device)
+        if self.graph is not None:
+            self.graph.replay()
+        elif current.cuda_stream != 0:
+            self._enqueue(current)
+        else:
+            self.side_stream.wait_stream(current)
+            self._enqueue(self.side_stream)
+            current.wait_stream(self.side_stream)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Copy inputs into the bound buffers (converting dtype), run. Outputs are the bound buffers:
+        valid until the next call (the pipeline consumes them at once)."""
+        for name, value in zip(self.inputs, inputs, strict=True):
+            buffer = self.tensors[name]
+            buffer.copy_(value.reshape(buffer.shape), non_blocking=True)
+        self.run()
+        return tuple(self.tensors[n] for n in self.outputs)
+
+
+# --------------------------------------------------------------------------- prepare
+
+def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
+            half: str = "fp16", progress: bool = True, use_cuda_graph: bool = False, allow_build: bool = True,
+            optimization_level: int = OPTIMIZATION_LEVEL, workspace_gib: float | None = None) -> Engines:
+    """Build (or load) the four TensorRT engines for `variant` and return their callables.
+
+    Without `engine_dir` the plans are built in memory and not kept; without `onnx_dir` the ONNX goes
+    to a temp dir removed afterwards. `allow_build=False` only loads from `engine_dir`.
+    """
+    _import_tensorrt()
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise UserError("--backend tensorrt needs a CUDA GPU; use --backend torch on the CPU")
+    if half not in ("fp16", "bf16"):
+        raise UserError(f"--half must be fp16 or bf16, got {half!r}")
+    if engine_dir is None and not allow_build:
+        raise UserError("loading a prebuilt engine needs --engine-dir")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[half]
+    variant = variant.replace(backend=NAME)
+    trt_version, tag = version(), device_tag(device)
+    gpu, capability = gpu_facts(device)
+    configs = {"clip": components.text_encoder.config, "clip2": components.text_encoder_2.config,
+               "unet": components.unet.config, "vae": components.vae.config}
+    info = {"backend": NAME, "backend_version": trt_version, "engine_dir": str(engine_dir) if engine_dir else None,
+            "cuda_graph": use_cuda_graph, "engines": {}}
+    workspace = int(workspace_gib * 2**30) if workspace_gib else None
+
+    with contextlib.ExitStack() as stack:
+        if onnx_dir is None:
+            onnx_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sdxl-onnx-"))
+        builder = _Builder(variant, components, device, dtype, Path(onnx_dir), progress, optimization_level,
+                           workspace, Path(engine_dir) if engine_dir else None, trt_version, tag)
+        engines = {}
+        for component in export.COMPONENTS:
+            key = export.component_key(variant, component, trt_version, tag)
+            io = io_spec(variant, component, configs[component], dtype)
+            expect = expected_sidecar(variant, component, trt_version=trt_version, device=tag, gpu=gpu, io=io)
+            engine, record = _engine_for(builder, component, key, expect, engine_dir, allow_build,
+                                         {"capability": capability}, device)
+            engines[component] = engine
+            info["engines"][component] = record
+        builder.release()
+
+    pool_bytes = shared_memory_bytes(e.device_memory_size for e in engines.values())
+    pool = torch.empty(pool_bytes, dtype=torch.uint8, device=device)
+    for engine in engines.values():
+        engine.use_memory(pool)
+    if use_cuda_graph:
+        engines["unet"].capture_graph()
+    unet_record = info["engines"]["unet"]
+    info.update(engine_key=unet_record["key"], engine_path=unet_record.get("path"),
+                mode=unet_record["mode"], device_memory_bytes=pool_bytes,
+                build_s=round(sum(r.get("build_s", 0.0) for r in info["engines"].values()), 2))
+    return _engines_bundle(engines, device, dtype, info)
+
+
+def _engines_bundle(engines: dict[str, TRTEngine], device, dtype, info) -> Engines:
+    clip_e, clip2_e, unet_e, vae_e = (engines[c] for c in export.COMPONENTS)
+
+    def clip(ids):
+        return clip_e(ids)[0]
+
+    def clip2(ids):
+        hidden, pooled = clip2_e(ids)
+        return hidden, pooled
+
+    def unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return unet_e(sample, timestep, encoder_hidden_states, text_embeds, time_ids)[0]
+
+    def vae(latents):
+        return vae_e(latents)[0]
+
+    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet, vae=vae, info=info)
+
+
+def _engine_for(builder: _Builder, component, key, expect, engine_dir, allow_build, extra, device):
+    """Deserialize the plan for `key` and check its I/O; a stored plan that fails either is rebuilt when
+    building is allowed (its checksum was fine, so TensorRT itself refused it), else refused."""
+
+    def load(plan: bytes) -> TRTEngine:
+        engine = TRTEngine(plan, device, key)
+        problems = io_mismatches(engine.io, expect["io"])
+        if problems:
+            raise store.EngineRefused(f"engine {key}: {'; '.join(problems[:3])}; delete it to rebuild")
+        return engine
+
+    plan, record = _plan_for(builder, component, key, expect, engine_dir, allow_build, extra)
+    try:
+        return load(plan), record
+    except store.EngineRefused as refused:
+        if not allow_build or record["mode"] != "loaded":
+            raise
+        print(f"warning: {refused}; rebuilding it", file=sys.stderr)
+    plan, record = _plan_for(builder, component, key, expect, engine_dir, allow_build, extra, rebuild=True)
+    return load(plan), record
+
+
+def _plan_for(builder: _Builder, component, key, expect, engine_dir, allow_build, extra, *,
+              rebuild: bool = False) -> tuple[bytes, dict]:
+    """The plan bytes for `key`: loaded from `engine_dir` when whole and built for this run, else built."""
+    filename = plan_filename(component, expect["backend_version"])
+    record = {"key": key, "component": component}
+    if engine_dir is None:
+        plan, built = builder.build(component, key)
+        return plan, {**record, **built, "mode": "in-memory"}
+    with store.lock(engine_dir, key):
+        path = store.engine_path(engine_dir, key)
+        try:
+            found = None if rebuild else store.verify(engine_dir, key, expect)
+            if found is not None and filename not in found.get("files", {}):
+                raise store.EngineRefused(f"engine {key}: no {filename} in {path}; delete it to rebuild")
+        except store.EngineRefused as refused:
+            if not allow_build:
+                raise
+            print(f"warning: {refused}; rebuilding it", file=sys.stderr)
+            found = None
+        if found is not None:
+            started = time.perf_counter()
+            plan = (path / filename).read_bytes()
+            return plan, {**record, "mode": "loaded", "path": str(path / filename),
+                          "load_s": round(time.perf_counter() - started, 2), "bytes": len(plan)}
+        if not allow_build:
+            raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
+        plan, built = builder.build(component, key)
+
+        def write_files(tmp: Path) -> dict:
+            (tmp / filename).write_bytes(plan)
+            return {}
+
+        from ..runinfo import library_versions
+
+        store.publish(engine_dir, key, write_files, {**expect, **extra, **built, "libraries": library_versions()})
+        return plan, {**record, **built, "mode": "built", "path": str(path / filename), "bytes": len(plan)}
+
+
+class _Builder:
+    """Exports (calibrating 8-bit UNets first) and builds; moves the torch modules to the GPU only if needed."""
+
+    def __init__(self, variant, components, device, dtype, onnx_dir, progress, optimization_level, workspace,
+                 engine_dir, trt_version, tag):
+        self.variant, self.components, self.device, self.dtype = variant, components, device, dtype
+        self.onnx_dir, self.progress, self.optimization_level = onnx_dir, progress, optimization_level
+        self.workspace, self.engine_dir, self.trt_version, self.tag = workspace, engine_dir, trt_version, tag
+        self.moved = False
+
+    def _on_device(self) -> None:
+        if not self.moved:
+            self.components.to(self.device, self.dtype)
+            self.moved = True
+
+    def onnx_file(self, component: str) -> tuple[Path, dict]:
+        """Export unless the ONNX for this component/variant/dtype is already in the ONNX dir."""
+        module_dtype = float_dtype(component, getattr(self.components, _ATTRS[component]).config, self.dtype)
+        path = export.onnx_path(self.onnx_dir, self.variant, component, module_dtype)
+        if path.is_file():
+            return path, {"onnx": str(path), "export": "reused"}
+        self._on_device()
+        started = time.perf_counter()
+        meta = {}
+        unet = None
+        if component == "unet" and self.variant.is_quantized:
+            unet, meta = self._quantized_unet()
+        path = export.export_component(self.components, self.variant, component, self.onnx_dir, unet=unet,
+                                       progress=self.progress)
+        return path, {"onnx": str(path), "export": "exported", "export_s": round(time.perf_counter() - started, 2),
+                      **meta}
+
+    def _quantized_unet(self):
+        """ModelOpt PTQ (fake quant) on the GPU in the compute dtype, with the pipeline as forward loop."""
+        from .. import quantize
+        from .torch_backend import calibration_loop
+
+        started = time.perf_counter()
+        unet = quantize.quantize_unet(self.components.unet, self.variant,
+                                      calibration_loop(self.components, self.variant, self.device, self.dtype,
+                                                       self.progress), progress=self.progress)
+        self.components.unet = unet
+        return unet, {"calibration_s": round(time.perf_counter() - started, 2)}
+
+    def build(self, component: str, key: str) -> tuple[bytes, dict]:
+        onnx_file, meta = self.onnx_file(component)
+        has_qdq = graph_has_qdq(onnx_file)
+        config = getattr(self.components, _ATTRS[component]).config
+        settings = builder_settings(has_qdq, float_dtype(component, config, self.dtype), self.optimization_level)
+        cache = timing_cache_path(self.engine_dir, self.trt_version, self.tag) if self.engine_dir else None
+        if self.progress:
+            print(f"[trt] building {ENGINE_NAMES[component]} ({key}) ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        plan = build_plan(onnx_file, settings, profile_shapes(self.variant, component, config), timing_cache=cache,
+                          workspace_bytes=self.workspace, progress=self.progress, label=ENGINE_NAMES[component])
+        build_s = round(time.perf_counter() - started, 2)
+        if self.progress:
+            print(f"[trt] built {ENGINE_NAMES[component]} in {build_s:.1f} s ({len(plan) / 2**20:.1f} MiB)",
+                  file=sys.stderr, flush=True)
+        return plan, {**meta, "builder": settings, "qdq": has_qdq, "build_s": build_s}
+
+    def release(self) -> None:
+        """The engines replace the torch modules: give their GPU memory back."""
+        if self.moved:
+            for module in self.components.modules().values():
+                module.to("cpu")
+            torch.cuda.empty_cache()
+
+
+_ATTRS = {"clip": "text_encoder", "clip2": "text_encoder_2", "unet": "unet", "vae": "vae"}
+
+
+def load_plan(path: str | Path, device: torch.device) -> TRTEngine:
+    """Deserialize one plan file after checking its store entry's sidecar checksums (no expectations)."""
+    path = Path(path)
+    store.verify(path.parent.parent, path.parent.name, {})
+    return TRTEngine(path.read_bytes(), torch.device(device), path.parent.name)
