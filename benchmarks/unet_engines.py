@@ -80,7 +80,7 @@ def main() -> int:
             onnx_dir=None if args.reload else args.onnx_dir, allow_build=not args.reload, compile=compile)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        info = {k: v for k, v in engines[precision].info.items() if k != "compiled_module"}
+        info = dict(engines[precision].info)
         rows[precision] = {"prepare_s": round(time.perf_counter() - started, 2), **info}
         print(f"{precision}: prepared in {rows[precision]['prepare_s']} s ({info.get('mode')})", flush=True)
         del components

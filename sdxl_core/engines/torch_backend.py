@@ -173,27 +173,27 @@ def calibration_loop(components, variant: Variant, device, dtype, progress: bool
 
 
 def _publish(engine_dir, key, unet, variant, device, dtype, compile, expect, info):
+    """Write the engine files (and, compiling, the compile caches) into the store; return the runnable UNet."""
     from safetensors.torch import save_file
 
     from .. import qmodules
+    from ..runinfo import library_versions
+
+    runnable = unet
 
     def write_files(tmp: Path) -> dict:
+        nonlocal runnable
         started = time.perf_counter()
         (tmp / "unet_config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list))
         (tmp / "layer_plan.json").write_text(json.dumps(qmodules.layer_plan(unet), indent=1, sort_keys=True))
-        state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
-        save_file(state, str(tmp / "unet.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
         info["save_s"] = round(time.perf_counter() - started, 2)
-        compiled = _compile(unet, variant, device, dtype, compile, cache_file=tmp / "compile_cache.bin", info=info)
-        info["compiled_module"] = compiled
+        runnable = _compile(unet, variant, device, dtype, compile, cache_file=tmp / "compile_cache.bin", info=info)
         return {}
 
-    from ..runinfo import library_versions
-
-    store.publish(engine_dir, key, write_files, {**expect, "libraries": library_versions(),
-                                                 "gpu": torch.cuda.get_device_name(device)
-                                                 if device.type == "cuda" else None})
-    return info.pop("compiled_module")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    store.publish(engine_dir, key, write_files, {**expect, "libraries": library_versions(), "gpu": gpu})
+    return runnable
 
 
 def _load_unet(path: Path, device, dtype, info) -> torch.nn.Module:
@@ -228,7 +228,8 @@ def _compile(unet, variant, device, dtype, compile, *, cache_file: Path | None, 
     step = unet_stage(compiled)
     with torch.inference_mode():
         step(*dummy_unet_inputs(unet, variant, device, dtype))
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     info["compile_s"] = round(time.perf_counter() - started, 2)
     if cache_file is not None and not cache_file.exists():
         artifacts = torch.compiler.save_cache_artifacts()
