@@ -1,0 +1,86 @@
+"""Benchmark history: real pytest-benchmark runs (autosaved in a subprocess) -> markdown table and PNG plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from PIL import Image
+
+from sdxl_core.errors import UserError
+from sdxl_core.history import history_report, load_runs
+
+BENCH_FILE = textwrap.dedent("""
+    def test_sum(benchmark):
+        benchmark(sum, range(100))
+
+
+    def test_sorted(benchmark):
+        benchmark(sorted, list(range(100, 0, -1)))
+""")
+BENCHMARKS = ("test_sum", "test_sorted")
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """Two autosaved runs of a trivial benchmark file, made by pytest-benchmark itself."""
+    work = tmp_path_factory.mktemp("bench-project")
+    (work / "test_trivial.py").write_text(BENCH_FILE)
+    store = work / "store"
+    for _ in range(2):
+        # Outside this repo: no conftest or pyproject addopts apply; tiny budgets keep each run ~2 s.
+        done = subprocess.run([sys.executable, "-m", "pytest", "test_trivial.py", "-q", "-p", "no:cacheprovider",
+                               "-p", "no:xdist", "--benchmark-autosave", f"--benchmark-storage={store}",
+                               "--benchmark-max-time=0.005", "--benchmark-min-rounds=3", "--benchmark-warmup=off"],
+                              cwd=work, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return store
+
+
+def _table_rows(markdown: str) -> list[dict]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+
+
+def test_history_report_table_and_plot(storage, tmp_path):
+    files = sorted(storage.glob("*/*.json"))
+    assert [f.name[:5] for f in files] == ["0001_", "0002_"]
+
+    markdown_path, png_path = history_report(storage, tmp_path / "out")
+    rows = _table_rows(markdown_path.read_text())
+    assert [row["run"] for row in rows] == ["0001", "0002"]
+    for row in rows:
+        for name in BENCHMARKS:
+            assert float(row[name]) > 0, row  # median in ms, 4 significant digits
+    first = {b["name"]: b["stats"]["median"] for b in json.loads(files[0].read_text())["benchmarks"]}
+    assert load_runs(storage)[0].medians_ms["test_sum"] == pytest.approx(first["test_sum"] * 1e3)  # s -> ms
+
+    with Image.open(png_path) as png:
+        assert png.format == "PNG" and png.width >= 300 and png.height >= 200
+
+
+def test_history_of_one_machine_folder(storage, tmp_path):
+    """The machine-id folder itself works as well as the storage root."""
+    machine = next(storage.iterdir())
+    markdown_path, _ = history_report(machine, tmp_path)
+    assert len(_table_rows(markdown_path.read_text())) == 2
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "absent", "does not exist"),
+    (lambda tmp: tmp, "no pytest-benchmark runs"),
+])
+def test_missing_or_empty_dir_is_one_line(tmp_path, make, message):
+    with pytest.raises(UserError, match=message) as info:
+        history_report(make(tmp_path), tmp_path / "out")
+    assert "\n" not in str(info.value) and "--benchmark-autosave" in str(info.value)
+
+
+def test_not_a_history_file(tmp_path):
+    (tmp_path / "0001_x.json").write_text('{"benchmarks": [{"name": "a"}]}')
+    with pytest.raises(UserError, match="0001_x.json is not a pytest-benchmark run"):
+        history_report(tmp_path, tmp_path / "out")
