@@ -77,8 +77,9 @@ def stage_table(report: dict) -> str:
 
 def markdown_summary(paths: list[Path]) -> str:
     """One table row per txt2img report, for people reading CI artifacts."""
-    header = "| variant | model | device | size | steps | CLIP ms | CLIP2 ms | UNet ms/step | VAE ms | total ms | img/s |"
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("variant", "model", "device", "size", "steps", "CLIP ms", "CLIP2 ms", "UNet ms/step", "VAE ms",
+               "total ms", "img/s")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for path in paths:
         try:
             report = json.loads(Path(path).read_text())
