@@ -194,3 +194,19 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
 @pytest.fixture(scope="session")
 def variant_engine(request, build_engine) -> BuiltEngine:
     return build_engine(request.param)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One table at the end: what the quality and speed tests measured (from `record_property`)."""
+    rows = []
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            props = dict(getattr(report, "user_properties", []))
+            measured = {k: v for k, v in props.items() if k in ("ssim", "psnr_db", "speedup", "fp16_ms", "ms")}
+            if report.when == "call" and measured:
+                rows.append((report.nodeid.split("::")[-1], outcome, measured))
+    if rows:
+        terminalreporter.section("sdxl-bench measurements")
+        for name, outcome, measured in rows:
+            values = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in measured.items())
+            terminalreporter.write_line(f"{outcome:<6} {name:<60} {values}")

@@ -131,10 +131,13 @@ def side_by_side_medians(engines: dict, rounds: int = 10, iters: int = 5) -> dic
 @pytest.mark.h100
 @pytest.mark.bench
 @pytest.mark.parametrize("precision, option", [("int8", "--min-int8-speedup"), ("fp8", "--min-fp8-speedup")])
-def test_8bit_speedup_gate_on_h100(build_engine, pytestconfig, precision, option):
+def test_8bit_speedup_gate_on_h100(build_engine, pytestconfig, record_property, precision, option):
     engines = {"fp16": build_engine("xl-1.0-fp16"), precision: build_engine(f"xl-1.0-{precision}")}
     medians = side_by_side_medians(engines)
     speedup = medians["fp16"] / medians[precision]
+    record_property("speedup", speedup)
+    record_property("fp16_ms", medians["fp16"])
+    record_property("ms", medians[precision])
     required = pytestconfig.getoption(option)
     assert speedup >= required, (
         f"{precision.upper()} UNet step {medians[precision]:.2f} ms vs FP16 {medians['fp16']:.2f} ms: "
