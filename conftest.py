@@ -59,6 +59,21 @@ def pytest_collection_modifyitems(config, items):
 HARDWARE = pytest.StashKey[dict]()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread_per_worker(hardware):
+    """On the CPU the tiny model's ops are too small to gain from threads, and xdist already runs one worker
+    per core: spinning OpenMP threads on a busy 2-core machine made a tiny forward pass 60x slower."""
+    if hardware["cuda"]:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hardware(pytestconfig) -> dict:
     return pytestconfig.stash.get(HARDWARE, None) or _hardware()

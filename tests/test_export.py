@@ -19,15 +19,6 @@ FP32_RTOL = 1e-4
 TINY = Variant(name="tiny-fp16", model="tiny", height=128, width=128)  # unet batch 2 (CFG), latent 16x16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny CPU models run many small ops: one thread is several times faster than two on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return build_builtin("tiny")

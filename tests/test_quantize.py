@@ -58,16 +58,6 @@ def run(unet, inputs):
         return unet(**inputs).sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet's tensors are too small to gain from threads, and on a busy machine spinning OpenMP
-    threads made a forward pass 60x slower (9.4 s vs 0.15 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_unet():
     return build_builtin("tiny").unet
