@@ -82,3 +82,25 @@ def test_argparse_type_errors_are_one_line_too(tmp_path):
     """A malformed flag value is refused by argparse in the same one-line form, from the real entry point."""
     done = run_cli("txt2img", "--model", "tiny", "--height", "abc")
     assert done.returncode == 2 and "invalid int value" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_build_makes_engines_once_and_then_finds_them(tmp_path, capsys):
+    args = ["build", "--variants", "xl-1.0-fp16,xl-turbo", "--model", "tiny", "--engine-dir", str(tmp_path),
+            "--no-progress"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert first.count(": built ") == 2
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count(": loaded ") == 2
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # turbo at 128x128 has its own key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "--variants", "xl-1.0-fp16"], "needs --engine-dir"),
+    (["build", "--variants", "xl-1.0-fp16,nope", "--engine-dir", "x"], "unknown variant 'nope'"),
+    (["history", "/no/such/history"], "does not exist"),
+])
+def test_build_and_history_refuse_bad_input_in_one_line(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err
