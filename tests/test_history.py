@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,12 +31,14 @@ def storage(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench-project")
     (work / "test_trivial.py").write_text(BENCH_FILE)
     store = work / "store"
+    # An xdist worker's PYTEST_XDIST_* variables would make pytest-benchmark in the child disable itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     for _ in range(2):
         # Outside this repo: no conftest or pyproject addopts apply; tiny budgets keep each run ~2 s.
         done = subprocess.run([sys.executable, "-m", "pytest", "test_trivial.py", "-q", "-p", "no:cacheprovider",
                                "-p", "no:xdist", "--benchmark-autosave", f"--benchmark-storage={store}",
                                "--benchmark-max-time=0.005", "--benchmark-min-rounds=3", "--benchmark-warmup=off"],
-                              cwd=work, capture_output=True, text=True, timeout=120)
+                              cwd=work, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
     return store
 
