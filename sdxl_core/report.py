@@ -67,13 +67,22 @@ def _labelled(img: Image.Image, text: str, background: str = "white") -> Image.I
     return out
 
 
-def ssim_heatmap(a, b) -> Image.Image:
-    """The SSIM map of `a` vs `b` as an RGB image of the same size; bright where the images differ."""
+def ssim_heatmap(a, b, full_scale: float | None = None) -> Image.Image:
+    """The SSIM map of `a` vs `b` as an RGB image of the same size; bright where the images differ.
+
+    Colours span 1 - SSIM from 0 to `full_scale`; by default to this map's own maximum, so that the small
+    differences of a good 8-bit image stay visible instead of a uniformly dark square.
+    """
     from matplotlib import colormaps
 
-    dissimilarity = 1.0 - np.clip(metrics.ssim_map(a, b), 0.0, 1.0)
-    rgba = colormaps[HEATMAP_CMAP](dissimilarity, bytes=True)
+    dissimilarity = _dissimilarity(a, b)
+    top = full_scale or max(float(dissimilarity.max()), 1e-6)
+    rgba = colormaps[HEATMAP_CMAP](np.clip(dissimilarity / top, 0.0, 1.0), bytes=True)
     return Image.fromarray(rgba[..., :3], "RGB")
+
+
+def _dissimilarity(a, b) -> np.ndarray:
+    return 1.0 - np.clip(metrics.ssim_map(a, b), 0.0, 1.0)
 
 
 def side_by_side(images: dict[str, Image.Image], reference_label: str) -> Image.Image:
@@ -87,7 +96,8 @@ def side_by_side(images: dict[str, Image.Image], reference_label: str) -> Image.
             continue
         value = metrics.ssim(reference, img)
         cells.append(_labelled(img, f"{label}  SSIM {value:.4f}"))
-        cells.append(_labelled(ssim_heatmap(reference, img), f"{label} vs {reference_label}"))
+        peak = max(float(_dissimilarity(reference, img).max()), 1e-6)
+        cells.append(_labelled(ssim_heatmap(reference, img, peak), f"1-SSIM, brightest {peak:.2g}"))
     return image_grid([cells])
 
 
