@@ -136,12 +136,13 @@ def suite_variant(suite_model, engine_dir):
     On `tiny` (CPU): 128x128, at most 4 steps and 2 calibration prompts, and the LCM-LoRA variant uses a
     small random LoRA the suite makes itself; on real or full-size models the variant table as it is.
     """
-    from sdxl_core.variants import get_variant
+    from sdxl_core.variants import TINY_SIZE, get_variant
 
     def make(name: str):
         variant = get_variant(name).replace(model=suite_model)
         if suite_model == "tiny":
-            variant = variant.replace(height=128, width=128, steps=min(variant.steps, 4), calibration_size=2)
+            variant = variant.replace(height=TINY_SIZE, width=TINY_SIZE, steps=min(variant.steps, 4),
+                                      calibration_size=2)
             if variant.lora_path:
                 variant = variant.replace(lora_path=str(_tiny_lora(engine_dir)))
         return variant

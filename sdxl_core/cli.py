@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .variants import SCHEDULERS, VARIANTS, Variant, get_variant
+from .variants import SCHEDULERS, TINY_SIZE, VARIANTS, Variant, get_variant
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
-TINY_SIZE = 128  # the tiny model's own size keeps CPU runs to seconds, unless a size is asked for
 
 
 class _Parser(argparse.ArgumentParser):

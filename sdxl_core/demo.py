@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .variants import TINY_SIZE
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 VARIANT_NAMES = ("xl-1.0-fp16", "xl-1.0-int8")
-TINY = {"height": 128, "width": 128, "steps": 10, "calibration_size": 2}
+TINY = {"height": TINY_SIZE, "width": TINY_SIZE, "steps": 10, "calibration_size": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:

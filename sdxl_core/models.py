@@ -91,7 +91,7 @@ TINY_TEXT_ENCODER_2_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hid
 
 @dataclass
 class Components:
-    """What the pipeline needs. `default_size` is the size a built-in prefers when none is given."""
+    """What the pipeline needs."""
 
     name: str
     tokenizer: object
@@ -101,7 +101,6 @@ class Components:
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: dict
-    default_size: tuple[int, int] | None = None
     lora: dict = field(default_factory=dict)
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -135,11 +134,11 @@ def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if name == "tiny":
-        unet_cfg, vae_cfg, te_cfg, te2_cfg, size = (TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_ENCODER_CONFIG,
-                                                    TINY_TEXT_ENCODER_2_CONFIG, (128, 128))
+        unet_cfg, vae_cfg, te_cfg, te2_cfg = (TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_ENCODER_CONFIG,
+                                              TINY_TEXT_ENCODER_2_CONFIG)
     elif name == "sdxl-random":
-        unet_cfg, vae_cfg, te_cfg, te2_cfg, size = (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SDXL_TEXT_ENCODER_CONFIG,
-                                                    SDXL_TEXT_ENCODER_2_CONFIG, None)
+        unet_cfg, vae_cfg, te_cfg, te2_cfg = (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SDXL_TEXT_ENCODER_CONFIG,
+                                              SDXL_TEXT_ENCODER_2_CONFIG)
     else:
         raise UserError(f"unknown built-in model {name!r}: choose one of {', '.join(BUILTIN_MODELS)}")
 
@@ -161,7 +160,6 @@ def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu
         unet=unet.eval(),
         vae=vae.eval(),
         scheduler_config=dict(SDXL_SCHEDULER_CONFIG),
-        default_size=size,
     )
 
 

@@ -23,6 +23,7 @@ HUB_IDS = {
     "xl-turbo": "stabilityai/sdxl-turbo",
 }
 LCM_LORA_HUB_ID = "latent-consistency/lcm-lora-sdxl"
+TINY_SIZE = 128  # the built-in tiny model runs at this size unless one is asked for: CPU runs take seconds
 
 
 @dataclass(frozen=True)
