@@ -24,6 +24,9 @@ def pytest_addoption(parser):
     group.addoption("--variants", default=None, help="comma-separated variant names for engine fixtures")
     group.addoption("--update-baselines", action="store_true", help="regenerate stored FP16 baselines")
     group.addoption("--baseline-dir", default="baselines", help="root of the stored baselines")
+    group.addoption("--calibration-size", type=int, default=None,
+                    help="calibration prompts for 8-bit engines (default: the variant's, 32; timing does not depend "
+                         "on it, quality does)")
     group.addoption("--min-int8-speedup", type=float, default=1.15, help="INT8 gate: median FP16 / median INT8")
     group.addoption("--min-fp8-speedup", type=float, default=1.15, help="FP8 gate: median FP16 / median FP8")
 
@@ -130,7 +133,7 @@ def onnx_dir(pytestconfig, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def suite_variant(suite_model, engine_dir):
+def suite_variant(suite_model, engine_dir, pytestconfig):
     """Variant name -> the variant as this suite runs it on `suite_model`.
 
     On `tiny` (CPU): 128x128, at most 4 steps and 2 calibration prompts, and the LCM-LoRA variant uses a
@@ -145,6 +148,8 @@ def suite_variant(suite_model, engine_dir):
                                       calibration_size=2)
             if variant.lora_path:
                 variant = variant.replace(lora_path=str(_tiny_lora(engine_dir)))
+        if pytestconfig.getoption("--calibration-size"):
+            variant = variant.replace(calibration_size=pytestconfig.getoption("--calibration-size"))
         return variant
 
     return make

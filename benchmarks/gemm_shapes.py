@@ -1,6 +1,7 @@
 """Times the SDXL UNet linear GEMMs on one GPU: cuBLAS fp16 against the INT8 and FP8 paths.
 
     python benchmarks/gemm_shapes.py [--quick] [--out results.json] [--rotate 3] [--fp8-fast-accum]
+                                     [--kernels fp16,tri_int8,fp8_mm]
 
 Shapes are (M tokens, K, N) at batch 2 x 1024x1024. Kernels, all fp16 in / fp16 out except where noted:
   fp16           cuBLAS `x @ w.T`
@@ -12,6 +13,9 @@ Shapes are (M tokens, K, N) at batch 2 x 1024x1024. Kernels, all fp16 in / fp16 
   fp8_linear     fp8_linear: quantize A to e4m3, then _scaled_mm with per-channel weight scales
 Each kernel is first checked against an fp32 matmul of the same fp16 inputs (relative Frobenius error), then
 timed with triton.testing.do_bench (median; do_bench flushes L2 between runs), cycling --rotate input sets.
+A first 8192^3 GEMM measures the card's reachable peak for fp16, int8 (our kernel) and fp8; every row then
+reports its fraction of the peak of its own number format. The JSON is rewritten after every shape, so a run
+cut short keeps what it measured.
 """
 
 import argparse
@@ -38,6 +42,10 @@ SHAPES = [
     (32768, 320, 320),  # 1x1 conv at 128x128 latents as a GEMM
 ]
 QUICK_SHAPES = [(8192, 640, 640), (8192, 640, 5120), (2048, 1280, 10240)]
+PEAK_SHAPE = (8192, 8192, 8192)
+PEAK_KERNELS = {"fp16": "fp16", "tri_int8": "int8", "fp8_mm": "fp8"}  # kernel -> the format it peaks for
+FORMAT = {"fp16": "fp16", "int_mm": "int8", "tri_int8": "int8", "tri_int8+quant": "int8", "tri_fused": "int8",
+          "fp8_mm": "fp8", "fp8_linear": "fp8"}
 DEVICE = "cuda"
 
 
@@ -117,11 +125,13 @@ def autotuned_config(name, int8_gemm):
     return str(config) if config is not None else None
 
 
-def run_shape(m, k, n, args, int8_gemm, fp8_gemm):
+def run_shape(m, k, n, args, int8_gemm, fp8_gemm, only=None):
     kernels, ref = make_kernels(m, k, n, args.rotate, args.fp8_fast_accum, int8_gemm, fp8_gemm)
     flops = 2.0 * m * n * k
     rows = []
     for name, (fn, arg_sets, dequant) in kernels.items():
+        if only and name not in only:
+            continue
         row = {"M": m, "K": k, "N": n, "kernel": name}
         try:
             out = fn(*arg_sets[0])  # also triggers autotuning for the Triton kernels
@@ -149,7 +159,8 @@ def print_rows(rows):
             continue
         print(
             f"{shape:>18} {r['kernel']:<15} {r['ms'] * 1e3:9.1f} {r['tflops']:9.1f} "
-            f"{r.get('speedup_vs_fp16', float('nan')):8.2f}x {r['rel_err']:9.2e}"
+            f"{r.get('speedup_vs_fp16', float('nan')):8.2f}x {r['rel_err']:9.2e} "
+            f"{r['config'] or ''}"
         )
 
 
@@ -159,7 +170,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--rotate", type=int, default=3, help="input sets cycled through while timing")
     parser.add_argument("--fp8-fast-accum", action="store_true", help="use_fast_accum=True for _scaled_mm")
+    parser.add_argument("--kernels", default=None, help="comma-separated subset of the kernels (default: all)")
     args = parser.parse_args(argv)
+    only = set(args.kernels.split(",")) if args.kernels else None
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     int8_gemm, fp8_gemm = load_kernels()
@@ -176,14 +189,23 @@ def main(argv=None):
     }
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
     print(f"{'M x K -> N':>18} {'kernel':<15} {'time_us':>9} {'TFLOP/s':>9} {'vs_fp16':>9} {'rel_err':>9}")
+    peak_rows = run_shape(*PEAK_SHAPE, args, int8_gemm, fp8_gemm, only=set(PEAK_KERNELS))
+    print_rows(peak_rows)
+    meta["peak_tflops"] = {PEAK_KERNELS[r["kernel"]]: r["tflops"] for r in peak_rows if "tflops" in r}
+    print("reachable peak TFLOP/s (TOPS for int8):", meta["peak_tflops"])
     results = []
     for m, k, n in QUICK_SHAPES if args.quick else SHAPES:
-        rows = run_shape(m, k, n, args, int8_gemm, fp8_gemm)
+        rows = run_shape(m, k, n, args, int8_gemm, fp8_gemm, only)
+        for row in rows:
+            peak = meta["peak_tflops"].get(FORMAT[row["kernel"]])
+            if peak and "tflops" in row:
+                row["fraction_of_peak"] = row["tflops"] / peak
         print_rows(rows)
         results.extend(rows)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": meta, "peak": peak_rows, "results": results}, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         print(f"wrote {args.out}")
 
 

@@ -80,7 +80,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="where engines are built and reused; enough on its own to run them (default: in memory)")
     p.add_argument("--no-build", action="store_true",
                    help="only load a prebuilt engine from --engine-dir: never calibrate, export or build")
-    p.add_argument("--use-cuda-graph", action="store_true", help="capture the UNet step in a CUDA graph (TensorRT)")
+    p.add_argument("--use-cuda-graph", action="store_true",
+                   help="capture the UNet step in a CUDA graph (the torch backend always does on a GPU)")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -163,6 +164,7 @@ def quantize_unet(unet: torch.nn.Module, variant: Variant, forward_loop: Callabl
     import modelopt.torch.quantization as mtq
 
     config = quant_config(variant)
+    _skip_modelopt_cuda_extension()
     if "attention" in LEVEL_CATEGORIES[variant.quant_level]:
         _use_bmm_attention(unet)
     start = time.perf_counter()
@@ -174,6 +176,22 @@ def quantize_unet(unet: torch.nn.Module, variant: Variant, forward_loop: Callabl
         counts = {c: len(names) for c, names in quantized_layers(unet).items() if names}
         print(f"[quantize] quantized {counts} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return unet
+
+
+def _skip_modelopt_cuda_extension() -> None:
+    """Calibrate with ModelOpt's pure-torch fake quantization instead of its CUDA extension.
+
+    The extension is JIT-compiled with nvcc on first use: 67 s on the H100 runner, on every fresh machine
+    (docs/perf). Calibration only collects amax statistics, and ModelOpt falls back to the torch kernels
+    (same rounding) when the extension is absent. SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps the extension.
+    """
+    if os.environ.get("SDXL_BENCH_MODELOPT_CUDA_EXT") == "1":
+        return
+    from modelopt.torch.quantization import extensions
+
+    for loader in (extensions.get_cuda_ext, extensions.get_cuda_ext_fp8):
+        if getattr(loader, "extension", None) is None:
+            loader.extension = None
 
 
 def quantized_layers(unet: torch.nn.Module) -> dict[str, list[str]]:

@@ -76,20 +76,63 @@ def stage_table(report: dict) -> str:
 
 
 def markdown_summary(paths: list[Path]) -> str:
-    """One table row per txt2img report, for people reading CI artifacts."""
-    columns = ("variant", "model", "device", "size", "steps", "CLIP ms", "CLIP2 ms", "UNet ms/step", "VAE ms",
-               "total ms", "img/s")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """Markdown for people reading CI artifacts: one table of txt2img reports, one per pytest-benchmark run."""
+    from .errors import UserError
+
+    txt2img, sections = [], []
     for path in paths:
         try:
-            report = json.loads(Path(path).read_text())
-            t, v = report["timings_ms"], report["variant"]
-        except (OSError, ValueError, KeyError) as exc:
-            from .errors import UserError
-
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
             raise UserError(f"{path} is not a txt2img report ({type(exc).__name__}: {exc})") from None
-        lines.append(f"| {v['name']} | {v['model']} | {report['device']['name']} | {v['height']}x{v['width']} | "
-                     f"{report['unet_steps']} | {t['clip']:.1f} | {t['clip2']:.1f} | "
-                     f"{t['unet'] / report['unet_steps']:.2f} | {t['vae']:.1f} | {t['total']:.1f} | "
-                     f"{report['images_per_second']:.3f} |")
-    return "\n".join(lines) + "\n"
+        if isinstance(data, dict) and "benchmarks" in data:
+            sections.append(_benchmark_run_table(path, data))
+        else:
+            txt2img.append(_txt2img_row(path, data))
+    if txt2img:
+        columns = ("variant", "model", "device", "size", "steps", "CLIP ms", "CLIP2 ms", "UNet ms/step", "VAE ms",
+                   "total ms", "img/s")
+        sections.insert(0, "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *txt2img]))
+    return "\n\n".join(sections) + "\n"
+
+
+def _txt2img_row(path, report) -> str:
+    from .errors import UserError
+
+    try:
+        t, v = report["timings_ms"], report["variant"]
+        return (f"| {v['name']} | {v['model']} | {report['device']['name']} | {v['height']}x{v['width']} | "
+                f"{report['unet_steps']} | {t['clip']:.1f} | {t['clip2']:.1f} | "
+                f"{t['unet'] / report['unet_steps']:.2f} | {t['vae']:.1f} | {t['total']:.1f} | "
+                f"{report['images_per_second']:.3f} |")
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        raise UserError(f"{path} is not a txt2img report ({type(exc).__name__}: {exc})") from None
+
+
+def _benchmark_run_table(path, data: dict) -> str:
+    """One pytest-benchmark run (`--benchmark-autosave` JSON): per benchmark median/min/max, engine, memory."""
+    from .errors import UserError
+
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    gpu = next((b.get("extra_info", {}).get("gpu") for b in data["benchmarks"] if b.get("extra_info", {}).get("gpu")),
+               None)
+    head = (f"### {Path(path).name}\n\n{data.get('datetime', '')} · commit {str(commit.get('id', ''))[:10]} · "
+            f"{gpu or machine.get('cpu', {}).get('brand_raw', 'cpu')} · Python {machine.get('python_version', '?')}")
+    columns = ("benchmark", "variant", "median ms", "min ms", "max ms", "rounds", "UNet ms (pipeline)",
+               "engine MiB", "peak GPU GiB")
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for bench in data["benchmarks"]:
+        try:
+            stats, extra = bench["stats"], bench.get("extra_info", {})
+            stages = extra.get("stages_ms", {})
+            engine = extra.get("engine_bytes")
+            peak = extra.get("peak_memory_bytes")
+            lines.append(
+                f"| {bench['name']} | {extra.get('variant', '')} | {stats['median'] * 1e3:.2f} | "
+                f"{stats['min'] * 1e3:.2f} | {stats['max'] * 1e3:.2f} | {stats['rounds']} | "
+                f"{stages.get('unet', float('nan')):.1f} | "
+                f"{engine / 2**20 if engine else float('nan'):.0f} | {peak / 2**30 if peak else float('nan'):.1f} |")
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{path}: benchmark entry without stats ({type(exc).__name__}: {exc})") from None
+    return "\n".join(lines)

@@ -56,3 +56,74 @@ def test_whole_converted_int8_unet_traces_as_one_graph():
     with torch.inference_mode():
         explanation = torch._dynamo.explain(unet_stage(real))(*inputs)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons[:3]
+
+
+def test_regional_compile_compiles_every_block_and_matches_eager():
+    from sdxl_core import models
+    from sdxl_core.engines import torch_backend
+    from sdxl_core.variants import VARIANTS
+
+    variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
+    unet = models.build_builtin("tiny").unet.eval()
+    inputs = torch_backend.dummy_unet_inputs(unet, variant, torch.device("cpu"), torch.float32)
+    step = torch_backend.unet_stage(unet)
+    with torch.inference_mode():
+        eager = step(*inputs)
+        torch._dynamo.reset()
+        torch_backend.compile_regions(unet, backend="aot_eager")
+        compiled = step(*inputs)
+    regions = [m for m in unet.modules() if type(m).__name__ in torch_backend.COMPILED_REGIONS]
+    assert {type(m).__name__ for m in regions} == set(torch_backend.COMPILED_REGIONS)
+    assert all(m._compiled_call_impl is not None for m in regions)
+    others = [m for m in unet.modules() if m not in regions]
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in others)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_stage_hands_the_unet_a_float32_timestep_whatever_the_scheduler_gives():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, sample, timestep, **kwargs):
+            seen.append(timestep)
+            return (sample,)
+
+    from sdxl_core.engines.torch_backend import unet_stage
+
+    for t in (torch.tensor(999), torch.tensor(965.5), 981):
+        unet_stage(Probe())(torch.zeros(1), t, None, None, None)
+    assert [(t.dtype, t.ndim) for t in seen] == [(torch.float32, 0)] * 3
+    assert [float(t) for t in seen] == [999.0, 965.5, 981.0]
+
+
+def test_cuda_graph_on_the_cpu_is_refused_in_one_line():
+    from sdxl_core import models
+    from sdxl_core.engines import torch_backend
+    from sdxl_core.errors import UserError
+    from sdxl_core.variants import VARIANTS
+
+    variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
+    with pytest.raises(UserError, match="--use-cuda-graph needs a CUDA GPU"):
+        torch_backend.prepare(variant, models.build_builtin("tiny"), torch.device("cpu"), use_cuda_graph=True,
+                              progress=False)
+
+
+@pytest.mark.gpu
+def test_graphed_step_replays_the_eager_step_and_refuses_other_shapes():
+    from sdxl_core import models
+    from sdxl_core.engines import torch_backend
+    from sdxl_core.errors import UserError
+    from sdxl_core.variants import VARIANTS
+
+    cuda = torch.device("cuda")
+    variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
+    unet = models.build_builtin("tiny").unet.to(cuda, torch.float16).eval()
+    step = torch_backend.unet_stage(unet)
+    graphed = torch_backend.GraphedStep(step, torch_backend.dummy_unet_inputs(unet, variant, cuda, torch.float16))
+    for seed in (1, 2):  # new inputs each call: the graph must read them, not the captured ones
+        inputs = torch_backend.dummy_unet_inputs(unet, variant, cuda, torch.float16, seed=seed)
+        with torch.inference_mode():
+            torch.testing.assert_close(graphed(*inputs), step(*inputs), rtol=2e-3, atol=2e-3)
+    bigger = torch_backend.dummy_unet_inputs(unet, variant.replace(height=128, width=128), cuda, torch.float16)
+    with pytest.raises(UserError, match="captured for UNet input shape"):
+        graphed(*bigger)

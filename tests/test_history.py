@@ -87,3 +87,19 @@ def test_not_a_history_file(tmp_path):
     (tmp_path / "0001_x.json").write_text('{"benchmarks": [{"name": "a"}]}')
     with pytest.raises(UserError, match="0001_x.json is not a pytest-benchmark run"):
         history_report(tmp_path, tmp_path / "out")
+
+
+def test_report_renders_a_saved_benchmark_run(storage):
+    """`sdxl-bench report` on a pytest-benchmark JSON: one row per benchmark with its median in ms."""
+    from sdxl_core.runinfo import markdown_summary
+
+    run = sorted(storage.glob("*/*.json"))[0]
+    data = json.loads(run.read_text())
+    markdown = markdown_summary([run])
+    assert markdown.startswith(f"### {run.name}")
+    rows = {row["benchmark"]: row for row in _table_rows(markdown)}
+    assert set(rows) == set(BENCHMARKS)
+    for bench in data["benchmarks"]:
+        row = rows[bench["name"]]
+        assert float(row["median ms"]) == pytest.approx(bench["stats"]["median"] * 1e3, rel=1e-2, abs=0.01)
+        assert int(row["rounds"]) == bench["stats"]["rounds"]

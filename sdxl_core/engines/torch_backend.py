@@ -7,6 +7,11 @@ A UNet engine is a directory under `--engine-dir` (see `store.py`):
     compile_cache.bin  PyTorch's portable compile caches (GPU only), so a reload skips most of compile
 Building an 8-bit engine calibrates with ModelOpt (state kept under `--onnx-dir`, keyed by the engine
 key); loading one needs neither the ONNX dir nor calibration.
+
+On a GPU the UNet is compiled region by region (every transformer and ResNet block with torch.compile,
+the glue between them eager), then the whole step is captured in one CUDA graph, so neither Python nor
+kernel-launch overhead shows in the step time. Regional compilation compiles each distinct block shape
+once instead of tracing the whole UNet as one graph (`compile_mode="full"`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from . import Engines, device_tag, store
 
 NAME = "torch"
 CALIBRATION_BATCH = 2  # prompts per calibration batch, as the reference demo
+COMPILE_MODES = ("regional", "full")
+# The UNet's repeated blocks: all its linear layers and attention live in the transformer blocks, all 3x3
+# convs in the ResNet blocks.
+COMPILED_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def version() -> str:
@@ -60,38 +69,77 @@ def vae_stage(components):
 
 def unet_stage(unet: torch.nn.Module):
     def step(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        # One timestep dtype whatever the scheduler hands over (int64 or float32), so a compiled UNet never
+        # recompiles for it; diffusers embeds the timestep in float32 either way.
+        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
         return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                     added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
 
     return step
 
 
+class GraphedStep:
+    """A UNet step replayed from one CUDA graph: inputs are copied into the captured buffers.
+
+    Warm-up runs on a side stream first (the CUDA graph recipe), which also settles every Triton autotuner
+    and lazy compilation before capture. Each call returns a fresh copy of the output.
+    """
+
+    def __init__(self, step, example_inputs, warmup: int = 2):
+        self.inputs = [t.clone() for t in example_inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmup):
+                step(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.output = step(*self.inputs)
+
+    def __call__(self, *inputs):
+        for captured, given in zip(self.inputs, inputs, strict=True):
+            given = torch.as_tensor(given, device=captured.device)
+            if given.shape != captured.shape:
+                raise UserError(f"the CUDA graph was captured for UNet input shape {tuple(captured.shape)}, "
+                                f"got {tuple(given.shape)}")
+            captured.copy_(given)
+        self.graph.replay()
+        return self.output.clone()
+
+
 def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
             half: str = "fp16", progress: bool = True, allow_build: bool = True, compile: bool | None = None,
-            use_cuda_graph: bool = False) -> Engines:
+            compile_mode: str = "regional", use_cuda_graph: bool | None = None) -> Engines:
     """Move the components to `device` and build or load the UNet engine for `variant`.
 
-    Without `engine_dir` the engine lives in memory only (FP16 is then plain eager PyTorch).
-    `allow_build=False` refuses to calibrate or build: the engine must already be in `engine_dir`.
+    Without `engine_dir` the engine lives in memory only. `allow_build=False` refuses to calibrate or
+    build: the engine must already be in `engine_dir`. `compile` and `use_cuda_graph` default to on for a
+    CUDA device and off on the CPU.
     """
     dtype = compute_dtype(device, half)
     compile = device.type == "cuda" if compile is None else compile
-    if use_cuda_graph:
-        raise UserError("--use-cuda-graph is a TensorRT backend flag; the torch backend compiles instead")
+    use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+    if use_cuda_graph and device.type != "cuda":
+        raise UserError("--use-cuda-graph needs a CUDA GPU")
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     components.to(device, dtype)
     key = variant.engine_key(version(), device_tag(device))
     expect = {"backend": NAME, "backend_version": version(), "device": device_tag(device), "dtype": str(dtype),
               "precision": variant.precision, "unet_batch": variant.unet_batch,
               "height": variant.height, "width": variant.width}
     info = {"backend": NAME, "backend_version": version(), "engine_key": key, "compiled": compile,
+            "compile_mode": compile_mode if compile else None, "cuda_graph": use_cuda_graph,
             "engine_dir": str(engine_dir) if engine_dir else None}
+    compile_options = {"enabled": compile, "mode": compile_mode}
 
     if engine_dir is None:
         if not allow_build:
             raise UserError("loading a prebuilt engine needs --engine-dir")
         unet, build_info = _build_unet(variant, components, device, dtype, onnx_dir, key, progress)
         info.update(build_info, mode="in-memory")
-        unet = _compile(unet, variant, device, dtype, compile, cache_file=None, info=info)
+        unet = _compile(unet, variant, device, dtype, compile_options, cache_file=None, info=info)
     else:
         with store.lock(engine_dir, key):
             record = _verified_or_none(engine_dir, key, expect, allow_build)
@@ -100,18 +148,23 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
                     raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
                 unet, build_info = _build_unet(variant, components, device, dtype, onnx_dir, key, progress)
                 info.update(build_info, mode="built")
-                unet = _publish(engine_dir, key, unet, variant, device, dtype, compile, expect, info)
+                unet = _publish(engine_dir, key, unet, variant, device, dtype, compile_options, expect, info)
             else:
                 unet = _load_unet(store.engine_path(engine_dir, key), device, dtype, info)
                 info.update(mode="loaded")
-                unet = _compile(unet, variant, device, dtype, compile,
+                unet = _compile(unet, variant, device, dtype, compile_options,
                                 cache_file=store.engine_path(engine_dir, key) / "compile_cache.bin", info=info)
         record = store.read_sidecar(store.engine_path(engine_dir, key))
         info.update(engine_path=str(store.engine_path(engine_dir, key)),
                     engine_bytes=store.engine_bytes(record, ("unet.safetensors",)))
+    step = unet_stage(unet)
+    if use_cuda_graph:
+        started = time.perf_counter()
+        step = GraphedStep(step, dummy_unet_inputs(unet, variant, device, dtype))
+        info["cuda_graph_s"] = round(time.perf_counter() - started, 2)
     clip, clip2 = text_stages(components)
-    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(unet),
-                   vae=vae_stage(components), info=info)
+    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=step, vae=vae_stage(components),
+                   info=info)
 
 
 def _verified_or_none(engine_dir, key, expect, allow_build):
@@ -172,7 +225,7 @@ def calibration_loop(components, variant: Variant, device, dtype, progress: bool
     return forward_loop
 
 
-def _publish(engine_dir, key, unet, variant, device, dtype, compile, expect, info):
+def _publish(engine_dir, key, unet, variant, device, dtype, compile_options, expect, info):
     """Write the engine files (and, compiling, the compile caches) into the store; return the runnable UNet."""
     from safetensors.torch import save_file
 
@@ -188,7 +241,8 @@ def _publish(engine_dir, key, unet, variant, device, dtype, compile, expect, inf
         (tmp / "layer_plan.json").write_text(json.dumps(qmodules.layer_plan(unet), indent=1, sort_keys=True))
         save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
         info["save_s"] = round(time.perf_counter() - started, 2)
-        runnable = _compile(unet, variant, device, dtype, compile, cache_file=tmp / "compile_cache.bin", info=info)
+        runnable = _compile(unet, variant, device, dtype, compile_options, cache_file=tmp / "compile_cache.bin",
+                            info=info)
         return {}
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -213,21 +267,24 @@ def _load_unet(path: Path, device, dtype, info) -> torch.nn.Module:
     return unet.eval().requires_grad_(False)
 
 
-def _compile(unet, variant, device, dtype, compile, *, cache_file: Path | None, info: dict):
-    """torch.compile the UNet and run one step so compile time is paid here, not in the first image.
+def _compile(unet, variant, device, dtype, options: dict, *, cache_file: Path | None, info: dict,
+             backend: str = "inductor"):
+    """torch.compile the UNet (by regions or whole) and run one step so compile time is paid here.
 
     With `cache_file`: load PyTorch's portable compile caches from it if present, else save them.
     """
-    if not compile:
+    if not options["enabled"]:
         return unet
     if cache_file is not None and cache_file.exists():
         torch.compiler.load_cache_artifacts(cache_file.read_bytes())
         info["compile_cache"] = "loaded"
     started = time.perf_counter()
-    compiled = torch.compile(unet)
-    step = unet_stage(compiled)
+    if options["mode"] == "full":
+        compiled = torch.compile(unet, backend=backend, dynamic=False)
+    else:
+        compiled = compile_regions(unet, backend=backend)
     with torch.inference_mode():
-        step(*dummy_unet_inputs(unet, variant, device, dtype))
+        unet_stage(compiled)(*dummy_unet_inputs(unet, variant, device, dtype))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info["compile_s"] = round(time.perf_counter() - started, 2)
@@ -237,6 +294,21 @@ def _compile(unet, variant, device, dtype, compile, *, cache_file: Path | None, 
             cache_file.write_bytes(artifacts[0])
             info["compile_cache"] = "saved"
     return compiled
+
+
+def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """Compile every block in COMPILED_REGIONS in place (diffusers' `compile_repeated_blocks`, more classes).
+
+    Blocks of one class share their code, so Dynamo keeps one compiled graph per distinct block shape; the
+    SDXL UNet has more ResNet block shapes than Dynamo's default of 8 per function, hence the higher limit.
+    """
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    regions = [m for m in unet.modules() if type(m).__name__ in COMPILED_REGIONS]
+    if not regions:
+        raise UserError(f"no {' or '.join(COMPILED_REGIONS)} in this UNet to compile")
+    for module in regions:
+        module.compile(backend=backend, dynamic=False)
+    return unet
 
 
 def dummy_unet_inputs(unet, variant: Variant, device, dtype, seed: int = 0):
@@ -249,6 +321,7 @@ def dummy_unet_inputs(unet, variant: Variant, device, dtype, seed: int = 0):
     hidden = torch.randn(batch, 77, cross, generator=g)
     text_embeds = torch.randn(batch, text_dim, generator=g)
     time_ids = torch.tensor([[variant.height, variant.width, 0, 0, variant.height, variant.width]] * batch)
-    timestep = torch.tensor(500.0)
-    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-                 for t in (sample, timestep, hidden, text_embeds, time_ids))
+    sample, hidden, text_embeds, time_ids = (t.to(device=device, dtype=dtype)
+                                             for t in (sample, hidden, text_embeds, time_ids))
+    timestep = torch.tensor(500.0, device=device)  # float32, as `unet_stage` passes it on
+    return sample, timestep, hidden, text_embeds, time_ids

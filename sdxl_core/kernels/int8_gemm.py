@@ -54,14 +54,15 @@ if _INTERPRET:
     _INT8_CONFIGS = [_config(32, 32, 32, 1, 4)]
     _FUSED_CONFIGS = _INT8_CONFIGS
 else:
+    # Every distinct (M, N, K) of a UNet tries each config once while the engine warms up, so the list is
+    # kept to tiles that won somewhere on the H100 (FACTS.md, docs/perf) plus one for the 154-token
+    # cross-attention K/V projections.
     _INT8_CONFIGS = [
         _config(128, 256, 128, 3, 8),  # best measured tile on H100 for the large SDXL shapes
         _config(256, 128, 128, 3, 8),
         _config(128, 128, 128, 4, 8),
         _config(128, 128, 64, 5, 4),  # K=320 (1x1 convs) is not a multiple of 128
         _config(64, 128, 128, 4, 4),
-        _config(128, 64, 128, 4, 4),
-        _config(64, 64, 128, 4, 4),
     ]
     # The fused kernel stages A in 16 bits, so its tiles need twice the shared memory for A.
     _FUSED_CONFIGS = [
