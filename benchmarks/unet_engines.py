@@ -75,8 +75,7 @@ def main() -> int:
     compile_mode = "full" if args.compile == "full" else "regional"
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
     size = args.height or (128 if args.model == "tiny" else 1024)
-    master = models.build_builtin(args.model, device=device) if args.model in models.BUILTIN_MODELS \
-        else models.load(args.model)
+    master = models.load(args.model)  # built-ins are seeded on the CPU: the same weights as the CLI and the suite
     engines, rows = {}, {}
     precisions = args.precisions.split(",") + (["fp16-full"] if args.fp16_full_compile else [])
     for precision in precisions:

@@ -10,6 +10,10 @@
   result equals the ModelOpt fake-quant conv up to float rounding.
 - FP8 level-4 attention quantizers (Q, K, V, softmax) are dropped: attention runs in the activation dtype.
   Only TensorRT runs FP8 attention; the report counts what was dropped.
+- GEMM dispatch: an 8-bit GEMM is not faster than cuBLAS fp16 at every shape (small N, the 154-token text
+  K/V projections). `choose_gemm_paths` times both on the engine's GPU per distinct shape, and layers whose
+  8-bit GEMM loses run "16bit": the same quantized input and weight values, multiplied by a 16-bit GEMM. The
+  choice is kept in the layer plan, so a reloaded engine runs exactly what was measured.
 
 A converted UNet is saved as its config, `real_state_dict(unet)` (safetensors-ready) and `layer_plan(unet)`
 (JSON); `load_real(config, plan, state_dict)` rebuilds it with neither ModelOpt nor calibration.
@@ -30,6 +34,7 @@ from .kernels.fp8_gemm import quantize_fp8
 from .kernels.int8_gemm import quantize_per_tensor
 
 PLAN_FORMAT = "sdxl-bench-layer-plan/1"
+GEMM_PATHS = ("8bit", "16bit")
 QMAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _MIN_AMAX = 2.0**-24  # ModelOpt quantizes to zero below this amax; a floor keeps the scales finite
@@ -58,6 +63,7 @@ class _Quantized(torch.nn.Module):
 
     FMT = ""
     _FIXED = ("weight", "w_scale", "a_scale")
+    gemm_path = "8bit"  # or "16bit": see `choose_gemm_paths`
 
     def _init_buffers(self, weight_shape, out_features, *, bias, per_channel, dtype, device):
         self.per_channel = per_channel
@@ -66,6 +72,32 @@ class _Quantized(torch.nn.Module):
         self.register_buffer("w_scale", torch.empty(w_scale_shape, dtype=torch.float32, device=device))
         self.register_buffer("a_scale", torch.empty((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("w_dq", None, persistent=False)  # the dequantized weight of the 16-bit path
+        self.register_load_state_dict_post_hook(_after_load)
+
+    @property
+    def runs_8bit_gemm(self) -> bool:
+        return self.gemm_path == "8bit"
+
+    def set_gemm_path(self, path: str, dtype: torch.dtype | None = None):
+        if path not in GEMM_PATHS:
+            raise UserError(f"unknown GEMM path {path!r}: choose one of {', '.join(GEMM_PATHS)}")
+        self.gemm_path = path
+        self.dequantize_weight(dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None):
+        """Cache the float weight the 16-bit path computes with (done once, after loading)."""
+        if self.runs_8bit_gemm or self.weight.is_meta:
+            self.w_dq = None
+            return
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        scale = self.w_scale.reshape(-1, *[1] * (self.weight.dim() - 1)) if self.per_channel else self.w_scale
+        self.w_dq = (self.weight.float() * scale).to(dtype)
+
+    def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.w_dq is None:  # buffers were assigned directly rather than through load_state_dict
+            self.dequantize_weight(dtype)
+        return self.w_dq if self.w_dq.dtype == dtype else self.w_dq.to(dtype)
 
     def _apply(self, fn, recurse=True):
         before = {name: self._buffers[name] for name in self._FIXED}
@@ -114,10 +146,13 @@ class _QLinear(_Quantized):
     def forward(self, x):
         if self.smooth is not None:
             x = x * self.smooth
-        return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT)
+        if self.runs_8bit_gemm:
+            return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT)
+        return F.linear(fake_quantize(x, self.a_scale, self.FMT), self._float_weight(x.dtype), self.bias)
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, smooth={self.smooth is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, smooth={self.smooth is not None}, "
+                f"gemm={self.gemm_path}")
 
 
 class Int8Linear(_QLinear):
@@ -136,13 +171,15 @@ class _QConv2d(_Quantized):
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self._init_buffers((out_channels, in_channels // groups, *kernel_size), out_channels, bias=bias,
                            per_channel=per_channel, dtype=dtype, device=device)
-        self.register_buffer("w_dq", None, persistent=False)  # the dequantized weight of the conv path
-        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def as_gemm(self) -> bool:
         return (tuple(self.kernel_size) == (1, 1) and tuple(self.stride) == (1, 1)
                 and self.padding in ((0, 0), 0, "valid") and self.groups == 1)
+
+    @property
+    def runs_8bit_gemm(self) -> bool:
+        return self.as_gemm and self.gemm_path == "8bit"
 
     @classmethod
     def empty_like(cls, conv: torch.nn.Conv2d, *, smooth: bool = False, per_channel: bool = True):
@@ -160,30 +197,19 @@ class _QConv2d(_Quantized):
         module.dequantize_weight(conv.weight.dtype)
         return module
 
-    def dequantize_weight(self, dtype: torch.dtype | None = None):
-        """Cache the float weight the conv path computes with (done once, after loading)."""
-        if self.as_gemm or self.weight.is_meta:
-            self.w_dq = None
-            return
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        scale = self.w_scale.reshape(-1, 1, 1, 1) if self.per_channel else self.w_scale
-        self.w_dq = (self.weight.float() * scale).to(dtype)
-
     def forward(self, x):
-        if self.as_gemm:
+        if self.runs_8bit_gemm:
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels)
             out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias, self.FMT)
             return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
-        if self.w_dq is None:  # buffers were assigned directly rather than through load_state_dict
-            self.dequantize_weight(x.dtype)
-        weight = self.w_dq if self.w_dq.dtype == x.dtype else self.w_dq.to(x.dtype)
         x = fake_quantize(x, self.a_scale, self.FMT)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
-                f"stride={tuple(self.stride)}, gemm={self.as_gemm}")
+                f"stride={tuple(self.stride)}, gemm={self.gemm_path if self.as_gemm else 'conv'}")
 
 
 class Int8Conv2d(_QConv2d):
@@ -256,7 +282,12 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
         if cls is None or type(module) is not base:
             raise UserError(f"layer plan does not match the UNet at {name!r} ({spec.get('type')} over "
                             f"{type(module).__name__}): rebuild the engine")
-        plain_unet.set_submodule(name, cls.empty_like(module, smooth=spec["smooth"], per_channel=spec["per_channel"]))
+        quantized = cls.empty_like(module, smooth=spec["smooth"], per_channel=spec["per_channel"])
+        gemm_path = spec.get("gemm", "8bit")
+        if gemm_path not in GEMM_PATHS:
+            raise UserError(f"layer plan has GEMM path {gemm_path!r} at {name!r}: rebuild the engine")
+        quantized.gemm_path = gemm_path
+        plain_unet.set_submodule(name, quantized)
     return plain_unet
 
 
@@ -289,7 +320,7 @@ def module_counts(unet: torch.nn.Module) -> Counter:
 
 def _spec(module: _Quantized) -> dict:
     return {"type": type(module).__name__, "smooth": getattr(module, "smooth", None) is not None,
-            "per_channel": module.per_channel}
+            "per_channel": module.per_channel, "gemm": module.gemm_path}
 
 
 def _from_modelopt(module: torch.nn.Module) -> _Quantized:
@@ -310,3 +341,100 @@ def _from_modelopt(module: torch.nn.Module) -> _Quantized:
 
 def _after_load(module, _incompatible_keys):
     module.dequantize_weight()
+
+
+def dequantize_weights(unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cache the dequantized weights of the 16-bit-path layers in the activation dtype."""
+    for module in unet.modules():
+        if isinstance(module, _Quantized):
+            module.dequantize_weight(dtype)
+
+
+@dataclass
+class GemmTiming:
+    fmt: str
+    m: int
+    k: int
+    n: int
+    layers: int  # how many layers of the UNet run this shape
+    ms_8bit: float
+    ms_16bit: float
+
+    @property
+    def path(self) -> str:
+        return "8bit" if self.ms_8bit < self.ms_16bit else "16bit"
+
+    def row(self) -> dict:
+        return {"fmt": self.fmt, "M": self.m, "K": self.k, "N": self.n, "layers": self.layers,
+                "ms_8bit": round(self.ms_8bit, 4), "ms_16bit": round(self.ms_16bit, 4),
+                "speedup_8bit": round(self.ms_16bit / self.ms_8bit, 3), "path": self.path}
+
+
+def choose_gemm_paths(unet: torch.nn.Module, run_step, *, iters: int = 30, timer=None) -> list[GemmTiming]:
+    """Time every distinct GEMM shape of the UNet's 8-bit layers both ways; set each layer to the faster.
+
+    `run_step()` runs one UNet step (eager) so the GEMM shapes can be recorded. Timing is of the GEMM alone,
+    8-bit kernel on a quantized input against a 16-bit GEMM on the dequantized weight, because the
+    quantization itself fuses into the producing kernel once compiled. `timer(fn, iters)` returns ms per
+    call (default: CUDA events after a warm-up, which also runs the Triton autotuner).
+    """
+    timer = timer or _cuda_ms_per_call
+    shapes: dict[tuple, list[_Quantized]] = {}
+
+    def record(module, args):
+        x = args[0]
+        k = module.in_channels if isinstance(module, _QConv2d) else module.in_features
+        m = x.numel() // k
+        n = module.out_channels if isinstance(module, _QConv2d) else module.out_features
+        shapes.setdefault((module.FMT, m, k, n, x.dtype), []).append(module)
+
+    candidates = [m for m in unet.modules() if isinstance(m, _Quantized) and m.runs_8bit_gemm]
+    hooks = [m.register_forward_pre_hook(record) for m in candidates]
+    try:
+        with torch.inference_mode():
+            run_step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    timings = []
+    for (fmt, m, k, n, dtype), modules in sorted(shapes.items(), key=lambda item: item[0][:4]):
+        unique = list(dict.fromkeys(modules))
+        ms_8bit, ms_16bit = _time_both_paths(unique[0], m, dtype, iters, timer)
+        timing = GemmTiming(fmt, m, k, n, len(unique), ms_8bit, ms_16bit)
+        for module in unique:
+            module.set_gemm_path(timing.path, dtype)
+        timings.append(timing)
+    return timings
+
+
+def _time_both_paths(layer: _Quantized, m: int, dtype: torch.dtype, iters: int, timer) -> tuple[float, float]:
+    n = layer.weight.shape[0]
+    weight = layer.weight.reshape(n, -1)
+    x = torch.randn(m, weight.shape[1], device=weight.device, dtype=dtype)
+    x_q = quantize(x, layer.a_scale, layer.FMT)
+    scale = layer.w_scale.reshape(-1, 1) if layer.per_channel else layer.w_scale
+    w_dq = (weight.float() * scale).to(dtype)
+    mm = ops.int8_mm if layer.FMT == "int8" else ops.fp8_mm
+    with torch.inference_mode():
+        ms_8bit = timer(lambda: mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype), iters)
+        ms_16bit = timer(lambda: F.linear(x, w_dq, layer.bias), iters)
+    return ms_8bit, ms_16bit
+
+
+def _cuda_ms_per_call(fn, iters: int) -> float:
+    """GPU time per call: `iters` calls captured in one CUDA graph and replayed, as the engine runs them, so
+    Python launch overhead (which the engine's own CUDA graph removes) does not count."""
+    for _ in range(3):  # the first call autotunes
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters

@@ -74,6 +74,8 @@ def _describe(benchmark, engine, device):
         variant=engine.variant.name, precision=engine.variant.precision, model=engine.variant.model,
         size=f"{engine.variant.height}x{engine.variant.width}", unet_batch=engine.variant.unet_batch,
         engine_key=info.get("engine_key"), engine_bytes=info.get("engine_bytes"), device=str(device),
+        engine_mode=info.get("mode"), compile_mode=info.get("compile_mode"), cuda_graph=info.get("cuda_graph"),
+        gemm_paths=info.get("gemm_paths"),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     )

@@ -314,3 +314,60 @@ def test_bad_calibration_files_raise_calibration_mismatch(quantized, tiny_unet, 
         quantize.load_calibration(fresh, good, {**meta, "level": 3.0})
     assert issubclass(quantize.CalibrationMismatch, UserError)
     assert not any(hasattr(m, "input_quantizer") for m in fresh.modules())  # checked before touching the UNet
+
+
+class ScriptedTimer:
+    """Stands in for the GPU timer: even shapes 'measure' the 8-bit GEMM faster, odd shapes the 16-bit one."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn, iters):
+        fn()  # both paths must run at the recorded shape
+        shape, is_16bit = divmod(self.calls, 2)
+        self.calls += 1
+        eight_bit_wins = shape % 2 == 0
+        return (2.0 if eight_bit_wins else 1.0) if is_16bit else (1.0 if eight_bit_wins else 2.0)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_gemm_dispatch_follows_the_timings_and_survives_the_layer_plan(converted, data, tmp_path, precision):
+    real, _ = converted(precision, 3.0)
+    real = copy.deepcopy(real)
+    expected = run(real, data["eval"])
+    timer = ScriptedTimer()
+    timings = qmodules.choose_gemm_paths(real, lambda: run(real, data["eval"]), timer=timer)
+
+    gemm_layers = [m for m in real.modules() if isinstance(m, qmodules._QLinear)
+                   or (isinstance(m, qmodules._QConv2d) and m.as_gemm)]
+    assert timer.calls == 2 * len(timings) and len({(t.m, t.k, t.n) for t in timings}) == len(timings)
+    assert sum(t.layers for t in timings) == len(gemm_layers)
+    assert [t.path for t in timings] == ["8bit" if i % 2 == 0 else "16bit" for i in range(len(timings))]
+    paths = {m.gemm_path for m in gemm_layers}
+    assert paths == {"8bit", "16bit"}
+    assert all((m.w_dq is None) == (m.gemm_path == "8bit") for m in gemm_layers)
+    # Per layer the 16-bit path multiplies the same quantized values: outputs differ by float rounding only
+    # (exact int32 vs fp32 accumulation). End to end that grows to the quantization noise (see the top).
+    for layer in gemm_layers[:12]:
+        shape = (3, layer.in_features) if isinstance(layer, qmodules._QLinear) else (1, layer.in_channels, 4, 4)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        path = layer.gemm_path
+        outs = {}
+        for p in qmodules.GEMM_PATHS:
+            layer.set_gemm_path(p, torch.float32)
+            outs[p] = layer(x)
+        layer.set_gemm_path(path, torch.float32)
+        assert rel_err(outs["16bit"], outs["8bit"]) < 1e-5
+    assert rel_err(run(real, data["eval"]), expected) < REAL_VS_FAKE_TOL[precision]
+
+    plan = qmodules.layer_plan(real)
+    assert {spec["gemm"] for spec in plan["layers"].values()} == {"8bit", "16bit"}
+    rebuilt = qmodules.load_real(json.loads(real.to_json_string()), json.loads(json.dumps(plan)),
+                                 qmodules.real_state_dict(real))
+    assert [m.gemm_path for m in rebuilt.modules() if isinstance(m, qmodules._Quantized)] == \
+        [m.gemm_path for m in real.modules() if isinstance(m, qmodules._Quantized)]
+    assert torch.equal(run(rebuilt, data["eval"]), run(real, data["eval"]))
+    name = next(iter(plan["layers"]))
+    plan["layers"][name]["gemm"] = "4bit"
+    with pytest.raises(UserError, match="GEMM path '4bit'"):
+        qmodules.load_real(json.loads(real.to_json_string()), plan, qmodules.real_state_dict(real))

@@ -2,7 +2,8 @@
 
 A UNet engine is a directory under `--engine-dir` (see `store.py`):
     unet_config.json   the diffusers UNet config: the engine dir alone rebuilds the module tree
-    layer_plan.json    which layers run as 8-bit modules (empty for FP16)
+    layer_plan.json    which layers run as 8-bit modules (empty for FP16), and which of them run their GEMM in 16 bits
+    gemm_dispatch.json (8-bit, GPU) the per-shape GEMM timings that chose those paths
     unet.safetensors   weights as they run: int8/fp8 with scales for quantized layers, else fp16
     compile_cache.bin  PyTorch's portable compile caches (GPU only), so a reload skips most of compile
 Building an 8-bit engine calibrates with ModelOpt (state kept under `--onnx-dir`, keyed by the engine
@@ -17,6 +18,7 @@ once instead of tracing the whole UNet as one graph (`compile_mode="full"`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -202,8 +204,29 @@ def _build_unet(variant, components, device, dtype, onnx_dir, key, progress):
     calibrated_at = time.perf_counter()
     unet, conversion = qmodules.convert_to_real(unet)
     components.unet = unet
-    return unet, {"calibration": calibration, "calibration_s": round(calibrated_at - started, 2),
-                  "convert_s": round(time.perf_counter() - calibrated_at, 2), "converted": str(conversion)}
+    info = {"calibration": calibration, "calibration_s": round(calibrated_at - started, 2),
+            "convert_s": round(time.perf_counter() - calibrated_at, 2), "converted": str(conversion)}
+    if device.type == "cuda" and os.environ.get("SDXL_BENCH_GEMM_DISPATCH") != "off":
+        info.update(_choose_gemm_paths(unet, variant, device, dtype, progress))
+    return unet, info
+
+
+def _choose_gemm_paths(unet, variant, device, dtype, progress) -> dict:
+    """Per GEMM shape, the faster of the 8-bit kernel and a 16-bit GEMM on the same quantized values."""
+    from .. import qmodules
+
+    started = time.perf_counter()
+    inputs = dummy_unet_inputs(unet, variant, device, dtype)
+    timings = qmodules.choose_gemm_paths(unet, lambda: unet_stage(unet)(*inputs))
+    if progress:
+        print(f"{'GEMM M x K -> N':>24} {'layers':>6} {'8-bit ms':>9} {'16-bit ms':>9} {'8-bit speed-up':>14}  path",
+              file=sys.stderr)
+        for t in timings:
+            print(f"{t.fmt:>5} {t.m:>6} x {t.k:>5} -> {t.n:>5} {t.layers:>6} {t.ms_8bit:>9.4f} {t.ms_16bit:>9.4f} "
+                  f"{t.ms_16bit / t.ms_8bit:>13.2f}x  {t.path}", file=sys.stderr)
+    paths = {path: sum(t.layers for t in timings if t.path == path) for path in qmodules.GEMM_PATHS}
+    return {"gemm_paths": paths, "gemm_timings": [t.row() for t in timings],
+            "gemm_dispatch_s": round(time.perf_counter() - started, 2)}
 
 
 def calibration_loop(components, variant: Variant, device, dtype, progress: bool):
@@ -239,6 +262,8 @@ def _publish(engine_dir, key, unet, variant, device, dtype, compile_options, exp
         started = time.perf_counter()
         (tmp / "unet_config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list))
         (tmp / "layer_plan.json").write_text(json.dumps(qmodules.layer_plan(unet), indent=1, sort_keys=True))
+        if info.get("gemm_timings"):  # what the GEMM dispatch measured on this card, kept for people to read
+            (tmp / "gemm_dispatch.json").write_text(json.dumps(info["gemm_timings"], indent=1) + "\n")
         save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
         info["save_s"] = round(time.perf_counter() - started, 2)
         runnable = _compile(unet, variant, device, dtype, compile_options, cache_file=tmp / "compile_cache.bin",
@@ -263,6 +288,7 @@ def _load_unet(path: Path, device, dtype, info) -> torch.nn.Module:
     qmodules.apply_layer_plan(unet, json.loads((path / "layer_plan.json").read_text()))
     state = load_file(str(path / "unet.safetensors"), device=str(device))
     unet.load_state_dict(state, strict=True, assign=True)
+    qmodules.dequantize_weights(unet, dtype)
     info["load_s"] = round(time.perf_counter() - started, 2)
     return unet.eval().requires_grad_(False)
 
