@@ -103,6 +103,9 @@ def main() -> int:
     with torch.inference_mode():
         for precision, engine in engines.items():
             outputs[precision] = engine.unet(*inputs).float()
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # a fault shows here, named, not later in another engine's timing
+            print(f"{precision}: first step ok", flush=True)
             time_step(engine.unet, inputs, device, 2)  # warm-up
         samples = {precision: [] for precision in engines}
         for _ in range(args.rounds):  # interleaved: every precision sees the same clocks and thermals
