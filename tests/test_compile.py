@@ -127,3 +127,30 @@ def test_graphed_step_replays_the_eager_step_and_refuses_other_shapes():
     bigger = torch_backend.dummy_unet_inputs(unet, variant.replace(height=128, width=128), cuda, torch.float16)
     with pytest.raises(UserError, match="captured for UNet input shape"):
         graphed(*bigger)
+
+
+@pytest.mark.gpu
+def test_graphed_step_keeps_its_unet_alive():
+    """Regression: the graph replays raw pointers, so a UNet that nothing else references must not be freed.
+    Before GraphedStep kept its step, a reloaded engine's replay hit an illegal memory access on the H100."""
+    import gc
+    import weakref
+
+    from sdxl_core import models
+    from sdxl_core.engines import torch_backend
+    from sdxl_core.variants import VARIANTS
+
+    cuda = torch.device("cuda")
+    variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
+    unet = models.build_builtin("tiny").unet.to(cuda, torch.float16).eval()
+    inputs = torch_backend.dummy_unet_inputs(unet, variant, cuda, torch.float16, seed=3)
+    step = torch_backend.unet_stage(unet)
+    with torch.inference_mode():
+        expected = step(*inputs)
+    graphed = torch_backend.GraphedStep(step, inputs)
+    alive = weakref.ref(unet)
+    del unet, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert alive() is not None
+    torch.testing.assert_close(graphed(*inputs), expected, rtol=2e-3, atol=2e-3)

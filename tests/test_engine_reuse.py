@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl_core import models, pipeline, quantize
+from sdxl_core import models, pipeline, qmodules, quantize
 from sdxl_core.engines import store, torch_backend
 from sdxl_core.errors import UserError
 from sdxl_core.variants import VARIANTS
@@ -53,6 +53,8 @@ def test_prebuilt_engine_runs_from_the_engine_dir_alone(built_int8, no_calibrati
     shutil.copytree(engine_dir, copy)  # nothing but the engine dir travels
     components, engines = prepare(INT8, copy, onnx_dir=None, allow_build=False)
     assert engines.info["mode"] == "loaded"
+    # The components hold the loaded engine UNet (on a GPU its CUDA graph also keeps it alive).
+    assert qmodules.module_counts(components.unet)["Int8Linear"] > 0
     assert image_bytes(INT8, components, engines) == before
 
 

@@ -85,9 +85,14 @@ class GraphedStep:
 
     Warm-up runs on a side stream first (the CUDA graph recipe), which also settles every Triton autotuner
     and lazy compilation before capture. Each call returns a fresh copy of the output.
+
+    The graph holds raw pointers to the UNet's weights, so it keeps `step` (and through it the UNet)
+    alive: a reloaded UNet referenced by nothing else was collected once the next capture ran
+    `gc.collect()` + `empty_cache()`, and its replay faulted with an illegal memory access (H100, session 2).
     """
 
     def __init__(self, step, example_inputs, warmup: int = 2):
+        self.step = step
         self.inputs = [t.clone() for t in example_inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -153,6 +158,7 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
                 unet = _publish(engine_dir, key, unet, variant, device, dtype, compile_options, expect, info)
             else:
                 unet = _load_unet(store.engine_path(engine_dir, key), device, dtype, info)
+                components.unet = unet  # the components describe what runs, built or loaded
                 info.update(mode="loaded")
                 unet = _compile(unet, variant, device, dtype, compile_options,
                                 cache_file=store.engine_path(engine_dir, key) / "compile_cache.bin", info=info)
