@@ -120,7 +120,7 @@ def _benchmark_run_table(path, data: dict) -> str:
     head = (f"### {Path(path).name}\n\n{data.get('datetime', '')} · commit {str(commit.get('id', ''))[:10]} · "
             f"{gpu or machine.get('cpu', {}).get('brand_raw', 'cpu')} · Python {machine.get('python_version', '?')}")
     columns = ("benchmark", "variant", "median ms", "min ms", "max ms", "rounds", "UNet ms (pipeline)",
-               "engine MiB", "peak GPU GiB")
+               "engine MiB", "peak GPU GiB (process so far)")
     lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for bench in data["benchmarks"]:
         try:
@@ -131,8 +131,12 @@ def _benchmark_run_table(path, data: dict) -> str:
             lines.append(
                 f"| {bench['name']} | {extra.get('variant', '')} | {stats['median'] * 1e3:.2f} | "
                 f"{stats['min'] * 1e3:.2f} | {stats['max'] * 1e3:.2f} | {stats['rounds']} | "
-                f"{stages.get('unet', float('nan')):.1f} | "
-                f"{engine / 2**20 if engine else float('nan'):.0f} | {peak / 2**30 if peak else float('nan'):.1f} |")
+                f"{_or_dash(stages.get('unet'), 1)} | {_or_dash(engine and engine / 2**20, 0)} | "
+                f"{_or_dash(peak and peak / 2**30, 1)} |")
         except (KeyError, TypeError) as exc:
             raise UserError(f"{path}: benchmark entry without stats ({type(exc).__name__}: {exc})") from None
     return "\n".join(lines)
+
+
+def _or_dash(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -74,6 +74,7 @@ def test_regional_compile_compiles_every_block_and_matches_eager():
         compiled = step(*inputs)
     regions = [m for m in unet.modules() if type(m).__name__ in torch_backend.COMPILED_REGIONS]
     assert {type(m).__name__ for m in regions} == set(torch_backend.COMPILED_REGIONS)
+    assert {type(m).__name__ for m in regions} >= {"BasicTransformerBlock", "ResnetBlock2D"}
     assert all(m._compiled_call_impl is not None for m in regions)
     others = [m for m in unet.modules() if m not in regions]
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in others)
@@ -154,3 +155,33 @@ def test_graphed_step_keeps_its_unet_alive():
     torch.cuda.empty_cache()
     assert alive() is not None
     torch.testing.assert_close(graphed(*inputs), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
+    """proj_in/proj_out sit outside every block: compiled one by one, the rest of an 8-bit UNet is untouched."""
+    from sdxl_core import models, quantize
+    from sdxl_core.engines import torch_backend
+    from sdxl_core.variants import VARIANTS
+
+    variant = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=64, width=64, steps=1, calibration_size=2)
+    unet = models.build_builtin("tiny").unet.eval()
+    inputs = torch_backend.dummy_unet_inputs(unet, variant, torch.device("cpu"), torch.float32)
+    step = torch_backend.unet_stage(unet)
+
+    def forward_loop(model):
+        with torch.inference_mode():
+            torch_backend.unet_stage(model)(*inputs)
+
+    quantize.quantize_unet(unet, variant, forward_loop, progress=False)
+    real, _ = qmodules.convert_to_real(unet)
+    step = torch_backend.unet_stage(real)
+    with torch.inference_mode():
+        eager = step(*inputs)
+        torch._dynamo.reset()
+        torch_backend.compile_regions(real, backend="aot_eager")
+        compiled = step(*inputs)
+    standalone = {name for name, m in real.named_modules()
+                  if isinstance(m, qmodules._Quantized) and m._compiled_call_impl is not None}
+    assert standalone and all(name.endswith(("proj_in", "proj_out")) for name in standalone)
+    assert len(standalone) == 2 * sum(type(m).__name__ == "Transformer2DModel" for m in real.modules())
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -32,9 +32,11 @@ from . import Engines, device_tag, store
 NAME = "torch"
 CALIBRATION_BATCH = 2  # prompts per calibration batch, as the reference demo
 COMPILE_MODES = ("regional", "full")
-# The UNet's repeated blocks: all its linear layers and attention live in the transformer blocks, all 3x3
-# convs in the ResNet blocks.
-COMPILED_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
+# The UNet's repeated blocks: most linear layers and all attention live in the transformer blocks, most 3x3
+# convs in the ResNet blocks; the samplers hold the other 3x3 convs. The 8-bit layers left between blocks
+# (proj_in/proj_out of each Transformer2DModel) are compiled one by one, so their quantize and dequantize
+# ops become one fused kernel instead of several eager ones.
+COMPILED_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
 def version() -> str:
@@ -334,10 +336,14 @@ def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.n
     Blocks of one class share their code, so Dynamo keeps one compiled graph per distinct block shape; the
     SDXL UNet has more ResNet block shapes than Dynamo's default of 8 per function, hence the higher limit.
     """
+    from ..qmodules import _Quantized
+
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     regions = [m for m in unet.modules() if type(m).__name__ in COMPILED_REGIONS]
     if not regions:
         raise UserError(f"no {' or '.join(COMPILED_REGIONS)} in this UNet to compile")
+    inside = {id(m) for region in regions for m in region.modules()}
+    regions += [m for m in unet.modules() if isinstance(m, _Quantized) and id(m) not in inside]
     for module in regions:
         module.compile(backend=backend, dynamic=False)
     return unet
