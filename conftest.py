@@ -136,8 +136,8 @@ def onnx_dir(pytestconfig, tmp_path_factory) -> str:
 def suite_variant(suite_model, engine_dir, pytestconfig):
     """Variant name -> the variant as this suite runs it on `suite_model`.
 
-    On `tiny` (CPU): 128x128, at most 4 steps and 2 calibration prompts, and the LCM-LoRA variant uses a
-    small random LoRA the suite makes itself; on real or full-size models the variant table as it is.
+    On `tiny` (CPU): 128x128, at most 4 steps and 2 calibration prompts. On the built-in random models the
+    LCM-LoRA variant uses a random LoRA the suite makes itself; on real models the variant table as it is.
     """
     from sdxl_core.variants import TINY_SIZE, get_variant
 
@@ -146,8 +146,9 @@ def suite_variant(suite_model, engine_dir, pytestconfig):
         if suite_model == "tiny":
             variant = variant.replace(height=TINY_SIZE, width=TINY_SIZE, steps=min(variant.steps, 4),
                                       calibration_size=2)
-            if variant.lora_path:
-                variant = variant.replace(lora_path=str(_tiny_lora(engine_dir)))
+        if variant.lora_path and suite_model in ("tiny", "sdxl-random"):
+            # Random weights take a random LoRA of the real one's targets (the LCM-LoRA can't be downloaded here).
+            variant = variant.replace(lora_path=str(_random_lora(engine_dir, suite_model)))
         if pytestconfig.getoption("--calibration-size"):
             variant = variant.replace(calibration_size=pytestconfig.getoption("--calibration-size"))
         return variant
@@ -155,18 +156,17 @@ def suite_variant(suite_model, engine_dir, pytestconfig):
     return make
 
 
-def _tiny_lora(engine_dir: str):
+def _random_lora(engine_dir: str, model: str):
     from pathlib import Path
 
-    from sdxl_core import models
     from sdxl_core.files import build_lock
-    from tests.lora_utils import make_lora
+    from tests.lora_utils import make_builtin_lora
 
-    directory = Path(engine_dir) / "tiny-lora"
+    directory = Path(engine_dir) / f"{model}-lora"
     with build_lock(directory):
         if not (directory / "pytorch_lora_weights.safetensors").exists():
             directory.mkdir(parents=True, exist_ok=True)
-            make_lora(models.build_builtin("tiny").unet, directory)
+            make_builtin_lora(model, directory)
     return directory / "pytorch_lora_weights.safetensors"
 
 

@@ -64,3 +64,22 @@ def test_local_diffusers_dir_round_trip(tmp_path):
 def test_missing_lora_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         models.load("tiny", lora_path=str(tmp_path / "missing.safetensors"))
+
+
+def test_random_lora_for_sdxl_random_covers_every_attention_projection(tmp_path):
+    """The suite's LCM-LoRA stand-in on the full-size random model: made from shapes alone, in seconds."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from tests.lora_utils import make_builtin_lora
+
+    path = make_builtin_lora("sdxl-random", tmp_path)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**models.SDXL_UNET_CONFIG)
+    targets = {name for name, _ in unet.named_modules() if name.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        lora_a = f.get_tensor("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight")
+    assert {k.removeprefix("unet.").rsplit(".lora_", 1)[0] for k in keys} == targets
+    assert len(keys) == 2 * len(targets) == 1120
+    assert lora_a.shape == (4, 2048) and lora_a.isfinite().all() and lora_a.std() > 0
