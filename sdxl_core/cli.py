@@ -144,7 +144,8 @@ def cmd_txt2img(args) -> int:
     prompt = " ".join(args.prompt) or DEFAULT_PROMPT
     device = resolve_device(args.device)
     backend = get_backend(variant.backend)
-    components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
+    components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale,
+                             unet_weights=not args.no_build)  # a load-only run takes the UNet from the engine
     engines = prepare_engines(backend, variant, components, device, args)
     results = pipeline.run(engines, components, variant, prompt, negative_prompt=args.negative_prompt,
                            seed=args.seed, batch_count=args.batch_count, warmup_runs=args.num_warmup_runs,

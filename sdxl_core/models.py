@@ -107,29 +107,45 @@ class Components:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
                 "unet": self.unet, "vae": self.vae}
 
+    @property
+    def has_unet_weights(self) -> bool:
+        return not any(p.is_meta for p in self.unet.parameters())
+
     def to(self, device, dtype: torch.dtype) -> Components:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()  # its "cast with to()" notice is noise for random weights
         for name, module in self.modules().items():
+            if name == "unet" and not self.has_unet_weights:
+                continue  # a shape-only UNet: the engine brings the weights
             # An SDXL VAE overflows in fp16 (config.force_upcast); keep it in fp32 as diffusers does.
             keep_fp32 = name == "vae" and getattr(module.config, "force_upcast", False)
             module.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).eval().requires_grad_(False)
         return self
 
 
-def load(model: str, *, lora_path: str | None = None, lora_scale: float = 1.0, seed: int = 0) -> Components:
-    """fp32 components on the CPU, LoRA fused. Callers move them with `Components.to`."""
+def load(model: str, *, lora_path: str | None = None, lora_scale: float = 1.0, seed: int = 0,
+         unet_weights: bool = True) -> Components:
+    """fp32 components on the CPU, LoRA fused. Callers move them with `Components.to`.
+
+    `unet_weights=False` builds the UNet on the meta device from its config only: enough to load a prebuilt
+    engine, which brings its own UNet, and it skips the UNet's 2.6 B parameters (seeding or reading them).
+    A LoRA is fused into the UNet, so it keeps the weights.
+    """
+    unet_weights = unet_weights or bool(lora_path)
     if model in BUILTIN_MODELS:
-        components = build_builtin(model, seed=seed)
+        components = build_builtin(model, seed=seed, unet_weights=unet_weights)
     else:
-        components = _from_pretrained(model)
+        components = _from_pretrained(model, unet_weights=unet_weights)
     if lora_path:
         fuse_lora(components, lora_path, lora_scale)
     return components
 
 
-def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu") -> Components:
+def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu",
+                  unet_weights: bool = True) -> Components:
+    """Seeded random components. The UNet is seeded last, so building it shape-only (`unet_weights=False`)
+    leaves every other component's weights the same."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -149,8 +165,9 @@ def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu
     with _seeded(seed), torch.device(device):
         text_encoder = CLIPTextModel(clip_config(te_cfg))
         text_encoder_2 = CLIPTextModelWithProjection(clip_config(te2_cfg))
-        unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
+        with torch.device(device if unet_weights else "meta"):
+            unet = UNet2DConditionModel(**unet_cfg)
     return Components(
         name=name,
         tokenizer=builtin_tokenizer(pad_token="<|endoftext|>"),
@@ -167,7 +184,7 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _from_pretrained(model: str) -> Components:
+def _from_pretrained(model: str, *, unet_weights: bool = True) -> Components:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -185,7 +202,8 @@ def _from_pretrained(model: str) -> Components:
             tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs),
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
+            unet=(UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs) if unet_weights
+                  else _shape_only_unet(UNet2DConditionModel.load_config(source, subfolder="unet", **kwargs))),
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
             scheduler_config=dict(EulerDiscreteScheduler.load_config(source, subfolder="scheduler", **kwargs)),
         )
@@ -196,6 +214,13 @@ def _from_pretrained(model: str) -> Components:
         raise UserError(f"cannot load model {model!r} ({reason}); without hub access use --model tiny "
                         "or --model sdxl-random, or pass a local diffusers directory") from None
     return components
+
+
+def _shape_only_unet(config: dict) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config).eval()
 
 
 def fuse_lora(components: Components, lora_path: str, scale: float) -> None:

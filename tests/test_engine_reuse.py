@@ -18,8 +18,8 @@ INT8 = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=64, width=64, steps=
 FP16 = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64, steps=3)
 
 
-def prepare(variant, engine_dir, onnx_dir=None, **kw):
-    components = models.load("tiny")
+def prepare(variant, engine_dir, onnx_dir=None, unet_weights=True, **kw):
+    components = models.load("tiny", unet_weights=unet_weights)
     return components, torch_backend.prepare(variant, components, CPU, engine_dir=engine_dir, onnx_dir=onnx_dir,
                                              progress=False, **kw)
 
@@ -51,7 +51,8 @@ def test_prebuilt_engine_runs_from_the_engine_dir_alone(built_int8, no_calibrati
     engine_dir, onnx_dir, before = built_int8
     copy = tmp_path / "only-engines"
     shutil.copytree(engine_dir, copy)  # nothing but the engine dir travels
-    components, engines = prepare(INT8, copy, onnx_dir=None, allow_build=False)
+    # Load-only, as `txt2img --no-build` runs it: not even the random UNet is built, the engine brings it.
+    components, engines = prepare(INT8, copy, onnx_dir=None, allow_build=False, unet_weights=False)
     assert engines.info["mode"] == "loaded"
     # The components hold the loaded engine UNet (on a GPU its CUDA graph also keeps it alive).
     assert qmodules.module_counts(components.unet)["Int8Linear"] > 0
@@ -162,3 +163,8 @@ def test_concurrent_builders_leave_one_valid_engine(tmp_path):
     engines = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(engines) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert store.verify(tmp_path, engines[0].name, {}) is not None
+
+
+def test_building_without_unet_weights_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="UNet weights were not loaded"):
+        prepare(FP16, tmp_path / "engines", unet_weights=False)

@@ -83,3 +83,15 @@ def test_random_lora_for_sdxl_random_covers_every_attention_projection(tmp_path)
     assert {k.removeprefix("unet.").rsplit(".lora_", 1)[0] for k in keys} == targets
     assert len(keys) == 2 * len(targets) == 1120
     assert lora_a.shape == (4, 2048) and lora_a.isfinite().all() and lora_a.std() > 0
+
+
+def test_shape_only_unet_leaves_every_other_component_identical():
+    """A load-only run builds the UNet on the meta device; the seeded text encoders and VAE must not change."""
+    full, light = models.build_builtin("tiny"), models.build_builtin("tiny", unet_weights=False)
+    assert full.has_unet_weights and not light.has_unet_weights
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(full, name).state_dict(), getattr(light, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert dict(light.unet.config) == dict(full.unet.config)
+    light.to("cpu", torch.float32)  # the shape-only UNet is left where it is, nothing raises
+    assert next(light.unet.parameters()).is_meta

@@ -190,6 +190,8 @@ def _verified_or_none(engine_dir, key, expect, allow_build):
 def _build_unet(variant, components, device, dtype, onnx_dir, key, progress):
     """FP16: the model's UNet as is. INT8/FP8: calibrate (or reuse calibration), then convert to real 8-bit."""
     unet = components.unet
+    if not components.has_unet_weights:
+        raise UserError("this engine has to be built, but the UNet weights were not loaded (a load-only run)")
     if not variant.is_quantized:
         return unet, {"calibration": None}
     from .. import qmodules, quantize
