@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issues 3 and 6 on the H100: FP16 / INT8 / FP8 UNet engines compiled by regions with the step in a CUDA graph,
 # sdxl-random 1024x1024 CFG batch 2, built then reloaded from the engine dir alone in a fresh process, timed side
-# by side; GPU kernel tests first (a failing CUDA-graph test switches the graphs off), the GEMM shape table last.
+# by side; GPU kernel tests first (one autotune config: with all of them they took 229 s; a failing CUDA-graph
+# test switches the graphs off), the GEMM shape table last.
 # CALIB=N calibration prompts (default 2 to fit a 10-minute call; timing does not depend on it).
 # FULL=1 adds an in-memory FP16 compiled as one whole graph. Results land in $OUT.
 set -uo pipefail
 source benchmarks/gpu_setup.sh || exit 1
 CALIB=${CALIB:-2} CG=on
-python3 -m pytest tests/test_kernels.py tests/test_compile.py -m gpu -q -p no:cacheprovider 2>&1 | tail -15 \
+SDXL_BENCH_AUTOTUNE=quick python3 -m pytest tests/test_kernels.py tests/test_compile.py -m gpu -q -p no:cacheprovider 2>&1 | tail -15 \
   | tee "$OUT/gpu_tests.log"
 grep -q "FAILED.*graphed_step" "$OUT/gpu_tests.log" && CG=off
 EXTRA=(); [ "${FULL:-0}" = 1 ] && EXTRA=(--fp16-full-compile)
