@@ -1,0 +1,43 @@
+"""The H100 scripts' Python parts run end to end on `tiny` on the CPU, so a GPU call is never spent on a typo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_profile_step_groups_every_op_and_sees_the_8bit_gemm(tmp_path):
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--model", "tiny", "--precisions", "fp16,int8",
+                           "--engine-dir", str(tmp_path / "E"), "--onnx-dir", str(tmp_path / "X"), "--steps", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+                               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    fp16, int8 = report["engines"]["fp16"], report["engines"]["int8"]
+    for engine in (fp16, int8):
+        assert engine["total_ms"] > 0
+        assert sum(engine["ms_by_group"].values()) == pytest.approx(engine["total_ms"])
+    assert fp16["ms_by_group"].get("gemm", 0) > 0 and "8-bit gemm" not in fp16["ms_by_group"]
+    assert int8["ms_by_group"]["8-bit gemm"] > 0
+    assert "8-bit gemm" in done.stdout and "top kernels" in done.stdout
+
+
+def test_dispatch_table_renders_tflops(tmp_path):
+    rows = [{"fmt": "int8", "M": 2048, "K": 1280, "N": 10240, "layers": 60, "ms_8bit": 0.0648, "ms_16bit": 0.0814,
+             "speedup_8bit": 1.256, "path": "8bit"}]
+    (tmp_path / "gemm_dispatch.json").write_text(json.dumps(rows))
+    done = subprocess.run([sys.executable, "benchmarks/dispatch_table.py", str(tmp_path / "gemm_dispatch.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    row = [line for line in done.stdout.splitlines() if line.startswith("| int8")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2048 x 1280 -> 10240" and cells[3] == "64.8" and cells[-1] == "8bit"
+    assert float(cells[4]) == pytest.approx(2 * 2048 * 1280 * 10240 / 64.8e-6 / 1e12, abs=1)  # TFLOP/s
