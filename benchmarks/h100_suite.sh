@@ -8,11 +8,18 @@
 set -uo pipefail
 source benchmarks/gpu_setup.sh || exit 1
 CALIB=${CALIB:-2}
+# HISTORY=dir: earlier saved runs (e.g. docs/perf/h100-2026-11-25-s2/call2-suite/benchmarks) to compare against,
+# with the same 10 % median gate as `nox -s gpu_bench`; the new run is saved next to them in $OUT/benchmarks.
+COMPARE=()
+if [ -n "${HISTORY:-}" ] && [ -d "$HISTORY" ]; then
+  mkdir -p "$OUT/benchmarks" && cp -r "$HISTORY"/. "$OUT/benchmarks/"
+  COMPARE=(--benchmark-compare --benchmark-compare-fail=median:10%)
+fi
 timeout "${SUITE_TIMEOUT:-460}" python3 -m pytest -m bench -p no:cacheprovider -rA \
   --model sdxl-random --engine-dir /tmp/E --onnx-dir /tmp/X --calibration-size "$CALIB" \
-  --variants "${VARIANTS:-xl-1.0-fp16,xl-1.0-int8,xl-1.0-fp8}" \
+  --variants "${VARIANTS:-xl-1.0-fp16,xl-1.0-int8,xl-1.0-fp8}" "${COMPARE[@]}" \
   --benchmark-autosave --benchmark-storage "$OUT/benchmarks" --benchmark-columns min,median,max,rounds \
-  2>&1 | grep -v "it/s\]" | tee "$OUT/gpu_bench.log"
+  2>&1 | grep -v "it/s\]" | grep -v "^DEBUG    torch.__trace" | tee "$OUT/gpu_bench.log"
 for f in /tmp/E/*/gemm_dispatch.json; do [ -f "$f" ] && cp "$f" "$OUT/gemm_dispatch_$(basename "$(dirname "$f")" | cut -c1-12).json"; done
 timeout "${RELOAD_TIMEOUT:-110}" python3 benchmarks/unet_engines.py --model sdxl-random --engine-dir /tmp/E --reload \
   --calibration-size "$CALIB" --precisions fp16,int8,fp8 --out "$OUT/engines_reload.json" 2>&1 | grep -v "it/s\]" \
