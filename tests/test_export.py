@@ -163,8 +163,13 @@ def test_count_qdq_on_a_hand_built_graph(tmp_path):
 # --------------------------------------------------------------------------- ModelOpt Q/DQ export
 #
 # Tolerances for the 8-bit graphs (onnxruntime CPU against ModelOpt's fake-quant PyTorch model, fp32):
-# - the first two quantized convs match to 1e-5 x max|reference| (measured 6.5e-7 to 9.4e-7): ORT's
-#   QuantizeLinear / DequantizeLinear compute what ModelOpt's fake quant computes;
+# - the first two quantized convs match to 1e-5 x max|reference| (measured 5e-7 to 9.4e-7): ORT's
+#   QuantizeLinear / DequantizeLinear compute what ModelOpt's fake quant computes. Except where an input
+#   element sits on a rounding boundary: the second conv's input comes out of the first conv, GroupNorm and
+#   SiLU in float, and a last-bit difference can round one element to the neighbouring 8-bit value. That
+#   moves its 3x3 neighbourhood by one quantization step: measured 52 of 16384 outputs at up to 1.2e-5 (FP8
+#   level 4, after the tiny model's seeding order changed). So: under 1 % of elements above 1e-5, none above
+#   1e-3; a wrong scale or zero point moves nearly every element by far more;
 # - the final output differs more (measured max 3.5 % / 3.2 % / 7.8 %, mean 0.60 % / 0.65 % / 1.3 % of
 #   max|reference| for int8 l2.5 / int8 l3 / fp8 l4) because a last-bit difference upstream flips a value
 #   across a rounding boundary now and then, moving it by a whole quantization step, and 170-260 quantized
@@ -172,7 +177,7 @@ def test_count_qdq_on_a_hand_built_graph(tmp_path):
 #   Bounds: mean < 3 %, max < 20 %.
 
 QDQ_CASES = [("int8", 2.5), ("int8", 3.0), ("fp8", 4.0)]
-FIRST_LAYERS_RTOL = 1e-5
+FIRST_LAYERS_RTOL, FIRST_LAYERS_FLIPPED, FIRST_LAYERS_MAX_RTOL = 1e-5, 0.01, 1e-3
 OUTPUT_MEAN_RTOL, OUTPUT_MAX_RTOL = 0.03, 0.20
 
 
@@ -230,7 +235,10 @@ def test_qdq_export_checks_and_matches_fake_quant(quantized_export, tmp_path):
     outputs = export.run_onnx(_with_outputs(q["path"], tensors, tmp_path / "probe.onnx"), args)
     actual, probes = outputs[0], outputs[1:]
     for n, probe in zip(first, probes, strict=True):
-        assert _max_rel_err(captured[n["module"]], probe) < FIRST_LAYERS_RTOL, n["module"]
+        ref = captured[n["module"]]
+        rel = np.abs(ref - probe) / np.abs(ref).max()
+        assert (rel > FIRST_LAYERS_RTOL).mean() < FIRST_LAYERS_FLIPPED, (n["module"], (rel > FIRST_LAYERS_RTOL).sum())
+        assert rel.max() < FIRST_LAYERS_MAX_RTOL, (n["module"], rel.max())
 
     scale, err = np.abs(reference).max(), np.abs(actual - reference)
     assert err.mean() / scale < OUTPUT_MEAN_RTOL
