@@ -262,6 +262,9 @@ def test_one_by_one_conv_runs_as_a_gemm():
         w_fq = qmodules.fake_quantize(conv.weight, (w_amax / qmax).reshape(-1, 1, 1, 1), fmt)
         expected = torch.nn.functional.conv2d(qmodules.fake_quantize(x, a_amax / qmax, fmt), w_fq, conv.bias)
         assert rel_err(module(x), expected) < 1e-6
+        module.set_gemm_path("16bit", torch.float32)  # what the GEMM dispatch picks where 8 bits lose
+        assert module.w_dq is not None and not module.runs_8bit_gemm
+        assert rel_err(module(x), expected) < 1e-6
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
