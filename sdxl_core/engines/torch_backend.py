@@ -2,17 +2,18 @@
 
 A UNet engine is a directory under `--engine-dir` (see `store.py`):
     unet_config.json   the diffusers UNet config: the engine dir alone rebuilds the module tree
-    layer_plan.json    which layers run as 8-bit modules (empty for FP16), and which of them run their GEMM in 16 bits
+    layer_plan.json    which layers run as 8-bit modules (empty for FP16), and which run their GEMM in 16 bits
     gemm_dispatch.json (8-bit, GPU) the per-shape GEMM timings that chose those paths
     unet.safetensors   weights as they run: int8/fp8 with scales for quantized layers, else fp16
     compile_cache.bin  PyTorch's portable compile caches (GPU only), so a reload skips most of compile
 Building an 8-bit engine calibrates with ModelOpt (state kept under `--onnx-dir`, keyed by the engine
 key); loading one needs neither the ONNX dir nor calibration.
 
-On a GPU the UNet is compiled region by region (every transformer and ResNet block with torch.compile,
-the glue between them eager), then the whole step is captured in one CUDA graph, so neither Python nor
-kernel-launch overhead shows in the step time. Regional compilation compiles each distinct block shape
-once instead of tracing the whole UNet as one graph (`compile_mode="full"`).
+On a GPU the UNet is compiled region by region (every transformer block, ResNet block and sampler, and
+each 8-bit layer between them, with torch.compile; the remaining glue eager), then the whole step is
+captured in one CUDA graph, so neither Python nor kernel-launch overhead shows in the step time.
+Regional compilation compiles each distinct block shape once instead of tracing the whole UNet as one
+graph (`compile_mode="full"`).
 """
 
 from __future__ import annotations
