@@ -58,6 +58,18 @@ def test_whole_converted_int8_unet_traces_as_one_graph():
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons[:3]
 
 
+def eager_then_regional(unet, inputs):
+    """The UNet step's output eagerly, then after `compile_regions` (aot_eager: no C++ compiler needed)."""
+    from sdxl_core.engines import torch_backend
+
+    step = torch_backend.unet_stage(unet)
+    with torch.inference_mode():
+        eager = step(*inputs)
+        torch._dynamo.reset()
+        torch_backend.compile_regions(unet, backend="aot_eager")
+        return eager, step(*inputs)
+
+
 def test_regional_compile_compiles_every_block_and_matches_eager():
     from sdxl_core import models
     from sdxl_core.engines import torch_backend
@@ -66,12 +78,7 @@ def test_regional_compile_compiles_every_block_and_matches_eager():
     variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
     unet = models.build_builtin("tiny").unet.eval()
     inputs = torch_backend.dummy_unet_inputs(unet, variant, torch.device("cpu"), torch.float32)
-    step = torch_backend.unet_stage(unet)
-    with torch.inference_mode():
-        eager = step(*inputs)
-        torch._dynamo.reset()
-        torch_backend.compile_regions(unet, backend="aot_eager")
-        compiled = step(*inputs)
+    eager, compiled = eager_then_regional(unet, inputs)
     regions = [m for m in unet.modules() if type(m).__name__ in torch_backend.COMPILED_REGIONS]
     assert {type(m).__name__ for m in regions} == set(torch_backend.COMPILED_REGIONS)
     assert {type(m).__name__ for m in regions} >= {"BasicTransformerBlock", "ResnetBlock2D"}
@@ -166,7 +173,6 @@ def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
     variant = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=64, width=64, steps=1, calibration_size=2)
     unet = models.build_builtin("tiny").unet.eval()
     inputs = torch_backend.dummy_unet_inputs(unet, variant, torch.device("cpu"), torch.float32)
-    step = torch_backend.unet_stage(unet)
 
     def forward_loop(model):
         with torch.inference_mode():
@@ -174,12 +180,7 @@ def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
 
     quantize.quantize_unet(unet, variant, forward_loop, progress=False)
     real, _ = qmodules.convert_to_real(unet)
-    step = torch_backend.unet_stage(real)
-    with torch.inference_mode():
-        eager = step(*inputs)
-        torch._dynamo.reset()
-        torch_backend.compile_regions(real, backend="aot_eager")
-        compiled = step(*inputs)
+    eager, compiled = eager_then_regional(real, inputs)
     standalone = {name for name, m in real.named_modules()
                   if isinstance(m, qmodules._Quantized) and m._compiled_call_impl is not None}
     assert standalone and all(name.endswith(("proj_in", "proj_out")) for name in standalone)
