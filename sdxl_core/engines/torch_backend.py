@@ -304,8 +304,7 @@ def _load_unet(path: Path, device, dtype, info) -> torch.nn.Module:
     return unet.eval().requires_grad_(False)
 
 
-def _compile(unet, variant, device, dtype, options: dict, *, cache_file: Path | None, info: dict,
-             backend: str = "inductor"):
+def _compile(unet, variant, device, dtype, options: dict, *, cache_file: Path | None, info: dict):
     """torch.compile the UNet (by regions or whole) and run one step so compile time is paid here.
 
     With `cache_file`: load PyTorch's portable compile caches from it if present, else save them.
@@ -316,10 +315,7 @@ def _compile(unet, variant, device, dtype, options: dict, *, cache_file: Path | 
         torch.compiler.load_cache_artifacts(cache_file.read_bytes())
         info["compile_cache"] = "loaded"
     started = time.perf_counter()
-    if options["mode"] == "full":
-        compiled = torch.compile(unet, backend=backend, dynamic=False)
-    else:
-        compiled = compile_regions(unet, backend=backend)
+    compiled = torch.compile(unet, dynamic=False) if options["mode"] == "full" else compile_regions(unet)
     with torch.inference_mode():
         unet_stage(compiled)(*dummy_unet_inputs(unet, variant, device, dtype))
     if device.type == "cuda":
