@@ -1,18 +1,23 @@
 """Runs the Triton INT8 kernels in the Triton interpreter on CPU and checks them against the torch reference.
 
 Needs TRITON_INTERPRET=1 or SDXL_BENCH_TRITON_ON_CPU=1 in the environment before it starts, which is why
-tests/test_kernels.py runs it in a subprocess. Usage: python tests/_interp_check.py [unfused] [fused]  (both by default)
+tests/test_kernels.py runs it in a subprocess.
+Usage: python tests/_interp_check.py [unfused] [fused] [tma]  (all by default)
 Prints "OK <n> cases" and exits 0, or fails with an AssertionError.
 """
 
+import os
 import sys
 
 import torch
 
 from sdxl_core.kernels import int8_gemm as g
+from sdxl_core.kernels import int8_tma
 
 # (M, K, N): ragged against the interpreter's 32x32x32 tile in every dimension, plus single-tile shapes.
 SHAPES = [(5, 32, 8), (17, 48, 24), (40, 96, 72), (33, 72, 40), (1, 40, 16), (32, 64, 32), (23, 56, 65)]
+# The TMA kernel needs K % 16 == 0 (16-byte int8 rows); M, N and K stay ragged against the 32x32x32 tile.
+TMA_SHAPES = [(5, 32, 8), (17, 48, 24), (40, 96, 72), (33, 80, 40), (1, 16, 16), (32, 64, 32), (23, 112, 65)]
 
 
 def rand_int8(*shape):
@@ -91,18 +96,35 @@ def check_fused(m, k, n):
     assert_close(out16, ref16, 1e-3)
 
 
+def check_tma(m, k, n):
+    """The unfused checks, forced onto the persistent TMA kernel; asserts that it really ran."""
+    launches = []
+    launch = int8_tma.launch
+    int8_tma.launch = lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs)
+    os.environ[g.KERNEL_ENV] = "tma"
+    try:
+        check_unfused(m, k, n)
+    finally:
+        int8_tma.launch = launch
+        del os.environ[g.KERNEL_ENV]
+    assert launches, "the TMA kernel did not run"
+
+
 def main(modes):
     assert g._INTERPRET, "the Triton interpreter is not enabled; the torch reference would be tested instead"
     torch.manual_seed(1234)
-    checks = {"unfused": check_unfused, "fused": check_fused}
+    checks = {"unfused": (check_unfused, SHAPES), "fused": (check_fused, SHAPES), "tma": (check_tma, TMA_SHAPES)}
+    cases = 0
     for mode in modes:
-        for shape in SHAPES:
+        check, shapes = checks[mode]
+        for shape in shapes:
             try:
-                checks[mode](*shape)
+                check(*shape)
             except AssertionError as err:
                 raise AssertionError(f"{mode} M,K,N={shape}: {err}") from err
-    print(f"OK {len(modes) * len(SHAPES)} cases")
+            cases += 1
+    print(f"OK {cases} cases")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["unfused", "fused"])
+    main(sys.argv[1:] or ["unfused", "fused", "tma"])

@@ -32,12 +32,18 @@ def test_profile_step_groups_every_op_and_sees_the_8bit_gemm(tmp_path):
 
 def test_dispatch_table_renders_tflops(tmp_path):
     rows = [{"fmt": "int8", "M": 2048, "K": 1280, "N": 10240, "layers": 60, "ms_8bit": 0.0648, "ms_16bit": 0.0814,
-             "speedup_8bit": 1.256, "path": "8bit"}]
+             "speedup_8bit": 1.256, "path": "8bit", "int8_kernel": "tma", "ms_pointer": 0.0712, "ms_tma": 0.0648,
+             "tma_error": None},
+            {"fmt": "int8", "M": 154, "K": 2048, "N": 640, "layers": 20, "ms_8bit": 0.0074, "ms_16bit": 0.0053,
+             "speedup_8bit": 0.716, "path": "16bit", "int8_kernel": "pointer", "ms_pointer": 0.0074, "ms_tma": None,
+             "tma_error": "CompilationError: x"}]
     (tmp_path / "gemm_dispatch.json").write_text(json.dumps(rows))
     done = subprocess.run([sys.executable, "benchmarks/dispatch_table.py", str(tmp_path / "gemm_dispatch.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     row = [line for line in done.stdout.splitlines() if line.startswith("| int8")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "2048 x 1280 -> 10240" and cells[3] == "64.8" and cells[-1] == "8bit"
+    assert cells[1] == "2048 x 1280 -> 10240" and cells[3] == "64.8" and cells[-2] == "8bit"
+    assert cells[-1] == "tma (71.2 / 64.8)"
+    assert "| 16bit | pointer (7.4 / failed) |" in done.stdout
     assert float(cells[4]) == pytest.approx(2 * 2048 * 1280 * 10240 / 64.8e-6 / 1e12, abs=1)  # TFLOP/s

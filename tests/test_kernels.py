@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdxl_core.kernels import fp8_gemm, int8_gemm
+from sdxl_core.kernels import fp8_gemm, int8_gemm, int8_tma
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -138,6 +138,61 @@ def test_fp8_reference_close_to_float(per_channel):
     assert rel_err(out - bias, x @ w.T) < 5e-2
 
 
+# ---------------------------------------------------------------- CPU: which INT8 kernel runs
+
+
+def test_int8_kernel_choice_is_checked(monkeypatch):
+    monkeypatch.setenv(int8_gemm.KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="choose auto, pointer or tma"):
+        int8_gemm._kernel_mode()
+    with pytest.raises(ValueError, match="'best': choose auto, pointer or tma"):
+        int8_gemm._pick_kernel(None, rand_int8(4, 16), rand_int8(8, 16), None, "best")
+
+
+def test_tma_needs_16_byte_rows_and_bases():
+    w_q = rand_int8(24, 48)
+    assert int8_tma.supports(rand_int8(7, 48), w_q)
+    assert not int8_tma.supports(rand_int8(7, 40), rand_int8(24, 40))  # 40-byte rows
+    assert not int8_tma.supports(rand_int8(7, 49)[:, 1:], w_q)  # row-major, but the base is 1 byte in
+    assert not int8_tma.supports(rand_int8(48, 7).T, w_q)  # column-major
+
+
+def _fake_do_bench(times):
+    def do_bench(fn, **_):
+        fn()
+        return times.pop(0)
+    return do_bench
+
+
+def test_time_kernels_picks_the_faster_and_survives_a_broken_tma(monkeypatch):
+    import triton.testing
+
+    ran = []
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench([0.5, 0.3]))
+    assert int8_gemm._time_kernels(ran.append) == int8_gemm.KernelChoice("tma", 0.5, 0.3)
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench([0.5, 0.7]))
+    assert int8_gemm._time_kernels(ran.append).kernel == "pointer"
+    assert ran == ["pointer", "tma", "pointer", "tma"]
+
+    def run(name):
+        if name == "tma":
+            raise RuntimeError("PassManager::run failed\nmore detail")
+
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench([0.5]))
+    choice = int8_gemm._time_kernels(run)
+    assert choice == int8_gemm.KernelChoice("pointer", 0.5, None, "RuntimeError: PassManager::run failed")
+
+
+def test_kernel_choices_are_json_ready(monkeypatch):
+    import json
+
+    monkeypatch.setattr(int8_gemm, "_choices", {(64, 32, 48, torch.float16, True): int8_gemm.KernelChoice(
+        "tma", 0.2, 0.1)})
+    rows = int8_gemm.kernel_choices()
+    assert json.loads(json.dumps(rows)) == [{"M": 64, "N": 32, "K": 48, "out_dtype": "float16", "bias": True,
+                                             "kernel": "tma", "ms_pointer": 0.2, "ms_tma": 0.1, "error": None}]
+
+
 # ---------------------------------------------------------------- CPU: Triton kernels in the interpreter
 
 
@@ -148,7 +203,7 @@ def test_triton_int8_kernels_in_interpreter():
     pythonpath = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_interp_check.py"), "unfused", "fused"],
+        [sys.executable, str(ROOT / "tests" / "_interp_check.py"), "unfused", "fused", "tma"],
         env={**env, "SDXL_BENCH_TRITON_ON_CPU": "1", "PYTHONPATH": pythonpath},
         cwd=ROOT,
         capture_output=True,
@@ -182,6 +237,51 @@ def test_triton_int8_matches_reference_on_gpu(shape):
         ref = int8_gemm.int8_linear_reference(x_q, w_q, a_scale, w_scale, bias.to(dtype), out_dtype=torch.float32)
         assert out.dtype == dtype
         assert rel_err(out, ref) < (1e-3 if dtype == torch.float16 else 8e-3)
+
+
+# Ragged M and N, K a multiple of 16 (TMA's row alignment for int8) but not of the 128-wide K tile.
+TMA_SHAPES = [(1, 16, 16), (7, 48, 24), (129, 208, 72), (300, 336, 136), (1000, 1040, 1030)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", TMA_SHAPES + SDXL_SHAPES)
+def test_tma_int8_matches_reference_on_gpu(shape, monkeypatch):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability 9.0+ (Hopper)")
+    launches = []
+    launch = int8_tma.launch
+    monkeypatch.setattr(int8_tma, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    m, k, n = shape
+    g = torch.Generator(device="cuda").manual_seed(m * 17 + k * 3 + n)
+    x_q, w_q = rand_int8(m, k, device="cuda", generator=g), rand_int8(n, k, device="cuda", generator=g)
+    ones = torch.ones(n, device="cuda")
+    out = int8_gemm.int8_linear(x_q, w_q, 1.0, ones, out_dtype=torch.float32, kernel="tma")
+    assert launches, "the TMA kernel did not run"
+    assert torch.equal(out, int8_gemm.int8_linear_reference(x_q, w_q, 1.0, ones, out_dtype=torch.float32))
+
+    a_scale = torch.rand((), device="cuda", generator=g) * 0.01 + 1e-4
+    w_scale = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-4
+    bias = torch.randn(n, device="cuda", generator=g, dtype=torch.float16)
+    out = int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float16, kernel="tma")
+    pointer = int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float16, kernel="pointer")
+    assert torch.equal(out, pointer), "same integers and the same epilogue must give the same halves"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_auto_kernel_choice_times_both_on_gpu(monkeypatch):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability 9.0+ (Hopper)")
+    monkeypatch.delenv(int8_gemm.KERNEL_ENV, raising=False)
+    monkeypatch.setattr(int8_gemm, "_choices", {})
+    m, k, n = SDXL_SHAPES[1]
+    x_q, w_q = rand_int8(m, k, device="cuda"), rand_int8(n, k, device="cuda")
+    int8_gemm.int8_linear(x_q, w_q, 0.01, torch.full((n,), 0.01, device="cuda"))
+    (row,) = int8_gemm.kernel_choices()
+    assert row["error"] is None, row["error"]
+    assert row["ms_pointer"] > 0 and row["ms_tma"] > 0
+    assert row["kernel"] == ("tma" if row["ms_tma"] < row["ms_pointer"] else "pointer")
 
 
 @pytest.mark.gpu

@@ -236,8 +236,22 @@ def _choose_gemm_paths(unet, variant, device, dtype, progress) -> dict:
             print(f"{t.fmt:>5} {t.m:>6} x {t.k:>5} -> {t.n:>5} {t.layers:>6} {t.ms_8bit:>9.4f} {t.ms_16bit:>9.4f} "
                   f"{t.ms_16bit / t.ms_8bit:>13.2f}x  {t.path}", file=sys.stderr)
     paths = {path: sum(t.layers for t in timings if t.path == path) for path in qmodules.GEMM_PATHS}
-    return {"gemm_paths": paths, "gemm_timings": [t.row() for t in timings],
+    return {"gemm_paths": paths, "gemm_timings": _with_int8_kernels([t.row() for t in timings]),
             "gemm_dispatch_s": round(time.perf_counter() - started, 2)}
+
+
+def _with_int8_kernels(rows: list[dict]) -> list[dict]:
+    """Add to each INT8 row which Triton kernel ran its 8-bit GEMM (pointer or TMA) and both kernels' times."""
+    from ..kernels import int8_gemm
+
+    choices = {(c["M"], c["K"], c["N"]): c for c in int8_gemm.kernel_choices()}
+    for row in rows:
+        choice = choices.get((row["M"], row["K"], row["N"])) if row["fmt"] == "int8" else None
+        if choice:
+            row.update(int8_kernel=choice["kernel"], ms_pointer=round(choice["ms_pointer"], 4),
+                       ms_tma=None if choice["ms_tma"] is None else round(choice["ms_tma"], 4),
+                       tma_error=choice["error"])
+    return rows
 
 
 def calibration_loop(components, variant: Variant, device, dtype, progress: bool):

@@ -11,12 +11,17 @@ Quantization everywhere is round-half-to-even of x * (1 / scale), both in float3
 because that is what the fused kernel can afford per element. It equals round(x / scale) except when x / scale
 lies within about an ulp of a .5 tie, and always when scale is a power of two.
 
+Two kernels compute the pre-quantized GEMM: the pointer kernel here (one program per output tile) and the
+persistent TMA kernel in `int8_tma` (Hopper). On a GPU each shape runs the one that timed faster on its first
+call (`kernel_choices()` lists them); `SDXL_BENCH_INT8_KERNEL=pointer|tma` forces one.
+
 Dispatch: CUDA tensors run Triton. CPU tensors run an exact torch reference, or the Triton kernels in the
 interpreter when SDXL_BENCH_TRITON_ON_CPU=1 or TRITON_INTERPRET=1 is set before this module is imported.
 """
 
 import os
 import sys
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -29,6 +34,9 @@ if os.environ.get("SDXL_BENCH_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from . import int8_tma  # noqa: E402
+from .tiles import grouped_tile  # noqa: E402
 
 try:
     from triton.language.extra import libdevice
@@ -75,7 +83,8 @@ else:
         _config(64, 64, 128, 4, 4),
     ]
 
-if os.environ.get("SDXL_BENCH_AUTOTUNE") == "quick":
+_QUICK = os.environ.get("SDXL_BENCH_AUTOTUNE") == "quick"
+if _QUICK:
     # Each new (M, N, K) autotunes every config; GPU tests over many ragged shapes take one config only.
     # The fused kernel's quick config must fit float32 A tiles too: 128x256x128 over 3 stages needed 245760
     # bytes of shared memory on the H100 (limit 232448, docs/perf/h100-2026-11-25/kernel_tests_gpu.log).
@@ -104,15 +113,7 @@ def _w8a8_kernel(
     HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, USE_RINT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M consecutive programs reuse the same W column block while it is in L2.
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_m
-    pid_n = (pid % pids_per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,7 +211,7 @@ def _use_triton(x, w_q):
     return x.is_cuda or (x.device.type == "cpu" and _INTERPRET)
 
 
-def _launch(kernel, a, w_q, a_scale, w_scale, bias, out_dtype, quantize_a):
+def _launch(kernel, a, w_q, a_scale, w_scale, bias, out_dtype, quantize_a, choice=None):
     k, n = w_q.shape[1], w_q.shape[0]
     lead = a.shape[:-1]
     a = a.reshape(-1, k)
@@ -225,13 +226,81 @@ def _launch(kernel, a, w_q, a_scale, w_scale, bias, out_dtype, quantize_a):
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    kernel[grid](
-        a, w_q, out, a_scale, w_scale, bias_arg,
-        m, n, k,
-        a.stride(0), a.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, QUANTIZE_A=quantize_a, USE_RINT=_USE_RINT,
-    )
+    def run(name):
+        if name == "tma":
+            int8_tma.launch(a, w_q, out, a_scale, w_scale, bias_arg, has_bias=bias is not None,
+                            interpret=_INTERPRET, quick=_QUICK)
+            return
+        kernel[grid](
+            a, w_q, out, a_scale, w_scale, bias_arg,
+            m, n, k,
+            a.stride(0), a.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, QUANTIZE_A=quantize_a, USE_RINT=_USE_RINT,
+        )
+
+    run("pointer" if quantize_a else _pick_kernel(run, a, w_q, (m, n, k, out_dtype, bias is not None), choice))
     return out.reshape(*lead, n)
+
+
+# ---------------------------------------------------------------- which kernel runs a pre-quantized GEMM
+
+KERNEL_ENV = "SDXL_BENCH_INT8_KERNEL"  # "auto" (default): time both per shape on the GPU; "pointer"; "tma"
+KERNELS = ("pointer", "tma")
+
+
+@dataclass
+class KernelChoice:
+    kernel: str
+    ms_pointer: float
+    ms_tma: float | None  # None when the TMA kernel failed to build or run (see `error`)
+    error: str | None = None
+
+
+_choices: dict[tuple, KernelChoice] = {}  # (M, N, K, out dtype, has bias) -> choice, for this process
+
+
+def _kernel_mode() -> str:
+    mode = os.environ.get(KERNEL_ENV, "auto")
+    if mode not in ("auto", *KERNELS):
+        raise ValueError(f"{KERNEL_ENV}={mode!r}: choose auto, pointer or tma")
+    return mode
+
+
+def _pick_kernel(run, a, w_q, key, choice=None) -> str:
+    """The kernel for this GEMM: forced by `choice` or SDXL_BENCH_INT8_KERNEL, else on a GPU the faster of
+    the two, timed once per shape (first call, before any CUDA graph captures it). TMA needs aligned operands."""
+    mode = choice or _kernel_mode()
+    if mode not in ("auto", *KERNELS):
+        raise ValueError(f"INT8 kernel {mode!r}: choose auto, pointer or tma")
+    if not int8_tma.supports(a, w_q):
+        return "pointer"
+    if mode != "auto":
+        return mode
+    if not a.is_cuda or torch.cuda.is_current_stream_capturing():
+        return _choices[key].kernel if key in _choices else "pointer"
+    if key not in _choices:
+        _choices[key] = _time_kernels(run)
+    return _choices[key].kernel
+
+
+def _time_kernels(run) -> KernelChoice:
+    from triton.testing import do_bench
+
+    def ms(name):
+        return do_bench(lambda: run(name), warmup=10, rep=40, return_mode="median")
+
+    ms_pointer = ms("pointer")
+    try:
+        ms_tma = ms("tma")
+    except Exception as err:  # a TMA kernel the local Triton cannot build must not stop the engine
+        return KernelChoice("pointer", ms_pointer, None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    return KernelChoice("tma" if ms_tma < ms_pointer else "pointer", ms_pointer, ms_tma)
+
+
+def kernel_choices() -> list[dict]:
+    """The per-shape choices this process made, JSON-ready (kept beside the engine's GEMM dispatch)."""
+    return [{"M": m, "N": n, "K": k, "out_dtype": str(dtype).removeprefix("torch."), "bias": has_bias,
+             **asdict(choice)} for (m, n, k, dtype, has_bias), choice in _choices.items()]
 
 
 def _check(x, w_q, x_dtypes):
@@ -243,15 +312,16 @@ def _check(x, w_q, x_dtypes):
         raise ValueError(f"K mismatch: x has {x.shape[-1]}, w_q has {w_q.shape[1]}")
 
 
-def int8_linear(x_q, w_q, a_scale, w_scale, bias=None, out_dtype=torch.float16):
+def int8_linear(x_q, w_q, a_scale, w_scale, bias=None, out_dtype=torch.float16, kernel=None):
     """out[..., N] = (x_q @ w_q^T) * (a_scale * w_scale) + bias for int8 x_q [..., K] and int8 w_q [N, K].
 
     a_scale: per-tensor float32 scalar (tensor or float); w_scale: float32 [N] (or a scalar); bias: [N].
+    kernel: "pointer", "tma" or "auto" (default: SDXL_BENCH_INT8_KERNEL, else "auto"); see `_pick_kernel`.
     """
     _check(x_q, w_q, (torch.int8,))
     if not _use_triton(x_q, w_q):
         return int8_linear_reference(x_q, w_q, a_scale, w_scale, bias, out_dtype)
-    return _launch(_int8_gemm_kernel, x_q, w_q, a_scale, w_scale, bias, out_dtype, quantize_a=False)
+    return _launch(_int8_gemm_kernel, x_q, w_q, a_scale, w_scale, bias, out_dtype, quantize_a=False, choice=kernel)
 
 
 def int8_linear_fused(x, w_q, a_scale, w_scale, bias=None):

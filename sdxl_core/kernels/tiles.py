@@ -1,0 +1,16 @@
+"""Tile order shared by the Triton GEMMs."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number `tile` in grouped order: GROUP_M consecutive tiles share one
+    column block of W, so it is read from HBM once and then from L2."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_per_group) % group_m
+    pid_n = (tile % tiles_per_group) // group_m
+    return pid_m, pid_n
