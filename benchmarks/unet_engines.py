@@ -3,9 +3,11 @@
     python benchmarks/unet_engines.py --model sdxl-random --engine-dir E --onnx-dir X --out build.json
     python benchmarks/unet_engines.py --model sdxl-random --engine-dir E --reload --out reload.json
 
-On a GPU each engine is compiled by regions and its step captured in a CUDA graph, as the suite runs it;
-`--fp16-full-compile` adds an in-memory FP16 row compiled as one whole graph (the other strong FP16), and
-the speed-ups are then also given against the faster of the two FP16 rows.
+On a GPU each engine is compiled by regions and its step captured in a CUDA graph, as the suite runs it.
+`--fp16-tunings full,cl,qkv,cl+qkv` adds in-memory FP16 rows, each a candidate for the strongest FP16 (issue 6):
+`full` compiles the UNet as one whole graph, `cl` runs it channels-last, `qkv` with fused QKV projections
+(`torch_backend.tune_layout`); the speed-ups are then also given against the fastest FP16 row.
+`--channels-last` runs the engine rows channels-last too.
 
 Build: one seeded model, one engine per precision through `torch_backend.prepare` (ModelOpt calibration
 with the real pipeline, conversion to real 8-bit modules, safetensors + compile caches). Reload (a fresh
@@ -34,6 +36,10 @@ from sdxl_core.runinfo import device_info, library_versions  # noqa: E402
 from sdxl_core.variants import VARIANTS  # noqa: E402
 
 FLOPS_PER_STEP_1024 = 13.52e12  # SDXL UNet, CFG batch 2 at 1024x1024 (torch.utils.flop_counter, FACTS.md)
+FP16_TUNINGS = {  # row name suffix -> (compile mode, channels-last, fused QKV)
+    "full": ("full", False, False), "cl": ("regional", True, False), "qkv": ("regional", False, True),
+    "cl+qkv": ("regional", True, True),
+}
 
 
 def time_step(step, inputs, device, iters: int) -> list[float]:
@@ -64,11 +70,17 @@ def main() -> int:
     p.add_argument("--reload", action="store_true", help="load engines only (no ONNX dir, no calibration)")
     p.add_argument("--compile", choices=("auto", "regional", "full", "off"), default="auto")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--fp16-full-compile", action="store_true", help="also time FP16 compiled as one graph")
+    p.add_argument("--fp16-tunings", default="", help=f"extra in-memory FP16 rows: {','.join(FP16_TUNINGS)}")
+    p.add_argument("--fp16-full-compile", action="store_true", help="same as --fp16-tunings full")
+    p.add_argument("--channels-last", action="store_true", help="run the engine rows channels-last")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    tunings = [t for t in args.fp16_tunings.split(",") if t] + (["full"] if args.fp16_full_compile else [])
+    unknown = [t for t in tunings if t not in FP16_TUNINGS]
+    if unknown:
+        p.error(f"unknown FP16 tuning {unknown[0]!r}: choose from {', '.join(FP16_TUNINGS)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile = {"auto": None, "regional": True, "full": True, "off": False}[args.compile]
@@ -76,20 +88,23 @@ def main() -> int:
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
     size = args.height or (128 if args.model == "tiny" else 1024)
     # Built-ins are seeded on the CPU (the same weights as the CLI and the suite); a reload needs no UNet weights.
-    master = models.load(args.model, unet_weights=not args.reload or args.fp16_full_compile)
+    master = models.load(args.model, unet_weights=not args.reload or bool(tunings))
     engines, rows = {}, {}
-    precisions = args.precisions.split(",") + (["fp16-full"] if args.fp16_full_compile else [])
+    precisions = args.precisions.split(",") + [f"fp16-{t}" for t in dict.fromkeys(tunings)]
     for precision in precisions:
-        full_row = precision == "fp16-full"
-        variant = VARIANTS["xl-1.0-fp16" if full_row else f"xl-1.0-{precision}"].replace(
+        tuned_row = precision.startswith("fp16-")  # in memory, from the seeded UNet
+        row_mode, channels_last, fuse_qkv = (FP16_TUNINGS[precision.removeprefix("fp16-")] if tuned_row
+                                             else (compile_mode, args.channels_last, False))
+        variant = VARIANTS["xl-1.0-fp16" if tuned_row else f"xl-1.0-{precision}"].replace(
             model=args.model, height=size, width=size, calibration_size=args.calibration_size)
-        components = dataclasses.replace(master, unet=master.unet if args.reload else copy.deepcopy(master.unet))
+        fresh_unet = not args.reload or tuned_row  # tunings change the module: never share it between rows
+        components = dataclasses.replace(master, unet=copy.deepcopy(master.unet) if fresh_unet else master.unet)
         started = time.perf_counter()
         engines[precision] = torch_backend.prepare(
-            variant, components, device, engine_dir=None if full_row else args.engine_dir,
-            onnx_dir=None if args.reload else args.onnx_dir, allow_build=full_row or not args.reload,
-            compile=True if full_row else compile, compile_mode="full" if full_row else compile_mode,
-            use_cuda_graph=cuda_graph)
+            variant, components, device, engine_dir=None if tuned_row else args.engine_dir,
+            onnx_dir=None if args.reload else args.onnx_dir, allow_build=tuned_row or not args.reload,
+            compile=True if tuned_row and device.type == "cuda" else compile, compile_mode=row_mode,
+            use_cuda_graph=cuda_graph, channels_last=channels_last, fuse_qkv=fuse_qkv)
         if device.type == "cuda":
             torch.cuda.synchronize()
         info = dict(engines[precision].info)
@@ -122,7 +137,7 @@ def main() -> int:
             err = (outputs[precision] - reference).norm() / reference.norm()
             row["rel_err_vs_fp16"] = float(err)
             row["speedup_vs_fp16"] = round(rows["fp16"]["ms_per_step"] / median, 3) if "fp16" in rows else None
-    fp16_rows = [rows[p]["ms_per_step"] for p in ("fp16", "fp16-full") if p in rows]
+    fp16_rows = [row["ms_per_step"] for name, row in rows.items() if name == "fp16" or name.startswith("fp16-")]
     if fp16_rows:
         for row in rows.values():
             row["speedup_vs_best_fp16"] = round(min(fp16_rows) / row["ms_per_step"], 3)
@@ -131,10 +146,10 @@ def main() -> int:
               "device": device_info(device), "libraries": library_versions(), "command": " ".join(sys.argv),
               "engines": rows}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'precision':<9} {'mode':<9} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp16':>8} {'vs best':>8} "
+    print(f"\n{'precision':<11} {'mode':<9} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp16':>8} {'vs best':>8} "
           f"{'rel err':>8} {'calib s':>8} {'compile s':>9} {'graph s':>7} {'load s':>7} {'engine MiB':>10}")
     for precision, row in rows.items():
-        print(f"{precision:<9} {row.get('mode', ''):<9} {row['ms_per_step']:>9.2f} {row['tflops']:>8.1f} "
+        print(f"{precision:<11} {row.get('mode', ''):<9} {row['ms_per_step']:>9.2f} {row['tflops']:>8.1f} "
               f"{row.get('speedup_vs_fp16') or 0:>8.3f} {row.get('speedup_vs_best_fp16') or 0:>8.3f} "
               f"{row.get('rel_err_vs_fp16', 0):>8.4f} {row.get('calibration_s', 0):>8} "
               f"{row.get('compile_s', '-'):>9} {row.get('cuda_graph_s', '-'):>7} {row.get('load_s', '-'):>7} "

@@ -9,17 +9,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+              "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_script(*args):
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=SCRIPT_ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
 
 
 @pytest.mark.slow
 def test_profile_step_groups_every_op_and_sees_the_8bit_gemm(tmp_path):
     out = tmp_path / "profile.json"
-    done = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--model", "tiny", "--precisions", "fp16,int8",
-                           "--engine-dir", str(tmp_path / "E"), "--onnx-dir", str(tmp_path / "X"), "--steps", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
-                               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_script("benchmarks/profile_step.py", "--model", "tiny", "--precisions", "fp16,int8",
+                      "--engine-dir", str(tmp_path / "E"), "--onnx-dir", str(tmp_path / "X"), "--steps", "2",
+                      "--out", str(out))
     report = json.loads(out.read_text())
     fp16, int8 = report["engines"]["fp16"], report["engines"]["int8"]
     for engine in (fp16, int8):
@@ -47,3 +53,25 @@ def test_dispatch_table_renders_tflops(tmp_path):
     assert cells[-1] == "tma (71.2 / 64.8)"
     assert "| 16bit | pointer (7.4 / failed) |" in done.stdout
     assert float(cells[4]) == pytest.approx(2 * 2048 * 1280 * 10240 / 64.8e-6 / 1e12, abs=1)  # TFLOP/s
+
+
+@pytest.mark.slow
+def test_unet_engines_builds_tunes_and_reloads(tmp_path):
+    engines = ["--model", "tiny", "--precisions", "fp16,int8", "--calibration-size", "2", "--engine-dir",
+               str(tmp_path / "E"), "--rounds", "1", "--iters", "1"]
+    run_script("benchmarks/unet_engines.py", *engines, "--onnx-dir", str(tmp_path / "X"),
+               "--fp16-tunings", "cl,qkv,cl+qkv", "--out", str(tmp_path / "build.json"))
+    build = json.loads((tmp_path / "build.json").read_text())["engines"]
+    assert list(build) == ["fp16", "int8", "fp16-cl", "fp16-qkv", "fp16-cl+qkv"]
+    assert (build["fp16-cl+qkv"]["channels_last"], build["fp16-cl+qkv"]["fuse_qkv"]) == (True, True)
+    for name in ("fp16-cl", "fp16-qkv", "fp16-cl+qkv"):
+        assert build[name]["mode"] == "in-memory" and build[name]["rel_err_vs_fp16"] < 1e-5
+    assert 0 < build["int8"]["rel_err_vs_fp16"] < 0.1  # quantization noise, not a broken engine
+    best = min(row["ms_per_step"] for name, row in build.items() if name.startswith("fp16"))
+    assert build["int8"]["speedup_vs_best_fp16"] == round(best / build["int8"]["ms_per_step"], 3)
+
+    run_script("benchmarks/unet_engines.py", *engines, "--reload", "--channels-last",
+               "--out", str(tmp_path / "reload.json"))
+    reload = json.loads((tmp_path / "reload.json").read_text())["engines"]
+    assert [(row["mode"], row["channels_last"]) for row in reload.values()] == [("loaded", True)] * 2
+    assert reload["int8"]["rel_err_vs_fp16"] < 0.1

@@ -265,6 +265,10 @@ def test_one_by_one_conv_runs_as_a_gemm():
         module.set_gemm_path("16bit", torch.float32)  # what the GEMM dispatch picks where 8 bits lose
         assert module.w_dq is not None and not module.runs_8bit_gemm
         assert rel_err(module(x), expected) < 1e-6
+        module.set_gemm_path("8bit")
+        module.to(memory_format=torch.channels_last)  # `tune_layout`: the int8/fp8 weight keeps its dtype
+        assert module.weight.dtype == qmodules.STORAGE[fmt]
+        assert rel_err(module(x.contiguous(memory_format=torch.channels_last)), expected) < 1e-6
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])

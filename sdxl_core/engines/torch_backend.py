@@ -120,12 +120,14 @@ class GraphedStep:
 
 def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
             half: str = "fp16", progress: bool = True, allow_build: bool = True, compile: bool | None = None,
-            compile_mode: str = "regional", use_cuda_graph: bool | None = None) -> Engines:
+            compile_mode: str = "regional", use_cuda_graph: bool | None = None, channels_last: bool = False,
+            fuse_qkv: bool = False) -> Engines:
     """Move the components to `device` and build or load the UNet engine for `variant`.
 
     Without `engine_dir` the engine lives in memory only. `allow_build=False` refuses to calibrate or
     build: the engine must already be in `engine_dir`. `compile` and `use_cuda_graph` default to on for a
-    CUDA device and off on the CPU.
+    CUDA device and off on the CPU. `channels_last` and `fuse_qkv` change how the UNet runs, not what the
+    engine stores (see `tune_layout`).
     """
     dtype = compute_dtype(device, half)
     compile = device.type == "cuda" if compile is None else compile
@@ -141,8 +143,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
               "height": variant.height, "width": variant.width}
     info = {"backend": NAME, "backend_version": version(), "engine_key": key, "compiled": compile,
             "compile_mode": compile_mode if compile else None, "cuda_graph": use_cuda_graph,
-            "engine_dir": str(engine_dir) if engine_dir else None}
-    compile_options = {"enabled": compile, "mode": compile_mode}
+            "channels_last": channels_last, "fuse_qkv": fuse_qkv, "engine_dir": str(engine_dir) if engine_dir else None}
+    compile_options = {"enabled": compile, "mode": compile_mode, "channels_last": channels_last, "fuse_qkv": fuse_qkv}
 
     if engine_dir is None:
         if not allow_build:
@@ -323,6 +325,7 @@ def _compile(unet, variant, device, dtype, options: dict, *, cache_file: Path | 
 
     With `cache_file`: load PyTorch's portable compile caches from it if present, else save them.
     """
+    tune_layout(unet, channels_last=options.get("channels_last", False), fuse_qkv=options.get("fuse_qkv", False))
     if not options["enabled"]:
         return unet
     if cache_file is not None and cache_file.exists():
@@ -341,6 +344,22 @@ def _compile(unet, variant, device, dtype, options: dict, *, cache_file: Path | 
             cache_file.write_bytes(artifacts[0])
             info["compile_cache"] = "saved"
     return compiled
+
+
+def tune_layout(unet: torch.nn.Module, *, channels_last: bool, fuse_qkv: bool) -> torch.nn.Module:
+    """Two FP16 tunings of issue 6, in place, after the engine files are written (they change how the UNet
+    runs, not its weights): channels-last weights, so every conv after conv_in runs NHWC, and fused QKV
+    (diffusers' `fuse_qkv_projections`: one GEMM for Q, K and V in self-attention, one for K and V in
+    cross-attention). An 8-bit UNet cannot fuse: its Q, K and V have separate smoothing and input scales."""
+    from ..qmodules import module_counts
+
+    if fuse_qkv:
+        if sum(module_counts(unet).values()):
+            raise UserError("fused QKV applies to FP16 engines only: 8-bit Q, K and V have separate input scales")
+        unet.fuse_qkv_projections()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return unet
 
 
 def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
