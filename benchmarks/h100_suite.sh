@@ -15,6 +15,10 @@ if [ -n "${HISTORY:-}" ] && [ -d "$HISTORY" ]; then
   mkdir -p "$OUT/benchmarks" && cp -r "$HISTORY"/. "$OUT/benchmarks/"
   COMPARE=(--benchmark-compare --benchmark-compare-fail=median:10%)
 fi
+# Issue 4's check that the GPU machine collects one engine fixture per variant (all five, whatever VARIANTS says).
+python3 -m pytest -m bench -p no:cacheprovider --model sdxl-random --setup-plan -q 2>&1 \
+  | grep -E "variant_engine|tests/|collected|error" | cut -c1-160 > "$OUT/bench_setup_plan.txt"
+grep -c "SETUP    S variant_engine" "$OUT/bench_setup_plan.txt"
 timeout "${SUITE_TIMEOUT:-460}" python3 -m pytest -m bench -p no:cacheprovider -rA \
   --model sdxl-random --engine-dir /tmp/E --onnx-dir /tmp/X --calibration-size "$CALIB" \
   --variants "${VARIANTS:-xl-1.0-fp16,xl-1.0-int8,xl-1.0-fp8}" "${COMPARE[@]}" \
