@@ -142,8 +142,10 @@ def test_fp8_reference_close_to_float(per_channel):
 
 
 def test_int8_kernel_choice_is_checked(monkeypatch):
+    from sdxl_core.errors import UserError
+
     monkeypatch.setenv(int8_gemm.KERNEL_ENV, "fastest")
-    with pytest.raises(ValueError, match="choose auto, pointer or tma"):
+    with pytest.raises(UserError, match="SDXL_BENCH_INT8_KERNEL='fastest': choose auto, pointer or tma"):
         int8_gemm._kernel_mode()
     with pytest.raises(ValueError, match="'best': choose auto, pointer or tma"):
         int8_gemm._pick_kernel(None, rand_int8(4, 16), rand_int8(8, 16), None, "best")

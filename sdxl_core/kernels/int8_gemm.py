@@ -262,7 +262,9 @@ _choices: dict[tuple, KernelChoice] = {}  # (M, N, K, out dtype, has bias) -> ch
 def _kernel_mode() -> str:
     mode = os.environ.get(KERNEL_ENV, "auto")
     if mode not in ("auto", *KERNELS):
-        raise ValueError(f"{KERNEL_ENV}={mode!r}: choose auto, pointer or tma")
+        from ..errors import UserError
+
+        raise UserError(f"{KERNEL_ENV}={mode!r}: choose auto, pointer or tma")
     return mode
 
 
