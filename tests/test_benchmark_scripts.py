@@ -75,3 +75,10 @@ def test_unet_engines_builds_tunes_and_reloads(tmp_path):
     reload = json.loads((tmp_path / "reload.json").read_text())["engines"]
     assert [(row["mode"], row["channels_last"]) for row in reload.values()] == [("loaded", True)] * 2
     assert reload["int8"]["rel_err_vs_fp16"] < 0.1
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.sh")))
+def test_gpu_shell_scripts_parse(script):
+    """A syntax error found here costs nothing; found on the H100 it costs a 10-minute call."""
+    done = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
