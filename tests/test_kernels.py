@@ -195,6 +195,21 @@ def test_kernel_choices_are_json_ready(monkeypatch):
                                              "kernel": "tma", "ms_pointer": 0.2, "ms_tma": 0.1, "error": None}]
 
 
+def test_saved_kernel_choices_load_back_and_bad_ones_are_refused(monkeypatch):
+    from sdxl_core.errors import UserError
+
+    monkeypatch.setattr(int8_gemm, "_choices", {})
+    row = {"M": 64, "N": 32, "K": 48, "out_dtype": "bfloat16", "bias": False, "kernel": "pointer",
+           "ms_pointer": 0.2, "ms_tma": None, "error": "CompilationError: x"}
+    int8_gemm.load_choices([row])
+    assert int8_gemm._choices == {(64, 32, 48, torch.bfloat16, False): int8_gemm.KernelChoice(
+        "pointer", 0.2, None, "CompilationError: x")}
+    for bad in ({**row, "kernel": "fastest"}, {**row, "out_dtype": "float99"}, {**row, "out_dtype": "abs"},
+                {k: v for k, v in row.items() if k != "M"}):
+        with pytest.raises(UserError, match="malformed INT8 kernel choice .* rebuild the engine"):
+            int8_gemm.load_choices([bad])
+
+
 # ---------------------------------------------------------------- CPU: Triton kernels in the interpreter
 
 

@@ -299,6 +299,22 @@ def _time_kernels(run) -> KernelChoice:
     return KernelChoice("tma" if ms_tma < ms_pointer else "pointer", ms_pointer, ms_tma)
 
 
+def load_choices(rows: list[dict]) -> None:
+    """Take per-shape choices saved by an engine build (`kernel_choices()` rows), so a reload runs the kernel
+    its build measured without timing both again."""
+    from ..errors import UserError
+
+    for row in rows:
+        try:
+            key = (row["M"], row["N"], row["K"], getattr(torch, row["out_dtype"]), row["bias"])
+            choice = KernelChoice(row["kernel"], row["ms_pointer"], row["ms_tma"], row.get("error"))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"malformed INT8 kernel choice {row!r} ({err}): rebuild the engine") from None
+        if choice.kernel not in KERNELS or not isinstance(key[3], torch.dtype):
+            raise UserError(f"malformed INT8 kernel choice {row!r}: rebuild the engine")
+        _choices[key] = choice
+
+
 def kernel_choices() -> list[dict]:
     """The per-shape choices this process made, JSON-ready (kept beside the engine's GEMM dispatch)."""
     return [{"M": m, "N": n, "K": k, "out_dtype": str(dtype).removeprefix("torch."), "bias": has_bias,
