@@ -82,3 +82,15 @@ def test_gpu_shell_scripts_parse(script):
     """A syntax error found here costs nothing; found on the H100 it costs a 10-minute call."""
     done = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_engines_table_renders_a_committed_h100_run():
+    run = ROOT / "docs/perf/h100-2026-11-25-s2/call1-compiled/engines_build_compiled.json"
+    done = run_script("benchmarks/engines_table.py", str(run))
+    lines = done.stdout.splitlines()
+    assert lines[0] == "NVIDIA H100 80GB HBM3; torch 2.11.0; `sdxl-random` 1024x1024, UNet batch 2"
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in lines if line.startswith("| ") and "---" not in line)}
+    assert rows["int8"][:7] == ["int8", "build", "38.03", "356", "0.895x", "0.895x", "0.0893"]
+    assert rows["fp16"][-1] == "4897" and rows["fp8"][-1] == "2487"  # engine MiB
+    assert "benchmarks/unet_engines.py" in lines[-1]
