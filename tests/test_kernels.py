@@ -265,7 +265,7 @@ TMA_SHAPES = [(1, 16, 16), (7, 48, 24), (129, 208, 72), (300, 336, 136), (1000, 
 @pytest.mark.parametrize("shape", TMA_SHAPES + SDXL_SHAPES)
 def test_tma_int8_matches_reference_on_gpu(shape, monkeypatch):
     if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("TMA needs compute capability 9.0+ (Hopper)")
+        pytest.skip("TMA needs a Hopper GPU (compute capability 9.0+)")
     launches = []
     launch = int8_tma.launch
     monkeypatch.setattr(int8_tma, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
@@ -289,7 +289,7 @@ def test_tma_int8_matches_reference_on_gpu(shape, monkeypatch):
 @needs_gpu
 def test_auto_kernel_choice_times_both_on_gpu(monkeypatch):
     if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("TMA needs compute capability 9.0+ (Hopper)")
+        pytest.skip("TMA needs a Hopper GPU (compute capability 9.0+)")
     monkeypatch.delenv(int8_gemm.KERNEL_ENV, raising=False)
     monkeypatch.setattr(int8_gemm, "_choices", {})
     m, k, n = SDXL_SHAPES[1]

@@ -36,7 +36,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from . import int8_tma  # noqa: E402
-from .tiles import grouped_tile  # noqa: E402
+from .tiles import gemm_config, grouped_tile  # noqa: E402
 
 try:
     from triton.language.extra import libdevice
@@ -52,35 +52,30 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # also routes CPU tensor
 _USE_RINT = libdevice is not None and hasattr(libdevice, "rint") and not _INTERPRET
 
 
-def _config(block_m, block_n, block_k, stages, warps):
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-    return triton.Config(meta, num_stages=stages, num_warps=warps)
-
-
 if _INTERPRET:
     # Autotuning in the interpreter is pointless and slow; 32x32x32 keeps ragged test shapes multi-tile.
-    _INT8_CONFIGS = [_config(32, 32, 32, 1, 4)]
+    _INT8_CONFIGS = [gemm_config(32, 32, 32, 1, 4)]
     _FUSED_CONFIGS = _INT8_CONFIGS
 else:
     # Every distinct (M, N, K) of a UNet tries each config once while the engine warms up, so the list is
     # kept to tiles that won somewhere on the H100 (FACTS.md, docs/perf) plus one for the 154-token
     # cross-attention K/V projections.
     _INT8_CONFIGS = [
-        _config(128, 256, 128, 3, 8),  # best measured tile on H100 for the large SDXL shapes
-        _config(256, 128, 128, 3, 8),
-        _config(128, 128, 128, 4, 8),
-        _config(128, 128, 64, 5, 4),  # K=320 (1x1 convs) is not a multiple of 128
-        _config(64, 128, 128, 4, 4),
+        gemm_config(128, 256, 128, 3, 8),  # best measured tile on H100 for the large SDXL shapes
+        gemm_config(256, 128, 128, 3, 8),
+        gemm_config(128, 128, 128, 4, 8),
+        gemm_config(128, 128, 64, 5, 4),  # K=320 (1x1 convs) is not a multiple of 128
+        gemm_config(64, 128, 128, 4, 4),
     ]
     # The fused kernel stages A in 16 bits, so its tiles need twice the shared memory for A.
     _FUSED_CONFIGS = [
-        _config(128, 256, 128, 3, 8),
-        _config(128, 256, 64, 4, 8),
-        _config(128, 128, 128, 3, 8),
-        _config(128, 128, 64, 4, 4),
-        _config(64, 128, 128, 3, 4),
-        _config(128, 64, 128, 3, 4),
-        _config(64, 64, 128, 4, 4),
+        gemm_config(128, 256, 128, 3, 8),
+        gemm_config(128, 256, 64, 4, 8),
+        gemm_config(128, 128, 128, 3, 8),
+        gemm_config(128, 128, 64, 4, 4),
+        gemm_config(64, 128, 128, 3, 4),
+        gemm_config(128, 64, 128, 3, 4),
+        gemm_config(64, 64, 128, 4, 4),
     ]
 
 _QUICK = os.environ.get("SDXL_BENCH_AUTOTUNE") == "quick"
@@ -88,7 +83,7 @@ if _QUICK:
     # Each new (M, N, K) autotunes every config; GPU tests over many ragged shapes take one config only.
     # The fused kernel's quick config must fit float32 A tiles too: 128x256x128 over 3 stages needed 245760
     # bytes of shared memory on the H100 (limit 232448, docs/perf/h100-2026-11-25/kernel_tests_gpu.log).
-    _INT8_CONFIGS, _FUSED_CONFIGS = _INT8_CONFIGS[:1], [_config(128, 128, 64, 4, 4)]
+    _INT8_CONFIGS, _FUSED_CONFIGS = _INT8_CONFIGS[:1], [gemm_config(128, 128, 64, 4, 4)]
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .tiles import grouped_tile
+from .tiles import gemm_config, grouped_tile
 
 
 def _set_block_shapes(nargs):
@@ -33,8 +33,7 @@ def _set_block_shapes(nargs):
 
 
 def _config(block_m, block_n, block_k, stages, warps):
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-    return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes)
+    return gemm_config(block_m, block_n, block_k, stages, warps, pre_hook=_set_block_shapes)
 
 
 def configs(interpret: bool, quick: bool) -> list:

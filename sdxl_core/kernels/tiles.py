@@ -1,7 +1,12 @@
-"""Tile order shared by the Triton GEMMs."""
+"""What the Triton GEMMs share: their autotune configs' form and their tile order."""
 
 import triton
 import triton.language as tl
+
+
+def gemm_config(block_m, block_n, block_k, stages, warps, pre_hook=None) -> triton.Config:
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    return triton.Config(meta, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 @triton.jit
