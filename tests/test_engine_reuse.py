@@ -193,7 +193,7 @@ def test_fp16_layout_tunings_change_how_it_runs_not_what_is_stored(tmp_path):
     assert stored[0].read_bytes() == stored[1].read_bytes()
 
 
-def test_an_8bit_engine_runs_channels_last_but_refuses_fused_qkv(built_int8):
+def test_an_8bit_engine_runs_channels_last_but_refuses_fused_qkv(built_int8, no_calibration, tmp_path):
     engine_dir, onnx_dir, _ = built_int8
     plain_components, plain = prepare(INT8, engine_dir, onnx_dir)
     tuned_components, tuned = prepare(INT8, engine_dir, onnx_dir, channels_last=True)
@@ -213,7 +213,9 @@ def test_an_8bit_engine_runs_channels_last_but_refuses_fused_qkv(built_int8):
     # to about the quantization noise (see tests/test_quantize.py): bounded here by the real-vs-fake tolerance.
     assert _rel_err(_unet_output(tuned_components, tuned, INT8), _unet_output(plain_components, plain, INT8)) < 0.06
     with pytest.raises(UserError, match="fused QKV applies to FP16 engines only"):
-        prepare(INT8, engine_dir, onnx_dir, fuse_qkv=True)
+        prepare(INT8, tmp_path / "new-engines", tmp_path / "onnx", fuse_qkv=True)  # before any calibration
+    with pytest.raises(UserError, match="fused QKV applies to FP16 engines only"):
+        torch_backend.tune_layout(tuned_components.unet, channels_last=False, fuse_qkv=True)
 
 
 def test_an_int8_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):

@@ -137,6 +137,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         raise UserError("--use-cuda-graph needs a CUDA GPU")
     if compile_mode not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if fuse_qkv and variant.is_quantized:  # refused before any calibration or build is spent
+        raise UserError("fused QKV applies to FP16 engines only: 8-bit Q, K and V have separate input scales")
     components.to(device, dtype)
     key = variant.engine_key(version(), device_tag(device))
     expect = {"backend": NAME, "backend_version": version(), "device": device_tag(device), "dtype": str(dtype),
