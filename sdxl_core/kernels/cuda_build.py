@@ -1,0 +1,140 @@
+"""Build CUDA C++ kernels (CUTLASS) with nvcc into plain C-ABI shared libraries, cached per source.
+
+A library is compiled once per (source, nvcc release, CUTLASS version, flags) and kept in the kernel cache
+(`SDXL_BENCH_KERNEL_CACHE`, default `~/.cache/sdxl-bench/kernels`). It exports `extern "C"` functions that
+take raw device pointers, sizes and a `cudaStream_t`, so Python calls them through ctypes and the library
+does not depend on the torch version it runs beside (the CUDA runtime is linked statically).
+
+A shared library is executable code, so the cache must be the user's own: a cache directory owned by
+another user, or writable by group or others, is refused, and nothing is ever loaded from an engine dir.
+
+Where nvcc or the CUTLASS headers (the `nvidia-cutlass` package) are missing, `library` raises
+`KernelUnavailable` and callers fall back to the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+CACHE_ENV = "SDXL_BENCH_KERNEL_CACHE"
+# Hopper's warp-group MMA (wgmma) and TMA need the arch-specific sm_90a target; written in -gencode form
+# because `-arch=sm_90a` also ran a plain sm_90 pass that rejects them.
+ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
+NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-shared",
+              "-Xcompiler=-fPIC", "-cudart=static", "-DNDEBUG", "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
+              "-lineinfo")
+
+
+class KernelUnavailable(RuntimeError):
+    """This machine cannot build or load the library (no nvcc, no CUTLASS, not a Hopper GPU, compile error)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sdxl-bench" / "kernels")
+
+
+def nvcc() -> str:
+    for candidate in (os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc",
+                      shutil.which("nvcc"), Path("/usr/local/cuda/bin/nvcc")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+
+@functools.cache
+def nvcc_release() -> str:
+    """'13.0' from `nvcc --version`: part of the cache key (a different compiler is a different library)."""
+    out = subprocess.run([nvcc(), "--version"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"release (\d+\.\d+)", out)
+    if not found:
+        raise KernelUnavailable(f"cannot read the nvcc release from {out.strip()[-120:]!r}")
+    return found.group(1)
+
+
+def cutlass_include() -> tuple[Path, str]:
+    """The CUTLASS headers shipped in the `nvidia-cutlass` wheel, and its version."""
+    try:
+        from importlib.metadata import version
+
+        import cutlass_library
+    except ImportError:
+        raise KernelUnavailable("the CUTLASS headers are missing: pip install nvidia-cutlass") from None
+    include = Path(cutlass_library.__file__).parent / "source" / "include"
+    if not (include / "cutlass" / "cutlass.h").is_file():
+        raise KernelUnavailable(f"no CUTLASS headers under {include}")
+    return include, version("nvidia-cutlass")
+
+
+def _key(sources: list[Path], flags: tuple[str, ...], cutlass_version: str) -> str:
+    digest = hashlib.sha256()
+    for part in (nvcc_release(), cutlass_version, *flags):
+        digest.update(part.encode() + b"\0")
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _check_owned(path: Path) -> None:
+    """A directory we load code from must be ours and not writable by anyone else."""
+    info = path.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise KernelUnavailable(f"kernel cache {path} belongs to another user: set {CACHE_ENV} to a dir of your own")
+    if info.st_mode & 0o022:
+        raise KernelUnavailable(f"kernel cache {path} is writable by group or others: chmod go-w it")
+
+
+def library(name: str, *, extra_flags: tuple[str, ...] = (), progress: bool = True) -> ctypes.CDLL:
+    """`csrc/<name>.cu` (plus every `csrc/*.cuh` it may include) built for sm_90a and loaded.
+
+    Compiles on first use (minutes for CUTLASS kernels) under a file lock, publishes by rename, then loads
+    the cached file on every later call in any process."""
+    source = CSRC / f"{name}.cu"
+    if not source.is_file():
+        raise KernelUnavailable(f"no kernel source {source}")
+    include, cutlass_version = cutlass_include()
+    flags = (*NVCC_FLAGS, *ARCH_FLAGS, *extra_flags)
+    sources = [source, *sorted(CSRC.glob("*.cuh"))]
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _check_owned(root)
+    target = root / f"{name}-{_key(sources, flags, cutlass_version)}.so"
+    if not target.exists():
+        from filelock import FileLock
+
+        with FileLock(str(target) + ".lock"):
+            if not target.exists():
+                _compile(source, include, flags, target, progress)
+    return _load(str(target))
+
+
+@functools.cache
+def _load(path: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(path)
+    except OSError as err:
+        raise KernelUnavailable(f"cannot load {path}: {err}") from None
+
+
+def _compile(source: Path, include: Path, flags: tuple[str, ...], target: Path, progress: bool) -> None:
+    tools = include.parent / "tools" / "util" / "include"
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [nvcc(), *flags, f"-I{include}", f"-I{tools}", f"-I{CSRC}", str(source), "-o", str(out)]
+        if progress:
+            print(f"compiling {source.name} with nvcc for sm_90a (once; cached in {target.parent})", file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-20:]
+            raise KernelUnavailable(f"nvcc failed on {source.name}:\n" + "\n".join(tail))
+        os.chmod(out, 0o755)
+        os.replace(out, target)
