@@ -10,20 +10,24 @@
   result equals the ModelOpt fake-quant conv up to float rounding.
 - FP8 level-4 attention quantizers (Q, K, V, softmax) are dropped: attention runs in the activation dtype.
   Only TensorRT runs FP8 attention; the report counts what was dropped.
-- GEMM dispatch: an 8-bit GEMM is not faster than cuBLAS fp16 at every shape (small N, the 154-token text
-  K/V projections). `choose_gemm_paths` times both on the engine's GPU per distinct shape, and layers whose
-  8-bit GEMM loses run "16bit": the same quantized input and weight values, multiplied by a 16-bit GEMM. The
-  choice is kept in the layer plan, so a reloaded engine runs exactly what was measured.
+- Per layer, `gemm_path` says how it runs: "8bit" (the 8-bit kernel named by `kernel`) or "16bit": a plain
+  16-bit GEMM or conv on the dequantized weight (with the SmoothQuant scale folded in) and an unquantized
+  input, i.e. exactly the FP16 model's cost, with weight-only quantization numerics. An 8-bit kernel is not
+  faster than cuBLAS/cuDNN fp16 at every shape, so `gemm_dispatch` times the candidates on the engine's GPU
+  per distinct shape and records the choice in the layer plan: a reloaded engine runs what was measured.
 
-A converted UNet is saved as its config, `real_state_dict(unet)` (safetensors-ready) and `layer_plan(unet)`
-(JSON); `load_real(config, plan, state_dict)` rebuilds it with neither ModelOpt nor calibration.
+A UNet (FP16 or converted) is saved by `save(unet, dir)` as its config, its layer plan (JSON; empty for FP16)
+and its tensors as they run (safetensors); `load(dir, device, dtype)` (through `load_real`) rebuilds it on
+the meta device and assigns the tensors, with neither ModelOpt nor calibration.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +38,11 @@ from .kernels.fp8_gemm import quantize_fp8
 from .kernels.int8_gemm import quantize_per_tensor
 
 PLAN_FORMAT = "sdxl-bench-layer-plan/1"
+UNET_FILES = ("unet_config.json", "layer_plan.json", "unet.safetensors")  # what `save` writes
 GEMM_PATHS = ("8bit", "16bit")
+# The 8-bit kernel a layer runs until the dispatch picks another: the Triton INT8 GEMM, cuBLAS FP8 (through
+# torch._scaled_mm), and for 3x3 convs the emulation (8-bit numerics, 16-bit compute; what runs on the CPU).
+DEFAULT_KERNELS = {"int8": "pointer", "fp8": "scaled_mm", "conv": "emulated"}
 QMAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _MIN_AMAX = 2.0**-24  # ModelOpt quantizes to zero below this amax; a floor keeps the scales finite
@@ -50,20 +58,24 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tenso
     return (quantize(x, scale, fmt).float() * scale).to(x.dtype)
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str) -> torch.Tensor:
+def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str, kernel: str) -> torch.Tensor:
     """Quantize x with plain torch ops (Inductor fuses them into the producer), then the 8-bit GEMM op."""
     x_q = quantize(x.reshape(-1, x.shape[-1]), a_scale, fmt)
-    mm = ops.int8_mm if fmt == "int8" else ops.fp8_mm
-    return mm(x_q, w, a_scale, w_scale, bias, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    if fmt == "int8":
+        out = ops.int8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
+    else:
+        out = ops.fp8_mm(x_q, w, a_scale, w_scale, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-class _Quantized(torch.nn.Module):
+class QuantizedModule(torch.nn.Module):
     """Buffers shared by the 8-bit modules. `weight` (8-bit) and the float32 scales keep their dtype
     through `.to(dtype)` / `.half()`: only bias, smooth and cached weights follow the activation dtype."""
 
     FMT = ""
     _FIXED = ("weight", "w_scale", "a_scale")
-    gemm_path = "8bit"  # or "16bit": see `choose_gemm_paths`
+    gemm_path = "8bit"  # or "16bit": chosen per shape by `gemm_dispatch`
+    kernel = ""  # which 8-bit kernel the "8bit" path runs (DEFAULT_KERNELS until the dispatch picks one)
 
     def _init_buffers(self, weight_shape, out_features, *, bias, per_channel, dtype, device):
         self.per_channel = per_channel
@@ -79,20 +91,34 @@ class _Quantized(torch.nn.Module):
     def runs_8bit_gemm(self) -> bool:
         return self.gemm_path == "8bit"
 
-    def set_gemm_path(self, path: str, dtype: torch.dtype | None = None):
+    @property
+    def needs_float_weight(self) -> bool:
+        return not self.runs_8bit_gemm
+
+    def set_gemm_path(self, path: str, dtype: torch.dtype | None = None, kernel: str | None = None):
         if path not in GEMM_PATHS:
             raise UserError(f"unknown GEMM path {path!r}: choose one of {', '.join(GEMM_PATHS)}")
         self.gemm_path = path
+        if kernel is not None:
+            self.kernel = kernel
         self.dequantize_weight(dtype)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None):
-        """Cache the float weight the 16-bit path computes with (done once, after loading)."""
-        if self.runs_8bit_gemm or self.weight.is_meta:
+        """Cache the float weight the 16-bit path (and the conv emulation) computes with, once after loading.
+        A SmoothQuant scale is folded in: (x * s) @ (W / s)^T = x @ ((W / s) * s)^T."""
+        if not self.needs_float_weight or self.weight.is_meta:
             self.w_dq = None
             return
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in `dtype`, any SmoothQuant scale folded in: what 16-bit compute multiplies."""
         scale = self.w_scale.reshape(-1, *[1] * (self.weight.dim() - 1)) if self.per_channel else self.w_scale
-        self.w_dq = (self.weight.float() * scale).to(dtype)
+        w = self.weight.float() * scale
+        smooth = getattr(self, "smooth", None)
+        if smooth is not None:
+            w = w * smooth.float()
+        return w.to(dtype)
 
     def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.w_dq is None:  # buffers were assigned directly rather than through load_state_dict
@@ -118,7 +144,7 @@ class _Quantized(torch.nn.Module):
         self.bias = None if bias is None else bias.detach().clone()
 
 
-class _QLinear(_Quantized):
+class QLinear(QuantizedModule):
     def __init__(self, in_features, out_features, *, bias=True, smooth=False, per_channel=True,
                  dtype=torch.float32, device=None):
         super().__init__()
@@ -126,6 +152,7 @@ class _QLinear(_Quantized):
         self._init_buffers((out_features, in_features), out_features, bias=bias, per_channel=per_channel,
                            dtype=dtype, device=device)
         self.register_buffer("smooth", torch.empty(in_features, dtype=dtype, device=device) if smooth else None)
+        self.kernel = DEFAULT_KERNELS[self.FMT]
 
     @classmethod
     def empty_like(cls, linear: torch.nn.Linear, *, smooth: bool, per_channel: bool):
@@ -144,26 +171,26 @@ class _QLinear(_Quantized):
         return module
 
     def forward(self, x):
+        if not self.runs_8bit_gemm:
+            return F.linear(x, self._float_weight(x.dtype), self.bias)
         if self.smooth is not None:
             x = x * self.smooth
-        if self.runs_8bit_gemm:
-            return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT)
-        return F.linear(fake_quantize(x, self.a_scale, self.FMT), self._float_weight(x.dtype), self.bias)
+        return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT, self.kernel)
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, smooth={self.smooth is not None}, "
-                f"gemm={self.gemm_path}")
+                f"gemm={self.gemm_path}, kernel={self.kernel}")
 
 
-class Int8Linear(_QLinear):
+class Int8Linear(QLinear):
     FMT = "int8"
 
 
-class Fp8Linear(_QLinear):
+class Fp8Linear(QLinear):
     FMT = "fp8"
 
 
-class _QConv2d(_Quantized):
+class QConv2d(QuantizedModule):
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                  groups=1, bias=True, per_channel=True, dtype=torch.float32, device=None):
         super().__init__()
@@ -171,6 +198,7 @@ class _QConv2d(_Quantized):
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self._init_buffers((out_channels, in_channels // groups, *kernel_size), out_channels, bias=bias,
                            per_channel=per_channel, dtype=dtype, device=device)
+        self.kernel = DEFAULT_KERNELS[self.FMT if self.as_gemm else "conv"]
 
     @property
     def as_gemm(self) -> bool:
@@ -180,6 +208,10 @@ class _QConv2d(_Quantized):
     @property
     def runs_8bit_gemm(self) -> bool:
         return self.as_gemm and self.gemm_path == "8bit"
+
+    @property
+    def needs_float_weight(self) -> bool:
+        return not self.runs_8bit_gemm  # the emulated 8-bit conv computes with the float weight too
 
     @classmethod
     def empty_like(cls, conv: torch.nn.Conv2d, *, smooth: bool = False, per_channel: bool = True):
@@ -201,9 +233,11 @@ class _QConv2d(_Quantized):
         if self.runs_8bit_gemm:
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels)
-            out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias, self.FMT)
+            out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias,
+                       self.FMT, self.kernel)
             return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
-        x = fake_quantize(x, self.a_scale, self.FMT)
+        if self.gemm_path == "8bit":  # a 3x3 conv with 8-bit numerics: emulated in the activation dtype
+            x = fake_quantize(x, self.a_scale, self.FMT)
         return F.conv2d(x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
@@ -212,11 +246,11 @@ class _QConv2d(_Quantized):
                 f"stride={tuple(self.stride)}, gemm={self.gemm_path if self.as_gemm else 'conv'}")
 
 
-class Int8Conv2d(_QConv2d):
+class Int8Conv2d(QConv2d):
     FMT = "int8"
 
 
-class Fp8Conv2d(_QConv2d):
+class Fp8Conv2d(QConv2d):
     FMT = "fp8"
 
 
@@ -263,7 +297,7 @@ def convert_to_real(unet: torch.nn.Module) -> tuple[torch.nn.Module, ConversionR
 
 def layer_plan(unet: torch.nn.Module) -> dict:
     """JSON-ready: which modules of a converted UNet are 8-bit, with the flags that fix their buffer shapes."""
-    layers = {name: _spec(m) for name, m in unet.named_modules() if isinstance(m, _Quantized)}
+    layers = {name: _spec(m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule)}
     return {"format": PLAN_FORMAT, "layers": layers}
 
 
@@ -287,6 +321,9 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
         if gemm_path not in GEMM_PATHS:
             raise UserError(f"layer plan has GEMM path {gemm_path!r} at {name!r}: rebuild the engine")
         quantized.gemm_path = gemm_path
+        quantized.kernel = spec.get("kernel", quantized.kernel)
+        if not isinstance(quantized.kernel, str):
+            raise UserError(f"layer plan has kernel {quantized.kernel!r} at {name!r}: rebuild the engine")
         plain_unet.set_submodule(name, quantized)
     return plain_unet
 
@@ -300,8 +337,11 @@ def load_real(config: dict, plan: dict, state_dict: dict[str, torch.Tensor], *, 
     """Rebuild a converted UNet: built on the meta device, 8-bit modules planted, tensors assigned (no copies)."""
     if unet_cls is None:
         from diffusers import UNet2DConditionModel as unet_cls
-    with torch.device("meta"):
-        unet = unet_cls.from_config(config)
+    try:
+        with torch.device("meta"):
+            unet = unet_cls.from_config(config)
+    except Exception as exc:  # a config that diffusers cannot build from (edited, foreign)
+        raise UserError(f"UNet config does not build a UNet ({str(exc).strip()[:160]}): rebuild the engine") from None
     apply_layer_plan(unet, plan)
     try:
         unet.load_state_dict(state_dict, strict=True, assign=True)
@@ -314,16 +354,42 @@ def load_real(config: dict, plan: dict, state_dict: dict[str, torch.Tensor], *, 
     return unet.eval().requires_grad_(False)
 
 
+def save(unet: torch.nn.Module, directory: Path) -> None:
+    """Write UNET_FILES into `directory`: config, layer plan, tensors as they run."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    (directory / "unet_config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list))
+    (directory / "layer_plan.json").write_text(json.dumps(layer_plan(unet), indent=1, sort_keys=True))
+    save_file(real_state_dict(unet), str(directory / "unet.safetensors"))
+
+
+def load(directory: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The UNet `save` wrote, on `device`, with 16-bit-path weights dequantized once in `dtype`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "unet_config.json").read_text())
+        plan = json.loads((directory / "layer_plan.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"engine {directory.name}: unreadable UNet config or layer plan ({type(exc).__name__}): "
+                        "rebuild the engine") from None
+    unet = load_real(config, plan, load_file(str(directory / "unet.safetensors"), device=str(device)))
+    dequantize_weights(unet, dtype)
+    return unet
+
+
 def module_counts(unet: torch.nn.Module) -> Counter:
-    return Counter(type(m).__name__ for m in unet.modules() if isinstance(m, _Quantized))
+    return Counter(type(m).__name__ for m in unet.modules() if isinstance(m, QuantizedModule))
 
 
-def _spec(module: _Quantized) -> dict:
+def _spec(module: QuantizedModule) -> dict:
     return {"type": type(module).__name__, "smooth": getattr(module, "smooth", None) is not None,
-            "per_channel": module.per_channel, "gemm": module.gemm_path}
+            "per_channel": module.per_channel, "gemm": module.gemm_path, "kernel": module.kernel}
 
 
-def _from_modelopt(module: torch.nn.Module) -> _Quantized:
+def _from_modelopt(module: torch.nn.Module) -> QuantizedModule:
     wq, iq = module.weight_quantizer, module.input_quantizer
     if wq.num_bits not in (8, (4, 3)) or iq.num_bits != wq.num_bits:
         raise UserError(f"cannot run {wq.num_bits}-bit weights with {iq.num_bits}-bit inputs as 8-bit modules")
@@ -346,99 +412,5 @@ def _after_load(module, _incompatible_keys):
 def dequantize_weights(unet: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cache the dequantized weights of the 16-bit-path layers in the activation dtype."""
     for module in unet.modules():
-        if isinstance(module, _Quantized):
+        if isinstance(module, QuantizedModule):
             module.dequantize_weight(dtype)
-
-
-@dataclass
-class GemmTiming:
-    fmt: str
-    m: int
-    k: int
-    n: int
-    layers: int  # how many layers of the UNet run this shape
-    ms_8bit: float
-    ms_16bit: float
-
-    @property
-    def path(self) -> str:
-        return "8bit" if self.ms_8bit < self.ms_16bit else "16bit"
-
-    def row(self) -> dict:
-        return {"fmt": self.fmt, "M": self.m, "K": self.k, "N": self.n, "layers": self.layers,
-                "ms_8bit": round(self.ms_8bit, 4), "ms_16bit": round(self.ms_16bit, 4),
-                "speedup_8bit": round(self.ms_16bit / self.ms_8bit, 3), "path": self.path}
-
-
-def choose_gemm_paths(unet: torch.nn.Module, run_step, *, iters: int = 30, timer=None) -> list[GemmTiming]:
-    """Time every distinct GEMM shape of the UNet's 8-bit layers both ways; set each layer to the faster.
-
-    `run_step()` runs one UNet step (eager) so the GEMM shapes can be recorded. Timing is of the GEMM alone,
-    8-bit kernel on a quantized input against a 16-bit GEMM on the dequantized weight, because the
-    quantization itself fuses into the producing kernel once compiled. `timer(fn, iters)` returns ms per
-    call (default: CUDA events after a warm-up, which also runs the Triton autotuner).
-    """
-    timer = timer or _cuda_ms_per_call
-    shapes: dict[tuple, list[_Quantized]] = {}
-
-    def record(module, args):
-        x = args[0]
-        k = module.in_channels if isinstance(module, _QConv2d) else module.in_features
-        m = x.numel() // k
-        n = module.out_channels if isinstance(module, _QConv2d) else module.out_features
-        shapes.setdefault((module.FMT, m, k, n, x.dtype), []).append(module)
-
-    candidates = [m for m in unet.modules() if isinstance(m, _Quantized) and m.runs_8bit_gemm]
-    hooks = [m.register_forward_pre_hook(record) for m in candidates]
-    try:
-        with torch.inference_mode():
-            run_step()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    timings = []
-    for (fmt, m, k, n, dtype), modules in sorted(shapes.items(), key=lambda item: item[0][:4]):
-        unique = list(dict.fromkeys(modules))
-        ms_8bit, ms_16bit = _time_both_paths(unique[0], m, dtype, iters, timer)
-        timing = GemmTiming(fmt, m, k, n, len(unique), ms_8bit, ms_16bit)
-        for module in unique:
-            module.set_gemm_path(timing.path, dtype)
-        timings.append(timing)
-    return timings
-
-
-def _time_both_paths(layer: _Quantized, m: int, dtype: torch.dtype, iters: int, timer) -> tuple[float, float]:
-    n = layer.weight.shape[0]
-    weight = layer.weight.reshape(n, -1)
-    x = torch.randn(m, weight.shape[1], device=weight.device, dtype=dtype)
-    x_q = quantize(x, layer.a_scale, layer.FMT)
-    scale = layer.w_scale.reshape(-1, 1) if layer.per_channel else layer.w_scale
-    w_dq = (weight.float() * scale).to(dtype)
-    mm = ops.int8_mm if layer.FMT == "int8" else ops.fp8_mm
-    with torch.inference_mode():
-        ms_8bit = timer(lambda: mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype), iters)
-        ms_16bit = timer(lambda: F.linear(x, w_dq, layer.bias), iters)
-    return ms_8bit, ms_16bit
-
-
-def _cuda_ms_per_call(fn, iters: int, replays: int = 7) -> float:
-    """GPU time per call: `iters` calls captured in one CUDA graph, as the engine runs them, so Python launch
-    overhead (which the engine's own CUDA graph removes) does not count; the median of `replays` replays.
-    One replay was too noisy: two builds on one H100 disagreed by up to 40 % on a shape (docs/perf)."""
-    for _ in range(3):  # the first call autotunes
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return sorted(times)[len(times) // 2]

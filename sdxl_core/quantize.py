@@ -48,6 +48,7 @@ LEVEL_CATEGORIES = {
 QKV_KEYS = ("to_q", "to_k", "to_v")
 ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
 CALIBRATION_FORMAT = "sdxl-bench-calibration/1"
+CALIBRATION_BATCH = 2  # prompts per calibration batch, as the reference demo
 
 _EXCLUDED_RE = re.compile("|".join(EXCLUDED))
 _QUANTIZER_KEY = re.compile(r"(^|\.)\w+_quantizer\.")
@@ -176,6 +177,44 @@ def quantize_unet(unet: torch.nn.Module, variant: Variant, forward_loop: Callabl
         counts = {c: len(names) for c, names in quantized_layers(unet).items() if names}
         print(f"[quantize] quantized {counts} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return unet
+
+
+def calibration_loop(components, variant: Variant, device, dtype, progress: bool) -> Callable[[torch.nn.Module], None]:
+    """ModelOpt's forward_loop: the real pipeline on the packaged prompts at the variant's step count, in
+    batches of CALIBRATION_BATCH prompts (as the reference demo), decoding nothing (calibration needs no
+    pixels). Both backends calibrate through it."""
+    from tqdm.auto import tqdm
+
+    from . import pipeline
+    from .engines import Engines
+
+    prompts = calibration_prompts(variant.calibration_size)
+    clip, clip2 = pipeline.text_stages(components)
+    batches = [prompts[i:i + CALIBRATION_BATCH] for i in range(0, len(prompts), CALIBRATION_BATCH)]
+
+    def forward_loop(unet):
+        engines = Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=pipeline.unet_stage(unet),
+                          vae=lambda latents: latents)
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
+            pipeline.txt2img(engines, components, variant.replace(batch_size=len(batch)), batch, seed=i)
+
+    return forward_loop
+
+
+def calibrate_or_reuse(unet: torch.nn.Module, variant: Variant, components, device, dtype, calibration_file,
+                       meta: dict, progress: bool) -> str:
+    """Quantize `unet` in place: restore the calibration saved in `calibration_file` when it was made for
+    `meta`, else calibrate with the real pipeline (and save it there). Returns "reused" or "calibrated"."""
+    if calibration_file is not None and calibration_file.exists():
+        try:
+            load_calibration(unet, calibration_file, meta)
+            return "reused"
+        except CalibrationMismatch as mismatch:
+            print(f"warning: {mismatch}; recalibrating", file=sys.stderr)
+    quantize_unet(unet, variant, calibration_loop(components, variant, device, dtype, progress), progress=progress)
+    if calibration_file is not None:
+        save_calibration(unet, calibration_file, meta)
+    return "calibrated"
 
 
 def _skip_modelopt_cuda_extension() -> None:

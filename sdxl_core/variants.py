@@ -119,7 +119,6 @@ class Variant:
         Readable parts come first; a digest of all knobs at the end guarantees that different
         knobs never share a key even where the readable parts would be ambiguous.
         """
-        knobs = self.engine_knobs()
         parts = [f"unetxl-{self.precision}"]
         if self.precision == "int8":
             parts += [f"l{self.quant_level:g}", f"bs{self.unet_batch}", f"s{self.steps}",
@@ -128,13 +127,20 @@ class Variant:
             parts += [f"l{self.quant_level:g}", f"bs{self.unet_batch}", f"s{self.steps}", f"c{self.calibration_size}"]
         else:
             parts += [f"bs{self.unet_batch}"]
-        parts += [f"h{self.height}w{self.width}", _slug(self.model)]
-        if self.lora_path:
-            parts.append(f"lora{self.lora_scale:g}")
-        parts += [_slug(f"{self.backend}{backend_version}"), _slug(device_tag)]
-        digest = hashlib.sha256(repr(sorted(knobs.items())).encode() + device_tag.encode()
-                                + backend_version.encode()).hexdigest()[:10]
-        return ".".join(parts + [digest])
+        parts.append(f"h{self.height}w{self.width}")
+        return make_key(parts, self.engine_knobs(), self, backend_version, device_tag)
+
+
+def make_key(readable: list[str], knobs: dict, variant: Variant, backend_version: str, device_tag: str) -> str:
+    """`<readable parts>.<model>[.lora<scale>].<backend+version>.<device>.<digest of every knob>`: the form
+    of every engine key (the UNet's and the other components')."""
+    parts = [*readable, _slug(variant.model)]
+    if variant.lora_path:
+        parts.append(f"lora{variant.lora_scale:g}")
+    parts += [_slug(f"{variant.backend}{backend_version}"), _slug(device_tag)]
+    digest = hashlib.sha256(repr(sorted(knobs.items())).encode() + device_tag.encode()
+                            + backend_version.encode()).hexdigest()[:10]
+    return ".".join(parts + [digest])
 
 
 def _slug(text: str) -> str:

@@ -2,14 +2,14 @@
 
 This is what lets Inductor fuse the activation quantization into the producing kernel on the GPU: a graph
 break at every quantized layer would leave the quantize ops as separate kernels (measured slower than
-fp16 on H100, docs/perf).
+fp16 on a Hopper GPU).
 """
 
 import pytest
 import torch
 
-from sdxl_core import qmodules
-from sdxl_core.engines import torch_backend
+from sdxl_core import pipeline, qmodules
+from sdxl_core.engines import compiled, torch_backend
 
 
 def quantized_mlp(module_cls):
@@ -32,19 +32,20 @@ def test_8bit_linears_trace_as_one_graph_and_match_eager(module_cls):
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
         torch._dynamo.reset()
-        compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
-        assert torch.equal(compiled(x), mlp(x))
+        graph = torch.compile(mlp, backend="aot_eager", fullgraph=True)
+        assert torch.equal(graph(x), mlp(x))
 
 
 @pytest.mark.slow
 def test_whole_converted_int8_unet_traces_as_one_graph():
     from sdxl_core import models, quantize
-    from sdxl_core.engines.torch_backend import dummy_unet_inputs, unet_stage
+    from sdxl_core.engines.torch_backend import unet_inputs
+    from sdxl_core.pipeline import unet_stage
     from sdxl_core.variants import VARIANTS
 
     variant = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=128, width=128, steps=2, calibration_size=2)
     unet = models.build_builtin("tiny").unet
-    inputs = dummy_unet_inputs(unet, variant, torch.device("cpu"), torch.float32)
+    inputs = unet_inputs(variant, unet, torch.device("cpu"), torch.float32)
 
     def forward_loop(model):
         with torch.inference_mode():
@@ -61,30 +62,29 @@ def test_whole_converted_int8_unet_traces_as_one_graph():
 
 def eager_then_regional(unet, inputs):
     """The UNet step's output eagerly, then after `compile_regions` (aot_eager: no C++ compiler needed)."""
-    step = torch_backend.unet_stage(unet)
+    step = pipeline.unet_stage(unet)
     with torch.inference_mode():
         eager = step(*inputs)
         torch._dynamo.reset()
-        torch_backend.compile_regions(unet, backend="aot_eager")
+        compiled.compile_regions(unet, backend="aot_eager")
         return eager, step(*inputs)
 
 
 def test_regional_compile_compiles_every_block_and_matches_eager():
     from sdxl_core import models
-    from sdxl_core.engines import torch_backend
     from sdxl_core.variants import VARIANTS
 
     variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
     unet = models.build_builtin("tiny").unet.eval()
-    inputs = torch_backend.dummy_unet_inputs(unet, variant, torch.device("cpu"), torch.float32)
-    eager, compiled = eager_then_regional(unet, inputs)
-    regions = [m for m in unet.modules() if type(m).__name__ in torch_backend.COMPILED_REGIONS]
-    assert {type(m).__name__ for m in regions} == set(torch_backend.COMPILED_REGIONS)
+    inputs = torch_backend.unet_inputs(variant, unet, torch.device("cpu"), torch.float32)
+    eager, regional = eager_then_regional(unet, inputs)
+    regions = [m for m in unet.modules() if type(m).__name__ in compiled.COMPILED_REGIONS]
+    assert {type(m).__name__ for m in regions} == set(compiled.COMPILED_REGIONS)
     assert {type(m).__name__ for m in regions} >= {"BasicTransformerBlock", "ResnetBlock2D"}
     assert all(m._compiled_call_impl is not None for m in regions)
     others = [m for m in unet.modules() if m not in regions]
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in others)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(regional, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_unet_stage_hands_the_unet_a_float32_timestep_whatever_the_scheduler_gives():
@@ -95,7 +95,7 @@ def test_unet_stage_hands_the_unet_a_float32_timestep_whatever_the_scheduler_giv
             seen.append(timestep)
             return (sample,)
 
-    from sdxl_core.engines.torch_backend import unet_stage
+    from sdxl_core.pipeline import unet_stage
 
     for t in (torch.tensor(999), torch.tensor(965.5), 981):
         unet_stage(Probe())(torch.zeros(1), t, None, None, None)
@@ -105,7 +105,6 @@ def test_unet_stage_hands_the_unet_a_float32_timestep_whatever_the_scheduler_giv
 
 def test_cuda_graph_on_the_cpu_is_refused_in_one_line():
     from sdxl_core import models
-    from sdxl_core.engines import torch_backend
     from sdxl_core.errors import UserError
     from sdxl_core.variants import VARIANTS
 
@@ -118,20 +117,19 @@ def test_cuda_graph_on_the_cpu_is_refused_in_one_line():
 @pytest.mark.gpu
 def test_graphed_step_replays_the_eager_step_and_refuses_other_shapes():
     from sdxl_core import models
-    from sdxl_core.engines import torch_backend
     from sdxl_core.errors import UserError
     from sdxl_core.variants import VARIANTS
 
     cuda = torch.device("cuda")
     variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
     unet = models.build_builtin("tiny").unet.to(cuda, torch.float16).eval()
-    step = torch_backend.unet_stage(unet)
-    graphed = torch_backend.GraphedStep(step, torch_backend.dummy_unet_inputs(unet, variant, cuda, torch.float16))
+    step = pipeline.unet_stage(unet)
+    graphed = compiled.GraphedStep(step, torch_backend.unet_inputs(variant, unet, cuda, torch.float16))
     for seed in (1, 2):  # new inputs each call: the graph must read them, not the captured ones
-        inputs = torch_backend.dummy_unet_inputs(unet, variant, cuda, torch.float16, seed=seed)
+        inputs = torch_backend.unet_inputs(variant, unet, cuda, torch.float16, seed=seed)
         with torch.inference_mode():
             torch.testing.assert_close(graphed(*inputs), step(*inputs), rtol=2e-3, atol=2e-3)
-    bigger = torch_backend.dummy_unet_inputs(unet, variant.replace(height=128, width=128), cuda, torch.float16)
+    bigger = torch_backend.unet_inputs(variant.replace(height=128, width=128), unet, cuda, torch.float16)
     with pytest.raises(UserError, match="captured for UNet input shape"):
         graphed(*bigger)
 
@@ -139,22 +137,21 @@ def test_graphed_step_replays_the_eager_step_and_refuses_other_shapes():
 @pytest.mark.gpu
 def test_graphed_step_keeps_its_unet_alive():
     """Regression: the graph replays raw pointers, so a UNet that nothing else references must not be freed.
-    Before GraphedStep kept its step, a reloaded engine's replay hit an illegal memory access on the H100."""
+    Before GraphedStep kept its step, a reloaded engine's replay hit an illegal memory access on a Hopper GPU."""
     import gc
     import weakref
 
     from sdxl_core import models
-    from sdxl_core.engines import torch_backend
     from sdxl_core.variants import VARIANTS
 
     cuda = torch.device("cuda")
     variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
     unet = models.build_builtin("tiny").unet.to(cuda, torch.float16).eval()
-    inputs = torch_backend.dummy_unet_inputs(unet, variant, cuda, torch.float16, seed=3)
-    step = torch_backend.unet_stage(unet)
+    inputs = torch_backend.unet_inputs(variant, unet, cuda, torch.float16, seed=3)
+    step = pipeline.unet_stage(unet)
     with torch.inference_mode():
         expected = step(*inputs)
-    graphed = torch_backend.GraphedStep(step, inputs)
+    graphed = compiled.GraphedStep(step, inputs)
     alive = weakref.ref(unet)
     del unet, step
     gc.collect()
@@ -166,38 +163,21 @@ def test_graphed_step_keeps_its_unet_alive():
 def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
     """proj_in/proj_out sit outside every block: compiled one by one, the rest of an 8-bit UNet is untouched."""
     from sdxl_core import models, quantize
-    from sdxl_core.engines import torch_backend
     from sdxl_core.variants import VARIANTS
 
     variant = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=64, width=64, steps=1, calibration_size=2)
     unet = models.build_builtin("tiny").unet.eval()
-    inputs = torch_backend.dummy_unet_inputs(unet, variant, torch.device("cpu"), torch.float32)
+    inputs = torch_backend.unet_inputs(variant, unet, torch.device("cpu"), torch.float32)
 
     def forward_loop(model):
         with torch.inference_mode():
-            torch_backend.unet_stage(model)(*inputs)
+            pipeline.unet_stage(model)(*inputs)
 
     quantize.quantize_unet(unet, variant, forward_loop, progress=False)
     real, _ = qmodules.convert_to_real(unet)
-    eager, compiled = eager_then_regional(real, inputs)
+    eager, regional = eager_then_regional(real, inputs)
     standalone = {name for name, m in real.named_modules()
-                  if isinstance(m, qmodules._Quantized) and m._compiled_call_impl is not None}
+                  if isinstance(m, qmodules.QuantizedModule) and m._compiled_call_impl is not None}
     assert standalone and all(name.endswith(("proj_in", "proj_out")) for name in standalone)
     assert len(standalone) == 2 * sum(type(m).__name__ == "Transformer2DModel" for m in real.modules())
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-
-
-def test_dispatch_rows_name_the_int8_kernel(monkeypatch):
-    from sdxl_core.kernels import int8_gemm
-
-    monkeypatch.setattr(int8_gemm, "_choices", {
-        (2048, 10240, 1280, torch.float16, True): int8_gemm.KernelChoice("tma", 0.07123, 0.06481),
-        (154, 640, 2048, torch.float16, True): int8_gemm.KernelChoice("pointer", 0.0074, None, "CompilationError"),
-    })
-    rows = [{"fmt": "int8", "M": 2048, "K": 1280, "N": 10240}, {"fmt": "fp8", "M": 2048, "K": 1280, "N": 10240},
-            {"fmt": "int8", "M": 154, "K": 2048, "N": 640}, {"fmt": "int8", "M": 8192, "K": 640, "N": 640}]
-    rows = torch_backend._with_int8_kernels(rows)
-    assert rows[0] == {"fmt": "int8", "M": 2048, "K": 1280, "N": 10240, "int8_kernel": "tma",
-                       "ms_pointer": 0.0712, "ms_tma": 0.0648, "tma_error": None}
-    assert "int8_kernel" not in rows[1] and "int8_kernel" not in rows[3]  # FP8; a shape never timed
-    assert rows[2]["ms_tma"] is None and rows[2]["tma_error"] == "CompilationError"
+    torch.testing.assert_close(regional, eager, rtol=1e-4, atol=1e-4)

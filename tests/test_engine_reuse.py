@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdxl_core import models, pipeline, qmodules, quantize
-from sdxl_core.engines import store, torch_backend
+from sdxl_core.engines import compiled, store, torch_backend
 from sdxl_core.errors import UserError
 from sdxl_core.variants import VARIANTS
 
@@ -171,7 +171,7 @@ def test_building_without_unet_weights_is_one_line(tmp_path):
 
 
 def _unet_output(components, engines, variant):
-    inputs = torch_backend.dummy_unet_inputs(components.unet, variant, CPU, torch.float32)
+    inputs = torch_backend.unet_inputs(variant, components.unet, CPU, torch.float32)
     with torch.inference_mode():
         return engines.unet(*inputs)
 
@@ -215,22 +215,33 @@ def test_an_8bit_engine_runs_channels_last_but_refuses_fused_qkv(built_int8, no_
     with pytest.raises(UserError, match="fused QKV applies to FP16 engines only"):
         prepare(INT8, tmp_path / "new-engines", tmp_path / "onnx", fuse_qkv=True)  # before any calibration
     with pytest.raises(UserError, match="fused QKV applies to FP16 engines only"):
-        torch_backend.tune_layout(tuned_components.unet, channels_last=False, fuse_qkv=True)
+        compiled.tune_layout(tuned_components.unet, channels_last=False, fuse_qkv=True)
 
 
-def test_an_int8_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):
-    from sdxl_core.kernels import int8_gemm
+def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):
+    from sdxl_core import gemm_dispatch
 
-    # On the CPU no GEMM is timed, so stand in for what a GPU build's dispatch would have measured.
-    rows = [{"M": 2048, "N": 1280, "K": 1280, "out_dtype": "float16", "bias": True, "kernel": "tma",
-             "ms_pointer": 0.0166, "ms_tma": 0.0121, "error": None}]
-    monkeypatch.setattr(torch_backend, "_int8_kernel_rows", lambda timing_rows: rows)
-    _, built = prepare(INT8, tmp_path / "engines", tmp_path / "onnx")
+    # On the CPU nothing is timed, so script what a GPU build's dispatch would measure: every third
+    # candidate timed is the fastest, which mixes 16-bit and 8-bit choices over the shapes.
+    calls = iter(range(100_000))
+
+    def scripted(fn):
+        fn()  # each candidate must run at the recorded shape
+        return 1.0 if next(calls) % 3 == 0 else 2.0
+
+    monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
+    monkeypatch.setattr(gemm_dispatch, "graph_ms", scripted)
+    built_components, built = prepare(INT8, tmp_path / "engines", tmp_path / "onnx")
     path = Path(built.info["engine_path"])
-    assert json.loads((path / "int8_kernels.json").read_text()) == rows
-    assert "int8_kernels.json" in store.read_sidecar(path)["files"]  # checksummed like the weights
+    rows = json.loads((path / "gemm_dispatch.json").read_text())
+    assert "gemm_dispatch.json" in store.read_sidecar(path)["files"]  # checksummed like the weights
+    assert {"16bit", "pointer"} <= {row["choice"] for row in rows}
+    assert sum(built.info["layers_by_kernel"].values()) == sum(qmodules.module_counts(built_components.unet).values())
+    plan = json.loads((path / "layer_plan.json").read_text())["layers"]
 
-    monkeypatch.setattr(int8_gemm, "_choices", {})
-    _, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)
-    assert loaded.info["int8_kernels"] == "loaded"
-    assert int8_gemm.kernel_choices() == rows
+    components, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)
+    ran = {name: (m.gemm_path, m.kernel) for name, m in components.unet.named_modules()
+           if isinstance(m, qmodules.QuantizedModule)}
+    assert ran == {name: (spec["gemm"], spec["kernel"]) for name, spec in plan.items()}
+    assert {path for path, _ in ran.values()} == {"8bit", "16bit"}
+    assert image_bytes(INT8, components, loaded) == image_bytes(INT8, built_components, built)

@@ -11,9 +11,10 @@ import onnx
 import pytest
 import torch
 
-from sdxl_core import export
+from sdxl_core import export, specs
 from sdxl_core.models import build_builtin
 from sdxl_core.variants import VARIANTS, Variant
+from tests import onnx_utils
 
 FP32_RTOL = 1e-4
 TINY = Variant(name="tiny-fp16", model="tiny", height=128, width=128)  # unet batch 2 (CFG), latent 16x16
@@ -35,14 +36,15 @@ def _max_rel_err(reference, actual) -> float:
 
 
 def test_unet_io_shapes_follow_the_variant():
-    sdxl = export.unet_io_shapes(VARIANTS["xl-1.0-int8"])
+    sdxl = specs.SPECS["unet"].shapes(VARIANTS["xl-1.0-int8"])
     assert sdxl == {"sample": (2, 4, 128, 128), "timestep": (1,), "encoder_hidden_states": (2, 77, 2048),
                     "text_embeds": (2, 1280), "time_ids": (2, 6), "latent": (2, 4, 128, 128)}
-    turbo = export.unet_io_shapes(VARIANTS["xl-turbo"])  # no CFG at guidance 0: batch 1, 512x512
+    turbo = specs.SPECS["unet"].shapes(VARIANTS["xl-turbo"])  # no CFG at guidance 0: batch 1, 512x512
     assert turbo["sample"] == (1, 4, 64, 64) and turbo["encoder_hidden_states"] == (1, 77, 2048)
-    tiny = export.unet_io_shapes(TINY, build_builtin("tiny", device="meta").unet.config)
+    tiny = specs.SPECS["unet"].shapes(TINY, build_builtin("tiny", device="meta").unet.config)
     assert tiny["encoder_hidden_states"] == (2, 77, 96) and tiny["text_embeds"] == (2, 32)
-    assert export.vae_io_shapes(VARIANTS["xl-1.0-fp16"]) == {"latent": (1, 4, 128, 128), "images": (1, 3, 1024, 1024)}
+    assert specs.SPECS["vae"].shapes(VARIANTS["xl-1.0-fp16"]) == {"latent": (1, 4, 128, 128),
+                                                                   "images": (1, 3, 1024, 1024)}
 
 
 def test_onnx_layout_follows_the_engine_key(tmp_path):
@@ -67,13 +69,13 @@ def test_unet_fp32_export_checks_and_matches_pytorch(tiny, tmp_path):
     model = onnx.load(str(path))
     assert model.opset_import[0].version == export.OPSET
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    expected = export.unet_io_shapes(TINY, tiny.unet.config)
+    expected = specs.SPECS["unet"].shapes(TINY, tiny.unet.config)
     assert shapes == {k: list(v) for k, v in expected.items() if k != "latent"}
     assert [o.name for o in model.graph.output] == ["latent"]
 
-    args = export.example_inputs(TINY, "unet", tiny.unet, seed=1)
+    args = specs.SPECS["unet"].sample_inputs(TINY, tiny.unet, seed=1)
     (reference,) = _reference(export.UNetWrapper(tiny.unet), args)
-    (actual,) = export.run_onnx(path, args)
+    (actual,) = onnx_utils.run_onnx(path, args)
     assert actual.shape == expected["latent"]
     assert _max_rel_err(reference, actual) < FP32_RTOL
     assert not list(tmp_path.glob(".*.tmp"))  # the temp dir is gone
@@ -86,11 +88,11 @@ def test_text_encoders_export_and_match_pytorch(tiny, tmp_path):
         ids = torch.tensor(tiny.tokenizer(["a photo of an astronaut", ""], padding="max_length", max_length=77)
                            .input_ids, dtype=torch.int32)
         reference = _reference(export.TextEncoderWrapper(encoder, component == "clip2"), (ids,))
-        actual = export.run_onnx(path, (ids,))
+        actual = onnx_utils.run_onnx(path, (ids,))
         names = [o.name for o in onnx.load(str(path)).graph.output]
-        assert names == list(export.IO_NAMES[component][1])
+        assert names == list(specs.SPECS[component].outputs)
         for name, ref, out in zip(names, reference, actual, strict=True):
-            assert out.shape == export.text_encoder_io_shapes(TINY, encoder.config, pooled=component == "clip2")[name]
+            assert out.shape == specs.SPECS[component].shapes(TINY, encoder.config)[name]
             assert _max_rel_err(ref, out) < FP32_RTOL, (component, name)
 
 
@@ -100,9 +102,9 @@ def test_vae_decoder_export_matches_pytorch_with_external_data(tiny, tmp_path):
     assert (path.parent / "model.onnx.data").stat().st_size > 0
     assert path.stat().st_size < 200_000  # weights are not inline
     onnx.checker.check_model(str(path), full_check=True)
-    args = export.example_inputs(TINY, "vae", tiny.vae, seed=2)
+    args = specs.SPECS["vae"].sample_inputs(TINY, tiny.vae, seed=2)
     (reference,) = _reference(export.VaeDecoderWrapper(tiny.vae), args)
-    (actual,) = export.run_onnx(path, args)
+    (actual,) = onnx_utils.run_onnx(path, args)
     assert actual.shape == (1, 3, 128, 128)
     assert _max_rel_err(reference, actual) < FP32_RTOL
 
@@ -150,13 +152,13 @@ def test_count_qdq_on_a_hand_built_graph(tmp_path):
                               initializer=[w, w2, scale, zp])
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
-    census = export.count_qdq(path)
+    census = onnx_utils.count_qdq(path)
     assert census["layers"] == {"a": {"op": "MatMul", "input_dq": True, "weight_dq": True},
                                 "b": {"op": "MatMul", "input_dq": False, "weight_dq": False}}
     assert census["quantized"] == ["a"] and census["bmm"] == ["c"]
     assert census["by_op"]["MatMul"] == {"total": 3, "quantized": 2, "weight_only": 0, "input_only": 0}
     assert census["quantize_linear"] == census["dequantize_linear"] == 3
-    name = export.module_name_of("/unet/down_blocks.1/attentions.0/proj_in/MatMul")
+    name = onnx_utils.module_name_of("/unet/down_blocks.1/attentions.0/proj_in/MatMul")
     assert name == "down_blocks.1.attentions.0.proj_in"
 
 
@@ -188,7 +190,7 @@ def _synthetic_forward_loop(variant, batches: int = 4):
     def forward_loop(unet):
         wrapper = export.UNetWrapper(unet)
         for i in range(batches):
-            sample, _, hidden, text_embeds, time_ids = export.example_inputs(variant, "unet", unet, seed=100 + i)
+            sample, _, hidden, text_embeds, time_ids = specs.SPECS["unet"].sample_inputs(variant, unet, seed=100 + i)
             wrapper(sample, torch.tensor([999.0 - 250 * i]), hidden, text_embeds, time_ids)
 
     return forward_loop
@@ -204,7 +206,7 @@ def quantized_export(request, tmp_path_factory):
         quantize.quantize_unet(unet, variant, _synthetic_forward_loop(variant), progress=False)
     path = export.export_unet(unet, variant, tmp_path_factory.mktemp("qdq") / "unet" / "model.onnx")
     return {"variant": variant, "unet": unet, "path": path,
-            "layers": quantize.quantized_layers(unet), "census": export.count_qdq(path)}
+            "layers": quantize.quantized_layers(unet), "census": onnx_utils.count_qdq(path)}
 
 
 def _with_outputs(path, tensor_names, out_path):
@@ -219,7 +221,7 @@ def _with_outputs(path, tensor_names, out_path):
 def test_qdq_export_checks_and_matches_fake_quant(quantized_export, tmp_path):
     q = quantized_export
     onnx.checker.check_model(str(q["path"]), full_check=True)
-    args = export.example_inputs(q["variant"], "unet", q["unet"], seed=7)
+    args = specs.SPECS["unet"].sample_inputs(q["variant"], q["unet"], seed=7)
 
     # The first two quantized convs, read out of the graph as extra outputs, against forward hooks.
     first = [n for n in q["census"]["nodes"] if n["op"] == "Conv" and n["input_dq"] and n["weight_dq"]][:2]
@@ -232,7 +234,7 @@ def test_qdq_export_checks_and_matches_fake_quant(quantized_export, tmp_path):
         hook.remove()
     graph_nodes = {node.name: node for node in onnx.load(str(q["path"])).graph.node}
     tensors = [graph_nodes[n["name"]].output[0] for n in first]
-    outputs = export.run_onnx(_with_outputs(q["path"], tensors, tmp_path / "probe.onnx"), args)
+    outputs = onnx_utils.run_onnx(_with_outputs(q["path"], tensors, tmp_path / "probe.onnx"), args)
     actual, probes = outputs[0], outputs[1:]
     for n, probe in zip(first, probes, strict=True):
         ref = captured[n["module"]]

@@ -14,11 +14,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sdxl_core import export, models
+from sdxl_core import models, specs
 from sdxl_core.engines import get_backend, store
 from sdxl_core.engines import tensorrt as trt_backend
 from sdxl_core.errors import UserError
 from sdxl_core.variants import VARIANTS
+from tests import onnx_utils
 
 
 def _tensorrt_usable() -> bool:
@@ -59,15 +60,15 @@ def test_plan_and_timing_cache_names(tmp_path):
     cache = trt_backend.timing_cache_path(tmp_path, "10.8.0.43", "sm90")
     assert cache == tmp_path / "timing_cache.trt10.8.0.43.sm90.bin"
     int8 = VARIANTS["xl-1.0-int8"].replace(backend="tensorrt", quant_level=2.5)
-    key = export.component_key(int8, "unet", "10.8.0.43", "sm90")
+    key = specs.SPECS["unet"].key(int8, "10.8.0.43", "sm90")
     assert key.startswith("unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.stable-diffusion-xl-base-1-0."
                           "tensorrt10-8-0-43.sm90.")
-    assert export.component_key(int8, "clip", "10.8.0.43", "sm90").startswith("clip.bs2.stable-diffusion-xl-base-1-0.")
+    assert specs.SPECS["clip"].key(int8, "10.8.0.43", "sm90").startswith("clip.bs2.stable-diffusion-xl-base-1-0.")
     # the text encoders' engine is shared by FP16 and INT8 variants; the UNet's is not
     fp16 = XL.replace(backend="tensorrt")
-    assert export.component_key(int8, "clip", "10.8", "sm90") == export.component_key(fp16, "clip", "10.8", "sm90")
-    assert export.component_key(int8, "unet", "10.8", "sm90") != export.component_key(fp16, "unet", "10.8", "sm90")
-    assert export.component_key(fp16, "vae", "10.8", "sm90") != export.component_key(fp16, "vae", "10.8", "sm89")
+    assert specs.SPECS["clip"].key(int8, "10.8", "sm90") == specs.SPECS["clip"].key(fp16, "10.8", "sm90")
+    assert specs.SPECS["unet"].key(int8, "10.8", "sm90") != specs.SPECS["unet"].key(fp16, "10.8", "sm90")
+    assert specs.SPECS["vae"].key(fp16, "10.8", "sm90") != specs.SPECS["vae"].key(fp16, "10.8", "sm89")
 
 
 def test_profile_shapes_come_from_the_variant():
@@ -257,7 +258,7 @@ def test_tiny_fp16_engines_build_load_and_match_torch(tmp_path, use_cuda_graph):
 
     ref_components = models.load("tiny")
     ref = torch_backend.prepare(TINY_GPU, ref_components, cuda, compile=False)
-    args = export.example_inputs(TINY_GPU, "unet", ref_components.unet, device=cuda)
+    args = specs.SPECS["unet"].sample_inputs(TINY_GPU, ref_components.unet, device=cuda)
     with torch.inference_mode():
         expected = ref.unet(*args).float()
         actual = engines.unet(*args).float().clone()
@@ -298,6 +299,6 @@ def test_tiny_8bit_engines_build_strongly_typed_and_run(tmp_path, precision, lev
                                   onnx_dir=tmp_path / "o", progress=False)
     unet = engines.info["engines"]["unet"]
     assert unet["qdq"] is True and unet["builder"]["strongly_typed"] is True
-    assert export.count_qdq(unet["onnx"])["quantized"]
+    assert onnx_utils.count_qdq(unet["onnx"])["quantized"]
     result = pipeline.txt2img(engines, components, variant, ["a red fox"], seed=0)
     assert torch.isfinite(result.latents).all()

@@ -34,14 +34,13 @@ from pathlib import Path
 
 import torch
 
-from .. import export
+from .. import export, specs
 from ..errors import UserError
 from ..variants import Variant
 from . import Engines, device_tag, store
 
 NAME = "tensorrt"
 MISSING = "--backend tensorrt needs TensorRT: pip install 'sdxl-bench[trt]' (see README)"
-ENGINE_NAMES = {"clip": "clip", "clip2": "clip2", "unet": "unetxl", "vae": "vae"}
 OPTIMIZATION_LEVEL = 3  # the reference demo's default
 MEMORY_ALIGNMENT = 256  # TensorRT's required alignment for context device memory
 
@@ -76,7 +75,7 @@ def version() -> str:
 
 def plan_filename(component: str, trt_version: str) -> str:
     """`unetxl.trt10.8.0.43.plan`: the reference demo's engine file name, inside the key's directory."""
-    return f"{ENGINE_NAMES[component]}.trt{trt_version}.plan"
+    return f"{specs.get(component).engine_name}.trt{trt_version}.plan"
 
 
 def timing_cache_path(engine_dir: str | Path, trt_version: str, device: str) -> Path:
@@ -85,7 +84,7 @@ def timing_cache_path(engine_dir: str | Path, trt_version: str, device: str) -> 
 
 def float_dtype(component: str, module_config, half: torch.dtype) -> torch.dtype:
     """The dtype an engine's floating I/O has: `half`, except an SDXL VAE with force_upcast stays fp32."""
-    if component == "vae" and export._cfg(module_config, "force_upcast", False):
+    if component == "vae" and specs.config_value(module_config, "force_upcast", False):
         return torch.float32
     return half
 
@@ -94,7 +93,7 @@ def io_spec(variant: Variant, component: str, module_config=None, half: torch.dt
     """{tensor name: {"shape": [...], "dtype": "float16"}} the engine for `component` must have."""
     fdtype = float_dtype(component, module_config, half)
     spec = {}
-    for name, shape in export.io_shapes(variant, component, module_config).items():
+    for name, shape in specs.get(component).shapes(variant, module_config).items():
         dtype = torch.int32 if name == "input_ids" else torch.float32 if name == "timestep" else fdtype
         spec[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
     return spec
@@ -102,9 +101,8 @@ def io_spec(variant: Variant, component: str, module_config=None, half: torch.dt
 
 def profile_shapes(variant: Variant, component: str, module_config=None) -> dict[str, tuple[tuple, tuple, tuple]]:
     """Static shapes as an optimization profile: {input: (min, opt, max)}, all three equal."""
-    inputs, _ = export.IO_NAMES[component]
-    shapes = export.io_shapes(variant, component, module_config)
-    return {name: (tuple(shapes[name]),) * 3 for name in inputs}
+    shapes = specs.get(component).shapes(variant, module_config)
+    return {name: (tuple(shapes[name]),) * 3 for name in specs.get(component).inputs}
 
 
 def builder_settings(has_qdq: bool, dtype: torch.dtype, optimization_level: int = OPTIMIZATION_LEVEL) -> dict:
@@ -350,8 +348,7 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     variant = variant.replace(backend=NAME)
     trt_version, tag = version(), device_tag(device)
     gpu, capability = gpu_facts(device)
-    configs = {"clip": components.text_encoder.config, "clip2": components.text_encoder_2.config,
-               "unet": components.unet.config, "vae": components.vae.config}
+    configs = {name: spec.module(components).config for name, spec in specs.SPECS.items()}
     info = {"backend": NAME, "backend_version": trt_version, "engine_dir": str(engine_dir) if engine_dir else None,
             "cuda_graph": use_cuda_graph, "engines": {}}
     workspace = int(workspace_gib * 2**30) if workspace_gib else None
@@ -362,8 +359,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         builder = _Builder(variant, components, device, dtype, Path(onnx_dir), progress, optimization_level,
                            workspace, Path(engine_dir) if engine_dir else None, trt_version, tag)
         engines = {}
-        for component in export.COMPONENTS:
-            key = export.component_key(variant, component, trt_version, tag)
+        for component in specs.COMPONENTS:
+            key = specs.get(component).key(variant, trt_version, tag)
             io = io_spec(variant, component, configs[component], dtype)
             expect = expected_sidecar(variant, component, trt_version=trt_version, device=tag, gpu=gpu, io=io)
             engine, record = _engine_for(builder, component, key, expect, engine_dir, allow_build,
@@ -386,7 +383,7 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
 
 
 def _engines_bundle(engines: dict[str, TRTEngine], device, dtype, info) -> Engines:
-    clip_e, clip2_e, unet_e, vae_e = (engines[c] for c in export.COMPONENTS)
+    clip_e, clip2_e, unet_e, vae_e = (engines[c] for c in specs.COMPONENTS)
 
     def clip(ids):
         return clip_e(ids)[0]
@@ -481,7 +478,7 @@ class _Builder:
 
     def onnx_file(self, component: str) -> tuple[Path, dict]:
         """Export unless the ONNX for this component/variant/dtype is already in the ONNX dir."""
-        module_dtype = float_dtype(component, getattr(self.components, _ATTRS[component]).config, self.dtype)
+        module_dtype = float_dtype(component, specs.get(component).module(self.components).config, self.dtype)
         path = export.onnx_path(self.onnx_dir, self.variant, component, module_dtype)
         if path.is_file():
             return path, {"onnx": str(path), "export": "reused"}
@@ -499,29 +496,30 @@ class _Builder:
     def _quantized_unet(self):
         """ModelOpt PTQ (fake quant) on the GPU in the compute dtype, with the pipeline as forward loop."""
         from .. import quantize
-        from .torch_backend import calibration_loop
 
         started = time.perf_counter()
         unet = quantize.quantize_unet(self.components.unet, self.variant,
-                                      calibration_loop(self.components, self.variant, self.device, self.dtype,
-                                                       self.progress), progress=self.progress)
+                                      quantize.calibration_loop(self.components, self.variant, self.device,
+                                                                self.dtype, self.progress),
+                                      progress=self.progress)
         self.components.unet = unet
         return unet, {"calibration_s": round(time.perf_counter() - started, 2)}
 
     def build(self, component: str, key: str) -> tuple[bytes, dict]:
         onnx_file, meta = self.onnx_file(component)
         has_qdq = graph_has_qdq(onnx_file)
-        config = getattr(self.components, _ATTRS[component]).config
+        config = specs.get(component).module(self.components).config
         settings = builder_settings(has_qdq, float_dtype(component, config, self.dtype), self.optimization_level)
         cache = timing_cache_path(self.engine_dir, self.trt_version, self.tag) if self.engine_dir else None
         if self.progress:
-            print(f"[trt] building {ENGINE_NAMES[component]} ({key}) ...", file=sys.stderr, flush=True)
+            print(f"[trt] building {specs.get(component).engine_name} ({key}) ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
+        label = specs.get(component).engine_name
         plan = build_plan(onnx_file, settings, profile_shapes(self.variant, component, config), timing_cache=cache,
-                          workspace_bytes=self.workspace, progress=self.progress, label=ENGINE_NAMES[component])
+                          workspace_bytes=self.workspace, progress=self.progress, label=label)
         build_s = round(time.perf_counter() - started, 2)
         if self.progress:
-            print(f"[trt] built {ENGINE_NAMES[component]} in {build_s:.1f} s ({len(plan) / 2**20:.1f} MiB)",
+            print(f"[trt] built {specs.get(component).engine_name} in {build_s:.1f} s ({len(plan) / 2**20:.1f} MiB)",
                   file=sys.stderr, flush=True)
         return plan, {**meta, "builder": settings, "qdq": has_qdq, "build_s": build_s}
 
@@ -532,8 +530,6 @@ class _Builder:
                 module.to("cpu")
             torch.cuda.empty_cache()
 
-
-_ATTRS = {"clip": "text_encoder", "clip2": "text_encoder_2", "unet": "unet", "vae": "vae"}
 
 
 def load_plan(path: str | Path, device: torch.device) -> TRTEngine:

@@ -343,3 +343,9 @@ def int8_linear_fused(x, w_q, a_scale, w_scale, bias=None):
     if not _use_triton(x, w_q):
         return int8_linear_reference(quantize_per_tensor(x, a_scale), w_q, a_scale, w_scale, bias, x.dtype)
     return _launch(_fused_gemm_kernel, x, w_q, a_scale, w_scale, bias, x.dtype, quantize_a=True)
+
+
+def candidate_kernels(x_q, w_q) -> list[str]:
+    """The kernels `int8_linear(kernel=...)` can run for these operands on their device."""
+    a = x_q.reshape(-1, x_q.shape[-1])
+    return ["pointer", *(["tma"] if a.is_cuda and int8_tma.supports(a, w_q) else [])]

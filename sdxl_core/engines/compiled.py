@@ -1,0 +1,123 @@
+"""How the torch backend makes a UNet fast on a GPU: regional torch.compile, layout tunings, one CUDA graph.
+
+The UNet is compiled region by region: every transformer block, ResNet block and sampler, and each 8-bit
+layer left between them (the remaining glue runs eagerly). Blocks of one class share their code, so each
+distinct block shape compiles once instead of the whole UNet tracing as one graph (`mode="full"`). The
+whole step is then captured in one CUDA graph, so neither Python nor kernel-launch overhead shows in the
+step time. PyTorch's portable compile caches can be saved to and loaded from a file, so a reload recompiles
+from cache.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..pipeline import unet_stage
+
+COMPILE_MODES = ("regional", "full")
+# The UNet's repeated blocks: most linear layers and all attention live in the transformer blocks, most 3x3
+# convs in the ResNet blocks; the samplers hold the other 3x3 convs. The 8-bit layers left between blocks
+# (proj_in/proj_out of each Transformer2DModel) are compiled one by one, so their quantize and dequantize
+# ops become one fused kernel instead of several eager ones.
+COMPILED_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+
+
+class GraphedStep:
+    """A UNet step replayed from one CUDA graph: inputs are copied into the captured buffers.
+
+    Warm-up runs on a side stream first (the CUDA graph recipe), which also settles every Triton autotuner
+    and lazy compilation before capture. Each call returns a fresh copy of the output.
+
+    The graph holds raw pointers to the UNet's weights, so it keeps `step` (and through it the UNet) alive:
+    a reloaded UNet that nothing else referenced was collected once the next capture ran `gc.collect()` +
+    `empty_cache()`, and its replay faulted with an illegal memory access.
+    """
+
+    def __init__(self, step, example_inputs, warmup: int = 2):
+        self.step = step
+        self.inputs = [t.clone() for t in example_inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmup):
+                step(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.output = step(*self.inputs)
+
+    def __call__(self, *inputs):
+        for captured, given in zip(self.inputs, inputs, strict=True):
+            given = torch.as_tensor(given, device=captured.device)
+            if given.numel() == captured.numel():
+                given = given.reshape(captured.shape)  # a scalar timestep fills the captured (1,) buffer
+            if given.shape != captured.shape:
+                raise UserError(f"the CUDA graph was captured for UNet input shape {tuple(captured.shape)}, "
+                                f"got {tuple(given.shape)}")
+            captured.copy_(given)
+        self.graph.replay()
+        return self.output.clone()
+
+
+def tune_layout(unet: torch.nn.Module, *, channels_last: bool, fuse_qkv: bool) -> torch.nn.Module:
+    """Two tunings, in place, after the engine files are written (they change how the UNet runs, not its
+    weights): channels-last weights, so every conv after conv_in runs NHWC, and fused QKV (diffusers'
+    `fuse_qkv_projections`: one GEMM for Q, K and V in self-attention, one for K and V in cross-attention).
+    An 8-bit UNet cannot fuse: its Q, K and V have separate smoothing and input scales."""
+    from ..qmodules import module_counts
+
+    if fuse_qkv:
+        if sum(module_counts(unet).values()):
+            raise UserError("fused QKV applies to FP16 engines only: 8-bit Q, K and V have separate input scales")
+        unet.fuse_qkv_projections()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """Compile every block in COMPILED_REGIONS in place (diffusers' `compile_repeated_blocks`, more classes).
+
+    Blocks of one class share their code, so Dynamo keeps one compiled graph per distinct block shape; the
+    SDXL UNet has more ResNet block shapes than Dynamo's default of 8 per function, hence the higher limit.
+    """
+    from ..qmodules import QuantizedModule
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    regions = [m for m in unet.modules() if type(m).__name__ in COMPILED_REGIONS]
+    if not regions:
+        raise UserError(f"no {' or '.join(COMPILED_REGIONS)} in this UNet to compile")
+    inside = {id(m) for region in regions for m in region.modules()}
+    regions += [m for m in unet.modules() if isinstance(m, QuantizedModule) and id(m) not in inside]
+    for module in regions:
+        module.compile(backend=backend, dynamic=False)
+    return unet
+
+
+def compile_unet(unet, example_inputs, *, mode: str, cache_file: Path | None, info: dict):
+    """torch.compile the UNet (by regions or whole) and run one step, so compile time is paid here.
+
+    With `cache_file`: load PyTorch's portable compile caches from it if present, else save them there.
+    """
+    if mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if cache_file is not None and cache_file.exists():
+        torch.compiler.load_cache_artifacts(cache_file.read_bytes())
+        info["compile_cache"] = "loaded"
+    started = time.perf_counter()
+    compiled = torch.compile(unet, dynamic=False) if mode == "full" else compile_regions(unet)
+    with torch.inference_mode():
+        unet_stage(compiled)(*example_inputs)
+    if example_inputs[0].is_cuda:
+        torch.cuda.synchronize(example_inputs[0].device)
+    info["compile_s"] = round(time.perf_counter() - started, 2)
+    if cache_file is not None and not cache_file.exists():
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            cache_file.write_bytes(artifacts[0])
+            info["compile_cache"] = "saved"
+    return compiled

@@ -1,0 +1,155 @@
+"""Which kernel each 8-bit layer runs: timed per shape on the engine's GPU at build time, kept in the layer plan.
+
+An 8-bit kernel is not faster than cuBLAS/cuDNN fp16 at every SDXL shape (small N, the 154-token text K/V
+projections, short K), so an 8-bit engine build records the input shape of every quantized layer during
+one UNet step, then times each distinct shape once per candidate:
+
+    16bit                   the layer as FP16 runs it: dequantized weight, unquantized input (no glue)
+    pointer, tma, cutlass:* the INT8 GEMM kernels (`kernels.int8_gemm.candidate_kernels`)
+    scaled_mm               cuBLAS FP8 through torch._scaled_mm
+    (3x3 convs)             the 8-bit conv kernels where the machine has them
+
+and every layer of that shape takes the fastest. 8-bit candidates are timed on an already quantized input:
+the quantize is plain torch that Inductor fuses into the producing kernel. The choice lands in each
+module's `gemm_path` / `kernel`, hence in `layer_plan.json`: a reload runs exactly what was measured, and
+`gemm_dispatch.json` keeps the timings for people to read (`sdxl-bench report` renders it).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import qmodules
+from .kernels import ops
+from .timing import graph_ms
+
+SIXTEEN_BIT = "16bit"
+
+
+@dataclass
+class ShapeTiming:
+    fmt: str  # int8 / fp8
+    op: str  # "gemm" (linear and 1x1 conv layers) or "conv" (other convs)
+    shape: tuple  # gemm: (M, K, N); conv: (N, C, H, W, K, R, S, stride)
+    layers: int  # how many layers of the UNet have this shape
+    ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per call
+
+    @property
+    def choice(self) -> str:
+        return min(self.ms, key=self.ms.get)
+
+    @property
+    def speedup(self) -> float:
+        """FP16 time over the fastest 8-bit candidate's (below 1: 8 bits lose at this shape)."""
+        eight_bit = [ms for name, ms in self.ms.items() if name != SIXTEEN_BIT]
+        return self.ms[SIXTEEN_BIT] / min(eight_bit) if eight_bit else 0.0
+
+    def flops(self) -> float:
+        if self.op == "gemm":
+            m, k, n = self.shape
+            return 2.0 * m * k * n
+        n, c, h, w, k, r, s, stride = self.shape
+        return 2.0 * n * (h // stride) * (w // stride) * k * c * r * s
+
+    def row(self) -> dict:
+        return {"fmt": self.fmt, "op": self.op, "shape": list(self.shape), "layers": self.layers,
+                "ms": {name: round(ms, 5) for name, ms in self.ms.items()}, "choice": self.choice,
+                "speedup_8bit": round(self.speedup, 3), "gflop": round(self.flops() / 1e9, 3)}
+
+
+def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None) -> list[ShapeTiming]:
+    """Time every distinct shape of the UNet's 8-bit layers per candidate; set each layer to the fastest.
+
+    `run_step()` runs one eager UNet step so the shapes can be recorded. `timer(fn, candidate, shape)` returns
+    ms per call of `fn` (default: `timing.graph_ms(fn)`, CUDA-graph replays on the GPU).
+    """
+    timer = timer or (lambda fn, candidate, shape: graph_ms(fn))
+    shapes: dict[tuple, list[qmodules.QuantizedModule]] = {}
+
+    def record(module, args):
+        shapes.setdefault(_shape_key(module, args[0]), []).append(module)
+
+    layers = [m for m in unet.modules() if isinstance(m, qmodules.QuantizedModule)]
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    try:
+        with torch.inference_mode():
+            run_step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    timings = []
+    for key, modules in sorted(shapes.items(), key=lambda item: item[0][:3]):
+        unique = list(dict.fromkeys(modules))
+        fmt, op, shape, dtype = key
+        with torch.inference_mode():
+            calls, _ = candidates(unique[0], op, shape, dtype)
+            ms = {name: timer(fn, name, shape) for name, fn in calls.items()}
+        timing = ShapeTiming(fmt, op, shape, len(unique), ms)
+        path = SIXTEEN_BIT if timing.choice == SIXTEEN_BIT else "8bit"
+        for module in unique:
+            module.set_gemm_path(path, dtype, kernel=None if path == SIXTEEN_BIT else timing.choice)
+        timings.append(timing)
+    return timings
+
+
+def summary(timings: list[ShapeTiming]) -> dict:
+    """Layers per path and per 8-bit kernel: how much of the engine actually runs in 8 bits."""
+    paths, kernels = Counter(), Counter()
+    for t in timings:
+        paths[f"{t.op}:{SIXTEEN_BIT if t.choice == SIXTEEN_BIT else '8bit'}"] += t.layers
+        kernels[t.choice] += t.layers
+    return {"layers_by_path": dict(paths), "layers_by_kernel": dict(kernels)}
+
+
+def print_table(timings: list[ShapeTiming], file=sys.stderr) -> None:
+    print(f"{'fmt':>4} {'op':>4} {'shape':>34} {'layers':>6} {'16bit ms':>9} {'best 8-bit ms':>13} "
+          f"{'speed-up':>8}  choice", file=file)
+    for t in timings:
+        eight = [ms for name, ms in t.ms.items() if name != SIXTEEN_BIT]
+        best = f"{min(eight):.4f}" if eight else "-"
+        print(f"{t.fmt:>4} {t.op:>4} {'x'.join(map(str, t.shape)):>34} {t.layers:>6} {t.ms[SIXTEEN_BIT]:>9.4f} "
+              f"{best:>13} {t.speedup:>7.2f}x  {t.choice}", file=file)
+
+
+def _shape_key(module, x) -> tuple:
+    if isinstance(module, qmodules.QLinear) or module.as_gemm:
+        k = module.in_features if isinstance(module, qmodules.QLinear) else module.in_channels
+        n = module.out_features if isinstance(module, qmodules.QLinear) else module.out_channels
+        return module.FMT, "gemm", (x.numel() // k, k, n), x.dtype
+    n, c, h, w = x.shape
+    r, s = module.kernel_size
+    return module.FMT, "conv", (n, c, h, w, module.out_channels, r, s, module.stride[0]), x.dtype
+
+
+def candidates(layer, op: str, shape: tuple, dtype: torch.dtype) -> tuple[dict[str, Callable], torch.Tensor]:
+    """({name: a call that runs this layer's work at `shape` that way}, the random (never zero) input they use,
+    before quantization)."""
+    device = layer.weight.device
+    if op == "conv":
+        n, c, h, w, *_ = shape
+        x = torch.randn(n, c, h, w, device=device, dtype=dtype)
+        w16 = layer.float_weight(dtype)
+        return {SIXTEEN_BIT: lambda: F.conv2d(x, w16, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                              layer.groups)}, x
+    m, k, n = shape
+    weight = layer.weight.reshape(n, k)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w16 = layer.float_weight(dtype).reshape(n, k)
+    calls = {SIXTEEN_BIT: lambda: F.linear(x, w16, layer.bias)}
+    x_q = qmodules.quantize(x, layer.a_scale, layer.FMT)
+    if layer.FMT == "int8":
+        from .kernels import int8_gemm
+
+        for kernel in int8_gemm.candidate_kernels(x_q, weight):
+            calls[kernel] = (lambda kernel=kernel:
+                             ops.int8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel))
+    else:
+        calls["scaled_mm"] = lambda: ops.fp8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype)
+    return calls, x
+
