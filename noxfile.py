@@ -1,4 +1,5 @@
-"""Sessions: tests (CPU, what CI runs), demo, gpu_bench (H100 runners), quality, baselines, compare.
+"""Sessions: tests (CPU, what CI runs), demo, gpu_bench (the suite on a Hopper GPU), gpu_engines, gpu_kernels,
+gpu_profile (GPU measurements), quality, baselines, compare.
 
 Each session makes its own virtualenv and installs the project from pyproject.toml. On a GPU runner
 whose Python already has a CUDA build of torch, pass `--no-venv` (nox >= 2024) or set
@@ -8,6 +9,7 @@ SDXL_BENCH_SYSTEM_PYTHON=1 to use that interpreter's site-packages (venv with sy
 from __future__ import annotations
 
 import os
+import sys
 
 import nox
 
@@ -45,7 +47,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def gpu_bench(session: nox.Session) -> None:
-    """H100 runner: build engines, run `-m bench` with histories, gate against the last saved run."""
+    """Hopper GPU runner: build engines, run `-m bench` with histories, gate against the last saved run."""
     history = ".benchmarks"
     args = ["pytest", "-m", "bench", "--benchmark-autosave", "--benchmark-storage", history,
             "--model", os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
@@ -71,3 +73,35 @@ def baselines(session: nox.Session) -> None:
 def compare(session: nox.Session) -> None:
     """pytest-benchmark histories to a table and a PNG plot of latency per variant over runs."""
     session.run("sdxl-bench", "history", *(session.posargs or [".benchmarks"]))
+
+
+# GPU measurements beside the suite: each runs one `sdxl-bench` subcommand on this Python (a GPU host's own
+# CUDA torch, no venv), writes its result file into --out (default gpu-results/), and takes extra flags after
+# `--`, e.g. `nox -s gpu_engines -- --reload --engine-dir engines`. `sdxl-bench report FILE` renders them.
+def _bench(session: nox.Session, command: str, *defaults: str) -> None:
+    args = list(session.posargs)
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args.append("--out=gpu-results")
+    session.run(sys.executable, "-m", "sdxl_core.cli", command, *defaults, *args, external=True)
+
+
+@nox.session(python=False)
+def gpu_engines(session: nox.Session) -> None:
+    """FP16 / INT8 / FP8 UNet engines built (or reloaded) and timed side by side: engines.json."""
+    _bench(session, "engines", "--model=" + os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
+           "--engine-dir=" + os.environ.get("SDXL_BENCH_ENGINE_DIR", "engines"),
+           "--onnx-dir=" + os.environ.get("SDXL_BENCH_ONNX_DIR", "onnx"))
+
+
+@nox.session(python=False)
+def gpu_kernels(session: nox.Session) -> None:
+    """Per-shape GEMM and conv table, 16 bits against every 8-bit kernel: kernels.json."""
+    _bench(session, "kernels")
+
+
+@nox.session(python=False)
+def gpu_profile(session: nox.Session) -> None:
+    """A UNet step's GPU time by kernel group, FP16 against INT8 and FP8: profile.json."""
+    _bench(session, "profile", "--model=" + os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
+           "--engine-dir=" + os.environ.get("SDXL_BENCH_ENGINE_DIR", "engines"),
+           "--onnx-dir=" + os.environ.get("SDXL_BENCH_ONNX_DIR", "onnx"))

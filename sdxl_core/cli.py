@@ -45,7 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="pytest-benchmark histories to a markdown table and a PNG plot")
     history.add_argument("storage", nargs="?", default=".benchmarks", help="--benchmark-storage dir")
     history.add_argument("--output-dir", default="benchmark-history")
+    for name, text in BENCH_COMMANDS.items():
+        _bench_module(name).add_arguments(commands.add_parser(name, help=text))
     return parser
+
+
+# GPU measurements (sdxl_core/bench/): each writes a result file into --out that `report` renders.
+BENCH_COMMANDS = {
+    "engines": "UNet engines side by side: build or reload FP16/INT8/FP8, time a step each (GPU)",
+    "kernels": "per-shape GEMM and conv table: 16-bit against every 8-bit kernel (GPU)",
+    "profile": "where a UNet step's GPU time goes, by kernel group, FP16 against 8-bit (GPU)",
+}
+
+
+def _bench_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"sdxl_core.bench.{name}")
 
 
 def _add_variant_flags(p: argparse.ArgumentParser) -> None:
@@ -223,7 +239,8 @@ def cmd_history(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"txt2img": cmd_txt2img, "build": cmd_build, "report": cmd_report, "history": cmd_history}
+    commands = {"txt2img": cmd_txt2img, "build": cmd_build, "report": cmd_report, "history": cmd_history,
+                **{name: _bench_module(name).main for name in BENCH_COMMANDS}}
     try:
         return commands[args.command](args)
     except UserError as exc:

@@ -87,6 +87,10 @@ def markdown_summary(paths: list[Path]) -> str:
             raise UserError(f"{path} is not a txt2img report ({type(exc).__name__}: {exc})") from None
         if isinstance(data, dict) and "benchmarks" in data:
             sections.append(_benchmark_run_table(path, data))
+        elif isinstance(data, dict) and "kind" in data:  # a result file of `sdxl-bench engines|kernels|profile`
+            from .bench.results import render
+
+            sections.append(render(data))
         else:
             txt2img.append(_txt2img_row(path, data))
     if txt2img:
