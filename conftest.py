@@ -1,7 +1,8 @@
 """Suite-wide options, hardware probing and session fixtures.
 
-Hardware is probed once: tests marked `gpu` skip where PyTorch sees no CUDA device, `h100` where
-the card is not compute capability 9.0, `tensorrt` where the TensorRT builder is not importable.
+Hardware is probed once: tests marked `gpu` skip where PyTorch sees no CUDA device, `hopper` (alias `h100`)
+where the card is not a Hopper GPU (compute capability 9.0: H100, H200), `tensorrt` where the TensorRT
+builder is not importable.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def pytest_addoption(parser):
                     help="calibration prompts for 8-bit engines (default: the variant's, 32; timing does not depend "
                          "on it, quality does)")
     group.addoption("--min-int8-speedup", type=float, default=1.15, help="INT8 gate: median FP16 / median INT8")
-    group.addoption("--min-fp8-speedup", type=float, default=1.15, help="FP8 gate: median FP16 / median FP8")
+    group.addoption("--min-fp8-speedup", type=float, default=1.3, help="FP8 gate: median FP16 / median FP8")
 
 
 def _hardware() -> dict:
@@ -49,9 +50,11 @@ def pytest_collection_modifyitems(config, items):
     config.stash[HARDWARE] = hw
     reasons = {
         "gpu": None if hw["cuda"] else "needs a CUDA GPU (PyTorch sees none)",
-        "h100": None if hw["capability"] == (9, 0) else f"needs an H100 (sm_90); this is {hw['name']}",
+        "hopper": (None if hw["capability"] == (9, 0)
+                   else f"needs a Hopper GPU (sm_90: H100, H200); this is {hw['name']}"),
         "tensorrt": None if hw["tensorrt"] else "needs TensorRT (pip install 'sdxl-bench[trt]')",
     }
+    reasons["h100"] = reasons["hopper"]
     for item in items:
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:

@@ -9,10 +9,10 @@ Layout, one folder per model and hardware:
 
 `<model>` is the model's last path component made file-name safe (`tiny`, `sdxl-random`,
 `stable-diffusion-xl-base-1.0`). `<hardware>` is `cpu` for every CPU (x86 BLAS differences are far below
-the regression threshold, see THRESHOLDS) and, on a GPU, the card's family read from its name:
-"NVIDIA H100 80GB HBM3" -> `h100`, "NVIDIA H200" -> `h200`, "NVIDIA A100-SXM4-80GB" -> `a100`,
-"NVIDIA GeForce RTX 4090" -> `rtx4090`; `sm<major><minor>` only when the name gives nothing. The family,
-not the compute capability, because H100 and H200 are both sm_90 yet may pick different kernels.
+the regression threshold, see THRESHOLDS) and, on a GPU, its architecture: `hopper` for compute capability
+9.0 (H100, H200: the same tensor cores and the same kernels, so the same FP16 images up to float rounding,
+far below the thresholds), `ampere`, `ada`, `blackwell`; for other cards the family read from the name
+("Tesla T4" -> `t4`), and `sm<major><minor>` when the name gives nothing.
 
 The manifest is written last, so it is the commit point: a folder without one has no baseline.
 """
@@ -84,10 +84,17 @@ def model_slug(model: str) -> str:
 
 
 _VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "radeon", "instinct"}
+ARCHITECTURES = {(8, 0): "ampere", (8, 6): "ampere", (8, 7): "ampere", (8, 9): "ada", (9, 0): "hopper",
+                 (10, 0): "blackwell", (12, 0): "blackwell"}
+# Cards known by name alone (a device name string carries no compute capability).
+_ARCHITECTURE_BY_FAMILY = {"h100": "hopper", "h200": "hopper", "h800": "hopper", "h20": "hopper", "gh200": "hopper",
+                           "a100": "ampere", "a800": "ampere", "a10": "ampere", "a30": "ampere", "a40": "ampere",
+                           "l4": "ada", "l40": "ada", "l40s": "ada", "rtx4090": "ada", "b200": "blackwell"}
 
 
 def hardware_slug(device) -> str:
-    """`cpu`, or a GPU family slug from a device name (or the conftest `hardware` dict): see the module doc."""
+    """`cpu`, or a GPU architecture (or family) slug from a device name or the conftest `hardware` dict: see
+    the module doc."""
     if isinstance(device, dict):
         if not device.get("cuda"):
             return "cpu"
@@ -96,11 +103,13 @@ def hardware_slug(device) -> str:
         name, capability = str(device), None
     if name.strip().lower() in ("", "cpu") and capability is None:
         return "cpu"
+    if capability is not None and tuple(capability) in ARCHITECTURES:
+        return ARCHITECTURES[tuple(capability)]
     words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in _VENDOR_WORDS]
     for i, word in enumerate(words):
         if re.search(r"\d", word) and not re.fullmatch(r"\d+gb", word):
             prefix = words[i - 1] if i and words[i - 1] in ("rtx", "gtx") else ""
-            return prefix + word
+            return _ARCHITECTURE_BY_FAMILY.get(prefix + word, prefix + word)
     if capability:
         return f"sm{capability[0]}{capability[1]}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"

@@ -1,8 +1,9 @@
-"""Latency benchmarks (pytest-benchmark histories) and the 8-bit gates.
+"""Latency benchmarks (pytest-benchmark histories) and the 8-bit speed gates.
 
-Timing is CUDA-synchronized on a GPU. Speed is only ever asserted on an H100, as a ratio of medians
-taken side by side in this session; on the CPU the benchmarks still run (histories, extra_info) but
-assert nothing about speed. The engine-size bound holds everywhere and is asserted everywhere.
+Timing is CUDA-synchronized on a GPU. Speed is only ever asserted on a Hopper GPU (sm_90), as a ratio of
+medians taken side by side in this session. On the CPU the benchmarks still run and assert what can fail
+there without a clock: a finite output of the right shape, stage times that add up to the pipeline's total.
+The engine-size bound holds everywhere and is asserted everywhere.
 """
 
 import statistics
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sdxl_core import specs, timing
 from sdxl_core.engines import torch_backend
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -36,8 +38,8 @@ def _rounds(device):
 
 
 def unet_step(engine):
-    inputs = torch_backend.dummy_unet_inputs(engine.components.unet, engine.variant, engine.engines.device,
-                                             engine.engines.dtype)
+    inputs = torch_backend.unet_inputs(engine.variant, engine.components.unet, engine.engines.device,
+                                       engine.engines.dtype)
 
     def step():
         with torch.inference_mode():
@@ -51,8 +53,12 @@ def test_unet_step_latency(benchmark, variant_engine, suite_device):
     rounds, warmup = _rounds(suite_device)
     if suite_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(suite_device)
-    benchmark.pedantic(_synced(unet_step(variant_engine), suite_device), rounds=rounds, warmup_rounds=warmup)
+    outputs = []
+    step = unet_step(variant_engine)
+    benchmark.pedantic(_synced(lambda: outputs.append(step()), suite_device), rounds=rounds, warmup_rounds=warmup)
     _describe(benchmark, variant_engine, suite_device)
+    latent = specs.SPECS["unet"].shapes(variant_engine.variant, variant_engine.components.unet.config)["latent"]
+    assert outputs and all(tuple(out.shape) == latent and torch.isfinite(out).all() for out in outputs)
 
 
 @pytest.mark.bench
@@ -66,6 +72,11 @@ def test_pipeline_latency(benchmark, variant_engine, suite_device):
                                          for k in ("clip", "clip2", "unet", "vae", "total")}
     benchmark.extra_info["unet_steps"] = timed[0].unet_calls
     _describe(benchmark, variant_engine, suite_device)
+    for result in timed:  # the stages run one after another inside the timed total, so they add up to at most it
+        stages = sum(result.timings[k] for k in ("clip", "clip2", "unet", "vae"))
+        assert 0 < stages <= result.timings["total"] * 1.001 + 0.05
+        assert result.unet_calls == variant_engine.variant.steps
+        assert len(result.images) == variant_engine.variant.batch_size
 
 
 def _describe(benchmark, engine, device):
@@ -85,7 +96,7 @@ def gpu_equivalent_weight_bytes(engine_path) -> int:
     """Bytes of the engine's weights as they sit on a GPU: 8-bit tensors 1 byte, float tensors 2 (fp16).
 
     On a GPU this is the file's tensor bytes; on the CPU (where unquantized tensors are fp32) it is what the
-    same engine holds on a GPU, so the bound means the same thing in CI as on the H100.
+    same engine holds on a GPU, so the bound means the same thing in CI as on a GPU.
     """
     total = 0
     with safe_open(f"{engine_path}/unet.safetensors", framework="pt") as f:
@@ -110,36 +121,18 @@ def test_8bit_engine_weights_fit_in_55_percent_of_fp16(build_engine, suite_model
         f"(bound {bound:.0%}): more layers stayed in 16 bits than the level should leave")
 
 
-def side_by_side_medians(engines: dict, rounds: int = 10, iters: int = 5) -> dict[str, float]:
-    """Median UNet-step ms per engine, interleaved round by round so every engine sees the same card state."""
-    steps = {name: unet_step(engine) for name, engine in engines.items()}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            samples[name].append(start.elapsed_time(end) / iters)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 @pytest.mark.gpu
-@pytest.mark.h100
+@pytest.mark.hopper
 @pytest.mark.bench
 @pytest.mark.parametrize("precision, option", [("int8", "--min-int8-speedup"), ("fp8", "--min-fp8-speedup")])
-def test_8bit_speedup_gate_on_h100(build_engine, pytestconfig, record_property, precision, option):
+def test_8bit_speedup_gate_on_hopper(build_engine, pytestconfig, record_property, precision, option):
     engines = {"fp16": build_engine("xl-1.0-fp16"), precision: build_engine(f"xl-1.0-{precision}")}
-    medians = side_by_side_medians(engines)
+    medians = timing.medians(timing.interleaved_ms({name: unet_step(e) for name, e in engines.items()}))
     speedup = medians["fp16"] / medians[precision]
     record_property("speedup", speedup)
     record_property("fp16_ms", medians["fp16"])
     record_property("ms", medians[precision])
+    record_property("layers_8bit", engines[precision].engines.info.get("layers_by_path"))
     required = pytestconfig.getoption(option)
     assert speedup >= required, (
         f"{precision.upper()} UNet step {medians[precision]:.2f} ms vs FP16 {medians['fp16']:.2f} ms: "

@@ -286,13 +286,14 @@ def test_baseline_round_trip_and_checksum(tmp_path):
 @pytest.mark.parametrize("device, slug", [
     ("cpu", "cpu"),
     ({"cuda": False, "name": "cpu", "capability": None}, "cpu"),
-    ("NVIDIA H100 80GB HBM3", "h100"),
-    ({"cuda": True, "name": "NVIDIA H100 PCIe", "capability": (9, 0)}, "h100"),
-    ("NVIDIA H200", "h200"),
-    ("NVIDIA A100-SXM4-80GB", "a100"),
-    ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ("NVIDIA H100 80GB HBM3", "hopper"),
+    ({"cuda": True, "name": "NVIDIA H100 PCIe", "capability": (9, 0)}, "hopper"),
+    ("NVIDIA H200", "hopper"),
+    ({"cuda": True, "name": "NVIDIA Graphics Device", "capability": (9, 0)}, "hopper"),
+    ("NVIDIA A100-SXM4-80GB", "ampere"),
+    ("NVIDIA GeForce RTX 4090", "ada"),
     ("Tesla T4", "t4"),
-    ({"cuda": True, "name": "NVIDIA Graphics Device", "capability": (9, 0)}, "sm90"),
+    ({"cuda": True, "name": "NVIDIA Graphics Device", "capability": (7, 0)}, "sm70"),
 ])
 def test_hardware_slug(device, slug):
     assert baselines.hardware_slug(device) == slug
