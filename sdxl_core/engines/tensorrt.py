@@ -223,7 +223,7 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
 
     config = builder.create_builder_config()
     if settings["fp16"] or settings["bf16"]:
-        if not (hasattr(trt.BuilderFlag, "FP16") and hasattr(trt.BuilderFlag, "BF16")):
+        if not hasattr(trt.BuilderFlag, "FP16"):  # 11.x: BF16 went with it
             raise UserError(f"TensorRT {version()} has no FP16/BF16 builder flags (strongly typed networks only); "
                             "these settings need builder_settings(..., weak_typing=False)")
         config.set_flag(trt.BuilderFlag.FP16 if settings["fp16"] else trt.BuilderFlag.BF16)
