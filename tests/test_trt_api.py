@@ -197,8 +197,9 @@ def _check_release(version: str, root: Path) -> dict | str:
     if isinstance(site, str):
         return site
     libs = _stand_ins(version.split(".")[0], root, cc)
-    env = {**os.environ, "PYTHONPATH": str(site), "LD_LIBRARY_PATH": str(libs), "PYTHONNOUSERSITE": "1"}
-    done = subprocess.run([sys.executable, str(CHECKER)], input=json.dumps({"sources": _sources()}),
+    env = {**os.environ, "PYTHONPATH": str(site), "LD_LIBRARY_PATH": str(libs)}
+    # -S: no site-packages, so a TensorRT installed on this machine (tensorrt_libs) cannot step in
+    done = subprocess.run([sys.executable, "-S", str(CHECKER)], input=json.dumps({"sources": _sources()}),
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, f"the check did not run on TensorRT {version}: {done.stderr.strip()[-2000:]}"
     result = json.loads(done.stdout)
