@@ -113,6 +113,14 @@ def test_builder_settings_pick_strong_typing_for_qdq_graphs():
     assert not (fp32["fp16"] or fp32["bf16"] or fp32["strongly_typed"])
 
 
+def test_builder_settings_without_weak_typing_build_every_graph_strongly_typed():
+    """TensorRT 11 has no FP16/BF16 builder flags: the FP16 export's own types make the FP16 engine."""
+    for has_qdq in (False, True):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            settings = trt_backend.builder_settings(has_qdq, dtype, weak_typing=False)
+            assert settings == {"strongly_typed": True, "fp16": False, "bf16": False, "optimization_level": 3}
+
+
 def _matmul_graph(path, qdq: bool):
     w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
     nodes, inputs, extra = [], "x", []

@@ -11,9 +11,11 @@ under its own key, so variants that differ only in the UNet share the text-encod
 Build (only when no valid engine exists for the key): export the component to ONNX under `--onnx-dir`
 unless that ONNX is already there (INT8/FP8 UNets are calibrated with ModelOpt first, then exported
 with Q/DQ), parse it, build with a strongly typed network for Q/DQ graphs and the FP16/BF16 flag
-otherwise, at a fixed optimization level with a static-shape profile, publish atomically under a build
-lock. Load checks the sidecar (TensorRT version, GPU, shapes) and the checksum first; a mismatch or a
-torn file is refused with one line, and rebuilt only when building is allowed.
+otherwise (TensorRT 11 has strongly typed networks only: there every graph builds strongly typed, and an
+FP16 engine comes from the FP16 ONNX export), at a fixed optimization level with a static-shape profile,
+publish atomically under a build lock. Load checks the sidecar (TensorRT version, GPU, shapes) and the
+checksum first; a mismatch or a torn file is refused with one line, and rebuilt only when building is
+allowed.
 
 Runtime: I/O tensors are allocated once as torch tensors, `execute_async_v3` runs on the current torch
 CUDA stream, every engine's context shares one device-memory pool (the max of their requirements, the
@@ -22,6 +24,10 @@ engines run one after another), and `use_cuda_graph=True` captures the UNet step
 Importing this module needs no TensorRT; `prepare` without it raises a UserError naming the fix. The
 pure helpers (names, sidecar expectations, profiles, I/O specs, builder settings) need neither TensorRT
 nor a GPU and are unit-tested on their own.
+
+TensorRT API differences are handled by capability (`hasattr` on the object), never by version strings;
+tests/test_trt_api.py checks every TensorRT name and call here against the real Python module of
+TensorRT 10.0.1, the newest 10.x and the newest 11.x (docs/tensorrt.md has the table).
 """
 
 from __future__ import annotations
@@ -59,7 +65,16 @@ def _import_tensorrt():
         raise UserError(MISSING) from None
     if not hasattr(tensorrt, "Builder"):
         raise UserError(MISSING)
+    if not hasattr(tensorrt, "ExecutionContextAllocationStrategy"):  # added in 10.0
+        raise UserError(f"TensorRT {tensorrt.__version__} is too old for --backend tensorrt: it needs TensorRT "
+                        ">= 10.0 (user-managed context memory)")
     return tensorrt
+
+
+def has_weak_typing(trt) -> bool:
+    """Whether this TensorRT still builds weakly typed networks with the FP16/BF16 builder flags (10.x);
+    TensorRT 11 removed those flags: every network is strongly typed, the graph's types decide."""
+    return hasattr(trt.BuilderFlag, "FP16") and hasattr(trt.BuilderFlag, "BF16")
 
 
 def version() -> str:
@@ -105,10 +120,13 @@ def profile_shapes(variant: Variant, component: str, module_config=None) -> dict
     return {name: (tuple(shapes[name]),) * 3 for name in specs.get(component).inputs}
 
 
-def builder_settings(has_qdq: bool, dtype: torch.dtype, optimization_level: int = OPTIMIZATION_LEVEL) -> dict:
+def builder_settings(has_qdq: bool, dtype: torch.dtype, optimization_level: int = OPTIMIZATION_LEVEL,
+                     weak_typing: bool = True) -> dict:
     """Q/DQ graphs build as strongly typed networks (the graph's own types decide every layer, which the
-    FP16/INT8/FP8 flags may not override); other graphs build weakly typed with the FP16 or BF16 flag."""
-    strongly_typed = bool(has_qdq)
+    FP16/INT8/FP8 flags may not override); other graphs build weakly typed with the FP16 or BF16 flag,
+    except where TensorRT has no weak typing (`weak_typing=False`, TensorRT 11): there every graph builds
+    strongly typed, so an FP16 or BF16 engine comes from the FP16/BF16 ONNX export itself."""
+    strongly_typed = bool(has_qdq) or not weak_typing
     return {"strongly_typed": strongly_typed,
             "fp16": not strongly_typed and dtype == torch.float16,
             "bf16": not strongly_typed and dtype == torch.bfloat16,
@@ -202,10 +220,11 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
         raise UserError(f"TensorRT cannot parse {onnx_file}: {errors[0] if errors else 'unknown error'}")
 
     config = builder.create_builder_config()
-    if settings["fp16"]:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if settings["bf16"]:
-        config.set_flag(trt.BuilderFlag.BF16)
+    if settings["fp16"] or settings["bf16"]:
+        if not hasattr(trt.BuilderFlag, "FP16"):  # 11.x: BF16 went with it
+            raise UserError(f"TensorRT {version()} has no FP16/BF16 builder flags (strongly typed networks only); "
+                            "these settings need builder_settings(..., weak_typing=False)")
+        config.set_flag(trt.BuilderFlag.FP16 if settings["fp16"] else trt.BuilderFlag.BF16)
     config.builder_optimization_level = settings["optimization_level"]
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -222,7 +241,8 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
         if wanted is None:
             raise UserError(f"{onnx_file}: unexpected input {tensor.name}; delete it to re-export")
         if any(d < 0 for d in shape):
-            trt_profile.set_shape(tensor.name, *wanted)
+            low, opt, high = wanted
+            trt_profile.set_shape(tensor.name, low, opt, high)
             dynamic = True
         elif shape != tuple(wanted[1]):
             raise UserError(f"{onnx_file}: input {tensor.name} has shape {list(shape)}, this variant needs "
@@ -257,12 +277,11 @@ class TRTEngine:
         if self.engine is None:
             raise store.EngineRefused(f"engine {label}: TensorRT {version()} cannot deserialize it; "
                                       "delete it to rebuild")
-        if hasattr(trt, "ExecutionContextAllocationStrategy"):
-            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if hasattr(self.engine, "device_memory_size_v2"):  # TensorRT >= 10.1; 11 has only this one
+            self.device_memory_size = int(self.engine.device_memory_size_v2)
         else:
-            self.context = self.engine.create_execution_context_without_device_memory()
-        size = getattr(self.engine, "device_memory_size_v2", None)
-        self.device_memory_size = int(size if size is not None else self.engine.device_memory_size)
+            self.device_memory_size = int(self.engine.device_memory_size)
         self.inputs, self.outputs, self.tensors, self.io = [], [], {}, {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -283,11 +302,8 @@ class TRTEngine:
         """Point the context at a shared pool (kept alive here) that is at least `device_memory_size`."""
         self.memory = pool
         if hasattr(self.context, "set_device_memory"):  # TensorRT >= 10.1: (pointer, size)
-            try:
-                self.context.set_device_memory(pool.data_ptr(), pool.numel())
-            except TypeError:  # a binding that takes the pointer only
-                self.context.set_device_memory(pool.data_ptr())
-        else:
+            self.context.set_device_memory(pool.data_ptr(), pool.numel())
+        else:  # TensorRT 10.0: the pointer alone
             self.context.device_memory = pool.data_ptr()
 
     def _enqueue(self, stream: torch.cuda.Stream) -> None:
@@ -509,7 +525,8 @@ class _Builder:
         onnx_file, meta = self.onnx_file(component)
         has_qdq = graph_has_qdq(onnx_file)
         config = specs.get(component).module(self.components).config
-        settings = builder_settings(has_qdq, float_dtype(component, config, self.dtype), self.optimization_level)
+        settings = builder_settings(has_qdq, float_dtype(component, config, self.dtype), self.optimization_level,
+                                    weak_typing=has_weak_typing(_import_tensorrt()))
         cache = timing_cache_path(self.engine_dir, self.trt_version, self.tag) if self.engine_dir else None
         if self.progress:
             print(f"[trt] building {specs.get(component).engine_name} ({key}) ...", file=sys.stderr, flush=True)
@@ -529,7 +546,6 @@ class _Builder:
             for module in self.components.modules().values():
                 module.to("cpu")
             torch.cuda.empty_cache()
-
 
 
 def load_plan(path: str | Path, device: torch.device) -> TRTEngine:
