@@ -82,6 +82,9 @@ def _add_variant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization-alpha", type=float, default=None)
     p.add_argument("--quantization-percentile", type=float, default=None)
     p.add_argument("--calibration-size", type=int, default=None)
+    p.add_argument("--fused-qkv", action="store_true",
+                   help="torch backend: fuse each attention's Q/K/V (and cross-attention K/V) projections into one "
+                        "GEMM; 8-bit engines are calibrated on the fused layers")
     _add_runtime_flags(p)
 
 
@@ -129,6 +132,7 @@ def variant_from_args(args) -> Variant:
         "quant_percentile": args.quantization_percentile,
         "calibration_size": args.calibration_size,
         "backend": args.backend,
+        "fused_qkv": True if args.fused_qkv else None,
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.lora_path and Path(args.lora_path).suffix == ".safetensors" and not Path(args.lora_path).exists():

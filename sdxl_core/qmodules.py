@@ -290,15 +290,35 @@ def convert_to_real(unet: torch.nn.Module) -> tuple[torch.nn.Module, ConversionR
         elif any(getattr(module, q, None) is not None for q in ATTENTION_QUANTIZERS):
             report.dropped_attention += is_quantized(module)
     plain = {k: v for k, v in unet.state_dict().items() if not _QUANTIZER_KEY.search(k)}
-    real_unet = load_real(unet.config, {"format": PLAN_FORMAT, "layers": plan}, {**plain, **replaced},
-                          unet_cls=type(unet))
+    real_unet = load_real(unet.config, {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": plan},
+                          {**plain, **replaced}, unet_cls=type(unet))
     return real_unet, report
 
 
 def layer_plan(unet: torch.nn.Module) -> dict:
-    """JSON-ready: which modules of a converted UNet are 8-bit, with the flags that fix their buffer shapes."""
+    """JSON-ready: which modules of a converted UNet are 8-bit, with the flags that fix their buffer shapes, and
+    whether its attention projections are fused (the module tree the layer names refer to)."""
     layers = {name: _spec(m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule)}
-    return {"format": PLAN_FORMAT, "layers": layers}
+    return {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": layers}
+
+
+def fuse_qkv(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fuse the attention projections in place: one `to_qkv` GEMM per self-attention, one `to_kv` per
+    cross-attention (diffusers' `fuse_qkv_projections`), then drop the unfused projections, which nothing
+    runs any more, so they are neither stored nor quantized. Calibrating after fusing gives the fused layer one
+    SmoothQuant scale and one input scale of its own: one quantized input, one 8-bit GEMM."""
+    from diffusers.models.attention_processor import Attention
+
+    unet.fuse_qkv_projections()
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            for name in ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"):
+                setattr(module, name, None)
+    return unet
+
+
+def has_fused_qkv(unet: torch.nn.Module) -> bool:
+    return any(hasattr(m, "to_qkv") or hasattr(m, "to_kv") for m in unet.modules())
 
 
 def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module:
@@ -306,6 +326,8 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
     the right shapes, in place, so that the converted state dict loads with `strict=True`."""
     if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
         raise UserError(f"not a {PLAN_FORMAT} layer plan: rebuild the engine")
+    if plan.get("fused_qkv") and not has_fused_qkv(plain_unet):
+        fuse_qkv(plain_unet)
     for name, spec in plan["layers"].items():
         cls = MODULE_TYPES.get(spec.get("type"))
         try:

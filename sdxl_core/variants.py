@@ -47,6 +47,7 @@ class Variant:
     quant_percentile: float = 1.0
     calibration_size: int = 32
     backend: str = "torch"
+    fused_qkv: bool = False  # one Q/K/V GEMM per self-attention, one K/V GEMM per cross-attention (torch backend)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -100,6 +101,8 @@ class Variant:
             "width": self.width,
             "backend": self.backend,
         }
+        if self.fused_qkv:  # only when set, so the keys of unfused engines stay as they were
+            knobs["fused_qkv"] = True
         if self.is_quantized:
             knobs.update(
                 level=self.quant_level,
@@ -128,6 +131,8 @@ class Variant:
         else:
             parts += [f"bs{self.unet_batch}"]
         parts.append(f"h{self.height}w{self.width}")
+        if self.fused_qkv:
+            parts.append("qkv")
         return make_key(parts, self.engine_knobs(), self, backend_version, device_tag)
 
 

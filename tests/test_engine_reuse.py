@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdxl_core import models, pipeline, qmodules, quantize
-from sdxl_core.engines import compiled, store, torch_backend
+from sdxl_core.engines import store, torch_backend
 from sdxl_core.errors import UserError
 from sdxl_core.variants import VARIANTS
 
@@ -180,12 +181,10 @@ def _rel_err(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def test_fp16_layout_tunings_change_how_it_runs_not_what_is_stored(tmp_path):
+def test_channels_last_changes_how_it_runs_not_what_is_stored(tmp_path):
     plain_components, plain = prepare(FP16, tmp_path / "plain")
-    tuned_components, tuned = prepare(FP16, tmp_path / "tuned", channels_last=True, fuse_qkv=True)
-    assert (tuned.info["channels_last"], tuned.info["fuse_qkv"]) == (True, True)
-    processors = {type(m.processor).__name__ for m in tuned_components.unet.modules() if hasattr(m, "processor")}
-    assert processors == {"FusedAttnProcessor2_0"}
+    tuned_components, tuned = prepare(FP16, tmp_path / "tuned", channels_last=True)
+    assert tuned.info["channels_last"] is True
     assert tuned_components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     ref, out = _unet_output(plain_components, plain, FP16), _unet_output(tuned_components, tuned, FP16)
     assert _rel_err(out, ref) < 1e-5
@@ -193,7 +192,38 @@ def test_fp16_layout_tunings_change_how_it_runs_not_what_is_stored(tmp_path):
     assert stored[0].read_bytes() == stored[1].read_bytes()
 
 
-def test_an_8bit_engine_runs_channels_last_but_refuses_fused_qkv(built_int8, no_calibration, tmp_path):
+def test_fused_qkv_engines_store_one_projection_per_attention_and_reload_fused(tmp_path):
+    plain_components, plain = prepare(FP16, tmp_path / "engines")
+    fused_variant = FP16.replace(fused_qkv=True)
+    fused_components, fused = prepare(fused_variant, tmp_path / "engines")
+    assert fused.info["engine_key"] != plain.info["engine_key"] and ".qkv." in fused.info["engine_key"]
+    names = set(load_file(Path(fused.info["engine_path"]) / "unet.safetensors"))
+    assert any(".to_qkv." in n for n in names) and any(".to_kv." in n for n in names)
+    assert not any(n.endswith((".to_k.weight", ".to_v.weight")) for n in names)  # unfused ones are not stored
+    processors = {type(m.processor).__name__ for m in fused_components.unet.modules() if hasattr(m, "processor")}
+    assert processors == {"FusedAttnProcessor2_0"}
+    # The same weights, one GEMM instead of three: FP16 numbers agree to float rounding.
+    assert _rel_err(_unet_output(fused_components, fused, FP16), _unet_output(plain_components, plain, FP16)) < 1e-5
+    reloaded_components, reloaded = prepare(fused_variant, tmp_path / "engines", allow_build=False, unet_weights=False)
+    assert reloaded.info["mode"] == "loaded" and qmodules.has_fused_qkv(reloaded_components.unet)
+    assert torch.equal(_unet_output(reloaded_components, reloaded, FP16), _unet_output(fused_components, fused, FP16))
+
+
+def test_an_int8_engine_calibrates_its_fused_projections(tmp_path):
+    fused_variant = INT8.replace(fused_qkv=True)
+    components, engines = prepare(fused_variant, tmp_path / "engines", tmp_path / "onnx")
+    fused_8bit = {name for name, m in components.unet.named_modules()
+                  if isinstance(m, qmodules.Int8Linear) and name.endswith(("to_qkv", "to_kv"))}
+    attentions = [m for m in components.unet.modules() if hasattr(m, "to_qkv") or hasattr(m, "to_kv")]
+    assert len(fused_8bit) == len(attentions) > 0  # every fused projection is an 8-bit layer with its own scales
+    reloaded_components, reloaded = prepare(fused_variant, tmp_path / "engines", allow_build=False, unet_weights=False)
+    assert torch.equal(_unet_output(reloaded_components, reloaded, INT8), _unet_output(components, engines, INT8))
+    fp16_components, fp16 = prepare(FP16, tmp_path / "fp16")
+    # As close to FP16 as an unfused INT8 engine is (the quantization noise; see tests/test_quantize.py).
+    assert _rel_err(_unet_output(components, engines, INT8), _unet_output(fp16_components, fp16, INT8)) < 0.1
+
+
+def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path):
     engine_dir, onnx_dir, _ = built_int8
     plain_components, plain = prepare(INT8, engine_dir, onnx_dir)
     tuned_components, tuned = prepare(INT8, engine_dir, onnx_dir, channels_last=True)
@@ -212,10 +242,6 @@ def test_an_8bit_engine_runs_channels_last_but_refuses_fused_qkv(built_int8, no_
     # ...while end to end the reordered float sums flip a few activations to the next 8-bit step, which grows
     # to about the quantization noise (see tests/test_quantize.py): bounded here by the real-vs-fake tolerance.
     assert _rel_err(_unet_output(tuned_components, tuned, INT8), _unet_output(plain_components, plain, INT8)) < 0.06
-    with pytest.raises(UserError, match="fused QKV applies to FP16 engines only"):
-        prepare(INT8, tmp_path / "new-engines", tmp_path / "onnx", fuse_qkv=True)  # before any calibration
-    with pytest.raises(UserError, match="fused QKV applies to FP16 engines only"):
-        compiled.tune_layout(tuned_components.unet, channels_last=False, fuse_qkv=True)
 
 
 def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):

@@ -266,7 +266,7 @@ def test_one_by_one_conv_runs_as_a_gemm():
         assert module.w_dq is not None and not module.runs_8bit_gemm  # the same weight, an unquantized input
         assert rel_err(module(x), torch.nn.functional.conv2d(x, w_fq, conv.bias)) < 1e-6
         module.set_gemm_path("8bit")
-        module.to(memory_format=torch.channels_last)  # `tune_layout`: the int8/fp8 weight keeps its dtype
+        module.to(memory_format=torch.channels_last)  # `compiled.channels_last`: the int8/fp8 weight keeps its dtype
         assert module.weight.dtype == qmodules.STORAGE[fmt]
         assert rel_err(module(x.contiguous(memory_format=torch.channels_last)), expected) < 1e-6
 

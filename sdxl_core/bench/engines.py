@@ -6,9 +6,10 @@
 Each engine is prepared as the suite runs it (on a GPU: compiled by regions, the step in a CUDA graph),
 then the UNet steps are timed on the same random inputs, precisions interleaved round by round, with the
 relative error of each output against FP16. `--reload` loads from the engine dir alone (a fresh process,
-no ONNX dir, building forbidden). `--fp16-tunings` adds in-memory FP16 rows, each a candidate for the
-strongest FP16: `full` (the whole UNet as one compiled graph), `cl` (channels-last), `qkv` (fused QKV),
-`cl+qkv`; speed-ups are then also given against the fastest FP16 row.
+no ONNX dir, building forbidden). An engine name with `+qkv` (`--precisions fp16,int8,fp16+qkv,int8+qkv`) is
+the variant with fused attention projections (`Variant.fused_qkv`), an engine of its own. `--fp16-tunings`
+adds in-memory FP16 rows, each a candidate for the strongest FP16: `full` (the whole UNet as one compiled
+graph), `cl` (channels-last); speed-ups are then also given against the fastest FP16 row.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ from ..variants import TINY_SIZE, VARIANTS
 from .results import ResultFile, fmt, table
 
 FLOPS_PER_STEP_1024 = 13.52e12  # SDXL UNet, CFG batch 2 at 1024x1024 (torch.utils.flop_counter on the meta device)
-FP16_TUNINGS = {  # row name suffix -> (compile mode, channels-last, fused QKV)
-    "full": ("full", False, False), "cl": ("regional", True, False), "qkv": ("regional", False, True),
-    "cl+qkv": ("regional", True, True),
-}
+FP16_TUNINGS = {"full": ("full", False), "cl": ("regional", True)}  # row suffix -> (compile mode, channels-last)
+PRECISIONS = ("fp16", "int8", "fp8")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="sdxl-random", help="built-in, hub id or local dir")
-    p.add_argument("--precisions", default="fp16,int8,fp8", help="engines to prepare, from fp16,int8,fp8")
+    p.add_argument("--precisions", default="fp16,int8,fp8",
+                   help="engines to prepare, from fp16,int8,fp8, each optionally +qkv (fused attention projections)")
     p.add_argument("--calibration-size", type=int, default=2,
                    help="calibration prompts of the 8-bit engines (timing does not depend on it; the demo uses 32)")
     p.add_argument("--size", type=int, default=None, help="image height and width (default: 1024, tiny 128)")
@@ -57,8 +57,8 @@ def main(args) -> int:
     if unknown:
         raise UserError(f"unknown FP16 tuning {unknown[0]!r}: choose from {', '.join(FP16_TUNINGS)}")
     precisions = [p for p in args.precisions.split(",") if p]
-    if not precisions or any(p not in ("fp16", "int8", "fp8") for p in precisions):
-        raise UserError(f"--precisions takes fp16, int8 and fp8, got {args.precisions!r}")
+    if not precisions or any(p.removesuffix("+qkv") not in PRECISIONS for p in precisions):
+        raise UserError(f"--precisions takes fp16, int8 and fp8 (each optionally +qkv), got {args.precisions!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile = {"auto": None, "regional": True, "full": True, "off": False}[args.compile]
     compile_mode = "full" if args.compile == "full" else "regional"
@@ -71,10 +71,11 @@ def main(args) -> int:
     engines, rows = {}, {}
     for name in precisions + [f"fp16-{t}" for t in dict.fromkeys(tunings)]:
         tuned = name.startswith("fp16-")
-        mode, channels_last, fuse_qkv = (FP16_TUNINGS[name.removeprefix("fp16-")] if tuned
-                                         else (compile_mode, args.channels_last, False))
-        variant = VARIANTS["xl-1.0-fp16" if tuned else f"xl-1.0-{name}"].replace(
-            model=args.model, height=size, width=size, calibration_size=args.calibration_size)
+        mode, channels_last = FP16_TUNINGS[name.removeprefix("fp16-")] if tuned else (compile_mode, args.channels_last)
+        precision = "fp16" if tuned else name.removesuffix("+qkv")
+        variant = VARIANTS[f"xl-1.0-{precision}"].replace(model=args.model, height=size, width=size,
+                                                         calibration_size=args.calibration_size,
+                                                         fused_qkv=name.endswith("+qkv"))
         fresh = not args.reload or tuned  # tunings change the module: never share it between rows
         components = dataclasses.replace(master, unet=copy.deepcopy(master.unet) if fresh else master.unet)
         started = time.perf_counter()
@@ -82,7 +83,7 @@ def main(args) -> int:
             variant, components, device, engine_dir=None if tuned else args.engine_dir,
             onnx_dir=None if args.reload else args.onnx_dir, allow_build=tuned or not args.reload,
             compile=True if tuned and device.type == "cuda" else compile, compile_mode=mode,
-            use_cuda_graph=cuda_graph, channels_last=channels_last, fuse_qkv=fuse_qkv)
+            use_cuda_graph=cuda_graph, channels_last=channels_last)
         if device.type == "cuda":
             torch.cuda.synchronize()
         info = {k: v for k, v in engines[name].info.items() if k != "gemm_timings"}

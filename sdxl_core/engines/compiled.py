@@ -63,20 +63,10 @@ class GraphedStep:
         return self.output.clone()
 
 
-def tune_layout(unet: torch.nn.Module, *, channels_last: bool, fuse_qkv: bool) -> torch.nn.Module:
-    """Two tunings, in place, after the engine files are written (they change how the UNet runs, not its
-    weights): channels-last weights, so every conv after conv_in runs NHWC, and fused QKV (diffusers'
-    `fuse_qkv_projections`: one GEMM for Q, K and V in self-attention, one for K and V in cross-attention).
-    An 8-bit UNet cannot fuse: its Q, K and V have separate smoothing and input scales."""
-    from ..qmodules import module_counts
-
-    if fuse_qkv:
-        if sum(module_counts(unet).values()):
-            raise UserError("fused QKV applies to FP16 engines only: 8-bit Q, K and V have separate input scales")
-        unet.fuse_qkv_projections()
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-    return unet
+def channels_last(unet: torch.nn.Module) -> torch.nn.Module:
+    """Channels-last weights, in place, after the engine files are written (it changes how the UNet runs, not
+    what the engine stores): every conv after conv_in then runs NHWC. 8-bit weights keep their dtype."""
+    return unet.to(memory_format=torch.channels_last)
 
 
 def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:

@@ -360,6 +360,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         raise UserError(f"--half must be fp16 or bf16, got {half!r}")
     if engine_dir is None and not allow_build:
         raise UserError("loading a prebuilt engine needs --engine-dir")
+    if variant.fused_qkv:
+        raise UserError("--fused-qkv is a torch-backend option: TensorRT fuses the attention projections itself")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[half]
     variant = variant.replace(backend=NAME)
     trt_version, tag = version(), device_tag(device)

@@ -49,14 +49,14 @@ def unet_inputs(variant: Variant, unet: torch.nn.Module, device, dtype, seed: in
 
 def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
             half: str = "fp16", progress: bool = True, allow_build: bool = True, compile: bool | None = None,
-            compile_mode: str = "regional", use_cuda_graph: bool | None = None, channels_last: bool = False,
-            fuse_qkv: bool = False) -> Engines:
+            compile_mode: str = "regional", use_cuda_graph: bool | None = None,
+            channels_last: bool = False) -> Engines:
     """Move the components to `device` and build or load the UNet engine for `variant`.
 
     Without `engine_dir` the engine lives in memory only. `allow_build=False` refuses to calibrate or
     build: the engine must already be in `engine_dir`. `compile` and `use_cuda_graph` default to on for a
-    CUDA device and off on the CPU. `channels_last` and `fuse_qkv` change how the UNet runs, not what the
-    engine stores (see `compiled.tune_layout`).
+    CUDA device and off on the CPU. `channels_last` changes how the UNet runs, not what the engine stores;
+    `variant.fused_qkv` is part of the engine (8-bit engines are calibrated on the fused projections).
     """
     dtype = compute_dtype(device, half)
     compile = device.type == "cuda" if compile is None else compile
@@ -65,8 +65,6 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         raise UserError("--use-cuda-graph needs a CUDA GPU")
     if compile_mode not in compiled.COMPILE_MODES:
         raise UserError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(compiled.COMPILE_MODES)}")
-    if fuse_qkv and variant.is_quantized:  # refused before any calibration or build is spent
-        raise UserError("fused QKV applies to FP16 engines only: 8-bit Q, K and V have separate input scales")
     components.to(device, dtype)
     key = variant.engine_key(version(), device_tag(device))
     expect = {"backend": NAME, "backend_version": version(), "device": device_tag(device), "dtype": str(dtype),
@@ -74,10 +72,12 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
               "height": variant.height, "width": variant.width}
     info = {"backend": NAME, "backend_version": version(), "engine_key": key, "compiled": compile,
             "compile_mode": compile_mode if compile else None, "cuda_graph": use_cuda_graph,
-            "channels_last": channels_last, "fuse_qkv": fuse_qkv, "engine_dir": str(engine_dir) if engine_dir else None}
+            "channels_last": channels_last, "fused_qkv": variant.fused_qkv,
+            "engine_dir": str(engine_dir) if engine_dir else None}
 
     def make_runnable(unet, cache_file):
-        compiled.tune_layout(unet, channels_last=channels_last, fuse_qkv=fuse_qkv)
+        if channels_last:
+            compiled.channels_last(unet)
         if not compile:
             return unet
         return compiled.compile_unet(unet, unet_inputs(variant, unet, device, dtype), mode=compile_mode,
@@ -123,6 +123,8 @@ def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info
     unet = components.unet
     if not components.has_unet_weights:
         raise UserError("this engine has to be built, but the UNet weights were not loaded (a load-only run)")
+    if variant.fused_qkv and not qmodules.has_fused_qkv(unet):
+        qmodules.fuse_qkv(unet)
     if not variant.is_quantized:
         info["calibration"] = None
         return unet
