@@ -10,13 +10,16 @@ one UNet step, then times each distinct shape once per candidate:
     (3x3 convs)             the 8-bit conv kernels where the machine has them
 
 and every layer of that shape takes the fastest. 8-bit candidates are timed on an already quantized input:
-the quantize is plain torch that Inductor fuses into the producing kernel. The choice lands in each
+the quantize is plain torch that Inductor fuses into the producing kernel. `SDXL_BENCH_KERNELS=cutlass,scaled_mm`
+(names or name prefixes) limits the 8-bit candidates, e.g. to skip the Triton autotuners on a build; the
+16-bit path is always timed. The choice lands in each
 module's `gemm_path` / `kernel`, hence in `layer_plan.json`: a reload runs exactly what was measured, and
 `gemm_dispatch.json` keeps the timings for people to read (`sdxl-bench report` renders it).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +33,7 @@ from .kernels import ops
 from .timing import graph_ms
 
 SIXTEEN_BIT = "16bit"
+KERNELS_ENV = "SDXL_BENCH_KERNELS"
 
 
 @dataclass
@@ -89,13 +93,19 @@ def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None)
         fmt, op, shape, dtype = key
         with torch.inference_mode():
             calls, _ = candidates(unique[0], op, shape, dtype)
-            ms = {name: timer(fn, name, shape) for name, fn in calls.items()}
+            ms = {name: timer(fn, name, shape) for name, fn in calls.items() if allowed(name)}
         timing = ShapeTiming(fmt, op, shape, len(unique), ms)
         path = SIXTEEN_BIT if timing.choice == SIXTEEN_BIT else "8bit"
         for module in unique:
             module.set_gemm_path(path, dtype, kernel=None if path == SIXTEEN_BIT else timing.choice)
         timings.append(timing)
     return timings
+
+
+def allowed(candidate: str) -> bool:
+    """Whether `SDXL_BENCH_KERNELS` (unset: every kernel) lets this candidate be timed."""
+    wanted = [w.strip() for w in os.environ.get(KERNELS_ENV, "").split(",") if w.strip()]
+    return candidate == SIXTEEN_BIT or not wanted or any(candidate.startswith(w) for w in wanted)
 
 
 def summary(timings: list[ShapeTiming]) -> dict:
