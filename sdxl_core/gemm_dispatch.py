@@ -34,6 +34,9 @@ from .timing import graph_ms
 
 SIXTEEN_BIT = "16bit"
 KERNELS_ENV = "SDXL_BENCH_KERNELS"
+# A right 8-bit kernel differs from float64 on the same quantized values by its output's rounding (fp16/bf16:
+# ~1e-3); a wrong one (a bad tile, a missed K block) by far more. Such a candidate is never chosen.
+MAX_RELATIVE_ERROR = 2e-2
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ShapeTiming:
     shape: tuple  # gemm: (M, K, N); conv: (N, C, H, W, K, R, S, stride)
     layers: int  # how many layers of the UNet have this shape
     ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per call
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not timed (a wrong result)
 
     @property
     def choice(self) -> str:
@@ -64,6 +68,7 @@ class ShapeTiming:
     def row(self) -> dict:
         return {"fmt": self.fmt, "op": self.op, "shape": list(self.shape), "layers": self.layers,
                 "ms": {name: round(ms, 5) for name, ms in self.ms.items()}, "choice": self.choice,
+                "rejected": self.rejected,
                 "speedup_8bit": round(self.speedup, 3), "gflop": round(self.flops() / 1e9, 3)}
 
 
@@ -92,14 +97,36 @@ def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None)
         unique = list(dict.fromkeys(modules))
         fmt, op, shape, dtype = key
         with torch.inference_mode():
-            calls, _ = candidates(unique[0], op, shape, dtype)
-            ms = {name: timer(fn, name, shape) for name, fn in calls.items() if allowed(name)}
-        timing = ShapeTiming(fmt, op, shape, len(unique), ms)
+            calls, x = candidates(unique[0], op, shape, dtype)
+            calls = {name: fn for name, fn in calls.items() if allowed(name)}
+            errors = {name: relative_error(unique[0], fn, x, name) for name, fn in calls.items()}
+            rejected = {name: f"relative error {err:.2e}" for name, err in errors.items()
+                        if not err <= MAX_RELATIVE_ERROR and name != SIXTEEN_BIT}
+            ms = {name: timer(fn, name, shape) for name, fn in calls.items() if name not in rejected}
+        timing = ShapeTiming(fmt, op, shape, len(unique), ms, rejected)
+        if rejected:
+            print(f"warning: {fmt} {op} {shape}: not using {', '.join(f'{k} ({v})' for k, v in rejected.items())}",
+                  file=sys.stderr)
         path = SIXTEEN_BIT if timing.choice == SIXTEEN_BIT else "8bit"
         for module in unique:
             module.set_gemm_path(path, dtype, kernel=None if path == SIXTEEN_BIT else timing.choice)
         timings.append(timing)
     return timings
+
+
+def relative_error(layer, fn, x: torch.Tensor, candidate: str) -> float:
+    """One candidate's result against float64 on the same values (an 8-bit kernel multiplies the quantized
+    input, so its reference does too). A wrong kernel is far above the fp16/bf16 rounding of a right one."""
+    if candidate != SIXTEEN_BIT:
+        x = qmodules.fake_quantize(x.float(), layer.a_scale, layer.FMT)
+    out = fn().double()
+    w = layer.float_weight(torch.float64, fold_smooth=candidate == SIXTEEN_BIT)
+    bias = layer.bias.double() if layer.bias is not None else None
+    if out.dim() == 4:  # a conv
+        ref = F.conv2d(x.double(), w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    else:
+        ref = F.linear(x.double(), w.reshape(out.shape[-1], -1), bias)
+    return float((out - ref).norm() / ref.norm())
 
 
 def allowed(candidate: str) -> bool:

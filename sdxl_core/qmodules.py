@@ -111,12 +111,13 @@ class QuantizedModule(torch.nn.Module):
             return
         self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
 
-    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized weight in `dtype`, any SmoothQuant scale folded in: what 16-bit compute multiplies."""
+    def float_weight(self, dtype: torch.dtype, *, fold_smooth: bool = True) -> torch.Tensor:
+        """The dequantized weight in `dtype`, any SmoothQuant scale folded in (what 16-bit compute multiplies),
+        or with `fold_smooth=False` as the 8-bit kernels see it (they multiply the smoothed input)."""
         scale = self.w_scale.reshape(-1, *[1] * (self.weight.dim() - 1)) if self.per_channel else self.w_scale
         w = self.weight.float() * scale
         smooth = getattr(self, "smooth", None)
-        if smooth is not None:
+        if smooth is not None and fold_smooth:
             w = w * smooth.float()
         return w.to(dtype)
 

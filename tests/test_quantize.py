@@ -387,3 +387,24 @@ def test_gemm_dispatch_follows_the_timings_and_survives_the_layer_plan(converted
     plan["layers"][name]["gemm"] = "4bit"
     with pytest.raises(UserError, match="GEMM path '4bit'"):
         qmodules.load_real(json.loads(real.to_json_string()), plan, qmodules.real_state_dict(real))
+
+
+def test_dispatch_never_chooses_a_kernel_that_computes_wrong(converted, data, monkeypatch):
+    from sdxl_core import gemm_dispatch
+
+    real = copy.deepcopy(converted("int8", 3.0)[0])
+    right = gemm_dispatch.candidates
+
+    def one_wrong(layer, op, shape, dtype):
+        calls, x = right(layer, op, shape, dtype)
+        if op == "gemm":
+            correct = calls["pointer"]
+            calls["pointer"] = lambda: correct() * 1.5  # a kernel with a broken epilogue, and the fastest
+        return calls, x
+
+    monkeypatch.setattr(gemm_dispatch, "candidates", one_wrong)
+    timings = gemm_dispatch.choose(real, lambda: run(real, data["eval"]),
+                                   timer=lambda fn, candidate, shape: 1.0 if candidate == "16bit" else 0.1)
+    gemms = [t for t in timings if t.op == "gemm"]
+    assert gemms and all(t.choice == "16bit" and "pointer" in t.rejected for t in gemms)
+    assert all(m.gemm_path == "16bit" for m in real.modules() if isinstance(m, qmodules.QLinear))

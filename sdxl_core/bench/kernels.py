@@ -44,17 +44,6 @@ def layer_for(fmt: str, m: int, k: int, n: int, device, dtype=torch.float16) -> 
     return cls.from_float(linear, w_amax=w_amax, a_amax=torch.tensor(4.0, device=device)).eval()
 
 
-def check(layer, fn, x: torch.Tensor, candidate: str) -> float:
-    """Relative error of one candidate against float64 on the same values: an 8-bit kernel multiplies the
-    quantized input, so its reference does too. A kernel bug shows as an error far above fp16 rounding."""
-    if candidate != "16bit":
-        x = qmodules.fake_quantize(x.float(), layer.a_scale, layer.FMT)
-    out = fn().double()
-    w = layer.float_weight(torch.float64).reshape(layer.out_features, -1)
-    ref = x.double() @ w.T + (layer.bias.double() if layer.bias is not None else 0)
-    return float((out - ref).norm() / ref.norm())
-
-
 def main(args) -> int:
     if not torch.cuda.is_available():
         raise UserError("sdxl-bench kernels times GPU kernels: PyTorch sees no CUDA GPU")
@@ -69,7 +58,7 @@ def main(args) -> int:
             layer = layer_for(fmt, m, k, n, device)
             with torch.inference_mode():
                 calls, x = gemm_dispatch.candidates(layer, "gemm", (m, k, n), torch.float16)
-                errors = {name: check(layer, fn, x, name) for name, fn in calls.items()}
+                errors = {name: gemm_dispatch.relative_error(layer, fn, x, name) for name, fn in calls.items()}
                 ms = {name: graph_ms(fn) for name, fn in calls.items()}
             flop = 2.0 * m * k * n
             row = result.add({"op": "gemm", "fmt": fmt, "shape": [m, k, n], "layers": GEMM_SHAPES.get((m, k, n)),
