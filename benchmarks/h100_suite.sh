@@ -5,7 +5,6 @@
 # Builds the engines into /tmp/E (or reuses them there), then reloads them from /tmp/E alone in a fresh process
 # (benchmarks/unet_engines.py --reload): reload times and one more side-by-side table.
 # CALIB=N calibration prompts (default 2: timing does not depend on it), VARIANTS=comma list.
-# SDXL_BENCH_INT8_KERNEL=pointer keeps INT8 off the TMA kernel (if h100_compiled.sh found it broken).
 set -uo pipefail
 source benchmarks/gpu_setup.sh || exit 1
 CALIB=${CALIB:-2}

@@ -50,11 +50,15 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tenso
     return (quantize(x, scale, fmt).float() * scale).to(x.dtype)
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str) -> torch.Tensor:
-    """Quantize x with plain torch ops (Inductor fuses them into the producer), then the 8-bit GEMM op."""
+def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str, kernel: str = "pointer") -> torch.Tensor:
+    """Quantize x with plain torch ops (Inductor fuses them into the producer), then the 8-bit GEMM op.
+    `kernel` names the INT8 kernel (`int8_gemm.candidate_kernels`); FP8 has one."""
     x_q = quantize(x.reshape(-1, x.shape[-1]), a_scale, fmt)
-    mm = ops.int8_mm if fmt == "int8" else ops.fp8_mm
-    return mm(x_q, w, a_scale, w_scale, bias, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    if fmt == "int8":
+        out = ops.int8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
+    else:
+        out = ops.fp8_mm(x_q, w, a_scale, w_scale, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 class _Quantized(torch.nn.Module):
@@ -64,6 +68,7 @@ class _Quantized(torch.nn.Module):
     FMT = ""
     _FIXED = ("weight", "w_scale", "a_scale")
     gemm_path = "8bit"  # or "16bit": see `choose_gemm_paths`
+    kernel = "pointer"  # the INT8 GEMM kernel, one of `int8_gemm.candidate_kernels` (FP8 ignores it)
 
     def _init_buffers(self, weight_shape, out_features, *, bias, per_channel, dtype, device):
         self.per_channel = per_channel
@@ -147,7 +152,7 @@ class _QLinear(_Quantized):
         if self.smooth is not None:
             x = x * self.smooth
         if self.runs_8bit_gemm:
-            return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT)
+            return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT, self.kernel)
         return F.linear(fake_quantize(x, self.a_scale, self.FMT), self._float_weight(x.dtype), self.bias)
 
     def extra_repr(self):
@@ -201,7 +206,8 @@ class _QConv2d(_Quantized):
         if self.runs_8bit_gemm:
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels)
-            out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias, self.FMT)
+            out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias, self.FMT,
+                       self.kernel)
             return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         x = fake_quantize(x, self.a_scale, self.FMT)
         return F.conv2d(x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,
@@ -414,9 +420,10 @@ def _time_both_paths(layer: _Quantized, m: int, dtype: torch.dtype, iters: int, 
     x_q = quantize(x, layer.a_scale, layer.FMT)
     scale = layer.w_scale.reshape(-1, 1) if layer.per_channel else layer.w_scale
     w_dq = (weight.float() * scale).to(dtype)
+    kernel = (layer.kernel,) if layer.FMT == "int8" else ()
     mm = ops.int8_mm if layer.FMT == "int8" else ops.fp8_mm
     with torch.inference_mode():
-        ms_8bit = timer(lambda: mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype), iters)
+        ms_8bit = timer(lambda: mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, *kernel), iters)
         ms_16bit = timer(lambda: F.linear(x, w_dq, layer.bias), iters)
     return ms_8bit, ms_16bit
 

@@ -185,19 +185,3 @@ def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
     assert standalone and all(name.endswith(("proj_in", "proj_out")) for name in standalone)
     assert len(standalone) == 2 * sum(type(m).__name__ == "Transformer2DModel" for m in real.modules())
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-
-
-def test_dispatch_rows_name_the_int8_kernel(monkeypatch):
-    from sdxl_core.kernels import int8_gemm
-
-    monkeypatch.setattr(int8_gemm, "_choices", {
-        (2048, 10240, 1280, torch.float16, True): int8_gemm.KernelChoice("tma", 0.07123, 0.06481),
-        (154, 640, 2048, torch.float16, True): int8_gemm.KernelChoice("pointer", 0.0074, None, "CompilationError"),
-    })
-    rows = [{"fmt": "int8", "M": 2048, "K": 1280, "N": 10240}, {"fmt": "fp8", "M": 2048, "K": 1280, "N": 10240},
-            {"fmt": "int8", "M": 154, "K": 2048, "N": 640}, {"fmt": "int8", "M": 8192, "K": 640, "N": 640}]
-    rows = torch_backend._with_int8_kernels(rows)
-    assert rows[0] == {"fmt": "int8", "M": 2048, "K": 1280, "N": 10240, "int8_kernel": "tma",
-                       "ms_pointer": 0.0712, "ms_tma": 0.0648, "tma_error": None}
-    assert "int8_kernel" not in rows[1] and "int8_kernel" not in rows[3]  # FP8; a shape never timed
-    assert rows[2]["ms_tma"] is None and rows[2]["tma_error"] == "CompilationError"

@@ -216,21 +216,3 @@ def test_an_8bit_engine_runs_channels_last_but_refuses_fused_qkv(built_int8, no_
         prepare(INT8, tmp_path / "new-engines", tmp_path / "onnx", fuse_qkv=True)  # before any calibration
     with pytest.raises(UserError, match="fused QKV applies to FP16 engines only"):
         torch_backend.tune_layout(tuned_components.unet, channels_last=False, fuse_qkv=True)
-
-
-def test_an_int8_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):
-    from sdxl_core.kernels import int8_gemm
-
-    # On the CPU no GEMM is timed, so stand in for what a GPU build's dispatch would have measured.
-    rows = [{"M": 2048, "N": 1280, "K": 1280, "out_dtype": "float16", "bias": True, "kernel": "tma",
-             "ms_pointer": 0.0166, "ms_tma": 0.0121, "error": None}]
-    monkeypatch.setattr(torch_backend, "_int8_kernel_rows", lambda timing_rows: rows)
-    _, built = prepare(INT8, tmp_path / "engines", tmp_path / "onnx")
-    path = Path(built.info["engine_path"])
-    assert json.loads((path / "int8_kernels.json").read_text()) == rows
-    assert "int8_kernels.json" in store.read_sidecar(path)["files"]  # checksummed like the weights
-
-    monkeypatch.setattr(int8_gemm, "_choices", {})
-    _, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)
-    assert loaded.info["int8_kernels"] == "loaded"
-    assert int8_gemm.kernel_choices() == rows

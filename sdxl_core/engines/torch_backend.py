@@ -4,7 +4,6 @@ A UNet engine is a directory under `--engine-dir` (see `store.py`):
     unet_config.json   the diffusers UNet config: the engine dir alone rebuilds the module tree
     layer_plan.json    which layers run as 8-bit modules (empty for FP16), and which run their GEMM in 16 bits
     gemm_dispatch.json (8-bit, GPU) the per-shape GEMM timings that chose those paths
-    int8_kernels.json  (INT8, GPU) which Triton kernel each GEMM shape runs, so a reload need not time them
     unet.safetensors   weights as they run: int8/fp8 with scales for quantized layers, else fp16
     compile_cache.bin  PyTorch's portable compile caches (GPU only), so a reload skips most of compile
 Building an 8-bit engine calibrates with ModelOpt (state kept under `--onnx-dir`, keyed by the engine
@@ -241,32 +240,8 @@ def _choose_gemm_paths(unet, variant, device, dtype, progress) -> dict:
             print(f"{t.fmt:>5} {t.m:>6} x {t.k:>5} -> {t.n:>5} {t.layers:>6} {t.ms_8bit:>9.4f} {t.ms_16bit:>9.4f} "
                   f"{t.ms_16bit / t.ms_8bit:>13.2f}x  {t.path}", file=sys.stderr)
     paths = {path: sum(t.layers for t in timings if t.path == path) for path in qmodules.GEMM_PATHS}
-    return {"gemm_paths": paths, "gemm_timings": _with_int8_kernels([t.row() for t in timings]),
+    return {"gemm_paths": paths, "gemm_timings": [t.row() for t in timings],
             "gemm_dispatch_s": round(time.perf_counter() - started, 2)}
-
-
-def _int8_kernel_rows(timing_rows: list[dict]) -> list[dict]:
-    """This process's INT8 kernel choices (`int8_gemm.kernel_choices()`) for the INT8 shapes of one engine."""
-    shapes = {(r["M"], r["K"], r["N"]) for r in timing_rows if r["fmt"] == "int8"}
-    if not shapes:
-        return []
-    from ..kernels import int8_gemm
-
-    return [c for c in int8_gemm.kernel_choices() if (c["M"], c["K"], c["N"]) in shapes]
-
-
-def _with_int8_kernels(rows: list[dict]) -> list[dict]:
-    """Add to each INT8 row which Triton kernel ran its 8-bit GEMM (pointer or TMA) and both kernels' times."""
-    from ..kernels import int8_gemm
-
-    choices = {(c["M"], c["K"], c["N"]): c for c in int8_gemm.kernel_choices()}
-    for row in rows:
-        choice = choices.get((row["M"], row["K"], row["N"])) if row["fmt"] == "int8" else None
-        if choice:
-            row.update(int8_kernel=choice["kernel"], ms_pointer=round(choice["ms_pointer"], 4),
-                       ms_tma=None if choice["ms_tma"] is None else round(choice["ms_tma"], 4),
-                       tma_error=choice["error"])
-    return rows
 
 
 def calibration_loop(components, variant: Variant, device, dtype, progress: bool):
@@ -304,9 +279,6 @@ def _publish(engine_dir, key, unet, variant, device, dtype, compile_options, exp
         (tmp / "layer_plan.json").write_text(json.dumps(qmodules.layer_plan(unet), indent=1, sort_keys=True))
         if info.get("gemm_timings"):  # what the GEMM dispatch measured on this card, kept for people to read
             (tmp / "gemm_dispatch.json").write_text(json.dumps(info["gemm_timings"], indent=1) + "\n")
-        kernel_rows = _int8_kernel_rows(info.get("gemm_timings") or [])
-        if kernel_rows:
-            (tmp / "int8_kernels.json").write_text(json.dumps(kernel_rows, indent=1) + "\n")
         save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
         info["save_s"] = round(time.perf_counter() - started, 2)
         runnable = _compile(unet, variant, device, dtype, compile_options, cache_file=tmp / "compile_cache.bin",
@@ -332,11 +304,6 @@ def _load_unet(path: Path, device, dtype, info) -> torch.nn.Module:
     state = load_file(str(path / "unet.safetensors"), device=str(device))
     unet.load_state_dict(state, strict=True, assign=True)
     qmodules.dequantize_weights(unet, dtype)
-    if (path / "int8_kernels.json").exists():
-        from ..kernels import int8_gemm
-
-        int8_gemm.load_choices(json.loads((path / "int8_kernels.json").read_text()))
-        info["int8_kernels"] = "loaded"
     info["load_s"] = round(time.perf_counter() - started, 2)
     return unet.eval().requires_grad_(False)
 
