@@ -76,9 +76,9 @@ def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None)
     """Time every distinct shape of the UNet's 8-bit layers per candidate; set each layer to the fastest.
 
     `run_step()` runs one eager UNet step so the shapes can be recorded. `timer(fn, candidate, shape)` returns
-    ms per call of `fn` (default: `timing.graph_ms(fn)`, CUDA-graph replays on the GPU).
+    ms per call of `fn` (default: `time_candidate`).
     """
-    timer = timer or (lambda fn, candidate, shape: graph_ms(fn))
+    timer = timer or time_candidate
     shapes: dict[tuple, list[qmodules.QuantizedModule]] = {}
 
     def record(module, args):
@@ -112,6 +112,11 @@ def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None)
             module.set_gemm_path(path, dtype, kernel=None if path == SIXTEEN_BIT else timing.choice)
         timings.append(timing)
     return timings
+
+
+def time_candidate(fn: Callable[[], object], candidate: str, shape: tuple) -> float:
+    """GPU ms per call of one candidate: CUDA-graph replays, as the engine runs it (`timing.graph_ms`)."""
+    return graph_ms(fn)
 
 
 def relative_error(layer, fn, x: torch.Tensor, candidate: str) -> float:
@@ -183,7 +188,7 @@ def candidates(layer, op: str, shape: tuple, dtype: torch.dtype) -> tuple[dict[s
     if layer.FMT == "int8":
         from .kernels import int8_gemm
 
-        for kernel in int8_gemm.candidate_kernels(x_q, weight):
+        for kernel in int8_gemm.candidate_kernels(x_q, weight, dtype):
             calls[kernel] = (lambda kernel=kernel:
                              ops.int8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel))
     else:

@@ -6,7 +6,7 @@ Usage: python tests/_interp_check.py [unfused] [fused] [tma]  (all by default)
 Prints "OK <n> cases" and exits 0, or fails with an AssertionError.
 """
 
-import os
+import functools
 import sys
 
 import torch
@@ -33,29 +33,30 @@ def assert_close(out, ref, rtol):
     assert err <= rtol, f"relative error {err:.3g} > {rtol}"
 
 
-def check_unfused(m, k, n):
+def check_unfused(m, k, n, kernel="pointer"):
+    linear = functools.partial(g.int8_linear, kernel=kernel)
     x_q, w_q = rand_int8(m, k), rand_int8(n, k)
     # Unit scales, float32 out: the output is the int32 product itself (exact below 2**24).
-    out = g.int8_linear(x_q, w_q, 1.0, torch.ones(n), out_dtype=torch.float32)
+    out = linear(x_q, w_q, 1.0, torch.ones(n), out_dtype=torch.float32)
     assert torch.equal(out, exact_int32(x_q, w_q).float()), "integer product differs"
 
     a_scale = torch.rand(()) * 0.1 + 1e-3
     w_scale = torch.rand(n) * 0.02 + 1e-4
     bias = torch.randn(n)
-    out = g.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float32)
+    out = linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float32)
     ref = g.int8_linear_reference(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float32)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     # Dividing the scale back out recovers the integer product exactly (the scaling rounds only once).
-    out = g.int8_linear(x_q, w_q, a_scale, w_scale, out_dtype=torch.float32)
+    out = linear(x_q, w_q, a_scale, w_scale, out_dtype=torch.float32)
     recovered = torch.round(out.double() / (a_scale * w_scale).double())
     assert torch.equal(recovered, exact_int32(x_q, w_q).double()), "scaled integer product differs"
 
-    out16 = g.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float16)
+    out16 = linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float16)
     assert out16.dtype == torch.float16
     assert_close(out16, ref, 1e-3)
     # Leading dims and a strided (non-contiguous) activation.
     x3 = rand_int8(2, m, 2 * k)[..., ::2]
-    out3 = g.int8_linear(x3, w_q, a_scale, w_scale, bias, out_dtype=torch.float32)
+    out3 = linear(x3, w_q, a_scale, w_scale, bias, out_dtype=torch.float32)
     ref3 = g.int8_linear_reference(x3, w_q, a_scale, w_scale, bias, out_dtype=torch.float32)
     assert out3.shape == (2, m, n)
     torch.testing.assert_close(out3, ref3, rtol=1e-5, atol=1e-6)
@@ -101,12 +102,10 @@ def check_tma(m, k, n):
     launches = []
     launch = int8_tma.launch
     int8_tma.launch = lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs)
-    os.environ[g.KERNEL_ENV] = "tma"
     try:
-        check_unfused(m, k, n)
+        check_unfused(m, k, n, kernel="tma")
     finally:
         int8_tma.launch = launch
-        del os.environ[g.KERNEL_ENV]
     assert launches, "the TMA kernel did not run"
 
 

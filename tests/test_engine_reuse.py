@@ -247,16 +247,16 @@ def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path)
 def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):
     from sdxl_core import gemm_dispatch
 
-    # On the CPU nothing is timed, so script what a GPU build's dispatch would measure: every third
-    # candidate timed is the fastest, which mixes 16-bit and 8-bit choices over the shapes.
-    calls = iter(range(100_000))
-
-    def scripted(fn):
+    # On the CPU nothing is timed, so script what a GPU build's dispatch would measure: the pointer kernel
+    # wins at GEMM shapes with N >= 128, the 16-bit path everywhere else.
+    def scripted(fn, candidate, shape):
         fn()  # each candidate must run at the recorded shape
-        return 1.0 if next(calls) % 3 == 0 else 2.0
+        if candidate == "16bit":
+            return 1.5
+        return 1.0 if candidate == "pointer" and len(shape) == 3 and shape[2] >= 128 else 2.0
 
     monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
-    monkeypatch.setattr(gemm_dispatch, "graph_ms", scripted)
+    monkeypatch.setattr(gemm_dispatch, "time_candidate", scripted)
     built_components, built = prepare(INT8, tmp_path / "engines", tmp_path / "onnx")
     path = Path(built.info["engine_path"])
     rows = json.loads((path / "gemm_dispatch.json").read_text())

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdxl_core.kernels import fp8_gemm, int8_gemm, int8_tma
+from sdxl_core.kernels import cuda_build, fp8_gemm, int8_cutlass, int8_gemm, int8_tma, ops, shapes
+from sdxl_core.kernels.int8_gemm import CUTLASS_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -141,14 +142,40 @@ def test_fp8_reference_close_to_float(per_channel):
 # ---------------------------------------------------------------- CPU: which INT8 kernel runs
 
 
-def test_int8_kernel_choice_is_checked(monkeypatch):
-    from sdxl_core.errors import UserError
+def test_int8_kernel_names_are_checked():
+    x_q, w_q = rand_int8(4, 48), rand_int8(8, 48)
+    ones = torch.ones(8)
+    with pytest.raises(ValueError, match=r"INT8 kernel 'best' cannot run .*: choose one of pointer, tma$"):
+        int8_gemm.int8_linear(x_q, w_q, 1.0, ones, kernel="best")
+    # TMA needs 16-byte rows: K = 40 leaves the pointer kernel only.
+    with pytest.raises(ValueError, match=r"INT8 kernel 'tma' cannot run .*K=40.*: choose one of pointer$"):
+        int8_gemm.int8_linear(rand_int8(4, 40), rand_int8(8, 40), 1.0, ones, kernel="tma")
+    # CUTLASS runs on a Hopper GPU only.
+    with pytest.raises(ValueError, match=r"'cutlass:coop_128x128x128' cannot run .*cpu\): choose one of pointer"):
+        int8_gemm.int8_linear(x_q, w_q, 1.0, ones, kernel="cutlass:coop_128x128x128")
+    reference = int8_gemm.int8_linear_reference(x_q, w_q, 1.0, ones)
+    for kernel in ("pointer", "tma"):  # on a CPU each named kernel computes the reference
+        assert torch.equal(int8_gemm.int8_linear(x_q, w_q, 1.0, ones, kernel=kernel), reference)
 
-    monkeypatch.setenv(int8_gemm.KERNEL_ENV, "fastest")
-    with pytest.raises(UserError, match="SDXL_BENCH_INT8_KERNEL='fastest': choose auto, pointer or tma"):
-        int8_gemm._kernel_mode()
-    with pytest.raises(ValueError, match="'best': choose auto, pointer or tma"):
-        int8_gemm._pick_kernel(None, rand_int8(4, 16), rand_int8(8, 16), None, "best")
+
+def test_candidate_kernels_on_cpu():
+    w_q = rand_int8(24, 48)
+    assert int8_gemm.candidate_kernels(rand_int8(7, 48), w_q) == ["pointer", "tma"]
+    assert int8_gemm.candidate_kernels(rand_int8(2, 3, 48), w_q, torch.bfloat16) == ["pointer", "tma"]
+    assert int8_gemm.candidate_kernels(rand_int8(7, 40), rand_int8(24, 40)) == ["pointer"]
+    assert int8_gemm.candidate_kernels(rand_int8(48, 7).T, w_q) == ["pointer", "tma"]  # copied to row-major
+    with pytest.raises(ValueError, match="K mismatch"):
+        int8_gemm.candidate_kernels(rand_int8(7, 32), w_q)
+
+
+def test_int8_mm_op_passes_the_kernel_name_through():
+    x_q, w_q = rand_int8(6, 32), rand_int8(8, 32)
+    a_scale, w_scale, bias = torch.tensor(0.02), torch.rand(8) + 0.1, torch.randn(8)
+    out = ops.int8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float32, "tma")
+    assert torch.equal(out, int8_gemm.int8_linear_reference(x_q, w_q, a_scale, w_scale, bias, torch.float32))
+    with pytest.raises(ValueError, match="INT8 kernel 'fastest' cannot run"):
+        ops.int8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float32, "fastest")
+    torch.library.opcheck(ops.int8_mm, (x_q, w_q, a_scale, w_scale, bias, torch.float16, "pointer"))
 
 
 def test_tma_needs_16_byte_rows_and_bases():
@@ -159,55 +186,118 @@ def test_tma_needs_16_byte_rows_and_bases():
     assert not int8_tma.supports(rand_int8(48, 7).T, w_q)  # column-major
 
 
-def _fake_do_bench(times):
-    def do_bench(fn, **_):
-        fn()
-        return times.pop(0)
-    return do_bench
+# ---------------------------------------------------------------- CPU: the CUTLASS kernels' wrapper and library
 
 
-def test_time_kernels_picks_the_faster_and_survives_a_broken_tma(monkeypatch):
-    import triton.testing
-
-    ran = []
-    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench([0.5, 0.3]))
-    assert int8_gemm._time_kernels(ran.append) == int8_gemm.KernelChoice("tma", 0.5, 0.3)
-    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench([0.5, 0.7]))
-    assert int8_gemm._time_kernels(ran.append).kernel == "pointer"
-    assert ran == ["pointer", "tma", "pointer", "tma"]
-
-    def run(name):
-        if name == "tma":
-            raise RuntimeError("PassManager::run failed\nmore detail")
-
-    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench([0.5]))
-    choice = int8_gemm._time_kernels(run)
-    assert choice == int8_gemm.KernelChoice("pointer", 0.5, None, "RuntimeError: PassManager::run failed")
+def _cutlass_caches_clear():
+    for cached in (int8_cutlass._library, int8_cutlass.configs, int8_cutlass._available):
+        cached.cache_clear()
 
 
-def test_kernel_choices_are_json_ready(monkeypatch):
-    import json
+def test_cutlass_is_unavailable_without_a_cuda_device():
+    assert not int8_cutlass.available("cpu")
+    assert int8_cutlass.unavailable_reason("cpu") == "needs a CUDA Hopper GPU (sm_90), not cpu"
+    w_q, out = rand_int8(16, 32), torch.empty(8, 16, dtype=torch.float16)
+    scales = (torch.tensor([0.5]), torch.ones(16))
+    # Every operand is checked before anything reaches the library.
+    with pytest.raises(ValueError, match="same CUDA device"):
+        int8_cutlass.launch(rand_int8(8, 32), w_q, out, *scales, None, "coop_128x128x128")
+    with pytest.raises(ValueError, match=r"K % 16 == 0, N % 8 == 0, 16-byte aligned rows"):
+        int8_cutlass.launch(rand_int8(8, 40), rand_int8(16, 40), out, *scales, None, "coop_128x128x128")
+    with pytest.raises(ValueError, match="bias must be a contiguous torch.float16 .16. tensor"):
+        int8_cutlass.launch(rand_int8(8, 32), w_q, out, *scales, torch.zeros(16), "coop_128x128x128")
+    with pytest.raises(ValueError, match="out must be a contiguous float16/bfloat16"):
+        int8_cutlass.launch(rand_int8(8, 32), w_q, out.float(), *scales, None, "coop_128x128x128")
+    assert int8_cutlass.supports(rand_int8(8, 64)[:, :32], w_q)  # rows 64 bytes apart
+    assert not int8_cutlass.supports(rand_int8(8, 40)[:, :32], w_q)  # rows 40 bytes apart
+    assert not int8_cutlass.supports(rand_int8(8, 33)[:, 1:], w_q)  # a base 1 byte into its storage
+    assert not int8_cutlass.supports(rand_int8(8, 32), rand_int8(12, 32))  # N % 8
 
-    monkeypatch.setattr(int8_gemm, "_choices", {(64, 32, 48, torch.float16, True): int8_gemm.KernelChoice(
-        "tma", 0.2, 0.1)})
-    rows = int8_gemm.kernel_choices()
-    assert json.loads(json.dumps(rows)) == [{"M": 64, "N": 32, "K": 48, "out_dtype": "float16", "bias": True,
-                                             "kernel": "tma", "ms_pointer": 0.2, "ms_tma": 0.1, "error": None}]
+
+def test_cutlass_without_its_library_or_on_another_gpu_is_unavailable(monkeypatch):
+    def missing(name, **_):
+        raise cuda_build.KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(cuda_build, "library", missing)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    _cutlass_caches_clear()
+    try:
+        assert not int8_cutlass.available("cuda")
+        assert int8_cutlass.unavailable_reason("cuda:0") == "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+        with pytest.raises(cuda_build.KernelUnavailable, match="nvcc not found"):
+            int8_cutlass.configs()
+        capability[0] = (8, 0)
+        _cutlass_caches_clear()
+        assert not int8_cutlass.available("cuda:0")
+        assert int8_cutlass.unavailable_reason("cuda:0") == "needs compute capability 9.0 (Hopper), cuda:0 is 8.0"
+    finally:
+        _cutlass_caches_clear()
 
 
-def test_saved_kernel_choices_load_back_and_bad_ones_are_refused(monkeypatch):
-    from sdxl_core.errors import UserError
+def test_cutlass_gpu_tolerance_takes_one_fused_multiply_add_and_refuses_nan():
+    """The GPU tests' comparison, on a CPU model of the kernel's epilogue: float32 fma(acc, scale, bias) rounded
+    once to the output dtype (float64 holds the product of two floats exactly)."""
+    g = torch.Generator().manual_seed(0)
+    x_q, w_q = rand_int8(512, 1280, generator=g), rand_int8(1280, 1280, generator=g)
+    a_scale, w_scale = (torch.rand(1, generator=g) + 0.5) * 1e-2, (torch.rand(1280, generator=g) + 0.5) * 1e-3
+    acc = (x_q.int() @ w_q.int().T).double()
+    product = int8_gemm.int8_linear_reference(x_q, w_q, a_scale, w_scale, out_dtype=torch.float32)
+    for dtype in (torch.float16, torch.bfloat16):
+        bias = torch.randn(1280, generator=g).to(dtype)
+        kernel = (acc * (a_scale * w_scale).double() + bias.double()).float().to(dtype)
+        assert cutlass_mismatches(kernel, product, bias, dtype) is None
+        no_bias = (acc * (a_scale * w_scale).double()).float().to(dtype)
+        assert torch.equal(no_bias, product.to(dtype)) and cutlass_mismatches(no_bias, product, None, dtype) is None
+        kernel[3, 5], kernel[7, 9] = float("nan"), kernel[7, 9] + 8 * ulp(kernel[7, 9].float(), dtype)
+        assert cutlass_mismatches(kernel, product, bias, dtype).startswith("2 of 655360 elements off (NaN: 1)")
 
-    monkeypatch.setattr(int8_gemm, "_choices", {})
-    row = {"M": 64, "N": 32, "K": 48, "out_dtype": "bfloat16", "bias": False, "kernel": "pointer",
-           "ms_pointer": 0.2, "ms_tma": None, "error": "CompilationError: x"}
-    int8_gemm.load_choices([row])
-    assert int8_gemm._choices == {(64, 32, 48, torch.bfloat16, False): int8_gemm.KernelChoice(
-        "pointer", 0.2, None, "CompilationError: x")}
-    for bad in ({**row, "kernel": "fastest"}, {**row, "out_dtype": "float99"}, {**row, "out_dtype": "abs"},
-                {k: v for k, v in row.items() if k != "M"}):
-        with pytest.raises(UserError, match="malformed INT8 kernel choice .* rebuild the engine"):
-            int8_gemm.load_choices([bad])
+
+EXPORTS = {"sdxl_int8_gemm", "sdxl_int8_gemm_workspace", "sdxl_int8_gemm_num_configs", "sdxl_int8_gemm_config_name",
+           "sdxl_last_error"}
+
+
+@pytest.mark.slow
+def test_cutlass_library_builds_and_refuses_cleanly():
+    """Compiles csrc/int8_gemm_sm90.cu for sm_90a (minutes on first use; then cached in the kernel cache) and
+    calls its C functions: names, and refusals that need no GPU (bad config, misaligned shapes, no device)."""
+    import ctypes
+    import re
+    import shutil
+
+    try:
+        cuda_build.nvcc()
+        cuda_build.cutlass_include()
+    except cuda_build.KernelUnavailable as err:
+        pytest.skip(f"needs nvcc and the CUTLASS headers (nvidia-cutlass): {err}")
+    _cutlass_caches_clear()
+    lib = int8_cutlass._library()
+    names = int8_cutlass.configs()
+    assert len(names) == lib.sdxl_int8_gemm_num_configs() >= 4 and len(set(names)) == len(names)
+    assert all(re.fullmatch(r"(coop|pingpong)_\d+x\d+x\d+(_\w+)?", name) for name in names), names
+    assert lib.sdxl_int8_gemm_config_name(len(names)) is None
+    if shutil.which("nm"):  # built with hidden visibility: the C entry points are all it exports
+        symbols = subprocess.run(["nm", "-D", "--defined-only", lib._name], capture_output=True, text=True).stdout
+        assert {line.split()[-1] for line in symbols.splitlines() if " T " in line} == EXPORTS
+
+    def gemm(m, n, k, config=0, pointer=4096, lda=None):
+        lda = k if lda is None else lda
+        # Fake, 16-byte aligned device pointers: every call below must be refused before touching them.
+        return lib.sdxl_int8_gemm(pointer, pointer, pointer, pointer, pointer, None, m, n, k, lda, 0, config, None,
+                                  0, None)
+
+    assert gemm(64, 64, 64, config=len(names)) == 1
+    assert "out of range" in int8_cutlass._last_error(lib)
+    assert gemm(64, 64, 40) == 2 and "K % 16 == 0, N % 8 == 0" in int8_cutlass._last_error(lib)
+    assert gemm(64, 60, 64) == 2
+    assert gemm(64, 64, 64, lda=72) == 2 and gemm(64, 64, 64, lda=48) == 2
+    assert gemm(64, 64, 64, pointer=4104) == 2 and "16-byte aligned" in int8_cutlass._last_error(lib)
+    assert gemm(0, 64, 64) == 0  # nothing to do
+    if not torch.cuda.is_available():
+        assert gemm(64, 64, 64) == 5 and "cudaGetDevice" in int8_cutlass._last_error(lib)
+        assert lib.sdxl_int8_gemm_workspace(64, 64, 64, 0) == ctypes.c_size_t(-1).value
 
 
 # ---------------------------------------------------------------- CPU: Triton kernels in the interpreter
@@ -287,22 +377,6 @@ def test_tma_int8_matches_reference_on_gpu(shape, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_auto_kernel_choice_times_both_on_gpu(monkeypatch):
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("TMA needs a Hopper GPU (compute capability 9.0+)")
-    monkeypatch.delenv(int8_gemm.KERNEL_ENV, raising=False)
-    monkeypatch.setattr(int8_gemm, "_choices", {})
-    m, k, n = SDXL_SHAPES[1]
-    x_q, w_q = rand_int8(m, k, device="cuda"), rand_int8(n, k, device="cuda")
-    int8_gemm.int8_linear(x_q, w_q, 0.01, torch.full((n,), 0.01, device="cuda"))
-    (row,) = int8_gemm.kernel_choices()
-    assert row["error"] is None, row["error"]
-    assert row["ms_pointer"] > 0 and row["ms_tma"] > 0
-    assert row["kernel"] == ("tma" if row["ms_tma"] < row["ms_pointer"] else "pointer")
-
-
-@pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("shape", RAGGED_SHAPES + SDXL_SHAPES)
 def test_triton_int8_fused_matches_reference_on_gpu(shape):
     m, k, n = shape
@@ -353,3 +427,140 @@ def test_fp8_linear_on_gpu(shape, per_channel):
     assert out.shape == (m, n) and out.dtype == torch.float16
     assert rel_err(out, x.float() @ w.float().T + bias.float()) < 5e-2
     assert rel_err(out, fp8_gemm.fp8_linear_reference(x, w_fp8, a_scale, w_scale, bias)) < 1e-2
+
+
+# ---------------------------------------------------------------- GPU: the CUTLASS kernels (Hopper)
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a CUDA Hopper GPU (sm_90)")
+# M ragged against every tile (1, 77, 154, 1000, 129); K not a multiple of the 128-wide K tile (16, 208, 336,
+# 1040); N a multiple of 8 but not of 16 (136, 1032); then every SDXL linear shape.
+CUTLASS_SHAPES = [(1, 16, 16), (77, 2048, 640), (129, 208, 72), (154, 336, 136), (1000, 1040, 1032),
+                  *shapes.SDXL_LINEAR_SHAPES]
+
+
+@pytest.fixture
+def cutlass_configs():
+    reason = int8_cutlass.unavailable_reason()
+    assert reason is None, f"the CUTLASS INT8 kernels should run on this Hopper GPU: {reason}"
+    return int8_cutlass.configs()
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of `dtype` at |x| (x float32), subnormals included."""
+    mantissa_bits = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype]
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=torch.finfo(dtype).tiny))) - mantissa_bits)
+
+
+def cutlass_mismatches(out, product, bias, dtype) -> str | None:
+    """None when `out` matches the reference's float32 epilogue, product + bias (product = acc * scale, the
+    float32 reference without bias), as closely as the kernel's one fused multiply-add allows: within one
+    output ulp plus two float32 ulps of the summands, which covers the reference's two roundings where the
+    sum cancels (without bias both round once, identically, and half an output ulp is the bound). NaN, the
+    poison the output starts as, counts as wrong. Else a one-line summary."""
+    bias = torch.zeros_like(product) if bias is None else bias.float().expand_as(product)
+    expected = product + bias
+    tolerance = ulp(expected, dtype) + 2 * ulp(product.abs() + bias.abs(), torch.float32)
+    diff = (out.float() - expected).abs()
+    bad = ~(diff <= tolerance)
+    if not bad.any():
+        return None
+    worst = torch.nan_to_num(diff / ulp(expected, dtype), nan=float("inf")).max().item()
+    return f"{bad.sum().item()} of {bad.numel()} elements off (NaN: {out.isnan().sum().item()}), worst {worst:.3g} ulp"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("shape", CUTLASS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cutlass_int8_configs_match_reference_on_gpu(shape, cutlass_configs):
+    """Every config, float16 and bfloat16, with and without bias, writes every element (the output starts as
+    NaN) as `int8_linear_reference` computes it, to within the rounding of one fused multiply-add."""
+    m, k, n = shape
+    g = torch.Generator(device="cuda").manual_seed(m * 29 + k * 11 + n)
+    x_q, w_q = rand_int8(m, k, device="cuda", generator=g), rand_int8(n, k, device="cuda", generator=g)
+    a_scale = (torch.rand(1, device="cuda", generator=g) + 0.5) * 1e-2
+    w_scale = (torch.rand(n, device="cuda", generator=g) + 0.5) * 1e-3
+    failures = []
+    # The integer product, exactly: ternary operands keep |acc| far below 2048, where float16 holds every
+    # integer, and power-of-two scales (a different one per column) keep the scaling exact too.
+    t_x = torch.randint(-1, 2, (m, k), dtype=torch.int8, device="cuda", generator=g)
+    t_w = torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda", generator=g)
+    col_scale = torch.exp2(-(torch.arange(n, device="cuda") % 5).float())
+    exact = int8_gemm.int8_linear_reference(t_x, t_w, 0.5, col_scale, out_dtype=torch.float32)
+    for config in cutlass_configs:
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        int8_cutlass.launch(t_x, t_w, out, torch.tensor([0.5], device="cuda"), col_scale, None, config)
+        if not torch.equal(out.float(), exact):
+            failures.append(f"{config}: the integer product differs at {(out.float() != exact).sum().item()} elements")
+
+    product = int8_gemm.int8_linear_reference(x_q, w_q, a_scale, w_scale, out_dtype=torch.float32)
+    for dtype in (torch.float16, torch.bfloat16):
+        for bias in (None, torch.randn(n, device="cuda", generator=g).to(dtype)):
+            for config in cutlass_configs:
+                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                try:
+                    int8_cutlass.launch(x_q, w_q, out, a_scale, w_scale, bias, config)
+                    torch.cuda.synchronize()
+                except int8_cutlass.CutlassError as err:
+                    failures.append(f"{config} {dtype} bias={bias is not None}: {err}")
+                    continue
+                if problem := cutlass_mismatches(out, product, bias, dtype):
+                    failures.append(f"{config} {dtype} bias={bias is not None}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_int8_linear_runs_the_named_cutlass_kernel_on_gpu(cutlass_configs):
+    x_q, w_q = rand_int8(2, 77, 2048, device="cuda"), rand_int8(640, 2048, device="cuda")
+    a_scale, w_scale = torch.tensor(0.01, device="cuda"), torch.full((640,), 1e-3, device="cuda")
+    bias = torch.randn(640, device="cuda", dtype=torch.float16)
+    names = [CUTLASS_PREFIX + config for config in cutlass_configs]
+    assert int8_gemm.candidate_kernels(x_q, w_q)[-len(names):] == names
+    assert not any(k.startswith(CUTLASS_PREFIX) for k in int8_gemm.candidate_kernels(x_q, w_q, torch.float32))
+    assert int8_gemm.candidate_kernels(rand_int8(7, 40, device="cuda"), rand_int8(64, 40, device="cuda")) == ["pointer"]
+    product = int8_gemm.int8_linear_reference(x_q, w_q, a_scale, w_scale, out_dtype=torch.float32)
+    for name in names:
+        out = int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=torch.float16, kernel=name)
+        assert out.shape == (2, 77, 640) and out.dtype == torch.float16
+        assert cutlass_mismatches(out, product, bias, torch.float16) is None, name
+    # A view into a wider tensor: rows 2112 bytes apart.
+    x_wide = rand_int8(154, 2112, device="cuda")[:, :2048]
+    product = int8_gemm.int8_linear_reference(x_wide, w_q, a_scale, w_scale, out_dtype=torch.float32)
+    for name in names:
+        out = int8_gemm.int8_linear(x_wide, w_q, a_scale, w_scale, bias, out_dtype=torch.float16, kernel=name)
+        assert cutlass_mismatches(out, product, bias, torch.float16) is None, name
+    with pytest.raises(ValueError, match="bias must be a contiguous torch.float16"):
+        int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias.float(), out_dtype=torch.float16, kernel=names[0])
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_cutlass_int8_gemm_in_a_cuda_graph(cutlass_configs):
+    """Each config captured in a CUDA graph (after one warm-up call, which does its one-time setup) and replayed
+    on new inputs: the launch takes the capturing stream, reads a_scale on the device and allocates nothing."""
+    m, k, n = 2048, 1280, 1280
+    w_q = rand_int8(n, k, device="cuda")
+    w_scale = (torch.rand(n, device="cuda") + 0.5) * 1e-3
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    static_x, static_scale = rand_int8(m, k, device="cuda"), torch.tensor(0.01, device="cuda")
+    for config in cutlass_configs:
+        def gemm(config=config):
+            return int8_gemm.int8_linear(static_x, w_q, static_scale, w_scale, bias, torch.float16,
+                                         kernel=CUTLASS_PREFIX + config)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            gemm()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = gemm()
+        for _ in range(2):
+            static_x.copy_(rand_int8(m, k, device="cuda"))
+            static_scale.fill_(float(torch.rand(())) * 0.01 + 1e-3)
+            graph.replay()
+            torch.cuda.synchronize()
+            product = int8_gemm.int8_linear_reference(static_x, w_q, static_scale, w_scale, None, torch.float32)
+            assert cutlass_mismatches(out, product, bias, torch.float16) is None, config

@@ -395,16 +395,16 @@ def test_dispatch_never_chooses_a_kernel_that_computes_wrong(converted, data, mo
     real = copy.deepcopy(converted("int8", 3.0)[0])
     right = gemm_dispatch.candidates
 
-    def one_wrong(layer, op, shape, dtype):
+    def wrong_8bit(layer, op, shape, dtype):
         calls, x = right(layer, op, shape, dtype)
-        if op == "gemm":
-            correct = calls["pointer"]
-            calls["pointer"] = lambda: correct() * 1.5  # a kernel with a broken epilogue, and the fastest
+        for name, correct in list(calls.items()):
+            if name != "16bit":  # kernels with a broken epilogue, and the fastest
+                calls[name] = lambda correct=correct: correct() * 1.5
         return calls, x
 
-    monkeypatch.setattr(gemm_dispatch, "candidates", one_wrong)
+    monkeypatch.setattr(gemm_dispatch, "candidates", wrong_8bit)
     timings = gemm_dispatch.choose(real, lambda: run(real, data["eval"]),
                                    timer=lambda fn, candidate, shape: 1.0 if candidate == "16bit" else 0.1)
     gemms = [t for t in timings if t.op == "gemm"]
-    assert gemms and all(t.choice == "16bit" and "pointer" in t.rejected for t in gemms)
+    assert gemms and all(t.choice == "16bit" and "pointer" in t.rejected and t.ms == {"16bit": 1.0} for t in gemms)
     assert all(m.gemm_path == "16bit" for m in real.modules() if isinstance(m, qmodules.QLinear))

@@ -16,16 +16,14 @@ import torch
 
 from .. import gemm_dispatch, qmodules
 from ..errors import UserError
+from ..kernels import shapes
 from ..timing import graph_ms
 from .results import ResultFile, table
 
-# (M tokens, K, N) of the SDXL UNet's linear layers at 1024x1024, CFG batch 2, with how many layers run each.
-GEMM_SHAPES = {
-    (154, 2048, 640): 20, (154, 2048, 1280): 120,  # cross-attention K/V of the 77-token prompt pair
-    (2048, 1280, 1280): 372, (2048, 1280, 10240): 60, (2048, 5120, 1280): 60,  # 32x32 latents, 1280 channels
-    (8192, 640, 640): 70, (8192, 640, 5120): 10, (8192, 2560, 640): 10,  # 64x64 latents, 640 channels
-    (2048, 1280, 3840): 0, (8192, 640, 1920): 0,  # fused QKV, if the engine fuses it
-}
+# How many layers of the unfused SDXL UNet run each shape of `shapes.SDXL_LINEAR_SHAPES` (the rest appear
+# with fused attention projections).
+LAYERS = {(154, 2048, 640): 20, (154, 2048, 1280): 120, (2048, 1280, 1280): 372, (2048, 1280, 10240): 60,
+          (2048, 5120, 1280): 60, (8192, 640, 640): 70, (8192, 640, 5120): 10, (8192, 2560, 640): 10}
 QUICK = [(2048, 1280, 1280), (8192, 640, 5120), (154, 2048, 1280)]
 
 
@@ -52,8 +50,8 @@ def main(args) -> int:
         raise UserError(f"--formats takes int8 and fp8, got {args.formats!r}")
     device = torch.device("cuda")
     result = ResultFile(args.out, "kernels", device)
-    shapes = QUICK if args.quick else list(GEMM_SHAPES)
-    for (m, k, n) in shapes:
+    gemms = QUICK if args.quick else shapes.SDXL_LINEAR_SHAPES
+    for (m, k, n) in gemms:
         for fmt in formats:
             layer = layer_for(fmt, m, k, n, device)
             with torch.inference_mode():
@@ -61,7 +59,7 @@ def main(args) -> int:
                 errors = {name: gemm_dispatch.relative_error(layer, fn, x, name) for name, fn in calls.items()}
                 ms = {name: graph_ms(fn) for name, fn in calls.items()}
             flop = 2.0 * m * k * n
-            row = result.add({"op": "gemm", "fmt": fmt, "shape": [m, k, n], "layers": GEMM_SHAPES.get((m, k, n)),
+            row = result.add({"op": "gemm", "fmt": fmt, "shape": [m, k, n], "layers": LAYERS.get((m, k, n)),
                               "ms": ms, "tflops": {name: round(flop / t / 1e9, 1) for name, t in ms.items()},
                               "speedup": {name: round(ms["16bit"] / t, 3) for name, t in ms.items()},
                               "rel_err": errors})

@@ -1,6 +1,7 @@
-"""Quantized GEMM kernels: `int8_gemm` (Triton W8A8, one program per tile; it also picks between that and
-`int8_tma`, a persistent Hopper kernel with TMA loads), `fp8_gemm` (torch._scaled_mm), `ops` (both as torch
-custom ops for torch.compile) and `tiles` (the tile order the Triton kernels share).
+"""Quantized GEMM kernels: `int8_gemm` (Triton W8A8, one program per tile, and the entry point that runs the INT8
+kernel a caller names), `int8_tma` (a persistent Triton Hopper kernel with TMA loads), `int8_cutlass` (CUTLASS
+Hopper kernels in a C library that `cuda_build` compiles with nvcc from `csrc/`), `fp8_gemm` (torch._scaled_mm),
+`ops` (the 8-bit GEMMs as torch custom ops for torch.compile) and `tiles` (the tile order the Triton kernels share).
 
 Import the submodules directly; this package stays empty so that importing `fp8_gemm` does not pull in Triton.
 """

@@ -11,9 +11,11 @@ Quantization everywhere is round-half-to-even of x * (1 / scale), both in float3
 because that is what the fused kernel can afford per element. It equals round(x / scale) except when x / scale
 lies within about an ulp of a .5 tie, and always when scale is a power of two.
 
-Two kernels compute the pre-quantized GEMM: the pointer kernel here (one program per output tile) and the
-persistent TMA kernel in `int8_tma` (Hopper). On a GPU each shape runs the one that timed faster on its first
-call (`kernel_choices()` lists them); `SDXL_BENCH_INT8_KERNEL=pointer|tma` forces one.
+Several kernels compute the pre-quantized GEMM, named by strings: "pointer" (the Triton kernel here, one program
+per output tile, any layout), "tma" (the persistent Triton kernel in `int8_tma`, Hopper) and "cutlass:<config>"
+(the CUTLASS kernels in `int8_cutlass`, Hopper). The caller names one per call (`int8_linear(..., kernel=)`);
+`candidate_kernels` lists those that can run given operands. Nothing here times or remembers a choice: which
+kernel is fastest for a shape is measured once by the engine build and kept in its layer plan.
 
 Dispatch: CUDA tensors run Triton. CPU tensors run an exact torch reference, or the Triton kernels in the
 interpreter when SDXL_BENCH_TRITON_ON_CPU=1 or TRITON_INTERPRET=1 is set before this module is imported.
@@ -21,7 +23,6 @@ interpreter when SDXL_BENCH_TRITON_ON_CPU=1 or TRITON_INTERPRET=1 is set before 
 
 import os
 import sys
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -35,7 +36,7 @@ if os.environ.get("SDXL_BENCH_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from . import int8_tma  # noqa: E402
+from . import int8_cutlass, int8_tma  # noqa: E402
 from .tiles import gemm_config, grouped_tile  # noqa: E402
 
 try:
@@ -206,114 +207,69 @@ def _use_triton(x, w_q):
     return x.is_cuda or (x.device.type == "cpu" and _INTERPRET)
 
 
-def _launch(kernel, a, w_q, a_scale, w_scale, bias, out_dtype, quantize_a, choice=None):
-    k, n = w_q.shape[1], w_q.shape[0]
-    lead = a.shape[:-1]
-    a = a.reshape(-1, k)
-    if a.stride(-1) != 1:
-        a = a.contiguous()
-    w_q = w_q.contiguous()  # keeps B = W^T column-major, the fast layout
-    m = a.shape[0]
+def _operands(x, w_q):
+    """The 2-D operands the kernels take: A [M, K] with unit column stride (a copy only when it has none) and
+    W [N, K] contiguous, so B = W^T is column-major, the fast layout."""
+    k = w_q.shape[1]
+    a = x.reshape(-1, k)
+    return (a if a.stride(-1) == 1 else a.contiguous()), w_q.contiguous()
+
+
+CUTLASS_PREFIX = "cutlass:"
+
+
+def _candidates(a, w_q, out_dtype) -> list[str]:
+    kernels = ["pointer"]
+    # TMA needs Hopper or later; on a CPU the "tma" kernel runs in the Triton interpreter (or as the reference).
+    tma_device = a.device.type == "cpu" or (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0))
+    if tma_device and int8_tma.supports(a, w_q):
+        kernels.append("tma")
+    if out_dtype in int8_cutlass.OUT_DTYPES and int8_cutlass.supports(a, w_q) and int8_cutlass.available(a.device):
+        kernels += [CUTLASS_PREFIX + name for name in int8_cutlass.configs()]
+    return kernels
+
+
+def candidate_kernels(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype = torch.float16) -> list[str]:
+    """The kernel names `int8_linear(x_q, w_q, ..., out_dtype=out_dtype, kernel=name)` accepts for these operands:
+    "pointer" always; "tma" where TMA's alignment holds (on a CPU too, for the Triton interpreter); one
+    "cutlass:<config>" per CUTLASS configuration on a Hopper GPU where its library loads, for float16/bfloat16
+    output. On a CPU without the Triton interpreter every choice computes the torch reference."""
+    _check(x_q, w_q, (torch.int8,))
+    return _candidates(*_operands(x_q, w_q), out_dtype)
+
+
+def _require(choice, a, w_q, out_dtype):
+    choices = _candidates(a, w_q, out_dtype)
+    if choice not in choices:
+        raise ValueError(f"INT8 kernel {choice!r} cannot run this GEMM (M={a.shape[0]}, K={a.shape[1]}, "
+                         f"N={w_q.shape[0]}, {str(out_dtype).removeprefix('torch.')} out, {a.device}): choose "
+                         f"one of {', '.join(choices)}")
+
+
+def _launch(kernel, a, w_q, lead, a_scale, w_scale, bias, out_dtype, quantize_a, choice="pointer"):
+    """Run `choice` on operands prepared by `_operands`; returns [*lead, N]."""
+    (m, k), n = a.shape, w_q.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     a_scale, w_scale = _scales(a_scale, w_scale, n, a.device)
     bias_arg = bias.contiguous() if bias is not None else w_scale  # dummy pointer when HAS_BIAS is off
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    if choice == "tma":
+        int8_tma.launch(a, w_q, out, a_scale, w_scale, bias_arg, has_bias=bias is not None,
+                        interpret=_INTERPRET, quick=_QUICK)
+    elif choice.startswith(CUTLASS_PREFIX):
+        int8_cutlass.launch(a, w_q, out, a_scale, w_scale, None if bias is None else bias.contiguous(),
+                            choice.removeprefix(CUTLASS_PREFIX))
+    else:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    def run(name):
-        if name == "tma":
-            int8_tma.launch(a, w_q, out, a_scale, w_scale, bias_arg, has_bias=bias is not None,
-                            interpret=_INTERPRET, quick=_QUICK)
-            return
         kernel[grid](
             a, w_q, out, a_scale, w_scale, bias_arg,
             m, n, k,
             a.stride(0), a.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, QUANTIZE_A=quantize_a, USE_RINT=_USE_RINT,
         )
-
-    run("pointer" if quantize_a else _pick_kernel(run, a, w_q, (m, n, k, out_dtype, bias is not None), choice))
     return out.reshape(*lead, n)
-
-
-# ---------------------------------------------------------------- which kernel runs a pre-quantized GEMM
-
-KERNEL_ENV = "SDXL_BENCH_INT8_KERNEL"  # "auto" (default): time both per shape on the GPU; "pointer"; "tma"
-KERNELS = ("pointer", "tma")
-
-
-@dataclass
-class KernelChoice:
-    kernel: str
-    ms_pointer: float
-    ms_tma: float | None  # None when the TMA kernel failed to build or run (see `error`)
-    error: str | None = None
-
-
-_choices: dict[tuple, KernelChoice] = {}  # (M, N, K, out dtype, has bias) -> choice, for this process
-
-
-def _kernel_mode() -> str:
-    mode = os.environ.get(KERNEL_ENV, "auto")
-    if mode not in ("auto", *KERNELS):
-        from ..errors import UserError
-
-        raise UserError(f"{KERNEL_ENV}={mode!r}: choose auto, pointer or tma")
-    return mode
-
-
-def _pick_kernel(run, a, w_q, key, choice=None) -> str:
-    """The kernel for this GEMM: forced by `choice` or SDXL_BENCH_INT8_KERNEL, else on a GPU the faster of
-    the two, timed once per shape (first call, before any CUDA graph captures it). TMA needs aligned operands."""
-    mode = choice or _kernel_mode()
-    if mode not in ("auto", *KERNELS):
-        raise ValueError(f"INT8 kernel {mode!r}: choose auto, pointer or tma")
-    if not int8_tma.supports(a, w_q):
-        return "pointer"
-    if mode != "auto":
-        return mode
-    if not a.is_cuda or torch.cuda.is_current_stream_capturing():
-        return _choices[key].kernel if key in _choices else "pointer"
-    if key not in _choices:
-        _choices[key] = _time_kernels(run)
-    return _choices[key].kernel
-
-
-def _time_kernels(run) -> KernelChoice:
-    from triton.testing import do_bench
-
-    def ms(name):
-        return do_bench(lambda: run(name), warmup=10, rep=40, return_mode="median")
-
-    ms_pointer = ms("pointer")
-    try:
-        ms_tma = ms("tma")
-    except Exception as err:  # a TMA kernel the local Triton cannot build must not stop the engine
-        return KernelChoice("pointer", ms_pointer, None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    return KernelChoice("tma" if ms_tma < ms_pointer else "pointer", ms_pointer, ms_tma)
-
-
-def load_choices(rows: list[dict]) -> None:
-    """Take per-shape choices saved by an engine build (`kernel_choices()` rows), so a reload runs the kernel
-    its build measured without timing both again."""
-    from ..errors import UserError
-
-    for row in rows:
-        try:
-            key = (row["M"], row["N"], row["K"], getattr(torch, row["out_dtype"]), row["bias"])
-            choice = KernelChoice(row["kernel"], row["ms_pointer"], row["ms_tma"], row.get("error"))
-        except (KeyError, TypeError, AttributeError) as err:
-            raise UserError(f"malformed INT8 kernel choice {row!r} ({err}): rebuild the engine") from None
-        if choice.kernel not in KERNELS or not isinstance(key[3], torch.dtype):
-            raise UserError(f"malformed INT8 kernel choice {row!r}: rebuild the engine")
-        _choices[key] = choice
-
-
-def kernel_choices() -> list[dict]:
-    """The per-shape choices this process made, JSON-ready (kept beside the engine's GEMM dispatch)."""
-    return [{"M": m, "N": n, "K": k, "out_dtype": str(dtype).removeprefix("torch."), "bias": has_bias,
-             **asdict(choice)} for (m, n, k, dtype, has_bias), choice in _choices.items()]
 
 
 def _check(x, w_q, x_dtypes):
@@ -325,16 +281,20 @@ def _check(x, w_q, x_dtypes):
         raise ValueError(f"K mismatch: x has {x.shape[-1]}, w_q has {w_q.shape[1]}")
 
 
-def int8_linear(x_q, w_q, a_scale, w_scale, bias=None, out_dtype=torch.float16, kernel=None):
+def int8_linear(x_q, w_q, a_scale, w_scale, bias=None, out_dtype=torch.float16, kernel="pointer"):
     """out[..., N] = (x_q @ w_q^T) * (a_scale * w_scale) + bias for int8 x_q [..., K] and int8 w_q [N, K].
 
     a_scale: per-tensor float32 scalar (tensor or float); w_scale: float32 [N] (or a scalar); bias: [N].
-    kernel: "pointer", "tma" or "auto" (default: SDXL_BENCH_INT8_KERNEL, else "auto"); see `_pick_kernel`.
+    kernel: one of `candidate_kernels(x_q, w_q, out_dtype)` ("pointer", "tma", "cutlass:<config>"); any other
+    name is a ValueError that lists them. On a CPU without the Triton interpreter the torch reference runs.
     """
     _check(x_q, w_q, (torch.int8,))
+    a, w_2d = _operands(x_q, w_q)
+    _require(kernel, a, w_2d, out_dtype)
     if not _use_triton(x_q, w_q):
         return int8_linear_reference(x_q, w_q, a_scale, w_scale, bias, out_dtype)
-    return _launch(_int8_gemm_kernel, x_q, w_q, a_scale, w_scale, bias, out_dtype, quantize_a=False, choice=kernel)
+    return _launch(_int8_gemm_kernel, a, w_2d, x_q.shape[:-1], a_scale, w_scale, bias, out_dtype, quantize_a=False,
+                   choice=kernel)
 
 
 def int8_linear_fused(x, w_q, a_scale, w_scale, bias=None):
@@ -342,10 +302,5 @@ def int8_linear_fused(x, w_q, a_scale, w_scale, bias=None):
     _check(x, w_q, (torch.float16, torch.bfloat16, torch.float32))
     if not _use_triton(x, w_q):
         return int8_linear_reference(quantize_per_tensor(x, a_scale), w_q, a_scale, w_scale, bias, x.dtype)
-    return _launch(_fused_gemm_kernel, x, w_q, a_scale, w_scale, bias, x.dtype, quantize_a=True)
-
-
-def candidate_kernels(x_q, w_q) -> list[str]:
-    """The kernels `int8_linear(kernel=...)` can run for these operands on their device."""
-    a = x_q.reshape(-1, x_q.shape[-1])
-    return ["pointer", *(["tma"] if a.is_cuda and int8_tma.supports(a, w_q) else [])]
+    a, w_2d = _operands(x, w_q)
+    return _launch(_fused_gemm_kernel, a, w_2d, x.shape[:-1], a_scale, w_scale, bias, x.dtype, quantize_a=True)

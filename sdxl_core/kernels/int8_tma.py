@@ -10,8 +10,7 @@ no masks) and leave the registers to the accumulator. The epilogue (int32 -> flo
 is the pointer kernel's, so both give identical results.
 
 TMA needs 16-byte aligned base addresses and row strides: `supports` says when it applies (K % 16 == 0 for
-int8 rows; every SDXL UNet shape qualifies). `int8_gemm.int8_linear` picks this kernel or the pointer
-kernel per shape by timing both on the GPU (`SDXL_BENCH_INT8_KERNEL` forces one).
+int8 rows; every SDXL UNet shape qualifies). `int8_gemm.int8_linear(..., kernel="tma")` runs it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from . import fp8_gemm, int8_gemm
 @torch.library.custom_op("sdxl_bench::int8_mm", mutates_args=())
 def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
             bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    """`kernel`: which INT8 kernel runs, one of `int8_gemm.candidate_kernels` (a constant of the compiled graph)."""
     return int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=out_dtype, kernel=kernel)
 
 
@@ -34,11 +35,7 @@ def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale:
     return fp8_gemm._scaled_mm(x_q, w_q, scale_a, scale_b, bias, out_dtype, False)
 
 
-@fp8_mm.register_fake
-def _mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype):
-    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
-
-
 @int8_mm.register_fake
-def _int8_mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype, kernel):
-    return _mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype)
+@fp8_mm.register_fake
+def _mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype, kernel=None):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
