@@ -240,6 +240,31 @@ def summarize(rows: list[dict]) -> dict:
             else {}}
 
 
+def best_table(rows: list[dict]) -> list[str]:
+    """One line per shape: the faster fp16 layout, then each format's best config with its speed-up alone and
+    with the quantize glue added, and its error against the exact conv."""
+    lines = [f"{'shape':>24} {'n':<3} {'fp16_us':>8} | {'format':<5} {'best config':<22} {'us':>7} {'vs_fp16':>7} "
+             f"{'+quant':>7} {'err_exact':>9}"]
+    by_shape: dict = {}
+    for r in rows:
+        by_shape.setdefault(r["shape"], []).append(r)
+    for group in by_shape.values():
+        r0 = group[0]
+        shape = f"{r0['N']}x{r0['H']}x{r0['W']} {r0['C']}->{r0['K']} s{r0['stride']}"
+        fp16 = min((r["time_us"] for r in group if r["kernel"].startswith("fp16") and "time_us" in r), default=None)
+        head = f"{shape:>24} x{r0['layers']:<2} {fp16 or float('nan'):8.1f}"
+        for fmt in ("int8", "fp8"):
+            convs = [r for r in group if r["kernel"].startswith(f"{fmt}/") and "time_us" in r]
+            if not convs:
+                continue
+            best = min(convs, key=lambda r: r["time_us"])
+            speedup, with_quant = best.get("vs_fp16", float("nan")), best.get("vs_fp16_with_quant", float("nan"))
+            lines.append(f"{head} | {fmt:<5} {best['kernel'].split('/', 1)[1]:<22} {best['time_us']:7.1f} "
+                         f"{speedup:7.2f} {with_quant:7.2f} {best.get('err_exact', float('nan')):9.2e}")
+            head = " " * len(head)
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="directory for conv_shapes.json (rewritten after every row)")
@@ -288,9 +313,10 @@ def main(argv=None):
         bench.run_shape(index, *shapes[index])
     summary = summarize(bench.rows)
     bench.save(summary)
+    print("\nbest 8-bit config per shape:")
+    print("\n".join(best_table(bench.rows)))
     print("one UNet step's 3x3 convs (us):", {k: round(v, 1) for k, v in summary["us_per_unet_step"].items()})
     print("speed-up vs fp16:", {k: round(v, 3) for k, v in summary["speedup_vs_fp16"].items()})
-    print("best config per shape:", summary["best_config_per_shape"])
     if args.out:
         print(f"wrote {args.out / 'conv_shapes.json'}")
 

@@ -420,7 +420,7 @@ def test_benchmark_summary_weights_shapes_by_layers():
         dict(base, shape=13, layers=10, kernel="quant_int8", time_us=10.0),
         dict(base, shape=13, layers=10, kernel="int8/128x128x128_1x1", time_us=60.0, vs_fp16=100 / 60,
              vs_fp16_with_quant=100 / 70, err_exact=1e-4, err_fp16=2e-2),
-        dict(base, shape=13, layers=10, kernel="int8/64x128x128_1x1_s4", time_us=50.0),
+        dict(base, shape=13, layers=10, kernel="int8/64x128x128_1x1_s4", time_us=50.0, vs_fp16=2.0),
         dict(base, shape=13, layers=10, kernel="fp8/128x128x64_1x1", error="RuntimeError: boom"),
         dict(base, shape=0, layers=7, kernel="fp16_cl", time_us=200.0),
         dict(base, shape=0, layers=7, kernel="int8/128x128x128_1x1", time_us=150.0),
@@ -433,6 +433,8 @@ def test_benchmark_summary_weights_shapes_by_layers():
     assert "fp8" not in step
     assert summary["best_config_per_shape"]["int8"] == {13: "64x128x128_1x1_s4", 0: "128x128x128_1x1"}
     assert summary["speedup_vs_fp16"]["int8"] == pytest.approx(2400 / 1550)
+    table = bench.best_table(rows)
+    assert len(table) == 3 and "64x128x128_1x1_s4" in table[1] and "2.00" in table[1]
     lines = [bench.format_row(r) for r in rows]
     assert "ERROR RuntimeError: boom" in lines[5] and "1.43" in lines[3] and "1.00e-04" in lines[3]
     assert len(bench.HEADER.split()) == 9
