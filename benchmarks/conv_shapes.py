@@ -50,8 +50,8 @@ def sdxl_shapes() -> tuple[list[tuple[int, ...]], str]:
         from sdxl_core.models import SDXL_UNET_CONFIG
 
         shapes = cc.unet_conv3x3_shapes(SDXL_UNET_CONFIG, batch=2, latent=128)
-    except ImportError as err:
-        return list(cc.SDXL_CONV3X3), f"static table (diffusers unavailable: {err})"
+    except Exception as err:  # no diffusers, or one whose UNet cannot run on the meta device
+        return list(cc.SDXL_CONV3X3), f"static table (diffusers UNet unavailable: {one_line(err)})"
     if shapes != list(cc.SDXL_CONV3X3):
         print("warning: the diffusers UNet's conv shapes differ from conv_cutlass.SDXL_CONV3X3", file=sys.stderr)
     return shapes, "diffusers UNet2DConditionModel (SDXL config), meta-device forward"
