@@ -72,11 +72,13 @@ class ShapeTiming:
                 "speedup_8bit": round(self.speedup, 3), "gflop": round(self.flops() / 1e9, 3)}
 
 
-def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None) -> list[ShapeTiming]:
+def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None,
+           channels_last: bool = False) -> list[ShapeTiming]:
     """Time every distinct shape of the UNet's 8-bit layers per candidate; set each layer to the fastest.
 
     `run_step()` runs one eager UNet step so the shapes can be recorded. `timer(fn, candidate, shape)` returns
-    ms per call of `fn` (default: `time_candidate`).
+    ms per call of `fn` (default: `time_candidate`). `channels_last`: the layout the engine will run in; the
+    8-bit conv kernels are NHWC only, so they are candidates only then.
     """
     timer = timer or time_candidate
     shapes: dict[tuple, list[qmodules.QuantizedModule]] = {}
@@ -97,7 +99,7 @@ def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None)
         unique = list(dict.fromkeys(modules))
         fmt, op, shape, dtype = key
         with torch.inference_mode():
-            calls, x = candidates(unique[0], op, shape, dtype)
+            calls, x = candidates(unique[0], op, shape, dtype, channels_last=channels_last)
             calls = {name: fn for name, fn in calls.items() if allowed(name)}
             errors = {name: relative_error(unique[0], fn, x, name) for name, fn in calls.items()}
             rejected = {name: f"relative error {err:.2e}" for name, err in errors.items()
@@ -112,6 +114,28 @@ def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None)
             module.set_gemm_path(path, dtype, kernel=None if path == SIXTEEN_BIT else timing.choice)
         timings.append(timing)
     return timings
+
+
+def _conv_candidates(layer, shape: tuple, dtype: torch.dtype, channels_last: bool):
+    n, c, h, w, *_ = shape
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, w, device=layer.weight.device, dtype=dtype).contiguous(memory_format=layout)
+    w16 = layer.float_weight(dtype).contiguous(memory_format=layout)
+    calls = {SIXTEEN_BIT: lambda: F.conv2d(x, w16, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                           layer.groups)}
+    from .kernels import conv_cutlass
+
+    w_krsc = conv_cutlass.weight_krsc(layer.weight)
+    if not channels_last or not conv_cutlass.available(x.device) or layer.groups != 1 or \
+            conv_cutlass.unsupported_reason(x.shape, w_krsc.shape, layer.stride, layer.padding):
+        return calls, x
+    x_q = qmodules.quantize(x, layer.a_scale, layer.FMT).contiguous(memory_format=torch.channels_last)
+    w_scale = layer.w_scale.reshape(-1).expand(layer.out_channels).contiguous()
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    for index, name in enumerate(conv_cutlass.configs(layer.FMT)):
+        calls[qmodules.CUTLASS + name] = (lambda index=index: ops.conv8(
+            x_q, w_krsc, layer.a_scale, w_scale, bias, list(layer.stride), list(layer.padding), dtype, index))
+    return calls, x
 
 
 def time_candidate(fn: Callable[[], object], candidate: str, shape: tuple) -> float:
@@ -169,16 +193,13 @@ def _shape_key(module, x) -> tuple:
     return module.FMT, "conv", (n, c, h, w, module.out_channels, r, s, module.stride[0]), x.dtype
 
 
-def candidates(layer, op: str, shape: tuple, dtype: torch.dtype) -> tuple[dict[str, Callable], torch.Tensor]:
+def candidates(layer, op: str, shape: tuple, dtype: torch.dtype, *,
+               channels_last: bool = False) -> tuple[dict[str, Callable], torch.Tensor]:
     """({name: a call that runs this layer's work at `shape` that way}, the random (never zero) input they use,
     before quantization)."""
     device = layer.weight.device
     if op == "conv":
-        n, c, h, w, *_ = shape
-        x = torch.randn(n, c, h, w, device=device, dtype=dtype)
-        w16 = layer.float_weight(dtype)
-        return {SIXTEEN_BIT: lambda: F.conv2d(x, w16, layer.bias, layer.stride, layer.padding, layer.dilation,
-                                              layer.groups)}, x
+        return _conv_candidates(layer, shape, dtype, channels_last)
     m, k, n = shape
     weight = layer.weight.reshape(n, k)
     x = torch.randn(m, k, device=device, dtype=dtype)

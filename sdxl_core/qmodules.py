@@ -42,7 +42,9 @@ UNET_FILES = ("unet_config.json", "layer_plan.json", "unet.safetensors")  # what
 GEMM_PATHS = ("8bit", "16bit")
 # The 8-bit kernel a layer runs until the dispatch picks another: the Triton INT8 GEMM, cuBLAS FP8 (through
 # torch._scaled_mm), and for 3x3 convs the emulation (8-bit numerics, 16-bit compute; what runs on the CPU).
+# The dispatch may pick "cutlass:<config>" for both (the Hopper CUTLASS GEMM and conv kernels).
 DEFAULT_KERNELS = {"int8": "pointer", "fp8": "scaled_mm", "conv": "emulated"}
+CUTLASS = "cutlass:"
 QMAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _MIN_AMAX = 2.0**-24  # ModelOpt quantizes to zero below this amax; a floor keeps the scales finite
@@ -74,6 +76,7 @@ class QuantizedModule(torch.nn.Module):
 
     FMT = ""
     _FIXED = ("weight", "w_scale", "a_scale")
+    _KEEP_LAYOUT = ()
     gemm_path = "8bit"  # or "16bit": chosen per shape by `gemm_dispatch`
     kernel = ""  # which 8-bit kernel the "8bit" path runs (DEFAULT_KERNELS until the dispatch picks one)
 
@@ -127,11 +130,13 @@ class QuantizedModule(torch.nn.Module):
         return self.w_dq if self.w_dq.dtype == dtype else self.w_dq.to(dtype)
 
     def _apply(self, fn, recurse=True):
-        before = {name: self._buffers[name] for name in self._FIXED}
+        before = {name: self._buffers[name] for name in self._FIXED if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
-            if self._buffers[name].dtype != old.dtype:  # a dtype cast: keep the old tensor, take the new device
-                self._buffers[name] = old.to(self._buffers[name].device)
+            new = self._buffers[name]
+            if new.dtype != old.dtype or (name in self._KEEP_LAYOUT and new.stride() != old.stride()):
+                # a dtype cast (or a layout a kernel relies on changed): keep the old tensor, take the new device
+                self._buffers[name] = old.to(new.device)
         return self
 
     def _fill(self, weight, w_amax, a_amax, bias):
@@ -192,6 +197,9 @@ class Fp8Linear(QLinear):
 
 
 class QConv2d(QuantizedModule):
+    _FIXED = (*QuantizedModule._FIXED, "w_krsc", "w_scale_k")
+    _KEEP_LAYOUT = ("w_krsc",)  # the CUTLASS conv reads [K, R, S, C] packed, whatever `.to(channels_last)` says
+
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                  groups=1, bias=True, per_channel=True, dtype=torch.float32, device=None):
         super().__init__()
@@ -200,6 +208,25 @@ class QConv2d(QuantizedModule):
         self._init_buffers((out_channels, in_channels // groups, *kernel_size), out_channels, bias=bias,
                            per_channel=per_channel, dtype=dtype, device=device)
         self.kernel = DEFAULT_KERNELS[self.FMT if self.as_gemm else "conv"]
+        self.register_buffer("w_krsc", None, persistent=False)  # the CUTLASS conv's weight layout
+        self.register_buffer("w_scale_k", None, persistent=False)  # w_scale expanded to one per output channel
+        self.conv_config = -1  # the CUTLASS conv config index of `kernel` (an int, so compiled code sees a constant)
+
+    @property
+    def runs_cutlass_conv(self) -> bool:
+        return not self.as_gemm and self.gemm_path == "8bit" and self.kernel.startswith(CUTLASS)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None):
+        """Besides the float weight, a layer on the CUTLASS conv keeps its weight as [K, R, S, C] once."""
+        super().dequantize_weight(dtype)
+        if not self.runs_cutlass_conv or self.weight.is_meta:
+            self.w_krsc = self.w_scale_k = None
+            return
+        from .kernels import conv_cutlass
+
+        self.conv_config = conv_cutlass.configs(self.FMT).index(self.kernel.removeprefix(CUTLASS))
+        self.w_krsc = conv_cutlass.weight_krsc(self.weight)
+        self.w_scale_k = self.w_scale.reshape(-1).expand(self.out_channels).contiguous()
 
     @property
     def as_gemm(self) -> bool:
@@ -211,8 +238,8 @@ class QConv2d(QuantizedModule):
         return self.as_gemm and self.gemm_path == "8bit"
 
     @property
-    def needs_float_weight(self) -> bool:
-        return not self.runs_8bit_gemm  # the emulated 8-bit conv computes with the float weight too
+    def needs_float_weight(self) -> bool:  # the emulated 8-bit conv computes with the float weight too
+        return not self.runs_8bit_gemm and not self.runs_cutlass_conv
 
     @classmethod
     def empty_like(cls, conv: torch.nn.Conv2d, *, smooth: bool = False, per_channel: bool = True):
@@ -237,6 +264,11 @@ class QConv2d(QuantizedModule):
             out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias,
                        self.FMT, self.kernel)
             return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+        if self.runs_cutlass_conv:
+            x_q = quantize(x, self.a_scale, self.FMT).contiguous(memory_format=torch.channels_last)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return ops.conv8(x_q, self.w_krsc, self.a_scale, self.w_scale_k, bias, list(self.stride),
+                             list(self.padding), x.dtype, self.conv_config)
         if self.gemm_path == "8bit":  # a 3x3 conv with 8-bit numerics: emulated in the activation dtype
             x = fake_quantize(x, self.a_scale, self.FMT)
         return F.conv2d(x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,

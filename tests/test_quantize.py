@@ -395,8 +395,8 @@ def test_dispatch_never_chooses_a_kernel_that_computes_wrong(converted, data, mo
     real = copy.deepcopy(converted("int8", 3.0)[0])
     right = gemm_dispatch.candidates
 
-    def wrong_8bit(layer, op, shape, dtype):
-        calls, x = right(layer, op, shape, dtype)
+    def wrong_8bit(layer, op, shape, dtype, **layout):
+        calls, x = right(layer, op, shape, dtype, **layout)
         for name, correct in list(calls.items()):
             if name != "16bit":  # kernels with a broken epilogue, and the fastest
                 calls[name] = lambda correct=correct: correct() * 1.5

@@ -86,7 +86,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     if engine_dir is None:
         if not allow_build:
             raise UserError("loading a prebuilt engine needs --engine-dir")
-        unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info)
+        unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info,
+                          channels_last=channels_last)
         info["mode"] = "in-memory"
         runnable = make_runnable(unet, None)
     else:
@@ -96,7 +97,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
             if record is None:
                 if not allow_build:
                     raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
-                unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info)
+                unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info,
+                                  channels_last=channels_last)
                 runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable)
                 info["mode"] = "built"
             else:
@@ -117,9 +119,11 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
                    info=info)
 
 
-def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info) -> torch.nn.Module:
+def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, *,
+               channels_last: bool = False) -> torch.nn.Module:
     """FP16: the model's UNet as is. INT8/FP8: calibrate (or reuse the calibration under the ONNX dir),
-    convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`)."""
+    convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`) in the
+    layout the UNet will run in."""
     unet = components.unet
     if not components.has_unet_weights:
         raise UserError("this engine has to be built, but the UNet weights were not loaded (a load-only run)")
@@ -141,7 +145,7 @@ def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info
     info.update(calibration_s=round(calibrated_at - started, 2),
                 convert_s=round(time.perf_counter() - calibrated_at, 2), converted=str(conversion))
     if dispatches(device):
-        info.update(_dispatch(unet, variant, device, dtype, progress))
+        info.update(_dispatch(unet, variant, device, dtype, progress, channels_last))
     return unet
 
 
@@ -150,12 +154,12 @@ def dispatches(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("SDXL_BENCH_GEMM_DISPATCH") != "off"
 
 
-def _dispatch(unet, variant, device, dtype, progress) -> dict:
+def _dispatch(unet, variant, device, dtype, progress, channels_last) -> dict:
     from .. import gemm_dispatch
 
     started = time.perf_counter()
     inputs = unet_inputs(variant, unet, device, dtype)
-    timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs))
+    timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs), channels_last=channels_last)
     if progress:
         gemm_dispatch.print_table(timings)
     return {**gemm_dispatch.summary(timings), "gemm_timings": [t.row() for t in timings],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8_gemm, int8_gemm
+from . import conv_cutlass, fp8_gemm, int8_gemm
 
 
 @torch.library.custom_op("sdxl_bench::int8_mm", mutates_args=())
@@ -39,3 +39,19 @@ def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale:
 @fp8_mm.register_fake
 def _mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype, kernel=None):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("sdxl_bench::conv8", mutates_args=())
+def conv8(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+          bias: torch.Tensor | None, stride: list[int], padding: list[int], out_dtype: torch.dtype,
+          config: int) -> torch.Tensor:
+    """The 8-bit CUTLASS conv (`conv_cutlass.conv2d`): channels-last in and out, `config` a constant."""
+    return conv_cutlass.conv2d(x_q, w_krsc, a_scale, w_scale, bias, stride, padding, out_dtype, config)
+
+
+@conv8.register_fake
+def _conv8_shape(x_q, w_krsc, a_scale, w_scale, bias, stride, padding, out_dtype, config):
+    n, _, h, w = x_q.shape
+    k, r, s, _ = w_krsc.shape
+    p, q = conv_cutlass.output_hw(h, w, r, s, stride, padding)
+    return x_q.new_empty_strided((n, k, p, q), (p * q * k, 1, q * k, k), dtype=out_dtype)
