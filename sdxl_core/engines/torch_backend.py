@@ -325,12 +325,17 @@ def _load_unet(path: Path, device, dtype, info) -> torch.nn.Module:
     from .. import qmodules
 
     started = time.perf_counter()
-    config = json.loads((path / "unet_config.json").read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    qmodules.apply_layer_plan(unet, json.loads((path / "layer_plan.json").read_text()))
-    state = load_file(str(path / "unet.safetensors"), device=str(device))
-    unet.load_state_dict(state, strict=True, assign=True)
+    try:  # files that pass their checksums but do not fit together (an edited config) are refused in one line
+        config = json.loads((path / "unet_config.json").read_text())
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        qmodules.apply_layer_plan(unet, json.loads((path / "layer_plan.json").read_text()))
+        state = load_file(str(path / "unet.safetensors"), device=str(device))
+        unet.load_state_dict(state, strict=True, assign=True)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())[:200]
+        reason = reason or type(exc).__name__
+        raise store.EngineRefused(f"engine {path.name} does not load ({reason}); delete {path} to rebuild it") from None
     qmodules.dequantize_weights(unet, dtype)
     if (path / "int8_kernels.json").exists():
         from ..kernels import int8_gemm
