@@ -304,7 +304,7 @@ def _check_runtime(args, model: str, lora_path: str | None = None):
     device = resolve_device(args.device)
     models.check_model_name(model)
     if models.is_hub_id(model):
-        models.check_hub_source(model, "model_index.json", "model", "use --model tiny or a local diffusers dir")
+        models.check_hub_source(model, "unet/config.json", "model", "use --model tiny or a local diffusers dir")
     if lora_path and models.is_hub_id(lora_path):
         models.check_hub_source(lora_path, "pytorch_lora_weights.safetensors", "LoRA",
                                 "pass a local .safetensors file with --lora-path")
