@@ -1,4 +1,4 @@
-"""Suite-wide options, hardware probing and session fixtures.
+"""Hardware probing and session fixtures (the suite's options are in `sdxl_core/pytest_plugin.py`).
 
 Hardware is probed once: tests marked `gpu` skip where PyTorch sees no CUDA device, `hopper` (alias `h100`)
 where the card is not a Hopper GPU (compute capability 9.0: H100, H200), `tensorrt` where the TensorRT
@@ -13,23 +13,6 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at test time
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("sdxl-bench")
-    group.addoption("--model", default=None, help="model for engine fixtures (default: tiny on CPU, "
-                    "sdxl-random on GPU)")
-    group.addoption("--backend", default="torch", help="torch or tensorrt")
-    group.addoption("--engine-dir", default=None, help="engine dir shared by the session (default: a temp dir)")
-    group.addoption("--onnx-dir", default=None, help="ONNX/calibration dir (default: a temp dir)")
-    group.addoption("--variants", default=None, help="comma-separated variant names for engine fixtures")
-    group.addoption("--update-baselines", action="store_true", help="regenerate stored FP16 baselines")
-    group.addoption("--baseline-dir", default="baselines", help="root of the stored baselines")
-    group.addoption("--calibration-size", type=int, default=None,
-                    help="calibration prompts for 8-bit engines (default: the variant's, 32; timing does not depend "
-                         "on it, quality does)")
-    group.addoption("--min-int8-speedup", type=float, default=1.15, help="INT8 gate: median FP16 / median INT8")
-    group.addoption("--min-fp8-speedup", type=float, default=1.3, help="FP8 gate: median FP16 / median FP8")
 
 
 def _hardware() -> dict:

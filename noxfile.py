@@ -1,14 +1,22 @@
 """Sessions: tests (CPU, what CI runs), demo, gpu_bench (the suite on a Hopper GPU), gpu_engines, gpu_kernels,
 gpu_profile (GPU measurements), quality, baselines, compare.
 
-Each session makes its own virtualenv and installs the project from pyproject.toml. On a GPU runner
+`tests` and `demo` make their own virtualenv and install the project from pyproject.toml. On a GPU runner
 whose Python already has a CUDA build of torch, pass `--no-venv` (nox >= 2024) or set
 SDXL_BENCH_SYSTEM_PYTHON=1 to use that interpreter's site-packages (venv with system site packages).
+
+`gpu_bench`, `quality`, `baselines` and `compare` run in the Python that runs nox, where the project must be
+installed (`pip install -e '.[dev]'`); where it is not, they refuse in one line that names that command, with
+exit status 2. `gpu_bench` also refuses where PyTorch sees no CUDA GPU: its numbers go into the history that
+later GPU runs are gated against.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import subprocess
 import sys
 
 import nox
@@ -17,6 +25,7 @@ nox.options.sessions = ["tests"]
 nox.options.default_venv_backend = "venv"
 PYTHON = None  # the interpreter that runs nox (3.11 on CI)
 CPU_TORCH = ["torch==2.14.1", "torchvision==0.29.1"]  # on local disk on the CPU image: no 5 GB download
+HISTORY = ".benchmarks"
 
 
 def _install(session: nox.Session, extras: str = "dev") -> None:
@@ -27,6 +36,49 @@ def _install(session: nox.Session, extras: str = "dev") -> None:
 
 def _gpu_venv() -> dict:
     return {"venv_params": ["--system-site-packages"]} if os.environ.get("SDXL_BENCH_SYSTEM_PYTHON") else {}
+
+
+def _refuse(session: nox.Session, message: str) -> None:
+    """One line on stderr and exit status 2, as the CLI does for input it refuses."""
+    print(f"error: nox -s {session.name}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _require_project(session: nox.Session) -> None:
+    """Refuse where the Python that runs nox lacks the project (its sessions import torch and sdxl_core)."""
+    missing = [] if importlib.util.find_spec("torch") else ["PyTorch"]
+    try:
+        importlib.metadata.version("sdxl-bench")
+    except importlib.metadata.PackageNotFoundError:
+        missing.append("the sdxl-bench package")
+    if missing:
+        _refuse(session, f"runs in the Python that runs nox ({sys.executable}), which lacks {' and '.join(missing)}: "
+                         f"install the project there first: {sys.executable} -m pip install -e '.[dev]'")
+
+
+def _cuda_available() -> bool:
+    """Whether PyTorch sees a CUDA GPU, asked in a child process so that nox itself never initialises CUDA."""
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300).returncode == 0
+
+
+def gpu_bench_args(env, *, on_gpu: bool, history_has_runs: bool) -> list[str]:
+    """pytest's arguments for gpu_bench. Values go in `--opt=value` form: pytest takes a bare existing directory
+    for a test path and roots itself there (then the suite's conftest.py never loads).
+
+    On a GPU: engines in the persistent dirs, a saved history, and a 10 % median gate against its last run.
+    Without one (`--allow-cpu`, for debugging): `tiny` unless SDXL_BENCH_MODEL says otherwise, engines in temp
+    dirs, and no history: CPU numbers must never become the baseline of a GPU gate.
+    """
+    if not on_gpu:
+        return ["-m", "bench", f"--model={env.get('SDXL_BENCH_MODEL', 'tiny')}"]
+    args = ["-m", "bench", "--benchmark-autosave", f"--benchmark-storage={HISTORY}",
+            f"--model={env.get('SDXL_BENCH_MODEL', 'sdxl-random')}",
+            f"--engine-dir={env.get('SDXL_BENCH_ENGINE_DIR', 'engines')}",
+            f"--onnx-dir={env.get('SDXL_BENCH_ONNX_DIR', 'onnx')}"]
+    if history_has_runs:
+        args += ["--benchmark-compare", "--benchmark-compare-fail=median:10%"]
+    return args
 
 
 @nox.session(python=PYTHON)
@@ -47,38 +99,50 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def gpu_bench(session: nox.Session) -> None:
-    """Hopper GPU runner: build engines, run `-m bench` with histories, gate against the last saved run."""
-    history = ".benchmarks"
-    args = ["pytest", "-m", "bench", "--benchmark-autosave", "--benchmark-storage", history,
-            "--model", os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
-            "--engine-dir", os.environ.get("SDXL_BENCH_ENGINE_DIR", "engines"),
-            "--onnx-dir", os.environ.get("SDXL_BENCH_ONNX_DIR", "onnx")]
-    if os.path.isdir(history) and any(os.scandir(history)):
-        args += ["--benchmark-compare", "--benchmark-compare-fail=median:10%"]
-    session.run(*args, *session.posargs)
+    """Hopper GPU runner: build engines, run `-m bench` with histories, gate against the last saved run.
+
+    Refuses (exit 2) where PyTorch sees no CUDA GPU; `nox -s gpu_bench -- --allow-cpu` runs it on the CPU for
+    debugging and saves nothing.
+    """
+    posargs = [arg for arg in session.posargs if arg != "--allow-cpu"]
+    allow_cpu = len(posargs) != len(session.posargs)
+    _require_project(session)
+    on_gpu = _cuda_available()
+    if not on_gpu and not allow_cpu:
+        _refuse(session, "PyTorch sees no CUDA GPU here, and these numbers would go into the GPU history that later "
+                         "runs are gated against; run it on a GPU runner (or add `-- --allow-cpu` to debug it on "
+                         "the CPU, saving nothing)")
+    history_has_runs = os.path.isdir(HISTORY) and any(os.scandir(HISTORY))
+    session.run(sys.executable, "-m", "pytest",
+                *gpu_bench_args(os.environ, on_gpu=on_gpu, history_has_runs=history_has_runs), *posargs)
 
 
 @nox.session(python=False)
 def quality(session: nox.Session) -> None:
-    session.run("pytest", "-m", "quality", *session.posargs)
+    """8-bit images vs the stored FP16 baselines (SSIM, PSNR, CLIP score), in the Python that runs nox."""
+    _require_project(session)
+    session.run(sys.executable, "-m", "pytest", "-m", "quality", *session.posargs)
 
 
 @nox.session(python=False)
 def baselines(session: nox.Session) -> None:
     """Regenerate the stored FP16 baselines (commit the result deliberately)."""
-    session.run("pytest", "-m", "quality", "--update-baselines", *session.posargs)
+    _require_project(session)
+    session.run(sys.executable, "-m", "pytest", "-m", "quality", "--update-baselines", *session.posargs)
 
 
 @nox.session(python=False)
 def compare(session: nox.Session) -> None:
     """pytest-benchmark histories to a table and a PNG plot of latency per variant over runs."""
-    session.run("sdxl-bench", "history", *(session.posargs or [".benchmarks"]))
+    _require_project(session)
+    session.run(sys.executable, "-m", "sdxl_core.cli", "history", *(session.posargs or [HISTORY]))
 
 
 # GPU measurements beside the suite: each runs one `sdxl-bench` subcommand on this Python (a GPU host's own
 # CUDA torch, no venv), writes its result file into --out (default gpu-results/), and takes extra flags after
 # `--`, e.g. `nox -s gpu_engines -- --reload --engine-dir engines`. `sdxl-bench report FILE` renders them.
 def _bench(session: nox.Session, command: str, *defaults: str) -> None:
+    _require_project(session)
     args = list(session.posargs)
     if not any(a == "--out" or a.startswith("--out=") for a in args):
         args.append("--out=gpu-results")

@@ -72,7 +72,7 @@ def run_demo(model: str = "tiny", output_dir="demo-out", engine_dir=None, *, onn
              progress: bool = True) -> dict:
     """Build (or load) both engines, render `prompt` with each, write the files; returns what was written."""
     from . import metrics, models, pipeline, report, runinfo
-    from .cli import resolve_device
+    from .cli import resolve_device, set_cpu_threads
     from .engines import torch_backend
     from .files import atomic_path, atomic_write_text
 
@@ -80,6 +80,8 @@ def run_demo(model: str = "tiny", output_dir="demo-out", engine_dir=None, *, onn
     out = Path(output_dir)
     engine_dir = Path(engine_dir) if engine_dir else out / "engines"
     torch_device = resolve_device(device)
+    if torch_device.type == "cpu":
+        set_cpu_threads(None, model)
     variants = demo_variants(model, steps, calibration_size)
 
     images, rows, details = {}, [], []

@@ -58,9 +58,13 @@ def _read_run(path: Path) -> tuple[Run, list[dict]]:
         for bench in benchmarks:
             if not isinstance(bench["name"], str) or not isinstance(bench["stats"]["median"], int | float):
                 raise TypeError(f"benchmark {bench.get('name')!r} has no numeric stats.median")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(bench.get("fullname") or "", str):
+                raise TypeError(f"benchmark {bench['name']!r} has a fullname that is not a string")
+        commit = data.get("commit_info") or {}
+        if not isinstance(commit, dict):
+            raise TypeError("'commit_info' is not an object")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path} is not a pytest-benchmark run ({type(exc).__name__}: {exc})") from None
-    commit = data.get("commit_info") or {}
     commit_id = str(commit.get("id") or "")
     commit_id = (commit_id[:8] if len(commit_id) == 40 else commit_id) + ("*" if commit.get("dirty") else "")
     run = Run(path=path, number=path.stem.split("_", 1)[0], machine=path.parent.name,

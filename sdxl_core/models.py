@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
+import socket
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -21,6 +24,14 @@ import torch
 from .errors import UserError
 
 BUILTIN_MODELS = ("tiny", "sdxl-random")
+MODEL_NOTES = {
+    "tiny": "built-in tiny model: seeded random weights, so its images are noise by design; it checks the "
+            "plumbing and CPU timings, not image quality",
+    "sdxl-random": "built-in sdxl-random model: the full SDXL architecture with seeded random weights, so its "
+                   "images are noise by design; it costs what the real model costs per step",
+}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name
+HUB_PROBE_TIMEOUT_S = 3.0
 
 SDXL_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -184,18 +195,59 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _looks_local(model: str) -> bool:
+    return (Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
+            or os.sep in model.strip("/").split("/", 1)[-1])
+
+
+def check_model_name(model: str) -> None:
+    """Refuse, before anything loads or asks the hub, a --model that is no built-in, local diffusers dir or hub id.
+
+    A near miss of a built-in (`tinyy`) gets a "did you mean", instead of a hub lookup that waits on the network.
+    """
+    from .variants import did_you_mean
+
+    if model in BUILTIN_MODELS:
+        return
+    if _looks_local(model):
+        if not (Path(model).expanduser() / "model_index.json").is_file():
+            raise UserError(f"{model} is not a diffusers model directory (no model_index.json); "
+                            "pass a hub id, a local diffusers dir, or --model tiny / --model sdxl-random")
+        return
+    if not HUB_ID.fullmatch(model):
+        raise UserError(f"unknown model {model!r}{did_you_mean(model, BUILTIN_MODELS)}: pass a built-in "
+                        f"({', '.join(BUILTIN_MODELS)}), a local diffusers dir, or a hub id (org/name)")
+
+
+def is_hub_id(name: str) -> bool:
+    return name not in BUILTIN_MODELS and not _looks_local(name) and HUB_ID.fullmatch(name) is not None
+
+
+def check_hub_source(repo_id: str, filename: str, what: str, instead: str) -> None:
+    """Refuse up front a hub id that cannot load here: the hub offline or unreachable, and `filename` of it not in
+    the local cache. Without this, the hub client waits minutes on its retries before it fails."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not _hub_offline() and hub_reachable():
+        return
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+        return
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"the hub ({_hub_address()[0]}) is unreachable"
+    raise UserError(f"cannot load {what} {repo_id!r}: {why} and it is not in the local cache; download it where the "
+                    f"hub is reachable (huggingface-cli download {repo_id}), or {instead}")
+
+
 def _from_pretrained(model: str, *, unet_weights: bool = True) -> Components:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    check_model_name(model)
     local = Path(model).expanduser()
-    looks_local = local.exists() or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
-    if looks_local and not (local / "model_index.json").is_file():
-        raise UserError(f"{model} is not a diffusers model directory (no model_index.json); "
-                        "pass a hub id, a local diffusers dir, or --model tiny / --model sdxl-random")
+    looks_local = _looks_local(model)
     source = str(local) if looks_local else model
+    unreachable = not looks_local and not _hub_offline() and not hub_reachable()
     try:
-        kwargs = {"local_files_only": looks_local or _hub_offline()}
+        kwargs = {"local_files_only": looks_local or _hub_offline() or unreachable}
         components = Components(
             name=model,
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
@@ -211,6 +263,8 @@ def _from_pretrained(model: str, *, unet_weights: bool = True) -> Components:
         raise
     except Exception as exc:  # diffusers/transformers/hub raise many types; people need one line
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if unreachable:
+            reason = f"the hub ({_hub_address()[0]}) is unreachable and the model is not in the local cache"
         raise UserError(f"cannot load model {model!r} ({reason}); without hub access use --model tiny "
                         "or --model sdxl-random, or pass a local diffusers directory") from None
     return components
@@ -240,7 +294,7 @@ def fuse_lora(components: Components, lora_path: str, scale: float) -> None:
     source = str(path.parent if path.is_file() else path) if is_local else lora_path
     try:
         pipe.load_lora_weights(source, weight_name=weight_name, adapter_name="sdxl_bench",
-                               local_files_only=is_local or _hub_offline())
+                               local_files_only=is_local or _hub_offline() or not hub_reachable())
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load LoRA {lora_path!r}: {reason}") from None
@@ -257,6 +311,34 @@ def _any_scheduler(config: dict):
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _hub_address() -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+@cache
+def hub_reachable() -> bool:
+    """Whether a TCP connection to the hub opens within HUB_PROBE_TIMEOUT_S (name lookup included).
+
+    Where it does not, models and LoRAs load from the local cache only: an offline machine would otherwise wait
+    minutes on the hub client's retries.
+    """
+    result = []
+
+    def probe():
+        with contextlib.suppress(OSError), socket.create_connection(_hub_address(), timeout=HUB_PROBE_TIMEOUT_S):
+            result.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck name lookup must not hold the run
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S)
+    return bool(result)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ FP8, LCM-LoRA in 4 steps and SDXL-Turbo in 1 step at 512x512.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 
@@ -24,6 +26,41 @@ HUB_IDS = {
 }
 LCM_LORA_HUB_ID = "latent-consistency/lcm-lora-sdxl"
 TINY_SIZE = 128  # the built-in tiny model runs at this size unless one is asked for: CPU runs take seconds
+# The built-in tiny model calibrates 8-bit engines on 2 prompts unless asked for more (the variants' 32 cost
+# minutes on a small CPU and say nothing more about random weights): INT8/FP8 runs finish in well under a minute.
+TINY_CALIBRATION_SIZE = 2
+
+# Every bound on a number people type, in one place: flag -> (lowest, highest). They follow the reference
+# demo where it has a limit; elsewhere they stop a typo from asking for hours of work or gigabytes of memory.
+LIMITS = {
+    "--denoising-steps": (1, 1000),  # the schedulers have 1000 training timesteps; diffusers refuses more
+    "--height": (8, 2048),  # multiples of 8 (the VAE's factor); the demo builds up to 1024, twice that is the cap
+    "--width": (8, 2048),
+    "--batch-size": (1, 16),  # the demo's max_batch_size; 4 above 512x512 (see MAX_BATCH_ABOVE_512)
+    "--calibration-size": (1, 1024),  # the demo calibrates on 32; every prompt costs a whole denoising run
+    "--batch-count": (1, 1000),
+    "--num-warmup-runs": (0, 100),
+    "--seed": (0, 2**64 - 1),  # what torch.Generator.manual_seed takes
+    "--guidance-scale": (0.0, 100.0),  # SDXL uses 0-15; far beyond, the guided noise overflows to a grey image
+    "--lora-scale": (-10.0, 10.0),
+    "--threads": (1, 1024),
+}
+MAX_BATCH_ABOVE_512 = 4  # the demo: larger images leave room for 4 per batch
+
+
+def check_range(flag: str, value) -> None:
+    """Refuse a value outside LIMITS[flag], or a float that is not finite, in one line naming the range."""
+    low, high = LIMITS[flag]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise UserError(f"{flag} must be between {low} and {high}, got {value}")
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean X?)' for a near miss among `choices`, else ''."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -51,28 +88,35 @@ class Variant:
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+            raise UserError(f"unknown scheduler {self.scheduler!r}{did_you_mean(self.scheduler, SCHEDULERS)}: "
+                            f"choose one of {', '.join(SCHEDULERS)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.steps < 1:
-            raise UserError(f"--denoising-steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        for flag, value in (("--quantization-level", self.quant_level), ("--quantization-alpha", self.quant_alpha),
+                            ("--quantization-percentile", self.quant_percentile)):
+            if not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}")
         for flag, value in (("--height", self.height), ("--width", self.width)):
             if value < 8 or value % 8:
                 raise UserError(f"{flag} must be a positive multiple of 8, got {value}")
-        if self.guidance_scale < 0:
-            raise UserError(f"--guidance-scale must be >= 0, got {self.guidance_scale}")
+        for flag, value in (("--denoising-steps", self.steps), ("--batch-size", self.batch_size),
+                            ("--height", self.height), ("--width", self.width),
+                            ("--calibration-size", self.calibration_size), ("--guidance-scale", self.guidance_scale),
+                            ("--lora-scale", self.lora_scale)):
+            check_range(flag, value)
+        if self.batch_size > MAX_BATCH_ABOVE_512 and max(self.height, self.width) > 512:
+            raise UserError(f"--batch-size must be at most {MAX_BATCH_ABOVE_512} above 512x512 (the demo's limit), "
+                            f"got {self.batch_size} at {self.height}x{self.width}")
         if self.precision == "int8" and self.quant_level not in INT8_LEVELS:
-            raise UserError(f"INT8 quantization level must be one of {INT8_LEVELS}, got {self.quant_level}")
+            raise UserError(f"--quantization-level for INT8 must be one of {_levels(INT8_LEVELS)}, "
+                            f"got {self.quant_level:g}")
         if self.precision == "fp8" and self.quant_level not in FP8_LEVELS:
-            raise UserError(f"FP8 quantization level must be one of {FP8_LEVELS}, got {self.quant_level}")
+            raise UserError(f"--quantization-level for FP8 must be one of {_levels(FP8_LEVELS)}, "
+                            f"got {self.quant_level:g}")
         if not 0.0 <= self.quant_alpha <= 1.0:
             raise UserError(f"--quantization-alpha must be in [0, 1], got {self.quant_alpha}")
         if not 0.0 < self.quant_percentile <= 1.0:
             raise UserError(f"--quantization-percentile must be in (0, 1], got {self.quant_percentile}")
-        if self.calibration_size < 1:
-            raise UserError(f"--calibration-size must be at least 1, got {self.calibration_size}")
 
     @property
     def do_cfg(self) -> bool:
@@ -148,6 +192,10 @@ def make_key(readable: list[str], knobs: dict, variant: Variant, backend_version
     return ".".join(parts + [digest])
 
 
+def _levels(levels) -> str:
+    return ", ".join(f"{level:g}" for level in levels)
+
+
 def _slug(text: str) -> str:
     """The last path component of a model id or dir, reduced to file-name-safe characters."""
     tail = re.split(r"[\\/]", str(text).rstrip("/\\"))[-1] or "model"
@@ -174,4 +222,12 @@ def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise UserError(f"unknown variant {name!r}: choose one of {', '.join(VARIANTS)}") from None
+        raise UserError(f"unknown variant {name!r}{did_you_mean(name, VARIANTS)}: "
+                        f"choose one of {', '.join(VARIANTS)}") from None
+
+
+def builtin_defaults(model: str | None) -> dict:
+    """Variant fields a built-in model changes unless a flag sets them: `tiny` runs small and calibrates briefly."""
+    if model == "tiny":
+        return {"height": TINY_SIZE, "width": TINY_SIZE, "calibration_size": TINY_CALIBRATION_SIZE}
+    return {}

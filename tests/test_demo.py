@@ -44,4 +44,4 @@ def test_demo_writes_images_grid_and_table(tmp_path, engine_dir, capsys):
 def test_demo_bad_flag_is_one_line(capsys):
     assert demo.main(["--denoising-steps", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --denoising-steps must be at least 1") and "\n" not in err
+    assert err.startswith("error: --denoising-steps must be between 1 and 1000") and "\n" not in err

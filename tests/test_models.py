@@ -95,3 +95,22 @@ def test_shape_only_unet_leaves_every_other_component_identical():
     assert dict(light.unet.config) == dict(full.unet.config)
     light.to("cpu", torch.float32)  # the shape-only UNet is left where it is, nothing raises
     assert next(light.unet.parameters()).is_meta
+
+
+def test_hub_ids_refused_offline_unless_cached(tmp_path, monkeypatch):
+    """Offline (or with the hub unreachable) a hub id loads from the local cache or is refused at once, naming the
+    download; a cached one passes. Nothing waits on the network."""
+    from huggingface_hub import constants
+
+    from sdxl_core.errors import UserError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set .*huggingface-cli download org/model"):
+        models.check_hub_source("org/model", "unet/config.json", "model", "use --model tiny")
+    snapshot = tmp_path / "models--org--model" / "snapshots" / "abc123"
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "unet" / "config.json").write_text("{}")
+    (tmp_path / "models--org--model" / "refs").mkdir()
+    (tmp_path / "models--org--model" / "refs" / "main").write_text("abc123")
+    models.check_hub_source("org/model", "unet/config.json", "model", "use --model tiny")

@@ -128,20 +128,8 @@ def update_baselines(directory, model, hardware, suite_variant, device, rendered
                        for (prompt, seed), ref, img in zip(CASES, rendered(FP16), rendered(name), strict=True)]
                 for name in QUANTIZED}
     device_facts = {**device_info(device), "slug": baselines.hardware_slug(hardware)}
-    if device.type == "cpu":
-        device_facts["cpu_model"] = _cpu_model()
     baselines.write_baseline(directory, entries, images, baselines.default_thresholds(model), device=device_facts,
                              measured=measured, model=model)
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _rounded(values: dict) -> dict:

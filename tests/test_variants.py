@@ -81,7 +81,7 @@ def test_variant_table_matches_the_reference_workflow():
     ({"steps": -1}, "--denoising-steps"),
     ({"width": 1020}, "--width must be a positive multiple of 8"),
     ({"precision": "int4"}, "unknown precision"),
-    ({"precision": "int8", "quant_level": 4.0}, "INT8 quantization level"),
+    ({"precision": "int8", "quant_level": 4.0}, "--quantization-level for INT8 must be one of 1, 2, 2.5, 3"),
     ({"batch_size": 0}, "--batch-size"),
 ])
 def test_bad_knobs_are_refused_with_one_clear_line(changes, message):

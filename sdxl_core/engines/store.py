@@ -76,9 +76,15 @@ def publish(engine_dir: str | Path, key: str, write_files: Callable[[Path], dict
 
 def read_sidecar(path: Path) -> dict:
     try:
-        return json.loads((path / SIDECAR).read_text())
+        record = json.loads((path / SIDECAR).read_text())
     except (OSError, ValueError) as exc:
         raise EngineRefused(f"engine {path.name}: unreadable sidecar ({type(exc).__name__})") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values()):
+        raise EngineRefused(f"engine {path.name}: its sidecar is malformed (no file list with sizes and checksums)")
+    return record
 
 
 def verify(engine_dir: str | Path, key: str, expect: dict, *, checksums: bool = True) -> dict | None:

@@ -94,6 +94,10 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         path = store.engine_path(engine_dir, key)
         with store.lock(engine_dir, key):
             record = _verified_or_none(engine_dir, key, expect, allow_build)
+            if record is not None:
+                started = time.perf_counter()
+                unet = _load_or_none(path, device, dtype, allow_build)
+                record = None if unet is None else record
             if record is None:
                 if not allow_build:
                     raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
@@ -102,8 +106,6 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
                 runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable)
                 info["mode"] = "built"
             else:
-                started = time.perf_counter()
-                unet = qmodules.load(path, device, dtype)
                 info.update(mode="loaded", load_s=round(time.perf_counter() - started, 2))
                 runnable = make_runnable(unet, path / COMPILE_CACHE)
         components.unet = unet  # the components describe what runs, built or loaded
@@ -164,6 +166,19 @@ def _dispatch(unet, variant, device, dtype, progress, channels_last) -> dict:
         gemm_dispatch.print_table(timings)
     return {**gemm_dispatch.summary(timings), "gemm_timings": [t.row() for t in timings],
             "gemm_dispatch_s": round(time.perf_counter() - started, 2)}
+
+
+def _load_or_none(path: Path, device, dtype, allow_build):
+    """The stored UNet; files that pass their checksums but do not fit together (an edited config, a foreign
+    plan) are refused in one line, or rebuilt (None) where building is allowed."""
+    try:
+        return qmodules.load(path, device, dtype)
+    except UserError as err:
+        refused = store.EngineRefused(f"engine {path.name} does not load ({err}); delete {path} to rebuild it")
+    if not allow_build:
+        raise refused
+    print(f"warning: {refused}; rebuilding it", file=sys.stderr)
+    return None
 
 
 def _verified_or_none(engine_dir, key, expect, allow_build):
