@@ -135,6 +135,8 @@ def suite_variant(suite_model, engine_dir, pytestconfig):
         if variant.lora_path and suite_model in ("tiny", "sdxl-random"):
             # Random weights take a random LoRA of the real one's targets (the LCM-LoRA can't be downloaded here).
             variant = variant.replace(lora_path=str(_random_lora(engine_dir, suite_model)))
+        if pytestconfig.getoption("--backend") == "torch" and pytestconfig.getoption("--fused-qkv") == "on":
+            variant = variant.replace(fused_qkv=True)
         if pytestconfig.getoption("--calibration-size"):
             variant = variant.replace(calibration_size=pytestconfig.getoption("--calibration-size"))
         return variant

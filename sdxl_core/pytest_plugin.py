@@ -40,6 +40,9 @@ def pytest_addoption(parser):
     group.addoption("--calibration-size", type=int, default=None,
                     help="calibration prompts for 8-bit engines (default: the variant's, 32; timing does not depend "
                          "on it, quality does)")
+    group.addoption("--fused-qkv", choices=("on", "off"), default="on",
+                    help="torch-backend engines with fused attention projections (one Q/K/V GEMM; both FP16 and "
+                         "8-bit, so the gate stays like for like)")
     group.addoption("--min-int8-speedup", type=float, default=1.15, help="INT8 gate: median FP16 / median INT8")
     group.addoption("--min-fp8-speedup", type=float, default=1.3, help="FP8 gate: median FP16 / median FP8")
 

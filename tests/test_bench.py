@@ -58,19 +58,20 @@ def test_profile_groups_kernels_by_origin_before_substrings(name, group):
 def test_engines_builds_tunes_and_reloads(tmp_path):
     common = ["--model", "tiny", "--precisions", "fp16,int8,fp16+qkv", "--calibration-size", "2", "--engine-dir",
               str(tmp_path / "E"), "--rounds", "1", "--iters", "1"]
-    sdxl_bench("engines", *common, "--onnx-dir", str(tmp_path / "X"), "--fp16-tunings", "cl",
-               "--out", str(tmp_path / "build"))
+    sdxl_bench("engines", *common, "--onnx-dir", str(tmp_path / "X"), "--fp16-tunings", "nchw",
+               "--layout", "channels-last", "--out", str(tmp_path / "build"))
     build = {row["engine"]: row for row in json.loads((tmp_path / "build" / "engines.json").read_text())["rows"]}
-    assert list(build) == ["fp16", "int8", "fp16+qkv", "fp16-cl"]
-    assert (build["fp16-cl"]["channels_last"], build["fp16+qkv"]["fused_qkv"]) == (True, True)
-    assert build["fp16-cl"]["mode"] == "in-memory" and build["fp16+qkv"]["mode"] == "built"
-    for name in ("fp16-cl", "fp16+qkv"):
+    assert list(build) == ["fp16", "int8", "fp16+qkv", "fp16-nchw"]
+    assert (build["fp16"]["channels_last"], build["fp16-nchw"]["channels_last"]) == (True, False)
+    assert build["fp16+qkv"]["fused_qkv"] is True
+    assert build["fp16-nchw"]["mode"] == "in-memory" and build["fp16+qkv"]["mode"] == "built"
+    for name in ("fp16-nchw", "fp16+qkv"):
         assert build[name]["rel_err_vs_fp16"] < 1e-5
     assert 0 < build["int8"]["rel_err_vs_fp16"] < 0.1  # quantization noise, not a broken engine
     best = min(row["ms_per_step"] for name, row in build.items() if name.startswith("fp16"))
     assert build["int8"]["speedup_vs_best_fp16"] == round(best / build["int8"]["ms_per_step"], 3)
 
-    sdxl_bench("engines", *common, "--reload", "--channels-last", "--out", str(tmp_path / "reload"))
+    sdxl_bench("engines", *common, "--reload", "--layout", "channels-last", "--out", str(tmp_path / "reload"))
     data = json.loads((tmp_path / "reload" / "engines.json").read_text())
     assert [(row["mode"], row["channels_last"]) for row in data["rows"]] == [("loaded", True)] * 3
     assert data["rows"][1]["rel_err_vs_fp16"] < 0.1

@@ -321,8 +321,8 @@ def _run_all_configs(fmt, shape, out_dtype, bias, seed=0):
     p, q = cc.output_hw(h, w, r, s, stride, padding)
     failures = []
     for config, name in enumerate(cc.configs(fmt)):
-        out = torch.full((n, k, p, q), float("nan"), dtype=out_dtype, device="cuda",
-                         memory_format=torch.channels_last)
+        out = torch.empty((n, k, p, q), dtype=out_dtype, device="cuda",
+                          memory_format=torch.channels_last).fill_(float("nan"))
         try:
             got = cc.conv2d(x, wq, a, ws, b, stride, padding, out_dtype, config, out=out)
             torch.cuda.synchronize()

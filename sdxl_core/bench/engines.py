@@ -9,7 +9,8 @@ relative error of each output against FP16. `--reload` loads from the engine dir
 no ONNX dir, building forbidden). An engine name with `+qkv` (`--precisions fp16,int8,fp16+qkv,int8+qkv`) is
 the variant with fused attention projections (`Variant.fused_qkv`), an engine of its own. `--fp16-tunings`
 adds in-memory FP16 rows, each a candidate for the strongest FP16: `full` (the whole UNet as one compiled
-graph), `cl` (channels-last); speed-ups are then also given against the fastest FP16 row.
+graph), `nchw` (NCHW activations; on a GPU the engines run channels-last unless `--layout nchw`); speed-ups are
+then also given against the fastest FP16 row.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..variants import TINY_SIZE, VARIANTS
 from .results import ResultFile, fmt, table
 
 FLOPS_PER_STEP_1024 = 13.52e12  # SDXL UNet, CFG batch 2 at 1024x1024 (torch.utils.flop_counter on the meta device)
-FP16_TUNINGS = {"full": ("full", False), "cl": ("regional", True)}  # row suffix -> (compile mode, channels-last)
+FP16_TUNINGS = {"full": ("full", None), "nchw": ("regional", False)}  # row suffix -> (compile mode, channels-last)
 PRECISIONS = ("fp16", "int8", "fp8")
 
 
@@ -45,7 +46,8 @@ def add_arguments(p) -> None:
                    help="auto: regional on a GPU, off on the CPU")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto", help="auto: on a GPU")
     p.add_argument("--fp16-tunings", default="", help=f"extra in-memory FP16 rows, from {','.join(FP16_TUNINGS)}")
-    p.add_argument("--channels-last", action="store_true", help="run the engine rows channels-last")
+    p.add_argument("--layout", choices=("auto", "channels-last", "nchw"), default="auto",
+                   help="activation layout of the engine rows (auto: channels-last on a GPU, NCHW on the CPU)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--iters", type=int, default=4, help="UNet steps per engine per round")
     p.add_argument("--out", required=True, help="directory for engines.json")
@@ -71,7 +73,8 @@ def main(args) -> int:
     engines, rows = {}, {}
     for name in precisions + [f"fp16-{t}" for t in dict.fromkeys(tunings)]:
         tuned = name.startswith("fp16-")
-        mode, channels_last = FP16_TUNINGS[name.removeprefix("fp16-")] if tuned else (compile_mode, args.channels_last)
+        layout = {"auto": None, "channels-last": True, "nchw": False}[args.layout]
+        mode, channels_last = FP16_TUNINGS[name.removeprefix("fp16-")] if tuned else (compile_mode, layout)
         precision = "fp16" if tuned else name.removesuffix("+qkv")
         variant = VARIANTS[f"xl-1.0-{precision}"].replace(model=args.model, height=size, width=size,
                                                          calibration_size=args.calibration_size,
