@@ -5,7 +5,9 @@
 
 Each engine is prepared as the suite runs it (on a GPU: compiled by regions, the step in a CUDA graph),
 then the UNet steps are timed on the same random inputs, precisions interleaved round by round, with the
-relative error of each output against FP16. `--reload` loads from the engine dir alone (a fresh process,
+relative error of each output against the FP16 engine's (the first fp16 row). Then each engine renders one
+image of the same prompt and seed: SSIM and PSNR against the FP16 image, and `engines.png` (each image with
+its SSIM heat map). `--reload` loads from the engine dir alone (a fresh process,
 no ONNX dir, building forbidden). An engine name with `+qkv` (`--precisions fp16,int8,fp16+qkv,int8+qkv`) is
 the variant with fused attention projections (`Variant.fused_qkv`), an engine of its own. `--fp16-tunings`
 adds in-memory FP16 rows, each a candidate for the strongest FP16: `full` (the whole UNet as one compiled
@@ -27,6 +29,7 @@ from ..errors import UserError
 from ..variants import TINY_SIZE, VARIANTS
 from .results import ResultFile, fmt, table
 
+PROMPT = "a photo of an astronaut riding a horse on mars"
 FLOPS_PER_STEP_1024 = 13.52e12  # SDXL UNet, CFG batch 2 at 1024x1024 (torch.utils.flop_counter on the meta device)
 FP16_TUNINGS = {"full": ("full", None), "nchw": ("regional", False)}  # row suffix -> (compile mode, channels-last)
 PRECISIONS = ("fp16", "int8", "fp8")
@@ -70,7 +73,7 @@ def main(args) -> int:
                         size=size, calibration_size=args.calibration_size)
     # A reload needs no UNet weights: the engine brings them. Tuned FP16 rows start from the seeded UNet.
     master = models.load(args.model, unet_weights=not args.reload or bool(tunings))
-    engines, rows = {}, {}
+    engines, rows, kept = {}, {}, {}
     for name in precisions + [f"fp16-{t}" for t in dict.fromkeys(tunings)]:
         tuned = name.startswith("fp16-")
         layout = {"auto": None, "channels-last": True, "nchw": False}[args.layout]
@@ -92,7 +95,7 @@ def main(args) -> int:
         info = {k: v for k, v in engines[name].info.items() if k != "gemm_timings"}
         rows[name] = result.add({"engine": name, "prepare_s": round(time.perf_counter() - started, 2), **info})
         print(f"{name}: prepared in {rows[name]['prepare_s']} s ({info.get('mode')})", flush=True)
-        del components
+        kept[name] = (variant, components)
     inputs = torch_backend.unet_inputs(variant, master.unet, device, engines[precisions[0]].dtype)
     del master
     outputs = {}
@@ -106,23 +109,47 @@ def main(args) -> int:
         samples = timing.interleaved_ms(steps, rounds=args.rounds, iters=args.iters, cuda=device.type == "cuda")
     medians = timing.medians(samples)
     flops = FLOPS_PER_STEP_1024 * (size / 1024) ** 2
-    best_fp16 = min((ms for name, ms in medians.items() if name.split("-")[0] == "fp16"), default=None)
+    best_fp16 = min((ms for name, ms in medians.items() if name.startswith("fp16")), default=None)
+    fp16 = next((name for name in precisions if name.startswith("fp16")), None)
     for name, row in rows.items():
         row.update(ms_per_step=round(medians[name], 3), ms_all=[round(t, 3) for t in samples[name]],
                    tflops=round(flops / medians[name] / 1e9, 1))
-        if "fp16" in outputs:
-            reference = outputs["fp16"]
+        if fp16 is not None:
+            reference = outputs[fp16]
             row["rel_err_vs_fp16"] = float((outputs[name] - reference).norm() / reference.norm())
-            row["speedup_vs_fp16"] = round(medians["fp16"] / medians[name], 3)
+            row["speedup_vs_fp16"] = round(medians[fp16] / medians[name], 3)
         if best_fp16 is not None:
             row["speedup_vs_best_fp16"] = round(best_fp16 / medians[name], 3)
     result.save()
+    _images(engines, kept, rows, result, size, fp16 or precisions[0])
     print(render(result.data))
     return 0
 
 
+def _images(engines, kept, rows, result, size, reference: str) -> None:
+    """One image per engine from the same prompt and seed; SSIM/PSNR against the reference engine's image."""
+    from PIL import Image
+
+    from .. import metrics, pipeline
+    from ..report import side_by_side
+
+    images = {}
+    for name, engine in engines.items():
+        variant, components = kept[name]
+        images[name] = pipeline.txt2img(engine, components, variant, [PROMPT], seed=0).images[0]
+    for name, image in images.items():
+        values = metrics.compare(images[reference], image)
+        rows[name].update(ssim_vs_fp16=round(values["ssim"], 5), psnr_vs_fp16=round(values["psnr"], 2))
+    result.update(image_prompt=PROMPT, image_reference=reference)
+    grid = side_by_side(images, reference)
+    if size > 512:  # keep the result file small: the heat maps read as well at half size
+        grid = grid.resize((grid.width // 2, grid.height // 2), Image.BICUBIC)
+    grid.save(result.path.with_suffix(".png"))
+
+
 def render(data: dict) -> str:
-    columns = ["engine", "run", "ms/step", "TFLOP/s", "vs FP16", "vs best FP16", "rel. err vs FP16", "8-bit layers",
+    columns = ["engine", "run", "ms/step", "TFLOP/s", "vs FP16", "vs best FP16", "rel. err vs FP16", "image SSIM",
+               "8-bit layers",
                "calibrate s", "compile s", "graph s", "load s", "prepare s", "engine MiB"]
     rows = []
     for r in data["rows"]:
@@ -130,7 +157,8 @@ def render(data: dict) -> str:
         eight = sum(n for p, n in paths.items() if p.endswith("8bit"))
         rows.append([r["engine"], data.get("mode"), fmt(r.get("ms_per_step")), fmt(r.get("tflops"), "{:.0f}"),
                      fmt(r.get("speedup_vs_fp16"), "{:.3f}x"), fmt(r.get("speedup_vs_best_fp16"), "{:.3f}x"),
-                     fmt(r.get("rel_err_vs_fp16"), "{:.4f}"), f"{eight}/{sum(paths.values())}" if paths else None,
+                     fmt(r.get("rel_err_vs_fp16"), "{:.4f}"), fmt(r.get("ssim_vs_fp16"), "{:.4f}"),
+                     f"{eight}/{sum(paths.values())}" if paths else None,
                      r.get("calibration_s"), r.get("compile_s"), r.get("cuda_graph_s"), r.get("load_s"),
                      r.get("prepare_s"), fmt(r["engine_bytes"] / 2**20 if r.get("engine_bytes") else None, "{:.0f}")])
     return (f"`{data.get('model')}` {data.get('size')}x{data.get('size')}, calibration prompts "

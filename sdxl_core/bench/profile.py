@@ -50,7 +50,8 @@ def group_of(name: str) -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="sdxl-random", help="built-in, hub id or local dir")
-    p.add_argument("--precisions", default="fp16,int8,fp8", help="engines to profile, from fp16,int8,fp8")
+    p.add_argument("--precisions", default="fp16,int8,fp8",
+                   help="engines to profile, from fp16,int8,fp8, each optionally +qkv (fused attention projections)")
     p.add_argument("--calibration-size", type=int, default=2, help="calibration prompts of the 8-bit engines")
     p.add_argument("--engine-dir", required=True, help="where the engines are built or found")
     p.add_argument("--onnx-dir", default=None, help="calibration state (reused when present)")
@@ -92,8 +93,9 @@ def main(args) -> int:
     result = ResultFile(args.out, "profile", device, model=args.model, size=size, steps=args.steps)
     master = models.load(args.model)
     for precision in [p for p in args.precisions.split(",") if p]:
-        variant = VARIANTS[f"xl-1.0-{precision}"].replace(model=args.model, height=size, width=size,
-                                                         calibration_size=args.calibration_size)
+        variant = VARIANTS[f"xl-1.0-{precision.removesuffix('+qkv')}"].replace(
+            model=args.model, height=size, width=size, calibration_size=args.calibration_size,
+            fused_qkv=precision.endswith("+qkv"))
         if args.model == "tiny":
             variant = variant.replace(steps=2)  # calibration steps only: the CPU smoke test stays short
         components = dataclasses.replace(master, unet=copy.deepcopy(master.unet))
