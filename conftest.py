@@ -38,6 +38,7 @@ def pytest_collection_modifyitems(config, items):
         "tensorrt": None if hw["tensorrt"] else "needs TensorRT (pip install 'sdxl-bench[trt]')",
     }
     reasons["h100"] = reasons["hopper"]
+    _deselect_unselected_variants(config, items)
     for item in items:
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
@@ -46,6 +47,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 HARDWARE = pytest.StashKey[dict]()
+
+
+def _deselect_unselected_variants(config, items) -> None:
+    """`--variants` limits the engines a run builds: a test marked `needs_variants(...)` (a speed gate builds FP16
+    and one 8-bit engine) is deselected when the run did not select all of them, rather than building them."""
+    if not config.getoption("--variants"):
+        return
+    selected = set(_selected_variants(config))
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("needs_variants")
+        (drop if marker and not set(marker.args) <= selected else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,6 +24,7 @@ MARKERS = {
     "quality": "compares images against stored FP16 baselines (SSIM, PSNR, CLIP score)",
     "bench": "latency benchmarks (pytest-benchmark); meaningful on a GPU",
     "slow": "takes more than a few seconds on CPU",
+    "needs_variants": "needs_variants(*names): builds these engines; deselected when --variants leaves one out",
 }
 
 

@@ -110,7 +110,8 @@ def gpu_equivalent_weight_bytes(engine_path) -> int:
     return total
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("precision", [pytest.param(p, marks=pytest.mark.needs_variants("xl-1.0-fp16", f"xl-1.0-{p}"))
+                                       for p in ("int8", "fp8")])
 def test_8bit_engine_weights_fit_in_55_percent_of_fp16(build_engine, suite_model, precision):
     fp16 = build_engine("xl-1.0-fp16").engines.info["engine_path"]
     quantized = build_engine(f"xl-1.0-{precision}").engines.info["engine_path"]
@@ -124,7 +125,9 @@ def test_8bit_engine_weights_fit_in_55_percent_of_fp16(build_engine, suite_model
 @pytest.mark.gpu
 @pytest.mark.hopper
 @pytest.mark.bench
-@pytest.mark.parametrize("precision, option", [("int8", "--min-int8-speedup"), ("fp8", "--min-fp8-speedup")])
+@pytest.mark.parametrize("precision, option", [
+    pytest.param(p, f"--min-{p}-speedup", marks=pytest.mark.needs_variants("xl-1.0-fp16", f"xl-1.0-{p}"))
+    for p in ("int8", "fp8")])
 def test_8bit_speedup_gate_on_hopper(build_engine, pytestconfig, record_property, precision, option):
     engines = {"fp16": build_engine("xl-1.0-fp16"), precision: build_engine(f"xl-1.0-{precision}")}
     medians = timing.medians(timing.interleaved_ms({name: unet_step(e) for name, e in engines.items()}))
@@ -137,3 +140,25 @@ def test_8bit_speedup_gate_on_hopper(build_engine, pytestconfig, record_property
     assert speedup >= required, (
         f"{precision.upper()} UNet step {medians[precision]:.2f} ms vs FP16 {medians['fp16']:.2f} ms: "
         f"speed-up {speedup:.3f}x, gate {required:.2f}x ({torch.cuda.get_device_name()})")
+
+
+def test_variants_deselect_the_gates_whose_engines_they_leave_out():
+    """`--variants xl-1.0-lcm-lora,xl-turbo` must not build FP16, INT8 and FP8 engines behind the user's back."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def collected(variants):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+        done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               f"--variants={variants}", "tests/test_latency.py"], cwd=Path(__file__).parents[1],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return {line.split("::")[1] for line in done.stdout.splitlines() if "::" in line}
+
+    assert not any(name.startswith(("test_8bit_speedup_gate", "test_8bit_engine_weights"))
+                   for name in collected("xl-1.0-lcm-lora,xl-turbo"))
+    chosen = collected("xl-1.0-fp16,xl-1.0-int8")
+    assert "test_8bit_speedup_gate_on_hopper[int8---min-int8-speedup]" in chosen
+    assert not any("fp8" in name for name in chosen)
