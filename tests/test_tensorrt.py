@@ -54,11 +54,10 @@ def test_prepare_without_tensorrt_names_the_fix(monkeypatch, stand_in):
 
 # --------------------------------------------------------------------------- pure helpers
 
-def test_plan_and_timing_cache_names(tmp_path):
+def test_plan_and_timing_cache_names():
     assert trt_backend.plan_filename("unet", "10.8.0.43") == "unetxl.trt10.8.0.43.plan"
     assert trt_backend.plan_filename("clip2", "10.8.0.43") == "clip2.trt10.8.0.43.plan"
-    cache = trt_backend.timing_cache_path(tmp_path, "10.8.0.43", "sm90")
-    assert cache == tmp_path / "timing_cache.trt10.8.0.43.sm90.bin"
+    assert trt_backend.timing_cache_key("10.8.0.43", "sm90") == "timing_cache.trt10.8.0.43.sm90"
     int8 = VARIANTS["xl-1.0-int8"].replace(backend="tensorrt", quant_level=2.5)
     key = specs.SPECS["unet"].key(int8, "10.8.0.43", "sm90")
     assert key.startswith("unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.stable-diffusion-xl-base-1-0."
@@ -174,7 +173,7 @@ def _publish(engine_dir, key, expect, data=b"\x7fserialized engine bytes" * 64, 
 def test_sidecar_refuses_other_versions_gpus_shapes_and_torn_plans(tmp_path):
     expect = _expect()
     plan = _publish(tmp_path, "k", expect)
-    record = store.verify(tmp_path, "k", expect)
+    record = store.verify(tmp_path, "k", expect).record
     assert record["io"]["sample"]["shape"] == [2, 4, 128, 128] and plan.name in record["files"]
 
     refusals = {
