@@ -239,6 +239,52 @@ def test_load_refuse_and_rebuild_decisions(tmp_path, capsys):
     assert record["mode"] == "in-memory" and builder.builds == 3
 
 
+def _builder(engine_dir):
+    """A _Builder as prepare makes it, with nothing to export or build: for its timing-cache store logic."""
+    return trt_backend._Builder(XL, None, None, torch.float16, None, False, 3, None, engine_dir, "10.8.0.43", "sm90")
+
+
+def test_a_plan_is_handed_to_tensorrt_only_listed_hashed_and_trusted(tmp_path, monkeypatch):
+    monkeypatch.delenv(store.KEY_ENV, raising=False)
+    monkeypatch.delenv(store.TRUST_ENV, raising=False)
+    expect, builder, extra = _expect(), _StandInBuilder(), {"capability": "9.0"}
+    plan, _ = trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, True, extra)
+    path = store.engine_path(tmp_path, "k") / trt_backend.plan_filename("unet", "10.8.0.43")
+    path.chmod(0o664)  # a plan another member of the group could have rewritten
+    for allow_build in (False, True):  # untrusted is refused, never rebuilt over
+        with pytest.raises(store.EngineUntrusted, match="refusing to load unetxl.trt10.8.0.43.plan") as info:
+            trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, allow_build, extra)
+        assert "\n" not in str(info.value) and builder.builds == 1
+    monkeypatch.setenv(store.TRUST_ENV, "1")
+    assert trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, False, extra)[0] == plan
+
+    sidecar = json.loads((path.parent / store.SIDECAR).read_text())
+    sidecar["files"] = {}  # an empty listing passes nothing
+    (path.parent / store.SIDECAR).write_text(json.dumps(sidecar))
+    with pytest.raises(store.EngineRefused, match="lists no files"):
+        trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, False, extra)
+
+
+def test_the_timing_cache_is_a_store_entry_read_like_a_plan(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(store.KEY_ENV, raising=False)
+    monkeypatch.delenv(store.TRUST_ENV, raising=False)
+    builder = _builder(tmp_path)
+    assert builder.timing_cache() == b""  # none yet
+    builder.save_timing_cache(b"timings #1")
+    builder.save_timing_cache(b"timings #2")  # each build publishes its update in place of the last
+    assert builder.timing_cache() == b"timings #2"
+    entry = store.engine_path(tmp_path, trt_backend.timing_cache_key("10.8.0.43", "sm90"))
+    assert sorted(p.name for p in entry.iterdir()) == [store.SIDECAR, trt_backend.TIMING_CACHE]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    (entry / trt_backend.TIMING_CACHE).write_bytes(b"timings #3")  # torn or edited: built without it
+    assert builder.timing_cache() == b"" and "fails its checksum; " in capsys.readouterr().err
+    builder.save_timing_cache(b"timings #4")
+    monkeypatch.setattr(store.os, "geteuid", lambda: 4242)  # another user's cache: refused like their plans
+    with pytest.raises(store.EngineUntrusted, match="refusing to load timing_cache.bin"):
+        builder.timing_cache()
+
+
 # --------------------------------------------------------------------------- GPU + TensorRT
 
 TINY_GPU = XL.replace(name="tiny-fp16", model="tiny", height=128, width=128, steps=4)
