@@ -112,8 +112,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
             info.update(mode="loaded", load_s=round(time.perf_counter() - started, 2))
             runnable = make_runnable(unet, cache)
         components.unet = unet  # the components describe what runs, built or loaded
-        info.update(engine_path=str(path),
-                    engine_bytes=store.engine_bytes(store.read_sidecar(path), ("unet.safetensors",)))
+        record = engine.record if engine is not None else store.read_sidecar(path)
+        info.update(engine_path=str(path), engine_bytes=store.engine_bytes(record, ("unet.safetensors",)))
     step = unet_stage(runnable)
     if use_cuda_graph:
         started = time.perf_counter()
