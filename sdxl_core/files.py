@@ -159,14 +159,14 @@ def atomic_path(path: str | os.PathLike):
     temps of the same target are swept first; a full disk is one line (UserError), not a traceback.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep(path.parent, prefix=f".{path.name}.")
     tmp = path.parent / temp_name(path.name, suffix=path.suffix)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep(path.parent, prefix=f".{path.name}.")
         yield tmp
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never made, or a read-only filesystem
             os.unlink(tmp)
         failure = write_failure(path, exc)
         if failure is not None:

@@ -22,6 +22,7 @@ refused. Files the sidecar does not list are never read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -180,7 +181,8 @@ def lock(engine_dir: str | Path, key: str):
     try:
         held.__enter__()
         if not os.access(engine_dir, os.W_OK):
-            raise PermissionError(13, "not writable")
+            code = errno.EROFS if os.statvfs(engine_dir).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
     except OSError as exc:
         held.__exit__(None, None, None)
         raise UserError(f"cannot build engine {key}: {engine_dir} is not writable ({exc.strerror}); build it "

@@ -551,13 +551,14 @@ class _Builder:
                                     weak_typing=has_weak_typing(_import_tensorrt()))
         if self.progress:
             print(f"[trt] building {specs.get(component).engine_name} ({key}) ...", file=sys.stderr, flush=True)
+        timing_cache = self.timing_cache()
         started = time.perf_counter()
         label = specs.get(component).engine_name
         plan, timing_cache = build_plan(onnx_file, settings, profile_shapes(self.variant, component, config),
-                                        timing_cache=self.timing_cache(), workspace_bytes=self.workspace,
+                                        timing_cache=timing_cache, workspace_bytes=self.workspace,
                                         progress=self.progress, label=label)
-        self.save_timing_cache(timing_cache)
         build_s = round(time.perf_counter() - started, 2)
+        self.save_timing_cache(timing_cache)
         if self.progress:
             print(f"[trt] built {specs.get(component).engine_name} in {build_s:.1f} s ({len(plan) / 2**20:.1f} MiB)",
                   file=sys.stderr, flush=True)
