@@ -310,7 +310,9 @@ def check_dirs(args, output_dir: str | None = None) -> None:
         if not Path(args.engine_dir).is_dir():
             raise UserError(f"--engine-dir {args.engine_dir} is not a directory: nothing to load with --no-build")
         return
-    if args.engine_dir:
+    if args.engine_dir and not Path(args.engine_dir).is_dir():
+        # An existing engine dir may be a shared, read-only store: loading from it writes nothing, and a build
+        # that would have to write there is refused in one line by the store.
         check_writable_dir(args.engine_dir, "--engine-dir")
     if args.onnx_dir:
         check_writable_dir(args.onnx_dir, "--onnx-dir")

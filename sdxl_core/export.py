@@ -14,7 +14,8 @@ rejects), so one exporter serves every graph.
 
 Layout: `<onnx_dir>/<onnx key>/model.onnx` (+ `model.onnx.data` when the weights exceed 2 GB), where
 the key follows the engine key, e.g. `unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.sdxl-random.
-onnx-opset19.fp16.<digest>`. A directory is written whole into a temp dir and renamed into place.
+onnx-opset19.fp16.<digest>`. A directory is written whole into a temp dir and renamed into place; the
+temp dir is named with its writer (`files.temp_name`), so what a killed export left is swept by the next.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import specs
+from .files import sweep, temp_name
 from .variants import Variant
 
 OPSET = 19  # the reference demo's default; needed for FP8 and fp16-scale Q/DQ
@@ -150,7 +151,9 @@ def _export(module: torch.nn.Module, args: tuple, path, component: str, *, opset
     start = time.perf_counter()
     if progress:
         print(f"[export] {component} -> {path} (opset {opset}) ...", file=sys.stderr, flush=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    sweep(final_dir.parent, prefix=f".{final_dir.name}.")  # what exports killed before us left
+    work = final_dir.parent / temp_name(final_dir.name)
+    work.mkdir()
     try:
         raw_dir, out_dir = work / "raw", work / "out"
         raw_dir.mkdir()
@@ -197,7 +200,7 @@ def _save(model, path: Path, external_data: bool | None) -> None:
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`; an existing `dst` (another writer's equal result) is moved aside first."""
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
+        old = dst.with_name(temp_name(dst.name, kind="stale"))
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)

@@ -1,51 +1,155 @@
-"""Atomic writes and build locks: a reader never sees a half-written file, two builders never race.
+"""Atomic writes, build locks, and the leftovers of writers that died.
 
-Files get the mode a plain `open()` would give them (0666 less the umask): `tempfile.mkstemp` makes them
-0600, which would hide images, reports and engines from the other users of a shared directory.
+A reader never sees a half-written file: writers write a temp file (or directory) beside the target and
+rename it into place. Every temp name carries its writer's tag, `<host>~<pid namespace>~<pid>`, so a later
+writer on the same host can tell a dead writer's leftovers from a live one's and remove them (`sweep`):
+a build killed with SIGKILL leaves its temp behind, and the next write beside it cleans up. Temp files are
+opened like any file (0666 less the umask), so what lands in a shared directory stays readable to its users.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
+import secrets
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
-
-from filelock import FileLock
 
 from .errors import UserError
 
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux says it (/proc), else by setting it back."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# A leftover whose writer cannot be checked (another host or pid namespace, or a name without a tag) is
+# removed once it is this old: no build takes a day.
+FOREIGN_GRACE_S = 24 * 3600
+_TAGGED = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)~(?P<ns>\d+)~(?P<pid>\d+)\.[A-Za-z0-9]+\.(?:tmp|stale)(?:\.\w+)?$")
+_UNTAGGED = re.compile(r"\.(?:tmp(?:\.\w+)?|stale-\d+)$")  # what writers before the tags left
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "os error 28")
+_NEARLY_FULL_BYTES = 16 << 20
 
 
-def _new_file_mode(fd: int) -> None:
-    os.fchmod(fd, 0o666 & ~_umask())
+def _pid_namespace() -> str:
+    """Pids mean something only within one pid namespace (containers on one host have their own)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def writer_tag() -> str:
+    """`<host>~<pid namespace>~<pid>`: who writes a temp file, for `sweep`."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    return f"{host}~{_pid_namespace()}~{os.getpid()}"
+
+
+def temp_name(name: str, kind: str = "tmp", suffix: str = "") -> str:
+    """`.<name>.<writer tag>.<random>.<kind><suffix>`: hidden, unique, and sweepable once its writer is dead."""
+    return f".{name}.{writer_tag()}.{secrets.token_hex(4)}.{kind}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [p.lstat().st_mtime for p in path.iterdir()]
+    return max(times)
+
+
+def is_dead_leftover(path: Path, now: float | None = None) -> bool:
+    """Whether `path` is a temp file or dir (see `temp_name`) that nobody will finish: its writer ran on this
+    host and pid namespace and is gone, or it is older than FOREIGN_GRACE_S and its writer cannot be checked."""
+    name = path.name
+    if not name.startswith("."):
+        return False
+    tagged = _TAGGED.search(name)
+    if tagged is None and _UNTAGGED.search(name) is None:
+        return False
+    if tagged is not None:
+        host, ns, pid = tagged.group("host", "ns", "pid")
+        here, my_ns, _ = writer_tag().split("~")
+        if (host, ns) == (here, my_ns):
+            return not _alive(int(pid))
+    try:
+        age = (time.time() if now is None else now) - _newest_mtime(path)
+    except OSError:  # removed meanwhile
+        return False
+    return age > FOREIGN_GRACE_S
+
+
+def sweep(directory: str | os.PathLike, prefix: str = ".") -> list[str]:
+    """Remove dead writers' temp files and dirs directly under `directory` whose names start with `prefix`.
+
+    Safe without a lock: a leftover is removed only when its writer is provably gone (or it is a day old).
+    Returns the names removed; what cannot be removed (another user's) is left.
+    """
+    removed = []
+    try:
+        entries = [p for p in Path(directory).iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for path in entries:
+        if not is_dead_leftover(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if not path.exists():
+            removed.append(path.name)
+    return removed
+
+
+def disk_full(exc: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether a failed write failed for want of space. Not every writer says so: torch.save reports a full
+    disk as a RuntimeError about stream positions, so a filesystem left nearly full counts too."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    if any(text in str(exc).lower() for text in _DISK_FULL_TEXTS):
+        return True
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
+
+
+def write_failure(path: str | os.PathLike, exc: BaseException) -> UserError | None:
+    """One line for a write that failed for want of space or permission, or None for other failures (and
+    for interrupts and errors that are already one line)."""
+    if not isinstance(exc, Exception) or isinstance(exc, UserError):
+        return None
+    directory = Path(path).parent
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG or "file too large" in str(exc).lower():
+        return UserError(f"cannot write {path}: File too large (the filesystem's limit or this process's, "
+                         "`ulimit -f`); write elsewhere or raise the limit")
+    if disk_full(exc, directory):
+        return UserError(f"cannot write {path}: No space left on device ({directory}); free space there or "
+                         "write elsewhere")
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {path}: {exc.strerror}; write elsewhere")
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        _new_file_mode(fd)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -56,29 +160,57 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_path(path: str | os.PathLike):
     """Yield a temp path beside `path`; on success it is renamed over `path`, on failure removed.
 
-    For writers that insist on a file name (torch.save, safetensors, PIL) rather than bytes.
+    For writers that insist on a file name (torch.save, safetensors, PIL) rather than bytes. Dead writers'
+    temps of the same target are swept first; a full disk is one line (UserError), not a traceback.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    tmp = path.parent / temp_name(path.name, suffix=path.suffix)
     try:
-        _new_file_mode(fd)
-    finally:
-        os.close(fd)
-    try:
-        yield Path(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep(path.parent, prefix=f".{path.name}.")
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # never made, or a read-only filesystem
             os.unlink(tmp)
+        failure = write_failure(path, exc)
+        if failure is not None:
+            raise failure from None
         raise
 
 
-def build_lock(path: str | os.PathLike, timeout: float = -1) -> FileLock:
-    """An inter-process lock beside `path`; hold it while checking for and building an artifact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock", timeout=timeout)
+class BuildLock:
+    """An exclusive inter-process lock on `<path>.lock`: hold it while checking for and building an artifact.
+
+    flock(2) on a descriptor opened read-only: the lock file is created if missing and never written,
+    truncated or removed, so another user's lock file (0644) locks as well as one's own, and the kernel
+    releases the lock when its holder dies, even by SIGKILL.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.file = Path(str(path) + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> BuildLock:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+def build_lock(path: str | os.PathLike) -> BuildLock:
+    """The build lock beside `path` (see BuildLock)."""
+    return BuildLock(path)
 
 
 def check_writable_dir(path: str | os.PathLike, flag: str) -> None:

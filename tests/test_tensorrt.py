@@ -54,11 +54,10 @@ def test_prepare_without_tensorrt_names_the_fix(monkeypatch, stand_in):
 
 # --------------------------------------------------------------------------- pure helpers
 
-def test_plan_and_timing_cache_names(tmp_path):
+def test_plan_and_timing_cache_names():
     assert trt_backend.plan_filename("unet", "10.8.0.43") == "unetxl.trt10.8.0.43.plan"
     assert trt_backend.plan_filename("clip2", "10.8.0.43") == "clip2.trt10.8.0.43.plan"
-    cache = trt_backend.timing_cache_path(tmp_path, "10.8.0.43", "sm90")
-    assert cache == tmp_path / "timing_cache.trt10.8.0.43.sm90.bin"
+    assert trt_backend.timing_cache_key("10.8.0.43", "sm90") == "timing_cache.trt10.8.0.43.sm90"
     int8 = VARIANTS["xl-1.0-int8"].replace(backend="tensorrt", quant_level=2.5)
     key = specs.SPECS["unet"].key(int8, "10.8.0.43", "sm90")
     assert key.startswith("unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.stable-diffusion-xl-base-1-0."
@@ -174,7 +173,7 @@ def _publish(engine_dir, key, expect, data=b"\x7fserialized engine bytes" * 64, 
 def test_sidecar_refuses_other_versions_gpus_shapes_and_torn_plans(tmp_path):
     expect = _expect()
     plan = _publish(tmp_path, "k", expect)
-    record = store.verify(tmp_path, "k", expect)
+    record = store.verify(tmp_path, "k", expect).record
     assert record["io"]["sample"]["shape"] == [2, 4, 128, 128] and plan.name in record["files"]
 
     refusals = {
@@ -238,6 +237,52 @@ def test_load_refuse_and_rebuild_decisions(tmp_path, capsys):
 
     _, record = trt_backend._plan_for(builder, "unet", "k", expect, None, True, extra)  # no --engine-dir
     assert record["mode"] == "in-memory" and builder.builds == 3
+
+
+def _builder(engine_dir):
+    """A _Builder as prepare makes it, with nothing to export or build: for its timing-cache store logic."""
+    return trt_backend._Builder(XL, None, None, torch.float16, None, False, 3, None, engine_dir, "10.8.0.43", "sm90")
+
+
+def test_a_plan_is_handed_to_tensorrt_only_listed_hashed_and_trusted(tmp_path, monkeypatch):
+    monkeypatch.delenv(store.KEY_ENV, raising=False)
+    monkeypatch.delenv(store.TRUST_ENV, raising=False)
+    expect, builder, extra = _expect(), _StandInBuilder(), {"capability": "9.0"}
+    plan, _ = trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, True, extra)
+    path = store.engine_path(tmp_path, "k") / trt_backend.plan_filename("unet", "10.8.0.43")
+    path.chmod(0o664)  # a plan another member of the group could have rewritten
+    for allow_build in (False, True):  # untrusted is refused, never rebuilt over
+        with pytest.raises(store.EngineUntrusted, match="refusing to load unetxl.trt10.8.0.43.plan") as info:
+            trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, allow_build, extra)
+        assert "\n" not in str(info.value) and builder.builds == 1
+    monkeypatch.setenv(store.TRUST_ENV, "1")
+    assert trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, False, extra)[0] == plan
+
+    sidecar = json.loads((path.parent / store.SIDECAR).read_text())
+    sidecar["files"] = {}  # an empty listing passes nothing
+    (path.parent / store.SIDECAR).write_text(json.dumps(sidecar))
+    with pytest.raises(store.EngineRefused, match="lists no files"):
+        trt_backend._plan_for(builder, "unet", "k", expect, tmp_path, False, extra)
+
+
+def test_the_timing_cache_is_a_store_entry_read_like_a_plan(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(store.KEY_ENV, raising=False)
+    monkeypatch.delenv(store.TRUST_ENV, raising=False)
+    builder = _builder(tmp_path)
+    assert builder.timing_cache() == b""  # none yet
+    builder.save_timing_cache(b"timings #1")
+    builder.save_timing_cache(b"timings #2")  # each build publishes its update in place of the last
+    assert builder.timing_cache() == b"timings #2"
+    entry = store.engine_path(tmp_path, trt_backend.timing_cache_key("10.8.0.43", "sm90"))
+    assert sorted(p.name for p in entry.iterdir()) == [store.SIDECAR, trt_backend.TIMING_CACHE]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    (entry / trt_backend.TIMING_CACHE).write_bytes(b"timings #3")  # torn or edited: built without it
+    assert builder.timing_cache() == b"" and "fails its checksum; " in capsys.readouterr().err
+    builder.save_timing_cache(b"timings #4")
+    monkeypatch.setattr(store.os, "geteuid", lambda: 4242)  # another user's cache: refused like their plans
+    with pytest.raises(store.EngineUntrusted, match="refusing to load timing_cache.bin"):
+        builder.timing_cache()
 
 
 # --------------------------------------------------------------------------- GPU + TensorRT

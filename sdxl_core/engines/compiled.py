@@ -4,8 +4,8 @@ The UNet is compiled region by region: every transformer block, ResNet block and
 layer left between them (the remaining glue runs eagerly). Blocks of one class share their code, so each
 distinct block shape compiles once instead of the whole UNet tracing as one graph (`mode="full"`). The
 whole step is then captured in one CUDA graph, so neither Python nor kernel-launch overhead shows in the
-step time. PyTorch's portable compile caches can be saved to and loaded from a file, so a reload recompiles
-from cache.
+step time. PyTorch's portable compile caches are saved into the engine when it is built, so a reload
+recompiles from cache (loading them runs code: see `compile_unet`).
 """
 
 from __future__ import annotations
@@ -88,15 +88,18 @@ def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.n
     return unet
 
 
-def compile_unet(unet, example_inputs, *, mode: str, cache_file: Path | None, info: dict):
+def compile_unet(unet, example_inputs, *, mode: str, info: dict, cache: bytes | None = None,
+                 save_cache: Path | None = None):
     """torch.compile the UNet (by regions or whole) and run one step, so compile time is paid here.
 
-    With `cache_file`: load PyTorch's portable compile caches from it if present, else save them there.
+    `cache`: PyTorch's portable compile caches to load first. Loading them unpickles Inductor and AOTAutograd
+    entries, i.e. runs code: pass only bytes the engine store returned (`store.Engine.read` checks their hash
+    and trust). `save_cache`: a file (inside an engine being built) for the caches this compile made.
     """
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    if cache_file is not None and cache_file.exists():
-        torch.compiler.load_cache_artifacts(cache_file.read_bytes())
+    if cache is not None:
+        torch.compiler.load_cache_artifacts(cache)
         info["compile_cache"] = "loaded"
     started = time.perf_counter()
     compiled = torch.compile(unet, dynamic=False) if mode == "full" else compile_regions(unet)
@@ -105,9 +108,9 @@ def compile_unet(unet, example_inputs, *, mode: str, cache_file: Path | None, in
     if example_inputs[0].is_cuda:
         torch.cuda.synchronize(example_inputs[0].device)
     info["compile_s"] = round(time.perf_counter() - started, 2)
-    if cache_file is not None and not cache_file.exists():
+    if save_cache is not None:
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is not None:
-            cache_file.write_bytes(artifacts[0])
+            save_cache.write_bytes(artifacts[0])
             info["compile_cache"] = "saved"
     return compiled

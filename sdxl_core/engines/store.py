@@ -1,32 +1,60 @@
-"""Engine artifacts on disk: one directory per engine key, a JSON sidecar, checksums, atomic publish.
+"""Engine artifacts on disk: one directory per engine key, a JSON sidecar, checksums, atomic publish, trust.
 
-    <engine-dir>/<key>/sidecar.json   what built it (versions, device, shapes) + sha256 of every file
+    <engine-dir>/<key>/sidecar.json   what built it (versions, device, shapes) + sha256 and size of every file
+    <engine-dir>/<key>/sidecar.sig    HMAC-SHA256 of sidecar.json's bytes, when SDXL_BENCH_ENGINE_KEY is set
     <engine-dir>/<key>/...            the backend's files
-    <engine-dir>/<key>.lock           held while checking for and building the engine
+    <engine-dir>/<key>.lock           taken by builders only (never by readers)
 
-A build writes into a temp directory beside the final one and renames it into place, so a reader
-sees either no engine or a whole one; the lock makes a second builder wait and then reuse it.
+Publishing: a builder takes the key's lock, writes into a temp directory beside the final one (named with
+its host and pid, see `files.temp_name`) and renames it into place, so a reader sees no engine or a whole
+one and never needs a lock; a published engine is never modified. Leftovers of builders that died are
+swept at the next publish.
+
+Trust: the engine directory is a trust boundary. Safetensors and JSON carry no code and are loaded from
+anywhere once their checksums match. Every other file (PyTorch compile caches, TensorRT plans and timing
+caches) is executable and is read only through `Engine.read`, which hashes the very bytes it returns, and
+only when the sidecar is signed with SDXL_BENCH_ENGINE_KEY, or (without a key) when the directory, sidecar
+and file belong to this user and nobody else can write them, or when SDXL_BENCH_TRUST_ENGINE_DIR=1 says to
+trust the directory anyway. With a key set, an engine whose sidecar is unsigned or signed otherwise is
+refused. Files the sidecar does not list are never read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import hmac
 import json
+import os
+import re
 import shutil
-import tempfile
+import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import build_lock
+from ..files import build_lock, sweep, temp_name, write_failure
 
 SIDECAR = "sidecar.json"
+SIGNATURE = "sidecar.sig"
 SIDECAR_SCHEMA = 1
+KEY_ENV = "SDXL_BENCH_ENGINE_KEY"
+TRUST_ENV = "SDXL_BENCH_TRUST_ENGINE_DIR"
+MIN_KEY_CHARS = 16
+DATA_SUFFIXES = (".safetensors", ".json")  # formats that carry no code; every other file counts as executable
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SIGNATURE_PREFIX = "hmac-sha256:"
 
 
 class EngineRefused(UserError):
     """An artifact exists but must not be loaded (truncated, corrupt, foreign, or built elsewhere)."""
+
+
+class EngineUntrusted(UserError):
+    """An executable artifact whose origin cannot be established: refused, never rebuilt over."""
 
 
 def sha256_file(path: Path) -> str:
@@ -37,44 +65,196 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_data(name: str) -> bool:
+    """Safetensors and JSON: loaded without trust. Anything else may run code when loaded."""
+    return name.endswith(DATA_SUFFIXES)
+
+
 def engine_path(engine_dir: str | Path, key: str) -> Path:
     return Path(engine_dir) / key
 
 
+def signing_key() -> bytes | None:
+    """SDXL_BENCH_ENGINE_KEY as bytes, or None when unset."""
+    value = os.environ.get(KEY_ENV, "")
+    if not value:
+        return None
+    if len(value) < MIN_KEY_CHARS:
+        raise UserError(f"{KEY_ENV} is {len(value)} characters: use at least {MIN_KEY_CHARS} random ones "
+                        "(python -c 'import secrets; print(secrets.token_hex(32))')")
+    return value.encode()
+
+
+def signature(sidecar_bytes: bytes, key: bytes) -> str:
+    """The content of sidecar.sig for these sidecar bytes."""
+    return _SIGNATURE_PREFIX + hmac.new(key, sidecar_bytes, hashlib.sha256).hexdigest() + "\n"
+
+
+def trust_override() -> bool:
+    value = os.environ.get(TRUST_ENV, "")
+    if value not in ("", "0", "1"):
+        raise UserError(f"{TRUST_ENV} must be 1 (trust unsigned engine dirs of other users) or 0, got {value!r}")
+    return value == "1"
+
+
+def _owner_problem(what: str, info: os.stat_result) -> str | None:
+    """Why a file or directory is not this user's alone, or None."""
+    if info.st_uid != os.geteuid():
+        return f"{what} belongs to uid {info.st_uid}"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{what} is writable by group or others"
+    return None
+
+
+def _open_regular(path: Path):
+    """A regular file opened for reading (never through a symlink) and the stat of that descriptor."""
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+    info = os.fstat(handle.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        handle.close()
+        raise OSError(f"{path.name} is not a regular file")
+    return handle, info
+
+
+def _read_fd(path: Path) -> tuple[bytes, os.stat_result]:
+    handle, info = _open_regular(path)
+    with handle:
+        return handle.read(), info
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A published engine whose sidecar was read once and checked (what `verify` returns)."""
+
+    path: Path
+    record: dict  # the sidecar, parsed from the bytes that were checked (and signed)
+    signed: bool  # sidecar.sig matched SDXL_BENCH_ENGINE_KEY
+    owner_problem: str | None  # None when the directory and its sidecar are this user's alone
+
+    @property
+    def key(self) -> str:
+        return self.record["key"]
+
+    @property
+    def files(self) -> dict:
+        return self.record["files"]
+
+    def read(self, name: str) -> bytes:
+        """The bytes of a listed file, hashed as read: no other bytes can be substituted after the check.
+
+        An executable file (not `is_data`) is returned only from a trusted engine (see the module doc)."""
+        if name not in self.files:
+            raise EngineRefused(f"engine {self.key}: {name} is not listed in its sidecar; delete {self.path} "
+                                "to rebuild it")
+        try:
+            handle, info = _open_regular(self.path / name)
+        except OSError as exc:
+            raise EngineRefused(f"engine {self.key}: cannot read {name} ({exc.strerror or exc}); delete "
+                                f"{self.path} to rebuild it") from None
+        with handle:
+            if not is_data(name):
+                self._check_trust(name, info)  # before reading: an untrusted plan may be gigabytes
+            data = handle.read()
+        meta = self.files[name]
+        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise EngineRefused(f"engine {self.key}: {name} fails its checksum; delete {self.path} to rebuild it")
+        return data
+
+    def _check_trust(self, name: str, info: os.stat_result) -> None:
+        if self.signed:
+            return
+        problem = self.owner_problem or _owner_problem(name, info)
+        if problem is None or trust_override():
+            return
+        raise EngineUntrusted(f"engine {self.key}: refusing to load {name} (executable) from {self.path}: "
+                              f"it is not signed and {problem}; set {KEY_ENV} to the key it was built with, or "
+                              f"{TRUST_ENV}=1 to trust this directory")
+
+
+@contextlib.contextmanager
 def lock(engine_dir: str | Path, key: str):
-    return build_lock(engine_path(engine_dir, key))
+    """The build lock of `key`, beside the engine in the directory the builder must write anyway.
+
+    Only builders take it. A directory the builder cannot write is one line before any work is spent."""
+    engine_dir = Path(engine_dir)
+    held = build_lock(engine_path(engine_dir, key))
+    try:
+        held.__enter__()
+        if not os.access(engine_dir, os.W_OK):
+            code = errno.EROFS if os.statvfs(engine_dir).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
+    except OSError as exc:
+        held.__exit__(None, None, None)
+        raise UserError(f"cannot build engine {key}: {engine_dir} is not writable ({exc.strerror}); build it "
+                        "into a directory you can write, or load a prebuilt one with --no-build") from None
+    try:
+        yield held
+    finally:
+        held.__exit__(None, None, None)
 
 
 def publish(engine_dir: str | Path, key: str, write_files: Callable[[Path], dict], sidecar: dict) -> Path:
-    """Run `write_files(tmp_dir)` (returns extra sidecar fields), checksum, then rename into place.
+    """Run `write_files(tmp_dir)` (returns extra sidecar fields), checksum, sign, then rename into place.
 
-    Call it while holding `lock(engine_dir, key)`. An existing engine under the key is replaced.
+    Call it while holding `lock(engine_dir, key)`. An existing engine under the key is replaced. On any
+    failure the temp directory is removed; a full disk is one line (UserError).
     """
     final = engine_path(engine_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a published engine is readable like any build output
+    sweep(final.parent)  # temp and stale dirs of builders that died (any key)
+    key_bytes = signing_key()
+    tmp = final.with_name(temp_name(key))
     try:
+        tmp.mkdir()
+        tmp.chmod(0o755)  # a published engine is readable like any build output, and written by nobody
         extra = write_files(tmp) or {}
-        for p in tmp.iterdir():
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            if p.is_symlink() or not p.is_file():
+                raise UserError(f"engine {key}: the backend wrote {p.name}, which is not a plain file")
             p.chmod(0o644)
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
+            _fsync(p)
+            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         record = {"schema": SIDECAR_SCHEMA, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   **sidecar, **extra, "files": files}
-        (tmp / SIDECAR).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        _write(tmp / SIDECAR, data)
+        if key_bytes is not None:
+            _write(tmp / SIGNATURE, signature(data, key_bytes).encode())
+        _fsync(tmp)
         if final.exists():
-            stale = final.with_name(f".{key}.stale-{time.time_ns()}")
+            stale = final.with_name(temp_name(key, kind="stale"))
             final.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
         tmp.rename(final)
-    except BaseException:
+        _fsync(final.parent)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(final, exc)
+        if failure is not None:
+            raise UserError(f"engine {key} not written: {failure}") from None
         raise
     return final
 
 
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.chmod(0o644)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_sidecar(path: Path) -> dict:
+    """The sidecar of the engine at `path`, parsed (no checks: for reports and tests)."""
     try:
         record = json.loads((path / SIDECAR).read_text())
     except (OSError, ValueError) as exc:
@@ -87,31 +267,69 @@ def read_sidecar(path: Path) -> dict:
     return record
 
 
-def verify(engine_dir: str | Path, key: str, expect: dict, *, checksums: bool = True) -> dict | None:
-    """None when no engine exists; the sidecar when it is whole and built for `expect`; else raise.
+def verify(engine_dir: str | Path, key: str, expect: dict, *, required: tuple[str, ...] = (),
+           checksums: bool = True) -> Engine | None:
+    """None when no engine exists; the Engine when it is whole and built for `expect`; else raise EngineRefused.
 
-    `expect` holds sidecar fields that must match exactly (backend version, device, shapes, ...).
+    `expect` holds sidecar fields that must match exactly (backend version, device, shapes, ...);
+    `required` the files the backend will read, which the sidecar must list. Every listed file must exist
+    with its size and (with `checksums`) its sha256; executables are hashed again when read (`Engine.read`).
+    Takes no lock and writes nothing: a published engine is immutable.
     """
     path = engine_path(engine_dir, key)
     if not path.exists():
         return None
-    record = read_sidecar(path)
+    refuse = f"delete {path} to rebuild it"
+    try:
+        data, sidecar_stat = _read_fd(path / SIDECAR)
+        record = json.loads(data)
+    except (OSError, ValueError) as exc:
+        raise EngineRefused(f"engine {path.name}: unreadable sidecar ({type(exc).__name__})") from None
+    signed = _check_signature(path, key, data)
+    if not isinstance(record, dict):
+        raise EngineRefused(f"engine {key}: its sidecar is malformed (not a JSON object); {refuse}")
     if record.get("key") != key:
         raise EngineRefused(f"engine {key}: its sidecar names another engine ({record.get('key')})")
     for field, wanted in expect.items():
         if record.get(field) != wanted:
             raise EngineRefused(f"engine {key} was built for {field}={record.get(field)!r}, this run needs "
                                 f"{wanted!r}; delete {path} or use another --engine-dir")
-    for name, meta in record.get("files", {}).items():
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        raise EngineRefused(f"engine {key}: its sidecar is malformed (it lists no files); {refuse}")
+    for name in required:
+        if name not in files:
+            raise EngineRefused(f"engine {key}: its sidecar does not list {name}; {refuse}")
+    for name, meta in files.items():
+        if (not _FILE_NAME.fullmatch(name) or name in (SIDECAR, SIGNATURE) or not isinstance(meta, dict)
+                or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str)):
+            raise EngineRefused(f"engine {key}: its sidecar has a malformed entry {name[:60]!r}; {refuse}")
         file = path / name
-        if not file.is_file():
-            raise EngineRefused(f"engine {key}: {name} is missing; delete {path} to rebuild it")
+        if file.is_symlink() or not file.is_file():
+            raise EngineRefused(f"engine {key}: {name} is missing; {refuse}")
         if file.stat().st_size != meta["bytes"]:
             raise EngineRefused(f"engine {key}: {name} is truncated ({file.stat().st_size} of {meta['bytes']} "
-                                f"bytes); delete {path} to rebuild it")
+                                f"bytes); {refuse}")
         if checksums and sha256_file(file) != meta["sha256"]:
-            raise EngineRefused(f"engine {key}: {name} fails its checksum; delete {path} to rebuild it")
-    return record
+            raise EngineRefused(f"engine {key}: {name} fails its checksum; {refuse}")
+    owner = _owner_problem(f"directory {path}", path.stat()) or _owner_problem(SIDECAR, sidecar_stat)
+    return Engine(path=path, record=record, signed=signed, owner_problem=owner)
+
+
+def _check_signature(path: Path, key: str, sidecar_bytes: bytes) -> bool:
+    """With SDXL_BENCH_ENGINE_KEY set, the sidecar must carry its HMAC; without it, signatures are not read."""
+    key_bytes = signing_key()
+    if key_bytes is None:
+        return False
+    try:
+        found, _ = _read_fd(path / SIGNATURE)
+    except OSError:
+        raise EngineRefused(f"engine {key} is not signed with {KEY_ENV} (no {SIGNATURE}): rebuild it with the "
+                            "key set, or unset the key to load it unsigned") from None
+    if not hmac.compare_digest(found, signature(sidecar_bytes, key_bytes).encode()):
+        raise EngineRefused(f"engine {key}: its {SIGNATURE} does not match {KEY_ENV} (tampered, or signed with "
+                            f"another key); delete {path} to rebuild it")
+    return True
 
 
 def engine_bytes(record: dict, names: tuple[str, ...] | None = None) -> int:

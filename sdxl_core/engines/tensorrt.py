@@ -6,16 +6,18 @@ under its own key, so variants that differ only in the UNet share the text-encod
     <engine-dir>/<key>/<name>.trt<version>.plan   the serialized engine (name: clip, clip2, unetxl, vae)
     <engine-dir>/<key>/sidecar.json               versions, GPU name + compute capability, I/O shapes and
                                                   dtypes, builder settings, sha256 of the plan
-    <engine-dir>/timing_cache.trt<version>.<sm>.bin   the builder's timing cache, shared by every build
+    <engine-dir>/timing_cache.trt<version>.<sm>/timing_cache.bin   the builder's timing cache, shared by
+                                                  every build: a store entry of its own, replaced after each build
 
 Build (only when no valid engine exists for the key): export the component to ONNX under `--onnx-dir`
 unless that ONNX is already there (INT8/FP8 UNets are calibrated with ModelOpt first, then exported
 with Q/DQ), parse it, build with a strongly typed network for Q/DQ graphs and the FP16/BF16 flag
 otherwise (TensorRT 11 has strongly typed networks only: there every graph builds strongly typed, and an
 FP16 engine comes from the FP16 ONNX export), at a fixed optimization level with a static-shape profile,
-publish atomically under a build lock. Load checks the sidecar (TensorRT version, GPU, shapes) and the
-checksum first; a mismatch or a torn file is refused with one line, and rebuilt only when building is
-allowed.
+publish atomically under a build lock. Load takes no lock: it checks the sidecar (TensorRT version, GPU,
+shapes), then reads the plan through `store.Engine.read`, which hashes the bytes it hands to TensorRT and
+refuses them unless the engine is trusted (a plan, like the timing cache, is executable: see `store.py`); a
+mismatch or a torn file is refused with one line, and rebuilt only when building is allowed.
 
 Runtime: I/O tensors are allocated once as torch tensors, `execute_async_v3` runs on the current torch
 CUDA stream, every engine's context shares one device-memory pool (the max of their requirements, the
@@ -93,8 +95,16 @@ def plan_filename(component: str, trt_version: str) -> str:
     return f"{specs.get(component).engine_name}.trt{trt_version}.plan"
 
 
-def timing_cache_path(engine_dir: str | Path, trt_version: str, device: str) -> Path:
-    return Path(engine_dir) / f"timing_cache.trt{trt_version}.{device}.bin"
+TIMING_CACHE = "timing_cache.bin"
+
+
+def timing_cache_key(trt_version: str, device: str) -> str:
+    """The store key of the builder's timing cache, one per TensorRT version and GPU architecture."""
+    return f"timing_cache.trt{trt_version}.{device}"
+
+
+def timing_cache_sidecar(trt_version: str, device: str) -> dict:
+    return {"backend": NAME, "backend_version": trt_version, "device": device, "component": "timing-cache"}
 
 
 def float_dtype(component: str, module_config, half: torch.dtype) -> torch.dtype:
@@ -206,9 +216,10 @@ def _progress_monitor(trt, label: str):
     return Monitor()
 
 
-def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_cache: Path | None = None,
-               workspace_bytes: int | None = None, progress: bool = True, label: str = "") -> bytes:
-    """Parse `onnx_file` and build a serialized engine. The timing cache file is read and updated."""
+def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_cache: bytes = b"",
+               workspace_bytes: int | None = None, progress: bool = True, label: str = "") -> tuple[bytes, bytes]:
+    """Parse `onnx_file` and build a serialized engine, starting from `timing_cache` (a serialized timing
+    cache, or empty). Returns the plan and the updated timing cache."""
     trt = _import_tensorrt()
     logger = _logger(trt)
     builder = trt.Builder(logger)
@@ -228,7 +239,7 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
     config.builder_optimization_level = settings["optimization_level"]
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache_bytes = bytes(timing_cache)
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
 
     # Static shapes: the graph's inputs are already fixed; check them against the profile, and give
@@ -257,11 +268,7 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
     del monitor
     if plan is None:
         raise UserError(f"TensorRT failed to build an engine from {onnx_file} (see the log above)")
-    if timing_cache is not None:
-        from ..files import atomic_write_bytes
-
-        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-    return bytes(plan)
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
 # --------------------------------------------------------------------------- runtime (needs TensorRT + CUDA)
@@ -443,40 +450,55 @@ def _engine_for(builder: _Builder, component, key, expect, engine_dir, allow_bui
 
 def _plan_for(builder: _Builder, component, key, expect, engine_dir, allow_build, extra, *,
               rebuild: bool = False) -> tuple[bytes, dict]:
-    """The plan bytes for `key`: loaded from `engine_dir` when whole and built for this run, else built."""
+    """The plan bytes for `key`: loaded from `engine_dir` when whole and built for this run, else built.
+
+    Loading takes no lock; building takes the key's lock and looks again, so a second builder reuses the
+    first one's engine."""
     filename = plan_filename(component, expect["backend_version"])
     record = {"key": key, "component": component}
     if engine_dir is None:
         plan, built = builder.build(component, key)
         return plan, {**record, **built, "mode": "in-memory"}
-    with store.lock(engine_dir, key):
-        path = store.engine_path(engine_dir, key)
-        try:
-            found = None if rebuild else store.verify(engine_dir, key, expect)
-            if found is not None and filename not in found.get("files", {}):
-                raise store.EngineRefused(f"engine {key}: no {filename} in {path}; delete it to rebuild")
-        except store.EngineRefused as refused:
-            if not allow_build:
-                raise
-            print(f"warning: {refused}; rebuilding it", file=sys.stderr)
-            found = None
-        if found is not None:
-            started = time.perf_counter()
-            plan = (path / filename).read_bytes()
-            return plan, {**record, "mode": "loaded", "path": str(path / filename),
-                          "load_s": round(time.perf_counter() - started, 2), "bytes": len(plan)}
+    path = store.engine_path(engine_dir, key)
+    stored = None if rebuild else _stored_plan(engine_dir, key, expect, filename, allow_build)
+    if stored is None:
         if not allow_build:
             raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
-        plan, built = builder.build(component, key)
+        with store.lock(engine_dir, key):
+            stored = None if rebuild else _stored_plan(engine_dir, key, expect, filename, allow_build, warn=False)
+            if stored is None:
+                plan, built = builder.build(component, key)
 
-        def write_files(tmp: Path) -> dict:
-            (tmp / filename).write_bytes(plan)
-            return {}
+                def write_files(tmp: Path) -> dict:
+                    (tmp / filename).write_bytes(plan)
+                    return {}
 
-        from ..runinfo import library_versions
+                from ..runinfo import library_versions
 
-        store.publish(engine_dir, key, write_files, {**expect, **extra, **built, "libraries": library_versions()})
-        return plan, {**record, **built, "mode": "built", "path": str(path / filename), "bytes": len(plan)}
+                store.publish(engine_dir, key, write_files,
+                              {**expect, **extra, **built, "libraries": library_versions()})
+                return plan, {**record, **built, "mode": "built", "path": str(path / filename), "bytes": len(plan)}
+    plan, load_s = stored
+    return plan, {**record, "mode": "loaded", "path": str(path / filename), "load_s": load_s, "bytes": len(plan)}
+
+
+def _stored_plan(engine_dir, key, expect, filename, allow_build, warn: bool = True) -> tuple[bytes, float] | None:
+    """(plan bytes, seconds) from the store, or None when there is none, or it was refused and may be rebuilt.
+
+    The plan is hashed as it is read (no check-then-reopen) and refused unless the engine is trusted."""
+    started = time.perf_counter()
+    try:
+        found = store.verify(engine_dir, key, expect, required=(filename,), checksums=False)
+        if found is None:
+            return None
+        plan = found.read(filename)
+    except store.EngineRefused as refused:
+        if not allow_build:
+            raise
+        if warn:
+            print(f"warning: {refused}; rebuilding it", file=sys.stderr)
+        return None
+    return plan, round(time.perf_counter() - started, 2)
 
 
 class _Builder:
@@ -529,18 +551,47 @@ class _Builder:
         config = specs.get(component).module(self.components).config
         settings = builder_settings(has_qdq, float_dtype(component, config, self.dtype), self.optimization_level,
                                     weak_typing=has_weak_typing(_import_tensorrt()))
-        cache = timing_cache_path(self.engine_dir, self.trt_version, self.tag) if self.engine_dir else None
         if self.progress:
             print(f"[trt] building {specs.get(component).engine_name} ({key}) ...", file=sys.stderr, flush=True)
+        timing_cache = self.timing_cache()
         started = time.perf_counter()
         label = specs.get(component).engine_name
-        plan = build_plan(onnx_file, settings, profile_shapes(self.variant, component, config), timing_cache=cache,
-                          workspace_bytes=self.workspace, progress=self.progress, label=label)
+        plan, timing_cache = build_plan(onnx_file, settings, profile_shapes(self.variant, component, config),
+                                        timing_cache=timing_cache, workspace_bytes=self.workspace,
+                                        progress=self.progress, label=label)
         build_s = round(time.perf_counter() - started, 2)
+        self.save_timing_cache(timing_cache)
         if self.progress:
             print(f"[trt] built {specs.get(component).engine_name} in {build_s:.1f} s ({len(plan) / 2**20:.1f} MiB)",
                   file=sys.stderr, flush=True)
         return plan, {**meta, "builder": settings, "qdq": has_qdq, "build_s": build_s}
+
+    def timing_cache(self) -> bytes:
+        """The engine dir's timing cache (b"" when there is none, or a torn one). A timing cache is a TensorRT
+        binary like a plan: read verified, and refused (EngineUntrusted) from an untrusted directory."""
+        if self.engine_dir is None:
+            return b""
+        key = timing_cache_key(self.trt_version, self.tag)
+        try:
+            found = store.verify(self.engine_dir, key, timing_cache_sidecar(self.trt_version, self.tag),
+                                 required=(TIMING_CACHE,), checksums=False)
+            return found.read(TIMING_CACHE) if found is not None else b""
+        except store.EngineRefused as refused:
+            print(f"warning: {refused}; building without it", file=sys.stderr)
+            return b""
+
+    def save_timing_cache(self, data: bytes) -> None:
+        """Publish the updated timing cache in place of the old one (under its own lock)."""
+        if self.engine_dir is None or not data:
+            return
+        key = timing_cache_key(self.trt_version, self.tag)
+
+        def write_files(tmp: Path) -> dict:
+            (tmp / TIMING_CACHE).write_bytes(data)
+            return {}
+
+        with store.lock(self.engine_dir, key):
+            store.publish(self.engine_dir, key, write_files, timing_cache_sidecar(self.trt_version, self.tag))
 
     def release(self) -> None:
         """The engines replace the torch modules: give their GPU memory back."""
@@ -551,7 +602,9 @@ class _Builder:
 
 
 def load_plan(path: str | Path, device: torch.device) -> TRTEngine:
-    """Deserialize one plan file after checking its store entry's sidecar checksums (no expectations)."""
+    """Deserialize one plan file of a store entry (no expectations): listed, trusted, hashed as read."""
     path = Path(path)
-    store.verify(path.parent.parent, path.parent.name, {})
-    return TRTEngine(path.read_bytes(), torch.device(device), path.parent.name)
+    found = store.verify(path.parent.parent, path.parent.name, {}, required=(path.name,), checksums=False)
+    if found is None:
+        raise UserError(f"no engine at {path.parent}")
+    return TRTEngine(found.read(path.name), torch.device(device), path.parent.name)

@@ -5,7 +5,8 @@ A UNet engine is a directory under `--engine-dir` (see `store.py`):
                        the UNet as it runs (`qmodules.save`): config, which layers are 8-bit and which kernel
                        each runs, weights (int8/fp8 with scales for quantized layers, else fp16)
     gemm_dispatch.json (8-bit, GPU) the per-shape timings that chose those kernels (`gemm_dispatch`)
-    compile_cache.bin  PyTorch's portable compile caches (GPU), so a reload skips most of compile
+    compile_cache.bin  PyTorch's portable compile caches (GPU), so a reload skips most of compile; loading
+                       them runs code, so only from a trusted engine (`store.Engine.read`)
 Building an 8-bit engine calibrates with ModelOpt (state kept under `--onnx-dir`, keyed by the engine key);
 loading one needs neither the ONNX dir nor calibration. On a GPU the UNet is compiled by regions and its
 step replayed from one CUDA graph (`compiled.py`).
@@ -78,13 +79,13 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
             "channels_last": channels_last, "fused_qkv": variant.fused_qkv,
             "engine_dir": str(engine_dir) if engine_dir else None}
 
-    def make_runnable(unet, cache_file):
+    def make_runnable(unet, cache=None, save_cache=None):
         if channels_last:
             compiled.channels_last(unet)
         if not compile:
             return unet
         return compiled.compile_unet(unet, unet_inputs(variant, unet, device, dtype), mode=compile_mode,
-                                     cache_file=cache_file, info=info)
+                                     cache=cache, save_cache=save_cache, info=info)
 
     if engine_dir is None:
         if not allow_build:
@@ -92,28 +93,42 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info,
                           channels_last=channels_last)
         info["mode"] = "in-memory"
-        runnable = make_runnable(unet, None)
+        runnable = make_runnable(unet)
     else:
         path = store.engine_path(engine_dir, key)
-        with store.lock(engine_dir, key):
-            record = _verified_or_none(engine_dir, key, expect, allow_build)
-            if record is not None:
-                started = time.perf_counter()
-                unet = _load_or_none(path, device, dtype, allow_build)
-                record = None if unet is None else record
-            if record is None:
-                if not allow_build:
-                    raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
-                unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info,
-                                  channels_last=channels_last)
-                runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable)
-                info["mode"] = "built"
-            else:
-                info.update(mode="loaded", load_s=round(time.perf_counter() - started, 2))
-                runnable = make_runnable(unet, path / COMPILE_CACHE)
+        engine = _verified_or_none(engine_dir, key, expect, allow_build)  # readers take no lock
+        unet = cache = None
+        if engine is not None:
+            # An untrusted compile cache is refused here, before the weights are loaded.
+            cache = engine.read(COMPILE_CACHE) if compile and COMPILE_CACHE in engine.files else None
+            if compile and cache is None:
+                info["compile_cache"] = "none in the engine"
+            started = time.perf_counter()
+            unet = _load_or_none(engine.path, device, dtype, allow_build)
+        if unet is None:
+            if not allow_build:
+                raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
+            with store.lock(engine_dir, key):  # a second builder waits here, then finds the first one's engine
+                # An engine that did not load is rebuilt, not read again.
+                found = None if engine is not None else _verified_or_none(engine_dir, key, expect, allow_build,
+                                                                          warn=False)
+                if found is None:
+                    engine = None
+                    unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info,
+                                      channels_last=channels_last)
+                    runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable)
+                    info["mode"] = "built"
+                else:  # another builder published it while this one waited
+                    engine = found
+                    cache = engine.read(COMPILE_CACHE) if compile and COMPILE_CACHE in engine.files else None
+                    started = time.perf_counter()
+                    unet = qmodules.load(engine.path, device, dtype)
+        if info.get("mode") != "built":
+            info.update(mode="loaded", load_s=round(time.perf_counter() - started, 2))
+            runnable = make_runnable(unet, cache)
         components.unet = unet  # the components describe what runs, built or loaded
-        info.update(engine_path=str(path),
-                    engine_bytes=store.engine_bytes(store.read_sidecar(path), ("unet.safetensors",)))
+        record = engine.record if engine is not None else store.read_sidecar(path)
+        info.update(engine_path=str(path), engine_bytes=store.engine_bytes(record, ("unet.safetensors",)))
     step = unet_stage(runnable)
     if use_cuda_graph:
         started = time.perf_counter()
@@ -184,13 +199,14 @@ def _load_or_none(path: Path, device, dtype, allow_build):
     return None
 
 
-def _verified_or_none(engine_dir, key, expect, allow_build):
+def _verified_or_none(engine_dir, key, expect, allow_build, warn: bool = True) -> store.Engine | None:
     try:
-        return store.verify(engine_dir, key, expect)
+        return store.verify(engine_dir, key, expect, required=qmodules.UNET_FILES)
     except store.EngineRefused as refused:
         if not allow_build:
             raise
-        print(f"warning: {refused}; rebuilding it", file=sys.stderr)
+        if warn:
+            print(f"warning: {refused}; rebuilding it", file=sys.stderr)
         return None
 
 
@@ -207,7 +223,7 @@ def _publish(engine_dir, key, unet, device, expect, info, make_runnable):
         if info.get("gemm_timings"):  # what the dispatch measured on this card, kept for people to read
             (tmp / "gemm_dispatch.json").write_text(json.dumps(info["gemm_timings"], indent=1) + "\n")
         info["save_s"] = round(time.perf_counter() - started, 2)
-        runnable = make_runnable(unet, tmp / COMPILE_CACHE)
+        runnable = make_runnable(unet, save_cache=tmp / COMPILE_CACHE)
         return {}
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
