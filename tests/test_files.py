@@ -35,7 +35,7 @@ def test_atomic_write_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(UserError, match="cannot write .*report.json: no space left"):
+    with pytest.raises(UserError, match="cannot write .*report.json: No space left on device"):
         files.atomic_write_text(tmp_path / "report.json", "{}")
     assert list(tmp_path.iterdir()) == []
 

@@ -187,7 +187,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
         (tmp / "weights.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(UserError, match="engine e not written: cannot write .* no space left") as info:
+    with pytest.raises(UserError, match="engine e not written: cannot write .* No space left on device") as info:
         store.publish(tmp_path, "e", write, {})
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
