@@ -39,8 +39,8 @@ def configs(interpret: bool, quick: bool) -> list:
     if interpret:  # 32x32x32 keeps the interpreter's ragged test shapes multi-tile in every dimension
         return [_config(32, 32, 32, 1, 4)]
     # Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K bytes: 48 KiB for 128x256x128, so 4 stages
-    # fit the H100's 227 KiB. Not yet timed on a GPU: the per-shape choice in int8_gemm keeps this kernel
-    # only where it wins.
+    # fit Hopper's 227 KiB. On an H200 it lost to the CUTLASS INT8 kernels at every SDXL shape (docs/perf.md);
+    # the build-time dispatch times it beside them and keeps it only where it wins.
     tiles = [
         _config(128, 256, 128, 4, 8),
         _config(128, 256, 128, 3, 8),
