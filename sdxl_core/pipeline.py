@@ -1,8 +1,7 @@
 """SDXL text-to-image: text encoders -> UNet loop with CFG -> VAE, with per-stage timing.
 
 The loop calls the four stages through an `Engines` bundle (see `engines/`), so compiled, 8-bit
-or TensorRT UNets plug in without touching this file. `text_stages`, `unet_stage` and `vae_stage` turn
-plain torch modules into those stages (the torch backend's engines and calibration use them).
+or TensorRT UNets plug in without touching this file.
 """
 
 from __future__ import annotations
@@ -37,42 +36,6 @@ def make_scheduler(name: str, config: dict, *, turbo: bool = False):
     cls = getattr(diffusers, SCHEDULER_CLASSES[name])
     overrides = {"timestep_spacing": "trailing"} if turbo else {}
     return cls.from_config({**config, **overrides})
-
-
-def text_stages(components):
-    """The two text encoders as stages: token ids -> penultimate hidden states (+ pooled, for clip2)."""
-
-    def clip(ids):
-        return components.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-
-    def clip2(ids):
-        out = components.text_encoder_2(ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds
-
-    return clip, clip2
-
-
-def vae_stage(components):
-    vae = components.vae
-    vae_dtype = next(vae.parameters()).dtype
-
-    def decode(latents):
-        return vae.decode(latents.to(vae_dtype), return_dict=False)[0]
-
-    return decode
-
-
-def unet_stage(unet: torch.nn.Module):
-    """A UNet as the five-input stage the loop calls: (sample, t, hidden, text_embeds, time_ids) -> noise."""
-
-    def step(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        # One timestep dtype whatever the scheduler hands over (int64 or float32), so a compiled UNet never
-        # recompiles for it; diffusers embeds the timestep in float32 either way.
-        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
-        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                    added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
-
-    return step
 
 
 class StageTimer:

@@ -186,14 +186,14 @@ def calibration_loop(components, variant: Variant, device, dtype, progress: bool
     from tqdm.auto import tqdm
 
     from . import pipeline
-    from .engines import Engines
+    from .engines import Engines, text_stages, unet_stage
 
     prompts = calibration_prompts(variant.calibration_size)
-    clip, clip2 = pipeline.text_stages(components)
+    clip, clip2 = text_stages(components)
     batches = [prompts[i:i + CALIBRATION_BATCH] for i in range(0, len(prompts), CALIBRATION_BATCH)]
 
     def forward_loop(unet):
-        engines = Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=pipeline.unet_stage(unet),
+        engines = Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(unet),
                           vae=lambda latents: latents)
         for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
             pipeline.txt2img(engines, components, variant.replace(batch_size=len(batch)), batch, seed=i)

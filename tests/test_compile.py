@@ -8,7 +8,7 @@ fp16 on a Hopper GPU).
 import pytest
 import torch
 
-from sdxl_core import pipeline, qmodules
+from sdxl_core import engines, qmodules
 from sdxl_core.engines import compiled, torch_backend
 
 
@@ -39,8 +39,8 @@ def test_8bit_linears_trace_as_one_graph_and_match_eager(module_cls):
 @pytest.mark.slow
 def test_whole_converted_int8_unet_traces_as_one_graph():
     from sdxl_core import models, quantize
+    from sdxl_core.engines import unet_stage
     from sdxl_core.engines.torch_backend import unet_inputs
-    from sdxl_core.pipeline import unet_stage
     from sdxl_core.variants import VARIANTS
 
     variant = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=128, width=128, steps=2, calibration_size=2)
@@ -62,7 +62,7 @@ def test_whole_converted_int8_unet_traces_as_one_graph():
 
 def eager_then_regional(unet, inputs):
     """The UNet step's output eagerly, then after `compile_regions` (aot_eager: no C++ compiler needed)."""
-    step = pipeline.unet_stage(unet)
+    step = engines.unet_stage(unet)
     with torch.inference_mode():
         eager = step(*inputs)
         torch._dynamo.reset()
@@ -95,7 +95,7 @@ def test_unet_stage_hands_the_unet_a_float32_timestep_whatever_the_scheduler_giv
             seen.append(timestep)
             return (sample,)
 
-    from sdxl_core.pipeline import unet_stage
+    from sdxl_core.engines import unet_stage
 
     for t in (torch.tensor(999), torch.tensor(965.5), 981):
         unet_stage(Probe())(torch.zeros(1), t, None, None, None)
@@ -123,7 +123,7 @@ def test_graphed_step_replays_the_eager_step_and_refuses_other_shapes():
     cuda = torch.device("cuda")
     variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
     unet = models.build_builtin("tiny").unet.to(cuda, torch.float16).eval()
-    step = pipeline.unet_stage(unet)
+    step = engines.unet_stage(unet)
     graphed = compiled.GraphedStep(step, torch_backend.unet_inputs(variant, unet, cuda, torch.float16))
     for seed in (1, 2):  # new inputs each call: the graph must read them, not the captured ones
         inputs = torch_backend.unet_inputs(variant, unet, cuda, torch.float16, seed=seed)
@@ -148,7 +148,7 @@ def test_graphed_step_keeps_its_unet_alive():
     variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
     unet = models.build_builtin("tiny").unet.to(cuda, torch.float16).eval()
     inputs = torch_backend.unet_inputs(variant, unet, cuda, torch.float16, seed=3)
-    step = pipeline.unet_stage(unet)
+    step = engines.unet_stage(unet)
     with torch.inference_mode():
         expected = step(*inputs)
     graphed = compiled.GraphedStep(step, inputs)
@@ -171,7 +171,7 @@ def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
 
     def forward_loop(model):
         with torch.inference_mode():
-            pipeline.unet_stage(model)(*inputs)
+            engines.unet_stage(model)(*inputs)
 
     quantize.quantize_unet(unet, variant, forward_loop, progress=False)
     real, _ = qmodules.convert_to_real(unet)

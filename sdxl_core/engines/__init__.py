@@ -2,6 +2,8 @@
 
 A backend is a module with `NAME`, `version()` and `prepare(variant, components, device, ...)`
 returning `Engines`; `prepare` builds the UNet engine into `--engine-dir` or reuses the one there.
+`text_stages`, `unet_stage` and `vae_stage` make those callables from plain torch modules (the torch
+backend's engines and calibration use them), so no backend needs the pipeline.
 """
 
 from __future__ import annotations
@@ -40,3 +42,39 @@ def device_tag(device: torch.device) -> str:
         major, minor = torch.cuda.get_device_capability(device)
         return f"sm{major}{minor}"
     return device.type
+
+
+def text_stages(components):
+    """The two text encoders as stages: token ids -> penultimate hidden states (+ pooled, for clip2)."""
+
+    def clip(ids):
+        return components.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+
+    def clip2(ids):
+        out = components.text_encoder_2(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    return clip, clip2
+
+
+def vae_stage(components):
+    vae = components.vae
+    vae_dtype = next(vae.parameters()).dtype
+
+    def decode(latents):
+        return vae.decode(latents.to(vae_dtype), return_dict=False)[0]
+
+    return decode
+
+
+def unet_stage(unet: torch.nn.Module):
+    """A UNet as the five-input stage the loop calls: (sample, t, hidden, text_embeds, time_ids) -> noise."""
+
+    def step(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        # One timestep dtype whatever the scheduler hands over (int64 or float32), so a compiled UNet never
+        # recompiles for it; diffusers embeds the timestep in float32 either way.
+        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
+        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                    added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+
+    return step

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..pipeline import unet_stage
+from . import unet_stage
 
 COMPILE_MODES = ("regional", "full")
 # The UNet's repeated blocks: most linear layers and all attention live in the transformer blocks, most 3x3

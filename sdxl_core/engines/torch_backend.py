@@ -24,9 +24,8 @@ import torch
 
 from .. import qmodules, specs
 from ..errors import UserError
-from ..pipeline import text_stages, unet_stage, vae_stage
 from ..variants import Variant
-from . import Engines, compiled, device_tag, store
+from . import Engines, compiled, device_tag, store, text_stages, unet_stage, vae_stage
 
 NAME = "torch"
 COMPILE_CACHE = "compile_cache.bin"
