@@ -59,3 +59,21 @@ def pytest_configure(config):
     if importlib.util.find_spec("torch") is None:
         raise pytest.UsageError(f"the sdxl-bench suite needs the project installed in this Python "
                                 f"(No module named 'torch'): {INSTALL}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """In a `loadgroup` worker, name each grouped test's group in its node id where xdist could not: xdist
+    (3.8) writes the `@group` suffix into `item._nodeid`, which pytest 9.2's structured node ids no longer read,
+    so every group silently spread over all workers (pytest-xdist#1386). Runs after xdist's own hook and
+    leaves ids that already carry the suffix alone."""
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    for item in items:
+        groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                  for m in item.iter_markers("xdist_group")}
+        suffix = "@" + "_".join(sorted(groups))
+        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(item.nodeid + suffix)
