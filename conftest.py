@@ -28,6 +28,7 @@ def _hardware() -> dict:
     }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     hw = _hardware()
     config.stash[HARDWARE] = hw
@@ -39,6 +40,7 @@ def pytest_collection_modifyitems(config, items):
     }
     reasons["h100"] = reasons["hopper"]
     _deselect_unselected_variants(config, items)
+    _group_by_variant(config, items)
     for item in items:
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
@@ -64,6 +66,34 @@ def _deselect_unselected_variants(config, items) -> None:
         items[:] = keep
 
 
+def variant_group(item) -> str | None:
+    """The variant whose engine a test uses, or None. Under `--dist loadgroup` (pytest-xdist) the tests of one
+    variant run on one worker (`xdist_group`), so each engine is built or loaded once, on one GPU. A test that
+    needs two engines (FP16 and an 8-bit one, `needs_variants`) goes with the 8-bit one, whose worker loads FP16
+    from the shared engine dir."""
+    callspec = getattr(item, "callspec", None)
+    if callspec and "variant_engine" in callspec.params:
+        return callspec.params["variant_engine"]
+    marker = item.get_closest_marker("needs_variants")
+    if marker and marker.args:
+        return next((name for name in marker.args if name != FP16), marker.args[0])
+    return None
+
+
+def _group_by_variant(config, items) -> None:
+    """With --update-baselines one worker renders and writes every baseline: the quality tests stay together.
+    Without pytest-xdist (`-p no:xdist`) there are no groups, and no `xdist_group` marker to use."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if config.getoption("--update-baselines") and item.get_closest_marker("quality"):
+            item.add_marker(pytest.mark.xdist_group("quality"))
+            continue
+        group = variant_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_cpu_thread_per_worker(hardware):
     """On the CPU the tiny model's ops are too small to gain from threads, and xdist already runs one worker
@@ -87,7 +117,8 @@ def hardware(pytestconfig) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Engine fixtures: one engine per variant per session, built once (or found in --engine-dir) and reused.
 
-ALL_VARIANTS = ("xl-1.0-fp16", "xl-1.0-int8", "xl-1.0-fp8", "xl-1.0-lcm-lora", "xl-turbo")
+FP16 = "xl-1.0-fp16"
+ALL_VARIANTS = (FP16, "xl-1.0-int8", "xl-1.0-fp8", "xl-1.0-lcm-lora", "xl-turbo")
 
 
 def _selected_variants(config) -> list[str]:
@@ -222,16 +253,19 @@ def variant_engine(request, build_engine) -> BuiltEngine:
 
 
 def pytest_terminal_summary(terminalreporter):
-    """One table at the end: what the quality and speed tests measured (from `record_property`)."""
+    """What the quality and speed tests measured (from `record_property`), one row a test, by name: the
+    same on one GPU as on several."""
+    from sdxl_core.workers import plain_nodeid
+
     rows = []
     for outcome in ("passed", "failed"):
         for report in terminalreporter.stats.get(outcome, []):
             props = dict(getattr(report, "user_properties", []))
             measured = {k: v for k, v in props.items() if k in ("ssim", "psnr_db", "speedup", "fp16_ms", "ms")}
             if report.when == "call" and measured:
-                rows.append((report.nodeid.split("::")[-1], outcome, measured))
+                rows.append((outcome, plain_nodeid(report.nodeid).split("::")[-1], measured))
     if rows:
         terminalreporter.section("sdxl-bench measurements")
-        for name, outcome, measured in rows:
+        for outcome, name, measured in sorted(rows, key=lambda row: (row[0] != "passed", row[1])):
             values = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in measured.items())
             terminalreporter.write_line(f"{outcome:<6} {name:<60} {values}")

@@ -11,7 +11,6 @@ THRESHOLDS in sdxl_core/baselines.py and in the manifest's "measured" section.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import statistics
 from pathlib import Path
@@ -24,15 +23,19 @@ from sdxl_core import baselines, metrics
 from sdxl_core.baselines import CASES
 from sdxl_core.errors import UserError
 
+# Under xdist each test runs on its variant's worker (conftest.py groups them by `needs_variants`); with
+# --update-baselines they all run on one worker, which renders every variant and writes the baseline.
 pytestmark = [pytest.mark.quality]
-if importlib.util.find_spec("xdist"):
-    # One worker renders and (with --update-baselines) writes; the others would only build the engines again.
-    pytestmark.append(pytest.mark.xdist_group("quality"))
 
 FP16 = "xl-1.0-fp16"
 OWN_BASELINE = (FP16, "xl-1.0-lcm-lora", "xl-turbo")  # compared with their own stored images
 QUANTIZED = ("xl-1.0-int8", "xl-1.0-fp8")  # compared with the stored FP16 images
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
+
+
+def each_variant(names, *also):
+    """`names` as parameters, each marked with the engines its test builds (`--variants` deselects the rest)."""
+    return [pytest.param(name, marks=pytest.mark.needs_variants(*also, name)) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def _report(record_property, label: str, values: dict, threshold: float) -> None
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
-@pytest.mark.parametrize("name", OWN_BASELINE)
+@pytest.mark.parametrize("name", each_variant(OWN_BASELINE))
 def test_matches_own_baseline(name, case, stored, rendered, tmp_path, record_property):
     """FP16, LCM-LoRA and Turbo: today's image against the one stored for this model and hardware."""
     threshold = stored.thresholds["regression_ssim"]
@@ -178,7 +181,7 @@ def test_matches_own_baseline(name, case, stored, rendered, tmp_path, record_pro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", each_variant(QUANTIZED))
 def test_8bit_close_to_fp16(name, case, stored, rendered, tmp_path, record_property):
     """INT8 and FP8 against the stored FP16 image of the same prompt and seed."""
     threshold = stored.threshold(name)
@@ -210,7 +213,7 @@ def test_wrong_images_fail(stored, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", each_variant(QUANTIZED))
 def test_clip_score_drop(name, stored, rendered, suite_model, suite_device, record_property):
     """Mean CLIP score of the 8-bit images may fall at most `clip_drop` below the stored FP16 images'."""
     from sdxl_core.models import BUILTIN_MODELS
