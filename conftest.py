@@ -70,7 +70,9 @@ def variant_group(item) -> str | None:
     """The variant whose engine a test uses, or None. Under `--dist loadgroup` (pytest-xdist) the tests of one
     variant run on one worker (`xdist_group`), so each engine is built or loaded once, on one GPU. A test that
     needs two engines (FP16 and an 8-bit one, `needs_variants`) goes with the 8-bit one, whose worker loads FP16
-    from the shared engine dir."""
+    from the shared engine dir. The quality sweep's items (one per prompt) spread over all workers instead."""
+    if "sweep_prompt" in getattr(item, "fixturenames", ()):
+        return None
     callspec = getattr(item, "callspec", None)
     if callspec and "variant_engine" in callspec.params:
         return callspec.params["variant_engine"]
@@ -129,6 +131,12 @@ def _selected_variants(config) -> list[str]:
 def pytest_generate_tests(metafunc):
     if "variant_engine" in metafunc.fixturenames:
         metafunc.parametrize("variant_engine", _selected_variants(metafunc.config), indirect=True)
+    if "sweep_prompt" in metafunc.fixturenames:
+        from sdxl_core.pytest_plugin import PROMPTS
+        from sdxl_core.sweep import prompt_id
+
+        prompts = metafunc.config.stash[PROMPTS]
+        metafunc.parametrize("sweep_prompt", prompts, ids=[prompt_id(index) for index, _ in prompts])
 
 
 @pytest.fixture(scope="session")
@@ -252,9 +260,37 @@ def variant_engine(request, build_engine) -> BuiltEngine:
     return build_engine(request.param)
 
 
-def pytest_terminal_summary(terminalreporter):
-    """What the quality and speed tests measured (from `record_property`), one row a test, by name: the
-    same on one GPU as on several."""
+def pytest_runtest_logreport(report):
+    """Collect the quality sweep's records where the summary is printed (the xdist controller, or the one
+    process); workers only send theirs home in their reports."""
+    from sdxl_core.sweep import PROPERTY
+
+    if report.when == "call" and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _SWEEP_RECORDS.extend(value for key, value in report.user_properties if key == PROPERTY)
+
+
+_SWEEP_RECORDS: list[dict] = []
+SWEEP_SUMMARY = pytest.StashKey[dict]()
+
+
+def pytest_sessionfinish(session):
+    """The sweep's mean over every prompt that ran, the report file, and a failed run when a mean fails (each
+    prompt's own threshold already failed that prompt's test)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _SWEEP_RECORDS:
+        return
+    from sdxl_core import sweep
+
+    summary = session.config.stash[SWEEP_SUMMARY] = sweep.summarise(_SWEEP_RECORDS)
+    path = session.config.getoption("--quality-report")
+    if path:
+        sweep.write_report(path, summary)
+    if any(s["failures"] for s in summary.values()) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """What the quality and speed tests measured (from `record_property`), one row a test, by name, and
+    the quality sweep's summary: the same on one GPU as on several."""
     from sdxl_core.workers import plain_nodeid
 
     rows = []
@@ -269,3 +305,13 @@ def pytest_terminal_summary(terminalreporter):
         for outcome, name, measured in sorted(rows, key=lambda row: (row[0] != "passed", row[1])):
             values = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in measured.items())
             terminalreporter.write_line(f"{outcome:<6} {name:<60} {values}")
+    summary = config.stash.get(SWEEP_SUMMARY, None)
+    if summary:
+        from sdxl_core import sweep
+
+        terminalreporter.section("sdxl-bench quality sweep")
+        for line in sweep.summary_lines(summary):
+            terminalreporter.write_line(line)
+        path = config.getoption("--quality-report")
+        terminalreporter.write_line(f"per-prompt values: {path}" if path else
+                                    "per-prompt values: --quality-report PATH (.md or .json)")

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from . import workers
+from . import sweep, workers
 
 INSTALL = "pip install -e '.[dev]'"
 MARKERS = {
@@ -52,11 +52,16 @@ def pytest_addoption(parser):
     group.addoption("--gpus", type=int, default=None, metavar="N",
                     help="use the first N visible GPUs, one pytest-xdist worker each (implies -n N where -n is not "
                          "given); default: with -n, every visible GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
+    group.addoption("--prompts", default=sweep.DEFAULT_PROMPTS, metavar="N|FILE",
+                    help="quality sweep: N of the packaged prompts (1-64), or a file with one prompt a line "
+                         f"(default {sweep.DEFAULT_PROMPTS})")
+    group.addoption("--quality-report", default=None, metavar="PATH",
+                    help="write the quality sweep's summary and per-prompt values to PATH (.md: markdown, else JSON)")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    """The suite's markers and this process's GPU (before anything starts CUDA);
+    """The suite's markers, the quality sweep's prompts and this process's GPU (before anything starts CUDA);
     and without PyTorch, where every test module would fail to import and the hardware probe end in an
     INTERNALERROR, one line that says what to install."""
     for name, meaning in MARKERS.items():
@@ -66,11 +71,18 @@ def pytest_configure(config):
     if importlib.util.find_spec("torch") is None:
         raise pytest.UsageError(f"the sdxl-bench suite needs the project installed in this Python "
                                 f"(No module named 'torch'): {INSTALL}")
+    try:
+        config.stash[PROMPTS] = sweep.load_prompts(config.getoption("--prompts"))
+    except sweep.UserError as exc:
+        raise pytest.UsageError(str(exc)) from None
     _pin(config)
     if _is_worker(config) and _own_gpu(config):
         config.pluginmanager.register(WorkerBenchmarks(), "sdxl-bench-worker-benchmarks")
     elif config.stash[DEVICES]:
         config.pluginmanager.register(ControllerBenchmarks(config), "sdxl-bench-controller-benchmarks")
+
+
+PROMPTS = pytest.StashKey[list]()  # the quality sweep's (index, prompt) pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------

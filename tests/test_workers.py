@@ -280,8 +280,8 @@ def collected_groups(tmp_path, *args) -> dict[str, str]:
             if line.startswith("GROUP ")}
 
 
-def test_tests_of_one_variant_share_a_worker(tmp_path):
-    groups = collected_groups(tmp_path)
+def test_tests_of_one_variant_share_a_worker_and_sweep_prompts_spread(tmp_path):
+    groups = collected_groups(tmp_path, "--prompts=2")
     assert groups["test_unet_step_latency[xl-1.0-int8]"] == groups["test_pipeline_latency[xl-1.0-int8]"] == \
         "xl-1.0-int8"
     # Gates and size checks need FP16 too: they go with their 8-bit variant, which loads FP16 beside it.
@@ -289,8 +289,9 @@ def test_tests_of_one_variant_share_a_worker(tmp_path):
     assert groups["test_8bit_engine_weights_fit_in_55_percent_of_fp16[int8]"] == "xl-1.0-int8"
     assert groups["test_matches_own_baseline[xl-turbo-case1]"] == groups["test_unet_step_latency[xl-turbo]"]
     assert groups["test_8bit_close_to_fp16[xl-1.0-fp8-case0]"] == "xl-1.0-fp8"
+    assert groups["test_sweep_8bit_close_to_fp16[p063-xl-1.0-int8]"] == "-"  # prompts spread over workers
     assert groups["test_hardware_slug[cpu-cpu]"] == "-"
     # With --update-baselines one worker renders and writes the whole baseline.
-    updating = collected_groups(tmp_path, "--update-baselines")
-    assert {g for name, g in updating.items() if name.startswith(("test_matches", "test_8bit_close"))} \
+    updating = collected_groups(tmp_path, "--prompts=2", "--update-baselines")
+    assert {g for name, g in updating.items() if name.startswith(("test_matches", "test_8bit_close", "test_sweep"))} \
         == {"quality"}
