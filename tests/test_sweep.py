@@ -110,23 +110,33 @@ FP16, INT8 = "xl-1.0-fp16", "xl-1.0-int8"
 @pytest.mark.slow
 @pytest.mark.needs_variants(FP16, INT8)
 def test_sweep_shards_prompts_over_workers_and_merges_as_one_process(tmp_path, engine_dir, build_engine, hardware):
+    """Three prompts on two workers: both workers render, the report equals what one process computes from
+    the same engines, and a mean below its threshold fails the run while every prompt passes."""
+    import shutil
+
     from sdxl_core import baselines, metrics
 
     if hardware["cuda"]:
         pytest.skip("needs a machine without a CUDA GPU: its fake devices 0 and 1 would be real GPUs here")
+    stored = tmp_path / "baselines" / "tiny" / "cpu"
+    shutil.copytree(REPO / "baselines" / "tiny" / "cpu", stored)
+    manifest = json.loads((stored / baselines.MANIFEST).read_text())
+    manifest["thresholds"]["mean_ssim"] = {INT8: 0.9999}  # tiny's INT8 mean is 0.998; each prompt passes 0.99
+    (stored / baselines.MANIFEST).write_text(json.dumps(manifest))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"CUDA_VISIBLE_DEVICES": "0,1"}
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_quality.py", "-p", "no:cacheprovider", "-v",
                            "-n", "2", "-k", "sweep or close_to_fp16", f"--variants={FP16},{INT8}", "--prompts=3",
-                           f"--engine-dir={engine_dir}", f"--quality-report={report}"],
+                           f"--engine-dir={engine_dir}", f"--baseline-dir={tmp_path / 'baselines'}",
+                           f"--quality-report={report}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "5 passed" in done.stdout  # every prompt (and both cases) passed: the mean failed the run
     ran_on = {line.split()[0] for line in done.stdout.splitlines() if "PASSED" in line and "test_sweep_" in line}
     assert ran_on == {"[gw0]", "[gw1]"}, done.stdout  # the prompts were shared out
 
     # The same prompts rendered here, in one process, from the same engines.
-    limits = baselines.sweep_thresholds("tiny", baselines.load_manifest(REPO / "baselines/tiny/cpu")["thresholds"],
-                                        INT8)
+    limits = baselines.sweep_thresholds("tiny", manifest["thresholds"], INT8)
     expected = []
     for index, prompt in sweep.load_prompts("3"):
         images = [build_engine(name).generate(prompt, seed=index).images[0] for name in (FP16, INT8)]
@@ -137,9 +147,10 @@ def test_sweep_shards_prompts_over_workers_and_merges_as_one_process(tmp_path, e
                          "clip_note": "not measured: 'tiny' has random weights, so its CLIP scores mean nothing"})
     summary = sweep.summarise(expected)
     assert json.loads(report.read_text())["variants"] == json.loads(json.dumps(summary))
+    assert summary[INT8]["failures"] == [f"mean SSIM {summary[INT8]['ssim']['mean']:.5f} over 3 prompts < 0.9999"]
 
-    # The end-of-run sections: the sweep's summary from every worker's prompts, and the measurements in node-id
-    # order under their one-process names (no "@xl-1.0-int8" from the variant's worker group).
+    # The end-of-run sections: the sweep's summary from every worker's prompts, and the measurements by name,
+    # as one process names them (no "@xl-1.0-int8" from the variant's worker group).
     lines = done.stdout.splitlines()
     assert sweep.summary_lines(summary)[0] in lines
     measured = [line.split()[1] for line in lines if line.startswith("passed test_8bit_close_to_fp16")]
