@@ -28,6 +28,7 @@ def _hardware() -> dict:
     }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     hw = _hardware()
     config.stash[HARDWARE] = hw
@@ -39,6 +40,7 @@ def pytest_collection_modifyitems(config, items):
     }
     reasons["h100"] = reasons["hopper"]
     _deselect_unselected_variants(config, items)
+    _group_by_variant(config, items)
     for item in items:
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
@@ -64,6 +66,36 @@ def _deselect_unselected_variants(config, items) -> None:
         items[:] = keep
 
 
+def variant_group(item) -> str | None:
+    """The variant whose engine a test uses, or None. Under `--dist loadgroup` (pytest-xdist) the tests of one
+    variant run on one worker (`xdist_group`), so each engine is built or loaded once, on one GPU. A test that
+    needs two engines (FP16 and an 8-bit one, `needs_variants`) goes with the 8-bit one, whose worker loads FP16
+    from the shared engine dir. The quality sweep's items (one per prompt) spread over all workers instead."""
+    if "sweep_prompt" in getattr(item, "fixturenames", ()):
+        return None
+    callspec = getattr(item, "callspec", None)
+    if callspec and "variant_engine" in callspec.params:
+        return callspec.params["variant_engine"]
+    marker = item.get_closest_marker("needs_variants")
+    if marker and marker.args:
+        return next((name for name in marker.args if name != FP16), marker.args[0])
+    return None
+
+
+def _group_by_variant(config, items) -> None:
+    """With --update-baselines one worker renders and writes every baseline: the quality tests stay together.
+    Without pytest-xdist (`-p no:xdist`) there are no groups, and no `xdist_group` marker to use."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if config.getoption("--update-baselines") and item.get_closest_marker("quality"):
+            item.add_marker(pytest.mark.xdist_group("quality"))
+            continue
+        group = variant_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_cpu_thread_per_worker(hardware):
     """On the CPU the tiny model's ops are too small to gain from threads, and xdist already runs one worker
@@ -87,7 +119,8 @@ def hardware(pytestconfig) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Engine fixtures: one engine per variant per session, built once (or found in --engine-dir) and reused.
 
-ALL_VARIANTS = ("xl-1.0-fp16", "xl-1.0-int8", "xl-1.0-fp8", "xl-1.0-lcm-lora", "xl-turbo")
+FP16 = "xl-1.0-fp16"
+ALL_VARIANTS = (FP16, "xl-1.0-int8", "xl-1.0-fp8", "xl-1.0-lcm-lora", "xl-turbo")
 
 
 def _selected_variants(config) -> list[str]:
@@ -98,6 +131,12 @@ def _selected_variants(config) -> list[str]:
 def pytest_generate_tests(metafunc):
     if "variant_engine" in metafunc.fixturenames:
         metafunc.parametrize("variant_engine", _selected_variants(metafunc.config), indirect=True)
+    if "sweep_prompt" in metafunc.fixturenames:
+        from sdxl_core.pytest_plugin import PROMPTS
+        from sdxl_core.sweep import prompt_id
+
+        prompts = metafunc.config.stash[PROMPTS]
+        metafunc.parametrize("sweep_prompt", prompts, ids=[prompt_id(index) for index, _ in prompts])
 
 
 @pytest.fixture(scope="session")
@@ -221,17 +260,58 @@ def variant_engine(request, build_engine) -> BuiltEngine:
     return build_engine(request.param)
 
 
-def pytest_terminal_summary(terminalreporter):
-    """One table at the end: what the quality and speed tests measured (from `record_property`)."""
+def pytest_runtest_logreport(report):
+    """Collect the quality sweep's records where the summary is printed (the xdist controller, or the one
+    process); workers only send theirs home in their reports."""
+    from sdxl_core.sweep import PROPERTY
+
+    if report.when == "call" and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _SWEEP_RECORDS.extend(value for key, value in report.user_properties if key == PROPERTY)
+
+
+_SWEEP_RECORDS: list[dict] = []
+SWEEP_SUMMARY = pytest.StashKey[dict]()
+
+
+def pytest_sessionfinish(session):
+    """The sweep's mean over every prompt that ran, the report file, and a failed run when a mean fails (each
+    prompt's own threshold already failed that prompt's test)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _SWEEP_RECORDS:
+        return
+    from sdxl_core import sweep
+
+    summary = session.config.stash[SWEEP_SUMMARY] = sweep.summarise(_SWEEP_RECORDS)
+    path = session.config.getoption("--quality-report")
+    if path:
+        sweep.write_report(path, summary)
+    if any(s["failures"] for s in summary.values()) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """What the quality and speed tests measured (from `record_property`), one row a test, by name, and
+    the quality sweep's summary: the same on one GPU as on several."""
+    from sdxl_core.workers import plain_nodeid
+
     rows = []
     for outcome in ("passed", "failed"):
         for report in terminalreporter.stats.get(outcome, []):
             props = dict(getattr(report, "user_properties", []))
             measured = {k: v for k, v in props.items() if k in ("ssim", "psnr_db", "speedup", "fp16_ms", "ms")}
             if report.when == "call" and measured:
-                rows.append((report.nodeid.split("::")[-1], outcome, measured))
+                rows.append((outcome, plain_nodeid(report.nodeid).split("::")[-1], measured))
     if rows:
         terminalreporter.section("sdxl-bench measurements")
-        for name, outcome, measured in rows:
+        for outcome, name, measured in sorted(rows, key=lambda row: (row[0] != "passed", row[1])):
             values = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in measured.items())
             terminalreporter.write_line(f"{outcome:<6} {name:<60} {values}")
+    summary = config.stash.get(SWEEP_SUMMARY, None)
+    if summary:
+        from sdxl_core import sweep
+
+        terminalreporter.section("sdxl-bench quality sweep")
+        for line in sweep.summary_lines(summary):
+            terminalreporter.write_line(line)
+        path = config.getoption("--quality-report")
+        terminalreporter.write_line(f"per-prompt values: {path}" if path else
+                                    "per-prompt values: --quality-report PATH (.md or .json)")

@@ -56,19 +56,28 @@ def _require_project(session: nox.Session) -> None:
                          f"install the project there first: {sys.executable} -m pip install -e '.[dev]'")
 
 
-def _cuda_available() -> bool:
-    """Whether PyTorch sees a CUDA GPU, asked in a child process so that nox itself never initialises CUDA."""
-    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300).returncode == 0
+def _gpu_count() -> int:
+    """How many GPUs PyTorch may use (0: none), asked in a child process so that nox itself never initialises
+    CUDA; counted as the suite's plugin counts them (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)."""
+    probe = ("import torch; from sdxl_core.workers import visible_gpus; "
+             "print((len(visible_gpus()) or torch.cuda.device_count()) if torch.cuda.is_available() else 0)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
 
-def gpu_bench_args(env, *, on_gpu: bool, history_has_runs: bool) -> list[str]:
+def _chooses_workers(posargs) -> bool:
+    """Whether the user's own pytest arguments say how many workers (or GPUs) to run."""
+    return any(arg == "no:xdist" or arg.startswith(("-n", "--numprocesses", "--gpus")) for arg in posargs)
+
+
+def gpu_bench_args(env, *, on_gpu: bool, history_has_runs: bool, gpus: int = 1) -> list[str]:
     """pytest's arguments for gpu_bench. Values go in `--opt=value` form: pytest takes a bare existing directory
     for a test path and roots itself there (then the suite's conftest.py never loads).
 
-    On a GPU: engines in the persistent dirs, a saved history, and a 10 % median gate against its last run.
-    Without one (`--allow-cpu`, for debugging): `tiny` unless SDXL_BENCH_MODEL says otherwise, engines in temp
-    dirs, and no history: CPU numbers must never become the baseline of a GPU gate.
+    On a GPU: engines in the persistent dirs, a saved history, a 10 % median gate against its last run, and
+    with `gpus` > 1 one pytest-xdist worker per GPU (the suite's plugin pins each to its own). Without one
+    (`--allow-cpu`, for debugging): `tiny` unless SDXL_BENCH_MODEL says otherwise, engines in temp dirs, and no
+    history: CPU numbers must never become the baseline of a GPU gate.
     """
     if not on_gpu:
         return ["-m", "bench", f"--model={env.get('SDXL_BENCH_MODEL', 'tiny')}"]
@@ -76,6 +85,8 @@ def gpu_bench_args(env, *, on_gpu: bool, history_has_runs: bool) -> list[str]:
             f"--model={env.get('SDXL_BENCH_MODEL', 'sdxl-random')}",
             f"--engine-dir={env.get('SDXL_BENCH_ENGINE_DIR', 'engines')}",
             f"--onnx-dir={env.get('SDXL_BENCH_ONNX_DIR', 'onnx')}"]
+    if gpus > 1:
+        args += ["-n", str(gpus)]
     if history_has_runs:
         args += ["--benchmark-compare", "--benchmark-compare-fail=median:10%"]
     return args
@@ -99,7 +110,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def gpu_bench(session: nox.Session) -> None:
-    """Hopper GPU runner: build engines, run `-m bench` with histories, gate against the last saved run.
+    """Hopper GPU runner: build engines, run `-m bench` with histories, gate against the last saved run; one
+    pytest-xdist worker per GPU where there are several (`-- --gpus N` or CUDA_VISIBLE_DEVICES uses fewer).
 
     Refuses (exit 2) where PyTorch sees no CUDA GPU; `nox -s gpu_bench -- --allow-cpu` runs it on the CPU for
     debugging and saves nothing.
@@ -107,14 +119,16 @@ def gpu_bench(session: nox.Session) -> None:
     posargs = [arg for arg in session.posargs if arg != "--allow-cpu"]
     allow_cpu = len(posargs) != len(session.posargs)
     _require_project(session)
-    on_gpu = _cuda_available()
+    gpus = _gpu_count()
+    on_gpu = gpus > 0
     if not on_gpu and not allow_cpu:
         _refuse(session, "PyTorch sees no CUDA GPU here, and these numbers would go into the GPU history that later "
                          "runs are gated against; run it on a GPU runner (or add `-- --allow-cpu` to debug it on "
                          "the CPU, saving nothing)")
     history_has_runs = os.path.isdir(HISTORY) and any(os.scandir(HISTORY))
     session.run(sys.executable, "-m", "pytest",
-                *gpu_bench_args(os.environ, on_gpu=on_gpu, history_has_runs=history_has_runs), *posargs)
+                *gpu_bench_args(os.environ, on_gpu=on_gpu, history_has_runs=history_has_runs,
+                                gpus=1 if _chooses_workers(posargs) else gpus), *posargs)
 
 
 @nox.session(python=False)

@@ -58,15 +58,21 @@ CASES = (
 #     (SSIM 0.9950) is already at the edge. The same threshold serves the LCM-LoRA and Turbo baselines.
 #   INT8 vs FP16: SSIM 0.99838 / 0.99869, PSNR 43.9 / 44.9 dB -> >= 0.99 (the gap to 1 may grow ~6x).
 #   FP8 vs FP16:  SSIM 0.99465 / 0.99476, PSNR 38.3 / 38.6 dB -> >= 0.98 (the gap to 1 may grow ~3.7x).
+#   Quality sweep over all 64 packaged prompts (seed = the prompt's index; `--prompts 64`): INT8 mean SSIM
+#     0.99839, worst 0.99741; FP8 mean 0.99355, worst 0.99008 -> mean_ssim >= 0.995 (INT8; the gap to 1 may
+#     grow ~3x) and >= 0.985 (FP8, ~2.3x). Every prompt is held to `ssim` above, the worst prompt included.
 #   For scale: another seed gives SSIM 0.04, uniform noise 0.01, a 1-pixel shift 0.66, sigma=8 pixel noise
 #   0.93 (test_wrong_images_fail checks these fail). With random weights these numbers test the 8-bit
 #   numerics, not what the image shows: a different prompt at the same seed also scores 0.9988.
-# Everything else (sdxl-random, real SDXL on GPUs): provisional until measured on that model and card;
+# Everything else (sdxl-random, real SDXL on GPUs): provisional until measured on that model and card
+# (mean_ssim a little above `ssim`, as on tiny);
 # `--update-baselines` records the measured values in the manifest ("measured") for the review.
 THRESHOLDS = {
-    "tiny": {"regression_ssim": 0.995, "ssim": {"xl-1.0-int8": 0.99, "xl-1.0-fp8": 0.98}, "clip_drop": 1.0,
+    "tiny": {"regression_ssim": 0.995, "ssim": {"xl-1.0-int8": 0.99, "xl-1.0-fp8": 0.98},
+             "mean_ssim": {"xl-1.0-int8": 0.995, "xl-1.0-fp8": 0.985}, "clip_drop": 1.0,
              "source": "measured on tiny/cpu (see sdxl_core/baselines.py)"},
-    "default": {"regression_ssim": 0.98, "ssim": {"xl-1.0-int8": 0.85, "xl-1.0-fp8": 0.80}, "clip_drop": 1.0,
+    "default": {"regression_ssim": 0.98, "ssim": {"xl-1.0-int8": 0.85, "xl-1.0-fp8": 0.80},
+                "mean_ssim": {"xl-1.0-int8": 0.90, "xl-1.0-fp8": 0.85}, "clip_drop": 1.0,
                 "source": "provisional: measure on this model and card, then set in sdxl_core/baselines.py"},
 }
 # clip_drop: mean CLIP score (100 * cosine, open_clip ViT-B-32 'openai') of the FP16 images minus that of
@@ -76,6 +82,19 @@ THRESHOLDS = {
 
 def default_thresholds(model: str) -> dict:
     return json.loads(json.dumps(THRESHOLDS.get(model_slug(model), THRESHOLDS["default"])))
+
+
+def sweep_thresholds(model: str, stored: dict | None, variant: str) -> dict:
+    """The quality sweep's limits for an 8-bit `variant`: every prompt's SSIM >= `worst_ssim` (the same limit as
+    the stored-baseline test), the mean over prompts >= `mean_ssim`, the mean CLIP score at most `clip_drop` below
+    FP16's. Each comes from the stored baseline's thresholds (`stored`) where they hold it, else from THRESHOLDS."""
+    defaults = default_thresholds(model)
+
+    def pick(key):
+        value = (stored or {}).get(key, defaults[key])
+        return value.get(variant, defaults[key][variant]) if isinstance(value, dict) else value
+
+    return {"worst_ssim": pick("ssim"), "mean_ssim": pick("mean_ssim"), "clip_drop": pick("clip_drop")}
 
 
 def model_slug(model: str) -> str:

@@ -67,7 +67,7 @@ def test_pipeline_latency(benchmark, variant_engine, suite_device):
     results = []
     benchmark.pedantic(_synced(lambda: results.append(variant_engine.generate(PROMPT)), suite_device),
                        rounds=rounds, warmup_rounds=warmup)
-    timed = results[warmup:] or results  # under xdist pytest-benchmark runs the function once, untimed
+    timed = results[warmup:] or results  # a worker without a GPU of its own runs it once, untimed
     benchmark.extra_info["stages_ms"] = {k: round(statistics.median(r.timings[k] for r in timed), 3)
                                          for k in ("clip", "clip2", "unet", "vae", "total")}
     benchmark.extra_info["unet_steps"] = timed[0].unet_calls

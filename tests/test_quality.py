@@ -11,7 +11,6 @@ THRESHOLDS in sdxl_core/baselines.py and in the manifest's "measured" section.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import statistics
 from pathlib import Path
@@ -20,19 +19,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_core import baselines, metrics
+from sdxl_core import baselines, metrics, sweep
 from sdxl_core.baselines import CASES
 from sdxl_core.errors import UserError
 
+# Under xdist each test runs on its variant's worker (conftest.py groups them by `needs_variants`); with
+# --update-baselines they all run on one worker, which renders every variant and writes the baseline.
 pytestmark = [pytest.mark.quality]
-if importlib.util.find_spec("xdist"):
-    # One worker renders and (with --update-baselines) writes; the others would only build the engines again.
-    pytestmark.append(pytest.mark.xdist_group("quality"))
 
 FP16 = "xl-1.0-fp16"
 OWN_BASELINE = (FP16, "xl-1.0-lcm-lora", "xl-turbo")  # compared with their own stored images
 QUANTIZED = ("xl-1.0-int8", "xl-1.0-fp8")  # compared with the stored FP16 images
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
+
+
+def each_variant(names, *also):
+    """`names` as parameters, each marked with the engines its test builds (`--variants` deselects the rest)."""
+    return [pytest.param(name, marks=pytest.mark.needs_variants(*also, name)) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def _report(record_property, label: str, values: dict, threshold: float) -> None
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
-@pytest.mark.parametrize("name", OWN_BASELINE)
+@pytest.mark.parametrize("name", each_variant(OWN_BASELINE))
 def test_matches_own_baseline(name, case, stored, rendered, tmp_path, record_property):
     """FP16, LCM-LoRA and Turbo: today's image against the one stored for this model and hardware."""
     threshold = stored.thresholds["regression_ssim"]
@@ -178,7 +181,7 @@ def test_matches_own_baseline(name, case, stored, rendered, tmp_path, record_pro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", each_variant(QUANTIZED))
 def test_8bit_close_to_fp16(name, case, stored, rendered, tmp_path, record_property):
     """INT8 and FP8 against the stored FP16 image of the same prompt and seed."""
     threshold = stored.threshold(name)
@@ -210,7 +213,7 @@ def test_wrong_images_fail(stored, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", each_variant(QUANTIZED))
 def test_clip_score_drop(name, stored, rendered, suite_model, suite_device, record_property):
     """Mean CLIP score of the 8-bit images may fall at most `clip_drop` below the stored FP16 images'."""
     from sdxl_core.models import BUILTIN_MODELS
@@ -232,6 +235,70 @@ def test_clip_score_drop(name, stored, rendered, suite_model, suite_device, reco
     print(f"CLIP score: {FP16} {reference:.3f}, {name} {candidate:.3f}, drop {reference - candidate:.3f}")
     assert reference - candidate <= limit, (f"{name} CLIP score {candidate:.3f} is {reference - candidate:.3f} below "
                                             f"{FP16}'s {reference:.3f}: more than the allowed {limit}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The quality sweep (`--prompts N|FILE`): one test per prompt and 8-bit variant, spread over the workers.
+
+
+@pytest.fixture(scope="module")
+def sweep_limits(baseline_root, suite_model, hardware):
+    """variant -> the sweep's thresholds: the stored baseline's where there is one, else THRESHOLDS'."""
+    try:
+        stored = baselines.load_manifest(baselines.baseline_dir(baseline_root, suite_model, hardware))["thresholds"]
+    except UserError:
+        stored = None
+    return lambda name: baselines.sweep_thresholds(suite_model, stored, name)
+
+
+@pytest.fixture(scope="module")
+def sweep_clip(suite_model, suite_device):
+    """A CLIP scorer, or why there is none: SSIM and PSNR do not need one, so its absence skips no prompt."""
+    from sdxl_core.models import BUILTIN_MODELS
+
+    if baselines.model_slug(suite_model) in BUILTIN_MODELS:
+        return f"not measured: '{suite_model}' has random weights, so its CLIP scores mean nothing"
+    try:
+        return metrics.ClipScorer("openai", device=str(suite_device))
+    except metrics.MissingWeights as exc:
+        return f"not measured: {exc}"
+
+
+@pytest.fixture(scope="module")
+def fp16_image(build_engine):
+    """(index, prompt) -> the FP16 image at seed `index`, rendered once per worker."""
+    cache = {}
+
+    def render(index: int, prompt: str):
+        if index not in cache:
+            cache[index] = build_engine(FP16).generate(prompt, seed=index).images[0]
+        return cache[index]
+
+    return render
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", each_variant(QUANTIZED, FP16))
+def test_sweep_8bit_close_to_fp16(name, sweep_prompt, fp16_image, build_engine, sweep_limits, sweep_clip, tmp_path,
+                                  record_property):
+    """One prompt of the sweep: FP16 and 8-bit images rendered here (so prompts shard over workers), this prompt
+    held to the worst-prompt threshold; the mean over all prompts is checked at the end of the run (conftest.py),
+    from the record each prompt sends home."""
+    index, prompt = sweep_prompt
+    reference = fp16_image(index, prompt)
+    candidate = build_engine(name).generate(prompt, seed=index).images[0]
+    values = metrics.compare(reference, candidate)
+    limits = sweep_limits(name)
+    record = {"variant": name, "index": index, "seed": index, "prompt": prompt, "ssim": round(values["ssim"], 5),
+              "psnr": round(values["psnr"], 2) if np.isfinite(values["psnr"]) else None, "thresholds": limits,
+              "clip_fp16": None, "clip_8bit": None, "clip_note": None}
+    if isinstance(sweep_clip, str):
+        record["clip_note"] = sweep_clip
+    else:
+        record["clip_fp16"], record["clip_8bit"] = (round(v, 3) for v in sweep_clip.score([reference, candidate],
+                                                                                          [prompt, prompt]))
+    record_property(sweep.PROPERTY, record)
+    check_similar(reference, candidate, limits["worst_ssim"], f"{name} {sweep.prompt_id(index)} vs {FP16}", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -69,6 +69,21 @@ def test_gpu_bench_passes_values_in_one_argument_and_saves_only_gpu_numbers():
     assert not [arg for arg in cpu if arg.startswith(("--benchmark", "--engine-dir", "--onnx-dir"))]
 
 
+def test_gpu_bench_runs_one_worker_per_gpu_unless_told_otherwise():
+    sys.path.insert(0, str(REPO))
+    try:
+        import noxfile
+    finally:
+        sys.path.remove(str(REPO))
+    eight = noxfile.gpu_bench_args({}, on_gpu=True, history_has_runs=False, gpus=8)
+    assert eight[eight.index("-n") + 1] == "8"
+    assert "-n" not in noxfile.gpu_bench_args({}, on_gpu=True, history_has_runs=False, gpus=1)
+    assert "-n" not in noxfile.gpu_bench_args({}, on_gpu=False, history_has_runs=False, gpus=8)
+    for own in (["--gpus", "2"], ["--gpus=2"], ["-n", "4"], ["-n4"], ["--numprocesses=4"], ["-p", "no:xdist"]):
+        assert noxfile._chooses_workers(own), own
+    assert not noxfile._chooses_workers(["--backend", "tensorrt", "--variants=xl-1.0-fp16,xl-1.0-int8"])
+
+
 @pytest.mark.parametrize("session", ["quality", "baselines", "compare", "gpu_bench"])
 def test_sessions_refuse_in_one_line_where_pytorch_is_missing(session):
     done = run_nox("-s", session, without_torch=True)
