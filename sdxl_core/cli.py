@@ -472,6 +472,10 @@ def cmd_build(args, startup: Startup) -> int:
         variants = [v.replace(calibration_size=args.calibration_size) if v.is_quantized else v for v in variants]
     for variant in variants:
         check_backend(variant.backend)
+    if args.report:
+        from .files import check_writable_dir
+
+        check_writable_dir(Path(args.report).parent, "--report")
     device, _ = _start(args, startup, variants[0])
     from . import runinfo
     from .engines import get_backend
@@ -498,9 +502,8 @@ def cmd_build(args, startup: Startup) -> int:
         print(runinfo.startup_table(record, until=f"{variant.name} engine ready"))
         built.append(record)
     if args.report:
-        from .files import atomic_write_text, check_writable_dir
+        from .files import atomic_write_text
 
-        check_writable_dir(Path(args.report).parent, "--report")
         report = {"schema": runinfo.REPORT_SCHEMA_VERSION, "command": shlex.join(sys.argv), "built": built,
                   "libraries": runinfo.library_versions(device), "device": runinfo.device_info(device)}
         atomic_write_text(args.report, json.dumps(report, indent=2) + "\n")
