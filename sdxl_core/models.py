@@ -238,7 +238,8 @@ def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu
     the time (see `ModelCache` for why a cache rather than seeding on the GPU).
     """
     startup = startup or Startup()
-    makers = _builtin_makers(name)
+    with startup.phase("imports"):  # nothing left to import when the CLI imported it first
+        makers = _builtin_makers(name)
     on_cpu = torch.device(device).type == "cpu"
     entry = ModelCache.entry(name, seed) if (name in CACHED_BUILTINS if cache is None else cache) and on_cpu else None
     with startup.phase("tokenizers"):
@@ -473,10 +474,11 @@ def check_hub_source(repo_id: str, filename: str, what: str, instead: str) -> No
 
 
 def _from_pretrained(model: str, *, unet_weights: bool = True, startup: Startup | None = None) -> Components:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     startup = startup or Startup()
+    with startup.phase("imports"):
+        from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
     check_model_name(model)
     local = Path(model).expanduser()
     looks_local = _looks_local(model)
