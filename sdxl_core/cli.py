@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from .errors import UserError
+from .startup import Startup
 from .variants import (
     FP8_LEVELS,
     INT8_LEVELS,
@@ -31,6 +33,14 @@ from .variants import (
     check_range,
     get_variant,
 )
+
+# GPU measurements (sdxl_core/bench/): each writes a result file into --out that `report` renders.
+BENCH_COMMANDS = {
+    "engines": "UNet engines side by side: build or reload FP16/INT8/FP8, time a step each (GPU)",
+    "kernels": "per-shape GEMM and conv table: 16-bit against every 8-bit kernel (GPU)",
+    "profile": "where a UNet step's GPU time goes, by kernel group, FP16 against 8-bit (GPU)",
+}
+
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -69,7 +79,10 @@ def _by_variant(field: str, fmt=str, tiny: str = "") -> str:
     return f"default: the variant's, {'; '.join(parts)}{tiny}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench_flags=tuple(BENCH_COMMANDS)) -> argparse.ArgumentParser:
+    """The whole command line. `bench_flags`: the GPU measurement subcommands whose own flags are added; their
+    modules import torch and the backend, so `main` adds only the one it runs (their names and help are
+    always there)."""
     parser = _Parser(prog="sdxl-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
@@ -93,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="build (or verify) engines for variants without generating images",
                                 description="Build engines into --engine-dir, or find and verify the ones there.")
     build.add_argument("--variants", default="xl-1.0-fp16", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    build.add_argument("--calibration-size", type=int, default=None,
+                       help="prompts each 8-bit build calibrates on, {}-{}, each a whole denoising run (default: the "
+                            "variant's, 32; {} with --model tiny)".format(*LIMITS["--calibration-size"],
+                                                                        TINY_CALIBRATION_SIZE))
+    build.add_argument("--report", default=None,
+                       help="JSON file for what each variant's engine is and where the start-up time went "
+                            "(default: none, the tables are printed only)")
     _add_runtime_flags(build, building=True)
 
     report = commands.add_parser("report", help="turn a run's JSON report(s) into a markdown summary",
@@ -106,16 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.subcommands = {"txt2img": txt2img, "build": build, "report": report, "history": history}
     for name, text in BENCH_COMMANDS.items():
         parser.subcommands[name] = commands.add_parser(name, help=text, description=text + ".")
-        _bench_module(name).add_arguments(parser.subcommands[name])
+        if name in bench_flags:
+            _bench_module(name).add_arguments(parser.subcommands[name])
     return parser
-
-
-# GPU measurements (sdxl_core/bench/): each writes a result file into --out that `report` renders.
-BENCH_COMMANDS = {
-    "engines": "UNet engines side by side: build or reload FP16/INT8/FP8, time a step each (GPU)",
-    "kernels": "per-shape GEMM and conv table: 16-bit against every 8-bit kernel (GPU)",
-    "profile": "where a UNet step's GPU time goes, by kernel group, FP16 against 8-bit (GPU)",
-}
 
 
 def _bench_module(name: str):
@@ -346,15 +359,13 @@ def _engine_phase(variant: Variant, args) -> str:
     return f"{variant.name}: preparing the {kind}UNet engine {where}{work}"
 
 
-def _engine_done(info: dict, seconds: float) -> str:
+def _engine_done(info: dict, startup: Startup) -> str:
     calibration = (f", calibration {info['calibration']} in {info['calibration_s']:.1f} s"
                    if info.get("calibration") else "")
-    return f"engine {info.get('mode')} in {seconds:.1f} s{calibration}"
+    return f"engine {info.get('mode')} ({time.perf_counter() - startup.origin:.1f} s since start){calibration}"
 
 
-def cmd_txt2img(args) -> int:
-    from . import models, pipeline, runinfo
-    from .engines import get_backend
+def cmd_txt2img(args, startup: Startup) -> int:
     from .files import atomic_path, atomic_write_text
 
     variant = variant_from_args(args)
@@ -362,27 +373,30 @@ def cmd_txt2img(args) -> int:
     check_range("--batch-count", args.batch_count)
     check_range("--num-warmup-runs", args.num_warmup_runs)
     prompt = " ".join(args.prompt) or DEFAULT_PROMPT
-    device = _check_runtime(args, variant.model, variant.lora_path)
-    backend = get_backend(variant.backend)
-    check_dirs(args, args.output_dir)
+    device, backend = _start(args, startup, variant, args.output_dir)
+    import torch
+
+    from . import pipeline, runinfo
+
     threads = set_cpu_threads(args.threads, variant.model) if device.type == "cpu" else None
-    quiet_library_notices()
 
     say(f"loading {variant.model} on {device}" + (f" ({threads} thread(s))" if threads else ""))
-    if variant.model in models.MODEL_NOTES:
-        say(models.MODEL_NOTES[variant.model])
-    components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale,
-                             unet_weights=not args.no_build)  # a load-only run takes the UNet from the engine
+    components = _load_components(variant, args, startup)
     say(_engine_phase(variant, args))
-    started = time.perf_counter()
-    engines = prepare_engines(backend, variant, components, device, args)
-    say(_engine_done(engines.info, time.perf_counter() - started))
+    engines = prepare_engines(backend, variant, components, device, args, startup)
+    say(_engine_done(engines.info, startup))
     if args.num_warmup_runs:
         say(f"warm-up: {args.num_warmup_runs} untimed run(s) of {variant.steps} steps")
     say(f"generating {args.batch_count} batch(es) of {variant.batch_size} image(s), {variant.steps} steps each")
-    results = pipeline.run(engines, components, variant, prompt, negative_prompt=args.negative_prompt,
-                           seed=args.seed, batch_count=args.batch_count, warmup_runs=args.num_warmup_runs,
-                           progress=not args.no_progress)
+    generator = torch.Generator("cpu").manual_seed(args.seed)  # one random stream over all timed batches
+    run = functools.partial(pipeline.run, engines, components, variant, prompt, negative_prompt=args.negative_prompt,
+                            seed=args.seed, progress=not args.no_progress, generator=generator)
+    with startup.phase("warmup", device):
+        run(batch_count=0, warmup_runs=args.num_warmup_runs)
+    with startup.phase("first_image", device):
+        results = run(batch_count=1)
+    startup.finish()
+    results += run(batch_count=args.batch_count - 1)
 
     out_dir = Path(args.output_dir)
     stem = output_stem(variant, prompt, args.negative_prompt, args.seed, args.batch_count, device, args.half)
@@ -394,25 +408,55 @@ def cmd_txt2img(args) -> int:
                 image.save(tmp, format="PNG")
             image_paths.append(str(path))
     report = runinfo.make_report(variant, engines, results, prompt=prompt, seed=args.seed, images=image_paths,
-                                 command=shlex.join(sys.argv), negative_prompt=args.negative_prompt, half=args.half)
+                                 command=shlex.join(sys.argv), negative_prompt=args.negative_prompt, half=args.half,
+                                 startup=startup)
     report_path = out_dir / f"{stem}.json"
     atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     print(runinfo.stage_table(report))
+    print(runinfo.startup_table(report, until="first image"))
     print(f"wrote {len(image_paths)} image(s) and {report_path}")
     return 0
 
 
-def prepare_engines(backend, variant, components, device, args):
+def _start(args, startup: Startup, variant: Variant, output_dir: str | None = None):
+    """The checks before any work, and the imports a run needs, each timed; returns (device, backend)."""
+    quiet_library_notices()
+    with startup.phase("imports"):
+        import torch  # noqa: F401  (the checks need it; the other imports wait until the checks pass)
+    with startup.phase("checks"):
+        device = _check_runtime(args, variant.model, variant.lora_path)
+    with startup.phase("imports"):
+        from . import models, pipeline  # noqa: F401  (the pipeline's imports too: numpy, PIL, tqdm)
+        from .engines import get_backend
+
+        backend = get_backend(variant.backend)
+        models.import_libraries()
+    with startup.phase("checks"):
+        check_dirs(args, output_dir)
+    return device, backend
+
+
+def _load_components(variant: Variant, args, startup: Startup):
+    """The model's components. With an engine dir the UNet is shape-only: its weights are generated or read
+    only if the engine has to be built (a reused engine brings its own UNet)."""
+    from . import models
+
+    if variant.model in models.MODEL_NOTES:
+        say(models.MODEL_NOTES[variant.model])
+    return models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale,
+                       unet_weights=not (args.no_build or args.engine_dir), startup=startup)
+
+
+def prepare_engines(backend, variant, components, device, args, startup: Startup | None = None):
     options = dict(engine_dir=args.engine_dir, onnx_dir=args.onnx_dir, half=args.half,
-                   progress=not args.no_progress, allow_build=not args.no_build)
+                   progress=not args.no_progress, allow_build=not args.no_build, startup=startup)
     if args.use_cuda_graph:
         options["use_cuda_graph"] = True
     return backend.prepare(variant, components, device, **options)
 
 
-def cmd_build(args) -> int:
-    from . import models
-    from .engines import get_backend
+def cmd_build(args, startup: Startup) -> int:
+    from .engines import check_backend
 
     if not args.engine_dir:
         raise UserError("sdxl-bench build needs --engine-dir: that is where the engines go")
@@ -423,23 +467,47 @@ def cmd_build(args) -> int:
     variants = [v.replace(**{k: val for k, val in (("model", args.model), ("backend", args.backend)) if val})
                 for v in variants]
     variants = [v.replace(**builtin_defaults(v.model)) for v in variants]
+    if args.calibration_size is not None:
+        check_range("--calibration-size", args.calibration_size)
+        variants = [v.replace(calibration_size=args.calibration_size) if v.is_quantized else v for v in variants]
     for variant in variants:
-        get_backend(variant.backend)
-    for variant in variants:
-        device = _check_runtime(args, variant.model, variant.lora_path)
-    check_dirs(args)
+        check_backend(variant.backend)
+    if args.report:
+        from .files import check_writable_dir
+
+        check_writable_dir(Path(args.report).parent, "--report")
+    device, _ = _start(args, startup, variants[0])
+    from . import runinfo
+    from .engines import get_backend
+
+    with startup.phase("checks"):
+        for variant in variants[1:]:
+            _check_runtime(args, variant.model, variant.lora_path)
     if device.type == "cpu":
         set_cpu_threads(args.threads, variants[0].model)
-    quiet_library_notices()
-    for variant in variants:
+    built = []
+    for i, variant in enumerate(variants):
+        timed = startup if i == 0 else Startup()  # each variant's table counts from where it starts
         backend = get_backend(variant.backend)
         say(f"loading {variant.model} for {variant.name}")
-        components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
+        components = _load_components(variant, args, timed)
         say(_engine_phase(variant, args))
-        engines = prepare_engines(backend, variant, components, device, args)
+        engines = prepare_engines(backend, variant, components, device, args, timed)
+        timed.finish()
         info = engines.info
         print(f"{variant.name}: {info.get('mode')} {info.get('engine_path')} "
               f"({info.get('engine_bytes', 0) / 2**20:.1f} MiB)")
+        record = {"variant": variant.name, "engine": {k: v for k, v in info.items() if k != "gemm_timings"},
+                  "startup_s": timed.record(), "startup_notes": timed.notes}
+        print(runinfo.startup_table(record, until=f"{variant.name} engine ready"))
+        built.append(record)
+    if args.report:
+        from .files import atomic_write_text
+
+        report = {"schema": runinfo.REPORT_SCHEMA_VERSION, "command": shlex.join(sys.argv), "built": built,
+                  "libraries": runinfo.library_versions(device), "device": runinfo.device_info(device)}
+        atomic_write_text(args.report, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.report}")
     return 0
 
 
@@ -508,14 +576,18 @@ def environment_error(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command. Without `argv` this process was started to run it (the entry point, `python -m`), so its
+    start-up table counts from the process's start; a caller passing `argv` counts from this call."""
+    startup = Startup.from_process_start() if argv is None else Startup()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(bench_flags=[w for w in words[:1] if w in BENCH_COMMANDS])
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # refused by the subcommand, so the error points at its own --help
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    commands = {"txt2img": cmd_txt2img, "build": cmd_build, "report": cmd_report, "history": cmd_history,
-                **{name: _bench_module(name).main for name in BENCH_COMMANDS}}
+    commands = {"txt2img": functools.partial(cmd_txt2img, startup=startup),
+                "build": functools.partial(cmd_build, startup=startup), "report": cmd_report, "history": cmd_history}
     try:
-        return commands[args.command](args)
+        return (commands.get(args.command) or _bench_module(args.command).main)(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -124,12 +124,14 @@ def txt2img(engines, components, variant: Variant, prompts: list[str], *, negati
 
 
 def run(engines, components, variant: Variant, prompt: str, *, negative_prompt: str = "", seed: int = 0,
-        batch_count: int = 1, warmup_runs: int = 0, progress: bool = True) -> list[Result]:
-    """The demo's loop: warm-up runs (not reported), then `batch_count` batches from one seed."""
+        batch_count: int = 1, warmup_runs: int = 0, progress: bool = True,
+        generator: torch.Generator | None = None) -> list[Result]:
+    """The demo's loop: warm-up runs (not reported), then `batch_count` batches from one seed. A `generator`
+    (seeded with `seed`) lets a caller run the batches in parts: they continue one random stream."""
     prompts = [prompt] * variant.batch_size
     for _ in tqdm(range(warmup_runs), desc="warm-up", disable=not progress or warmup_runs == 0):
         txt2img(engines, components, variant, prompts, negative_prompt=negative_prompt, seed=seed)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = generator or torch.Generator("cpu").manual_seed(seed)
     return [txt2img(engines, components, variant, prompts, negative_prompt=negative_prompt, generator=generator,
                     progress=progress)
             for _ in range(batch_count)]

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 # Every report has these, in this order; `quantization` follows `variant` on 8-bit runs only, `model_note`
-# follows `compute_dtype` on built-in models only.
+# follows `compute_dtype` on built-in models only. `startup_s`: seconds per start-up phase (see startup.py),
+# then "other" and "total" (to the first image); `startup_notes`: where a phase's work came from.
 REPORT_KEYS = ("schema", "created", "command", "variant", "compute_dtype", "half", "engine", "prompt",
-               "negative_prompt", "seed", "timings_ms", "per_batch_ms", "images_per_second", "unet_steps", "images",
-               "libraries", "device")
+               "negative_prompt", "seed", "timings_ms", "per_batch_ms", "images_per_second", "unet_steps",
+               "startup_s", "startup_notes", "images", "libraries", "device")
 QUANTIZATION_FIELDS = ("quant_level", "quant_alpha", "quant_percentile", "calibration_size")
 # What a backend's engine info says about calibration and 8-bit kernels: left out of FP16 reports.
 QUANTIZED_ENGINE_INFO = ("calibration", "calibration_s", "convert_s", "converted", "gemm_paths", "gemm_timings",
@@ -72,7 +73,7 @@ def device_info(device: torch.device) -> dict:
 
 
 def make_report(variant, engines, results, *, prompt: str, seed: int, images: list[str], command: str,
-                negative_prompt: str = "", half: str | None = None) -> dict:
+                negative_prompt: str = "", half: str | None = None, startup=None) -> dict:
     """What ran, as it ran: the UNet's precision as computed (fp32 for an unquantized UNet on the CPU), the
     compute dtype of the unquantized work, --half only where it applies (a GPU), quantization fields only for
     8-bit runs, and a note on built-in models, whose random weights make noise by design."""
@@ -113,6 +114,8 @@ def make_report(variant, engines, results, *, prompt: str, seed: int, images: li
         "per_batch_ms": per_batch,
         "images_per_second": round(variant.batch_size * 1000.0 / mean["total"], 4),
         "unet_steps": results[0].unet_calls,
+        "startup_s": startup.record() if startup is not None else {},
+        "startup_notes": dict(startup.notes) if startup is not None else {},
         "images": images,
         "libraries": library_versions(engines.device),
         "device": device_info(engines.device),
@@ -132,6 +135,15 @@ def stage_table(report: dict) -> str:
     out.append(f"UNet per step: {t['unet'] / steps:.2f} ms   Throughput: {report['images_per_second']:.3f} image/s"
                f"   ({v['name']} in {v['precision']}, {report['device']['name']}, batch {v['batch_size']})")
     return "\n".join(out)
+
+
+def startup_table(report: dict, until: str) -> str:
+    """Where the start-up went (`startup_s`), phase by phase, to `until` ("first image", "engine ready")."""
+    from .startup import table
+
+    seconds = report["startup_s"]
+    since = "process start" if "python" in seconds else "start"
+    return table(seconds, report.get("startup_notes"), total_label=f"{since} to {until}")
 
 
 def markdown_summary(paths: list[Path]) -> str:

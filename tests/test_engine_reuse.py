@@ -166,9 +166,17 @@ def test_concurrent_builders_leave_one_valid_engine(tmp_path):
     assert store.verify(tmp_path, engines[0].name, {}) is not None
 
 
-def test_building_without_unet_weights_is_one_line(tmp_path):
+def test_a_build_from_a_shape_only_unet_gets_the_weights_then(tmp_path):
+    """A run given an engine dir loads the UNet shape-only; when the engine is not there it is built from the
+    same weights an eager load has. Components without a way to get the weights say so in one line."""
+    eager_components, eager = prepare(FP16, tmp_path / "eager")
+    lazy_components, lazy = prepare(FP16, tmp_path / "lazy", unet_weights=False)
+    assert lazy.info["mode"] == "built"
+    assert image_bytes(FP16, lazy_components, lazy) == image_bytes(FP16, eager_components, eager)
+    components = models.load("tiny", unet_weights=False)
+    components.unet_loader = None
     with pytest.raises(UserError, match="UNet weights were not loaded"):
-        prepare(FP16, tmp_path / "engines", unet_weights=False)
+        torch_backend.prepare(FP16, components, CPU, engine_dir=tmp_path / "none", progress=False)
 
 
 def _unet_output(components, engines, variant):

@@ -114,3 +114,92 @@ def test_hub_ids_refused_offline_unless_cached(tmp_path, monkeypatch):
     (tmp_path / "models--org--model" / "refs").mkdir()
     (tmp_path / "models--org--model" / "refs" / "main").write_text("abc123")
     models.check_hub_source("org/model", "unet/config.json", "model", "use --model tiny")
+
+
+def _weights(components) -> dict:
+    return {f"{c}.{n}": t for c, m in components.modules().items() for n, t in m.state_dict().items()}
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def eager_tiny():
+    return models.build_builtin("tiny")
+
+
+def test_a_unet_loaded_later_has_the_weights_an_eager_load_has(eager_tiny):
+    """The UNet is generated from where the seeded stream stopped after the VAE, whenever it is generated."""
+    lazy = models.build_builtin("tiny", unet_weights=False)
+    assert not lazy.has_unet_weights
+    assert lazy.load_unet_weights() is lazy.unet and lazy.has_unet_weights
+    assert _same_weights(lazy, eager_tiny)
+
+
+@pytest.fixture
+def model_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_model_cache_holds_the_generated_weights_bit_for_bit(model_cache, eager_tiny):
+    """A first run generates and keeps the text encoders and VAE (and the UNet's random state); the next loads
+    them; the UNet is kept once it was needed. Every way gives the eagerly generated weights."""
+    from sdxl_core.startup import Startup
+
+    first = Startup()
+    cold = models.build_builtin("tiny", cache=True, unet_weights=False, startup=first)
+    (entry,) = model_cache.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["text_encoder.safetensors", "text_encoder_2.safetensors",
+                                                       "unet_rng.safetensors", "vae.safetensors"]
+    assert first.notes == {c: "generated" for c in models.BEFORE_UNET}
+    cold.load_unet_weights()  # an engine had to be built: the UNet is generated, then kept
+    assert (entry / "unet.safetensors").is_file() and first.notes["unet"] == "generated"
+    assert _same_weights(cold, eager_tiny)
+
+    second = Startup()
+    warm = models.build_builtin("tiny", cache=True, startup=second)
+    assert second.notes == {c: "from the model cache" for c in (*models.BEFORE_UNET, "unet")}
+    assert _same_weights(warm, eager_tiny)
+    assert not any(t.is_meta for t in [*warm.text_encoder.buffers(), *warm.unet.buffers()])
+
+
+def test_a_torn_cache_file_is_generated_again(model_cache, eager_tiny, capfd):
+    models.build_builtin("tiny", cache=True, unet_weights=False)
+    (entry,) = model_cache.iterdir()
+    torn = entry / "text_encoder_2.safetensors"
+    torn.write_bytes(torn.read_bytes()[:1000])
+    again = models.build_builtin("tiny", cache=True)
+    assert "does not load" in capfd.readouterr().err
+    assert _same_weights(again, eager_tiny)
+    assert torn.stat().st_size > 1000  # written whole again
+
+
+def test_a_new_entry_replaces_the_same_models_stale_ones(model_cache):
+    stale, other_seed = model_cache / "tiny-s0-000000000000", model_cache / "tiny-s1-000000000000"
+    for path in (stale, other_seed):
+        path.mkdir(parents=True)
+    models.build_builtin("tiny", cache=True, unet_weights=False)
+    assert not stale.exists() and other_seed.exists()
+
+
+def test_a_cache_that_cannot_be_written_only_warns(tmp_path, monkeypatch, eager_tiny, capfd):
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv(models.MODEL_CACHE_ENV, str(tmp_path / "a-file"))
+    components = models.build_builtin("tiny", cache=True)
+    assert "could not keep" in capfd.readouterr().err
+    assert _same_weights(components, eager_tiny)
+
+
+def test_which_builtins_are_cached(model_cache, monkeypatch):
+    """sdxl-random by default, on the CPU only (a meta-device build generates nothing); tiny is cheaper to
+    generate than to read; SDXL_BENCH_MODEL_CACHE=off turns the cache off."""
+    assert models.CACHED_BUILTINS == ("sdxl-random",)
+    models.build_builtin("sdxl-random", device="meta", unet_weights=False)
+    models.build_builtin("tiny")
+    assert not model_cache.exists()
+    assert models.ModelCache.entry("sdxl-random", 0).path.parent == model_cache
+    monkeypatch.setenv(models.MODEL_CACHE_ENV, "off")
+    assert models.ModelCache.entry("sdxl-random", 0) is None

@@ -5,11 +5,13 @@ step (variant.steps=2), run under inference_mode as the pipeline runs them.
 """
 
 import copy
+import dataclasses
 import json
 import re
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from safetensors.torch import load_file, save_file
 
 from sdxl_core import qmodules, quantize
@@ -408,3 +410,100 @@ def test_dispatch_never_chooses_a_kernel_that_computes_wrong(converted, data, mo
     gemms = [t for t in timings if t.op == "gemm"]
     assert gemms and all(t.choice == "16bit" and "pointer" in t.rejected and t.ms == {"16bit": 1.0} for t in gemms)
     assert all(m.gemm_path == "16bit" for m in real.modules() if isinstance(m, qmodules.QLinear))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration without host syncs: the same scales as ModelOpt's own max calibrator, bit for bit.
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value back to Python (`.item()`, `bool(tensor)`): on a GPU each one waits
+    for every kernel queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default)  # under inference_mode `bool(t)` reaches dispatch as is_nonzero
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def calibrate_through_the_pipeline(components, variant, monkeypatch, max_calibrator):
+    """Calibrate tiny's UNet with the real calibration loop and the given max calibrator class. Returns the UNet
+    and, per UNet call, (host reads, reductions of a weight parameter) made inside the call."""
+    from modelopt.torch.quantization import utils as quant_utils
+
+    from sdxl_core import engines
+
+    monkeypatch.setattr(quantize, "SyncFreeMaxCalibrator", max_calibrator)
+    calls, inside = [], []
+    reduce_amax, stage = quant_utils.reduce_amax, engines.unet_stage
+
+    def counting_reduce_amax(x, *args, **kwargs):
+        if inside and isinstance(x, torch.nn.Parameter):
+            inside[-1] += 1
+        return reduce_amax(x, *args, **kwargs)
+
+    def counting_stage(unet):
+        step = stage(unet)
+
+        def counted(*inputs):
+            inside.append(0)
+            with HostReads() as reads:
+                out = step(*inputs)
+            calls.append((reads.count, inside.pop()))
+            return out
+
+        return counted
+
+    monkeypatch.setattr(quant_utils, "reduce_amax", counting_reduce_amax)
+    monkeypatch.setattr(engines, "unet_stage", counting_stage)
+    unet = copy.deepcopy(components.unet)
+    loop_components = dataclasses.replace(components, unet=unet)
+    quantize.quantize_unet(unet, variant, quantize.calibration_loop(loop_components, variant, torch.device("cpu"),
+                                                                    torch.float32, False), progress=False)
+    monkeypatch.undo()
+    return unet, calls
+
+
+@pytest.mark.parametrize("precision,level", [("int8", 3.0), ("fp8", 4.0)])
+def test_sync_free_calibration_gives_modelopts_scales_bit_for_bit(precision, level, monkeypatch):
+    """The real calibration loop on tiny (2 batches of 2 prompts x 3 steps): INT8 level 3 (SmoothQuant, per-channel
+    weights, percentile conv inputs) and FP8 level 4 (max everywhere, attention quantizers too). Every quantizer
+    buffer (amax, SmoothQuant's pre_quant_scale) and every weight SmoothQuant rescaled equals ModelOpt's own
+    max calibrator's result exactly; each UNet call reads nothing back to the host and reduces no weight (each
+    weight's amax is computed once, before the loop), where ModelOpt's calibrator syncs 3 times per quantizer."""
+    from modelopt.torch.quantization.calib.max import MaxCalibrator
+
+    variant = Variant(name="t", model="tiny", precision=precision, quant_level=level, steps=3, calibration_size=4,
+                      height=64, width=64)
+    components = build_builtin("tiny")
+    slow, slow_calls = calibrate_through_the_pipeline(components, variant, monkeypatch, MaxCalibrator)
+    fast, fast_calls = calibrate_through_the_pipeline(components, variant, monkeypatch,
+                                                      quantize.SyncFreeMaxCalibrator)
+    slow_state, fast_state = slow.state_dict(), fast.state_dict()
+    assert slow_state.keys() == fast_state.keys()
+    differing = [k for k in slow_state if not torch.equal(slow_state[k], fast_state[k])]
+    assert not differing, differing[:5]
+    amaxes = [k for k in fast_state if k.endswith("_quantizer._amax")]
+    assert len(amaxes) > 100 and all(fast_state[k].isfinite().all() for k in amaxes)
+    if precision == "int8":
+        scales = [k for k in fast_state if k.endswith("input_quantizer._pre_quant_scale")]
+        assert len(scales) == HAND_COUNTS["ffn"] + HAND_COUNTS["qkv"] + HAND_COUNTS["other_linear"]
+        smoothed = [(n, m) for n, m in fast.named_modules() if hasattr(m, "input_quantizer")
+                    and getattr(m.input_quantizer, "_amax_for_smoothing", None) is not None]
+        assert len(smoothed) == len(scales)
+        for name, module in smoothed:
+            assert torch.equal(module.input_quantizer._amax_for_smoothing,
+                               slow.get_submodule(name).input_quantizer._amax_for_smoothing), name
+    assert len(fast_calls) == len(slow_calls) == 2 * variant.steps
+    print(f"\nper UNet call, (host reads, weight reductions): ModelOpt's {slow_calls[0]}, sync-free {fast_calls[0]}")
+    max_quantizers = [m for m in slow.modules() if isinstance(getattr(m, "_calibrator", None), MaxCalibrator)
+                      and not isinstance(m._calibrator, quantize.PercentileCalibrator) and m.is_enabled]
+    assert all(reads >= 3 * len(max_quantizers) for reads, _ in slow_calls)  # ModelOpt's asserts: 3 per quantizer
+    assert all(reduced > 0 for _, reduced in slow_calls)
+    assert fast_calls == [(0, 0)] * len(fast_calls)

@@ -106,6 +106,48 @@ def test_the_bytes_returned_are_the_bytes_hashed(tmp_path):
         engine.read("cache.bin")
 
 
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_large_files_are_listed_and_checked_piece_by_piece(tmp_path, monkeypatch):
+    """Above CHUNK_BYTES a file's entry also lists each piece's sha256, which readers hash in parallel: a
+    changed byte in any piece is caught by `verify` (data) or by the read (executables). An entry without
+    pieces (an engine published before they were listed) is checked whole; a malformed list is refused."""
+    monkeypatch.setattr(store, "CHUNK_BYTES", 1000)
+    weights, code = os.urandom(4500), CODE * 40
+
+    def write(tmp: Path) -> dict:
+        (tmp / "weights.safetensors").write_bytes(weights)
+        (tmp / "cache.bin").write_bytes(code)
+        return {}
+
+    path = store.publish(tmp_path, "e", write, {"backend": "test"})
+    files = store.read_sidecar(path)["files"]
+    assert files["weights.safetensors"]["chunks"] == {
+        "bytes": 1000, "sha256": [hashlib.sha256(weights[i:i + 1000]).hexdigest() for i in range(0, 4500, 1000)]}
+    assert files["weights.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert store.verify(tmp_path, "e", {}).read("cache.bin") == code
+
+    _flip(path / "cache.bin", 1500)
+    engine = store.verify(tmp_path, "e", {}, checksums=False)
+    with pytest.raises(store.EngineRefused, match="cache.bin fails its checksum"):
+        engine.read("cache.bin")
+    _flip(path / "cache.bin", 1500)
+    _flip(path / "weights.safetensors", 3210)
+    with pytest.raises(store.EngineRefused, match="weights.safetensors fails its checksum"):
+        store.verify(tmp_path, "e", {})
+    _flip(path / "weights.safetensors", 3210)
+
+    edit_sidecar(path, lambda r: r["files"]["weights.safetensors"].pop("chunks"))
+    assert store.verify(tmp_path, "e", {}) is not None
+    edit_sidecar(path, lambda r: r["files"]["cache.bin"]["chunks"]["sha256"].pop())
+    with pytest.raises(store.EngineRefused, match="malformed entry 'cache.bin' \\(its chunk list\\)"):
+        store.verify(tmp_path, "e", {})
+
+
 def test_a_symlinked_file_is_not_followed(tmp_path):
     path = publish(tmp_path)
     outside = tmp_path / "outside.bin"
@@ -187,7 +229,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
         (tmp / "weights.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(UserError, match="engine e not written: cannot write .* No space left on device") as info:
+    with pytest.raises(UserError, match="engine e not written: cannot write .* No space left") as info:
         store.publish(tmp_path, "e", write, {})
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []

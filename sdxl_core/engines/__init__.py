@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # importing torch takes seconds: the CLI checks backend names before it does
+    import torch
 
 BACKENDS = {"torch": "sdxl_core.engines.torch_backend", "tensorrt": "sdxl_core.engines.tensorrt"}
 
@@ -30,14 +32,20 @@ class Engines:
     info: dict = field(default_factory=dict)  # engine key, artifact path, built or loaded, build seconds
 
 
-def get_backend(name: str):
+def check_backend(name: str) -> None:
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def get_backend(name: str):
+    check_backend(name)
     return importlib.import_module(BACKENDS[name])
 
 
 def device_tag(device: torch.device) -> str:
     """Part of every engine key: an engine built for one GPU generation never loads on another."""
+    import torch
+
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"sm{major}{minor}"
@@ -69,6 +77,7 @@ def vae_stage(components):
 
 def unet_stage(unet: torch.nn.Module):
     """A UNet as the five-input stage the loop calls: (sample, t, hidden, text_embeds, time_ids) -> noise."""
+    import torch
 
     def step(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         # One timestep dtype whatever the scheduler hands over (int64 or float32), so a compiled UNet never

@@ -10,12 +10,12 @@ recompiles from cache (loading them runs code: see `compile_unet`).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..startup import Startup
 from . import unet_stage
 
 COMPILE_MODES = ("regional", "full")
@@ -89,28 +89,31 @@ def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.n
 
 
 def compile_unet(unet, example_inputs, *, mode: str, info: dict, cache: bytes | None = None,
-                 save_cache: Path | None = None):
+                 save_cache: Path | None = None, startup: Startup | None = None):
     """torch.compile the UNet (by regions or whole) and run one step, so compile time is paid here.
 
     `cache`: PyTorch's portable compile caches to load first. Loading them unpickles Inductor and AOTAutograd
     entries, i.e. runs code: pass only bytes the engine store returned (`store.Engine.read` checks their hash
     and trust). `save_cache`: a file (inside an engine being built) for the caches this compile made.
+    Loading the caches, compiling (with the first step) and saving are phases of `startup`.
     """
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    startup = startup or Startup()
     if cache is not None:
-        torch.compiler.load_cache_artifacts(cache)
+        with startup.phase("compile_cache_load"):
+            torch.compiler.load_cache_artifacts(cache)
         info["compile_cache"] = "loaded"
-    started = time.perf_counter()
-    compiled = torch.compile(unet, dynamic=False) if mode == "full" else compile_regions(unet)
-    with torch.inference_mode():
-        unet_stage(compiled)(*example_inputs)
-    if example_inputs[0].is_cuda:
-        torch.cuda.synchronize(example_inputs[0].device)
-    info["compile_s"] = round(time.perf_counter() - started, 2)
+    note = "from the engine's compile cache" if cache is not None else None
+    with startup.phase("compile", example_inputs[0].device, note=note) as timed:
+        compiled = torch.compile(unet, dynamic=False) if mode == "full" else compile_regions(unet)
+        with torch.inference_mode():
+            unet_stage(compiled)(*example_inputs)
+    info["compile_s"] = round(timed.seconds, 2)
     if save_cache is not None:
-        artifacts = torch.compiler.save_cache_artifacts()
-        if artifacts is not None:
-            save_cache.write_bytes(artifacts[0])
-            info["compile_cache"] = "saved"
+        with startup.phase("compile_cache_save"):
+            artifacts = torch.compiler.save_cache_artifacts()
+            if artifacts is not None:
+                save_cache.write_bytes(artifacts[0])
+                info["compile_cache"] = "saved"
     return compiled

@@ -44,6 +44,7 @@ import torch
 
 from .. import export, specs
 from ..errors import UserError
+from ..startup import Startup
 from ..variants import Variant
 from . import Engines, device_tag, store
 
@@ -353,12 +354,15 @@ class TRTEngine:
 
 def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
             half: str = "fp16", progress: bool = True, use_cuda_graph: bool = False, allow_build: bool = True,
-            optimization_level: int = OPTIMIZATION_LEVEL, workspace_gib: float | None = None) -> Engines:
+            optimization_level: int = OPTIMIZATION_LEVEL, workspace_gib: float | None = None,
+            startup: Startup | None = None) -> Engines:
     """Build (or load) the four TensorRT engines for `variant` and return their callables.
 
     Without `engine_dir` the plans are built in memory and not kept; without `onnx_dir` the ONNX goes
-    to a temp dir removed afterwards. `allow_build=False` only loads from `engine_dir`.
+    to a temp dir removed afterwards. `allow_build=False` only loads from `engine_dir`. Each engine's time
+    (load, or export and build) and the CUDA-graph capture are phases of `startup`.
     """
+    startup = startup or Startup()
     _import_tensorrt()
     device = torch.device(device)
     if device.type != "cuda":
@@ -388,8 +392,9 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
             key = specs.get(component).key(variant, trt_version, tag)
             io = io_spec(variant, component, configs[component], dtype)
             expect = expected_sidecar(variant, component, trt_version=trt_version, device=tag, gpu=gpu, io=io)
-            engine, record = _engine_for(builder, component, key, expect, engine_dir, allow_build,
-                                         {"capability": capability}, device)
+            with startup.phase(f"{component}_engine", device):
+                engine, record = _engine_for(builder, component, key, expect, engine_dir, allow_build,
+                                             {"capability": capability}, device)
             engines[component] = engine
             info["engines"][component] = record
         builder.release()
@@ -399,7 +404,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     for engine in engines.values():
         engine.use_memory(pool)
     if use_cuda_graph:
-        engines["unet"].capture_graph()
+        with startup.phase("cuda_graph", device):
+            engines["unet"].capture_graph()
     unet_record = info["engines"]["unet"]
     info.update(engine_key=unet_record["key"], engine_path=unet_record.get("path"),
                 mode=unet_record["mode"], device_memory_bytes=pool_bytes,
@@ -523,6 +529,8 @@ class _Builder:
         if path.is_file():
             return path, {"onnx": str(path), "export": "reused"}
         self._on_device()
+        if component == "unet":
+            self.components.load_unet_weights()  # a shape-only UNet (a run that meant to reuse an engine)
         started = time.perf_counter()
         meta = {}
         unet = None

@@ -14,16 +14,17 @@ step replayed from one CUDA graph (`compiled.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from .. import qmodules, specs
 from ..errors import UserError
+from ..startup import Startup
 from ..variants import Variant
 from . import Engines, compiled, device_tag, store, text_stages, unet_stage, vae_stage
 
@@ -50,7 +51,7 @@ def unet_inputs(variant: Variant, unet: torch.nn.Module, device, dtype, seed: in
 def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
             half: str = "fp16", progress: bool = True, allow_build: bool = True, compile: bool | None = None,
             compile_mode: str = "regional", use_cuda_graph: bool | None = None,
-            channels_last: bool | None = None) -> Engines:
+            channels_last: bool | None = None, startup: Startup | None = None) -> Engines:
     """Move the components to `device` and build or load the UNet engine for `variant`.
 
     Without `engine_dir` the engine lives in memory only. `allow_build=False` refuses to calibrate or
@@ -59,7 +60,10 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     1.2-1.9x faster channels-last than NCHW at every SDXL shape on a Hopper GPU, and the 8-bit conv kernels
     need it. `channels_last` changes how the UNet runs, not what the engine stores;
     `variant.fused_qkv` is part of the engine (8-bit engines are calibrated on the fused projections).
+    A UNet without weights (`models.load(..., unet_weights=False)`) gets them only if the engine is built.
+    Each step's time lands in `startup` (and, as before, in `info`: `load_s`, `compile_s`, ...).
     """
+    startup = startup or Startup()
     dtype = compute_dtype(device, half)
     compile = device.type == "cuda" if compile is None else compile
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -68,7 +72,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         raise UserError("--use-cuda-graph needs a CUDA GPU")
     if compile_mode not in compiled.COMPILE_MODES:
         raise UserError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(compiled.COMPILE_MODES)}")
-    components.to(device, dtype)
+    with startup.phase("to_device", device):
+        components.to(device, dtype)
     key = variant.engine_key(version(), device_tag(device))
     expect = {"backend": NAME, "backend_version": version(), "device": device_tag(device), "dtype": str(dtype),
               "precision": variant.precision, "unet_batch": variant.unet_batch,
@@ -84,87 +89,108 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         if not compile:
             return unet
         return compiled.compile_unet(unet, unet_inputs(variant, unet, device, dtype), mode=compile_mode,
-                                     cache=cache, save_cache=save_cache, info=info)
+                                     cache=cache, save_cache=save_cache, info=info, startup=startup)
+
+    def read_compile_cache(engine):
+        if not compile:
+            return None
+        if COMPILE_CACHE not in engine.files:
+            info["compile_cache"] = "none in the engine"
+            return None
+        with startup.phase("compile_cache_read"):  # an untrusted cache is refused here, before any weights load
+            return engine.read(COMPILE_CACHE)
+
+    def load(engine, loader):
+        with startup.phase("engine_load", device) as timed:
+            unet = loader(engine.path, device, dtype)
+        info["load_s"] = round(timed.seconds, 2)
+        return unet
 
     if engine_dir is None:
         if not allow_build:
             raise UserError("loading a prebuilt engine needs --engine-dir")
-        unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info,
+        unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, startup,
                           channels_last=channels_last)
         info["mode"] = "in-memory"
         runnable = make_runnable(unet)
     else:
         path = store.engine_path(engine_dir, key)
-        engine = _verified_or_none(engine_dir, key, expect, allow_build)  # readers take no lock
+        with startup.phase("engine_verify"):
+            engine = _verified_or_none(engine_dir, key, expect, allow_build)  # readers take no lock
         unet = cache = None
         if engine is not None:
-            # An untrusted compile cache is refused here, before the weights are loaded.
-            cache = engine.read(COMPILE_CACHE) if compile and COMPILE_CACHE in engine.files else None
-            if compile and cache is None:
-                info["compile_cache"] = "none in the engine"
-            started = time.perf_counter()
-            unet = _load_or_none(engine.path, device, dtype, allow_build)
+            cache = read_compile_cache(engine)
+            unet = load(engine, lambda *a: _load_or_none(*a, allow_build))
         if unet is None:
             if not allow_build:
                 raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
-            with store.lock(engine_dir, key):  # a second builder waits here, then finds the first one's engine
+            with contextlib.ExitStack() as held:
+                with startup.phase("build_lock"):  # a second builder waits here, then finds the first one's engine
+                    held.enter_context(store.lock(engine_dir, key))
                 # An engine that did not load is rebuilt, not read again.
-                found = None if engine is not None else _verified_or_none(engine_dir, key, expect, allow_build,
-                                                                          warn=False)
+                found = None
+                if engine is None:
+                    with startup.phase("engine_verify"):
+                        found = _verified_or_none(engine_dir, key, expect, allow_build, warn=False)
                 if found is None:
                     engine = None
-                    unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info,
+                    unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, startup,
                                       channels_last=channels_last)
-                    runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable)
+                    runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable, startup)
                     info["mode"] = "built"
+                    info.pop("load_s", None)  # a refused engine's load attempt
                 else:  # another builder published it while this one waited
                     engine = found
-                    cache = engine.read(COMPILE_CACHE) if compile and COMPILE_CACHE in engine.files else None
-                    started = time.perf_counter()
-                    unet = qmodules.load(engine.path, device, dtype)
+                    cache = read_compile_cache(engine)
+                    unet = load(engine, qmodules.load)
         if info.get("mode") != "built":
-            info.update(mode="loaded", load_s=round(time.perf_counter() - started, 2))
+            info["mode"] = "loaded"
             runnable = make_runnable(unet, cache)
         components.unet = unet  # the components describe what runs, built or loaded
         record = engine.record if engine is not None else store.read_sidecar(path)
         info.update(engine_path=str(path), engine_bytes=store.engine_bytes(record, ("unet.safetensors",)))
     step = unet_stage(runnable)
     if use_cuda_graph:
-        started = time.perf_counter()
-        step = compiled.GraphedStep(step, unet_inputs(variant, unet, device, dtype))
-        info["cuda_graph_s"] = round(time.perf_counter() - started, 2)
+        with startup.phase("cuda_graph", device) as timed:
+            step = compiled.GraphedStep(step, unet_inputs(variant, unet, device, dtype))
+        info["cuda_graph_s"] = round(timed.seconds, 2)
     clip, clip2 = text_stages(components)
     return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=step, vae=vae_stage(components),
                    info=info)
 
 
-def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, *,
-               channels_last: bool = False) -> torch.nn.Module:
+def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, startup: Startup | None = None,
+               *, channels_last: bool = False) -> torch.nn.Module:
     """FP16: the model's UNet as is. INT8/FP8: calibrate (or reuse the calibration under the ONNX dir),
     convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`) in the
-    layout the UNet will run in."""
-    unet = components.unet
-    if not components.has_unet_weights:
-        raise UserError("this engine has to be built, but the UNet weights were not loaded (a load-only run)")
+    layout the UNet will run in. A shape-only UNet gets its weights first."""
+    startup = startup or Startup()
+    unet = components.load_unet_weights()
     if variant.fused_qkv and not qmodules.has_fused_qkv(unet):
         qmodules.fuse_qkv(unet)
     if not variant.is_quantized:
         info["calibration"] = None
         return unet
-    from .. import quantize
+    with startup.phase("modelopt_import"):
+        from .. import quantize
 
-    started = time.perf_counter()
     calibration_file = Path(onnx_dir) / key / "calibration.pt" if onnx_dir else None
-    info["calibration"] = quantize.calibrate_or_reuse(unet, variant, components, device, dtype, calibration_file,
-                                                      {"engine_key": key, "precision": variant.precision,
-                                                       "level": variant.quant_level}, progress)
-    calibrated_at = time.perf_counter()
-    unet, conversion = qmodules.convert_to_real(unet)
+    with startup.phase("calibration", device) as calibration:
+        info["calibration"] = quantize.calibrate_or_reuse(unet, variant, components, device, dtype,
+                                                          calibration_file,
+                                                          {"engine_key": key, "precision": variant.precision,
+                                                           "level": variant.quant_level}, progress)
+    if info["calibration"] == "reused":
+        startup.note("calibration", f"reused from {calibration_file}")
+    with startup.phase("convert", device) as convert:
+        unet, conversion = qmodules.convert_to_real(unet)
     components.unet = unet
-    info.update(calibration_s=round(calibrated_at - started, 2),
-                convert_s=round(time.perf_counter() - calibrated_at, 2), converted=str(conversion))
+    info.update(calibration_s=round(calibration.seconds, 2), convert_s=round(convert.seconds, 2),
+                converted=str(conversion))
     if dispatches(device):
-        info.update(_dispatch(unet, variant, device, dtype, progress, channels_last))
+        with startup.phase("gemm_dispatch", device) as timed:
+            info.update(_dispatch(unet, variant, device, dtype, progress, channels_last))
+        info["gemm_dispatch_s"] = round(timed.seconds, 2)
     return unet
 
 
@@ -176,13 +202,11 @@ def dispatches(device: torch.device) -> bool:
 def _dispatch(unet, variant, device, dtype, progress, channels_last) -> dict:
     from .. import gemm_dispatch
 
-    started = time.perf_counter()
     inputs = unet_inputs(variant, unet, device, dtype)
     timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs), channels_last=channels_last)
     if progress:
         gemm_dispatch.print_table(timings)
-    return {**gemm_dispatch.summary(timings), "gemm_timings": [t.row() for t in timings],
-            "gemm_dispatch_s": round(time.perf_counter() - started, 2)}
+    return {**gemm_dispatch.summary(timings), "gemm_timings": [t.row() for t in timings]}
 
 
 def _load_or_none(path: Path, device, dtype, allow_build):
@@ -209,7 +233,7 @@ def _verified_or_none(engine_dir, key, expect, allow_build, warn: bool = True) -
         return None
 
 
-def _publish(engine_dir, key, unet, device, expect, info, make_runnable):
+def _publish(engine_dir, key, unet, device, expect, info, make_runnable, startup: Startup):
     """Write the engine files (and, compiling, the compile caches) into the store; return the runnable UNet."""
     from ..runinfo import library_versions
 
@@ -217,14 +241,15 @@ def _publish(engine_dir, key, unet, device, expect, info, make_runnable):
 
     def write_files(tmp: Path) -> dict:
         nonlocal runnable
-        started = time.perf_counter()
-        qmodules.save(unet, tmp)
-        if info.get("gemm_timings"):  # what the dispatch measured on this card, kept for people to read
-            (tmp / "gemm_dispatch.json").write_text(json.dumps(info["gemm_timings"], indent=1) + "\n")
-        info["save_s"] = round(time.perf_counter() - started, 2)
+        with startup.phase("engine_save") as timed:
+            qmodules.save(unet, tmp)
+            if info.get("gemm_timings"):  # what the dispatch measured on this card, kept for people to read
+                (tmp / "gemm_dispatch.json").write_text(json.dumps(info["gemm_timings"], indent=1) + "\n")
+        info["save_s"] = round(timed.seconds, 2)
         runnable = make_runnable(unet, save_cache=tmp / COMPILE_CACHE)
         return {}
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    store.publish(engine_dir, key, write_files, {**expect, "libraries": library_versions(), "gpu": gpu})
+    with startup.phase("engine_publish"):  # what is left once the files are written: checksums, fsync, rename
+        store.publish(engine_dir, key, write_files, {**expect, "libraries": library_versions(), "gpu": gpu})
     return runnable
