@@ -6,7 +6,8 @@ one UNet step, then times each distinct shape once per candidate:
 
     16bit                   the layer as FP16 runs it: dequantized weight, unquantized input (no glue)
     pointer, tma, cutlass:* the INT8 GEMM kernels (`kernels.int8_gemm.candidate_kernels`)
-    scaled_mm               cuBLAS FP8 through torch._scaled_mm
+    scaled_mm(_fast)        cuBLAS FP8 through torch._scaled_mm, float32 or fast accumulation
+    cutlass:*               the CUTLASS FP8 GEMMs (`kernels.ops.fp8_candidates`)
     (3x3 convs)             the 8-bit conv kernels where the machine has them
 
 and every layer of that shape takes the fastest. 8-bit candidates are timed on an already quantized input:
@@ -213,6 +214,8 @@ def candidates(layer, op: str, shape: tuple, dtype: torch.dtype, *,
             calls[kernel] = (lambda kernel=kernel:
                              ops.int8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel))
     else:
-        calls["scaled_mm"] = lambda: ops.fp8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype)
+        for kernel in ops.fp8_candidates(x_q, weight, dtype):
+            calls[kernel] = (lambda kernel=kernel:
+                             ops.fp8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel))
     return calls, x
 

@@ -42,7 +42,8 @@ UNET_FILES = ("unet_config.json", "layer_plan.json", "unet.safetensors")  # what
 GEMM_PATHS = ("8bit", "16bit")
 # The 8-bit kernel a layer runs until the dispatch picks another: the Triton INT8 GEMM, cuBLAS FP8 (through
 # torch._scaled_mm), and for 3x3 convs the emulation (8-bit numerics, 16-bit compute; what runs on the CPU).
-# The dispatch may pick "cutlass:<config>" for both (the Hopper CUTLASS GEMM and conv kernels).
+# The dispatch may pick "cutlass:<config>" for all three (the Hopper CUTLASS GEMM and conv kernels), and
+# "scaled_mm_fast" (cuBLAS FP8 with fast accumulation) for FP8.
 DEFAULT_KERNELS = {"int8": "pointer", "fp8": "scaled_mm", "conv": "emulated"}
 CUTLASS = "cutlass:"
 QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -66,7 +67,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str, ker
     if fmt == "int8":
         out = ops.int8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
     else:
-        out = ops.fp8_mm(x_q, w, a_scale, w_scale, bias, x.dtype)
+        out = ops.fp8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdxl_core.kernels import cuda_build, fp8_gemm, int8_cutlass, int8_gemm, int8_tma, ops, shapes
+from sdxl_core.kernels import cuda_build, fp8_gemm, gemm8_cutlass, int8_gemm, int8_tma, ops, shapes
 from sdxl_core.kernels.int8_gemm import CUTLASS_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,28 +190,28 @@ def test_tma_needs_16_byte_rows_and_bases():
 
 
 def _cutlass_caches_clear():
-    for cached in (int8_cutlass._library, int8_cutlass.configs, int8_cutlass._available):
+    for cached in (gemm8_cutlass._library, gemm8_cutlass.configs, gemm8_cutlass._available):
         cached.cache_clear()
 
 
 def test_cutlass_is_unavailable_without_a_cuda_device():
-    assert not int8_cutlass.available("cpu")
-    assert int8_cutlass.unavailable_reason("cpu") == "needs a CUDA Hopper GPU (sm_90), not cpu"
+    assert not gemm8_cutlass.available("cpu")
+    assert gemm8_cutlass.unavailable_reason("cpu") == "needs a CUDA Hopper GPU (sm_90), not cpu"
     w_q, out = rand_int8(16, 32), torch.empty(8, 16, dtype=torch.float16)
     scales = (torch.tensor([0.5]), torch.ones(16))
     # Every operand is checked before anything reaches the library.
     with pytest.raises(ValueError, match="same CUDA device"):
-        int8_cutlass.launch(rand_int8(8, 32), w_q, out, *scales, None, "coop_128x128x128")
+        gemm8_cutlass.launch(rand_int8(8, 32), w_q, out, *scales, None, "coop_128x128x128")
     with pytest.raises(ValueError, match=r"K % 16 == 0, N % 8 == 0, 16-byte aligned rows"):
-        int8_cutlass.launch(rand_int8(8, 40), rand_int8(16, 40), out, *scales, None, "coop_128x128x128")
+        gemm8_cutlass.launch(rand_int8(8, 40), rand_int8(16, 40), out, *scales, None, "coop_128x128x128")
     with pytest.raises(ValueError, match="bias must be a contiguous torch.float16 .16. tensor"):
-        int8_cutlass.launch(rand_int8(8, 32), w_q, out, *scales, torch.zeros(16), "coop_128x128x128")
+        gemm8_cutlass.launch(rand_int8(8, 32), w_q, out, *scales, torch.zeros(16), "coop_128x128x128")
     with pytest.raises(ValueError, match="out must be a contiguous float16/bfloat16"):
-        int8_cutlass.launch(rand_int8(8, 32), w_q, out.float(), *scales, None, "coop_128x128x128")
-    assert int8_cutlass.supports(rand_int8(8, 64)[:, :32], w_q)  # rows 64 bytes apart
-    assert not int8_cutlass.supports(rand_int8(8, 40)[:, :32], w_q)  # rows 40 bytes apart
-    assert not int8_cutlass.supports(rand_int8(8, 33)[:, 1:], w_q)  # a base 1 byte into its storage
-    assert not int8_cutlass.supports(rand_int8(8, 32), rand_int8(12, 32))  # N % 8
+        gemm8_cutlass.launch(rand_int8(8, 32), w_q, out.float(), *scales, None, "coop_128x128x128")
+    assert gemm8_cutlass.supports(rand_int8(8, 64)[:, :32], w_q)  # rows 64 bytes apart
+    assert not gemm8_cutlass.supports(rand_int8(8, 40)[:, :32], w_q)  # rows 40 bytes apart
+    assert not gemm8_cutlass.supports(rand_int8(8, 33)[:, 1:], w_q)  # a base 1 byte into its storage
+    assert not gemm8_cutlass.supports(rand_int8(8, 32), rand_int8(12, 32))  # N % 8
 
 
 def test_cutlass_without_its_library_or_on_another_gpu_is_unavailable(monkeypatch):
@@ -225,16 +225,32 @@ def test_cutlass_without_its_library_or_on_another_gpu_is_unavailable(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     _cutlass_caches_clear()
     try:
-        assert not int8_cutlass.available("cuda")
-        assert int8_cutlass.unavailable_reason("cuda:0") == "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+        assert not gemm8_cutlass.available("cuda")
+        assert gemm8_cutlass.unavailable_reason("cuda:0") == "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
         with pytest.raises(cuda_build.KernelUnavailable, match="nvcc not found"):
-            int8_cutlass.configs()
+            gemm8_cutlass.configs()
         capability[0] = (8, 0)
         _cutlass_caches_clear()
-        assert not int8_cutlass.available("cuda:0")
-        assert int8_cutlass.unavailable_reason("cuda:0") == "needs compute capability 9.0 (Hopper), cuda:0 is 8.0"
+        assert not gemm8_cutlass.available("cuda:0")
+        assert gemm8_cutlass.unavailable_reason("cuda:0") == "needs compute capability 9.0 (Hopper), cuda:0 is 8.0"
     finally:
         _cutlass_caches_clear()
+
+
+def test_fp8_mm_names_its_kernel_and_runs_the_reference_off_the_gpu():
+    g = torch.Generator().manual_seed(3)
+    x_q = (torch.randn(6, 32, generator=g) * 30).to(torch.float8_e4m3fn)
+    w_q = (torch.randn(16, 32, generator=g) * 30).to(torch.float8_e4m3fn)
+    a_scale, w_scale, bias = torch.tensor(0.02), torch.tensor(0.003), torch.randn(16, generator=g)
+    expected = (x_q.double() @ w_q.double().T * (0.02 * 0.003) + bias.double())
+    assert ops.fp8_candidates(x_q, w_q, torch.float16) == ["scaled_mm"]  # no GPU: the exact reference only
+    # An engine built on a Hopper GPU names its kernels; off the GPU each of them computes the same reference.
+    outs = [ops.fp8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float32, kernel)
+            for kernel in ("scaled_mm", "scaled_mm_fast", CUTLASS_PREFIX + "coop_128x128x128")]
+    assert all(torch.equal(out, outs[0]) for out in outs) and rel_err(outs[0], expected) < 1e-6
+    with pytest.raises(ValueError, match="unknown FP8 kernel 'cublas'"):
+        ops.fp8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float32, "cublas")
+    assert gemm8_cutlass.supports(x_q, w_q) and not gemm8_cutlass.supports(x_q, w_q.view(torch.int8))  # one format
 
 
 def test_cutlass_gpu_tolerance_takes_one_fused_multiply_add_and_refuses_nan():
@@ -255,14 +271,16 @@ def test_cutlass_gpu_tolerance_takes_one_fused_multiply_add_and_refuses_nan():
         assert cutlass_mismatches(kernel, product, bias, dtype).startswith("2 of 655360 elements off (NaN: 1)")
 
 
-EXPORTS = {"sdxl_int8_gemm", "sdxl_int8_gemm_workspace", "sdxl_int8_gemm_num_configs", "sdxl_int8_gemm_config_name",
-           "sdxl_last_error"}
+EXPORTS = {"sdxl_gemm8", "sdxl_gemm8_workspace", "sdxl_gemm8_num_configs", "sdxl_gemm8_config_name",
+           "sdxl_gemm8_format", "sdxl_last_error"}
 
 
 @pytest.mark.slow
-def test_cutlass_library_builds_and_refuses_cleanly():
-    """Compiles csrc/int8_gemm_sm90.cu for sm_90a (minutes on first use; then cached in the kernel cache) and
-    calls its C functions: names, and refusals that need no GPU (bad config, misaligned shapes, no device)."""
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cutlass_library_builds_and_refuses_cleanly(fmt):
+    """Compiles csrc/gemm8_sm90.cu for sm_90a as the INT8 or the FP8 library (minutes on first use; then cached
+    in the kernel cache) and calls its C functions: its format, config names, and refusals that need no GPU
+    (bad config, misaligned shapes, no device)."""
     import ctypes
     import re
     import shutil
@@ -273,11 +291,12 @@ def test_cutlass_library_builds_and_refuses_cleanly():
     except cuda_build.KernelUnavailable as err:
         pytest.skip(f"needs nvcc and the CUTLASS headers (nvidia-cutlass): {err}")
     _cutlass_caches_clear()
-    lib = int8_cutlass._library()
-    names = int8_cutlass.configs()
-    assert len(names) == lib.sdxl_int8_gemm_num_configs() >= 4 and len(set(names)) == len(names)
+    lib = gemm8_cutlass._library(fmt)
+    names = gemm8_cutlass.configs(fmt)
+    assert lib.sdxl_gemm8_format().decode() == fmt
+    assert len(names) == lib.sdxl_gemm8_num_configs() >= 4 and len(set(names)) == len(names)
     assert all(re.fullmatch(r"(coop|pingpong)_\d+x\d+x\d+(_\w+)?", name) for name in names), names
-    assert lib.sdxl_int8_gemm_config_name(len(names)) is None
+    assert lib.sdxl_gemm8_config_name(len(names)) is None
     if shutil.which("nm"):  # built with hidden visibility: the C entry points are all it exports
         symbols = subprocess.run(["nm", "-D", "--defined-only", lib._name], capture_output=True, text=True).stdout
         assert {line.split()[-1] for line in symbols.splitlines() if " T " in line} == EXPORTS
@@ -285,19 +304,19 @@ def test_cutlass_library_builds_and_refuses_cleanly():
     def gemm(m, n, k, config=0, pointer=4096, lda=None):
         lda = k if lda is None else lda
         # Fake, 16-byte aligned device pointers: every call below must be refused before touching them.
-        return lib.sdxl_int8_gemm(pointer, pointer, pointer, pointer, pointer, None, m, n, k, lda, 0, config, None,
+        return lib.sdxl_gemm8(pointer, pointer, pointer, pointer, pointer, None, m, n, k, lda, 0, config, None,
                                   0, None)
 
     assert gemm(64, 64, 64, config=len(names)) == 1
-    assert "out of range" in int8_cutlass._last_error(lib)
-    assert gemm(64, 64, 40) == 2 and "K % 16 == 0, N % 8 == 0" in int8_cutlass._last_error(lib)
+    assert "out of range" in gemm8_cutlass._last_error(lib)
+    assert gemm(64, 64, 40) == 2 and "K % 16 == 0, N % 8 == 0" in gemm8_cutlass._last_error(lib)
     assert gemm(64, 60, 64) == 2
     assert gemm(64, 64, 64, lda=72) == 2 and gemm(64, 64, 64, lda=48) == 2
-    assert gemm(64, 64, 64, pointer=4104) == 2 and "16-byte aligned" in int8_cutlass._last_error(lib)
+    assert gemm(64, 64, 64, pointer=4104) == 2 and "16-byte aligned" in gemm8_cutlass._last_error(lib)
     assert gemm(0, 64, 64) == 0  # nothing to do
     if not torch.cuda.is_available():
-        assert gemm(64, 64, 64) == 5 and "cudaGetDevice" in int8_cutlass._last_error(lib)
-        assert lib.sdxl_int8_gemm_workspace(64, 64, 64, 0) == ctypes.c_size_t(-1).value
+        assert gemm(64, 64, 64) == 5 and "cudaGetDevice" in gemm8_cutlass._last_error(lib)
+        assert lib.sdxl_gemm8_workspace(64, 64, 64, 0) == ctypes.c_size_t(-1).value
 
 
 # ---------------------------------------------------------------- CPU: Triton kernels in the interpreter
@@ -441,9 +460,9 @@ CUTLASS_SHAPES = [(1, 16, 16), (77, 2048, 640), (129, 208, 72), (154, 336, 136),
 
 @pytest.fixture
 def cutlass_configs():
-    reason = int8_cutlass.unavailable_reason()
+    reason = gemm8_cutlass.unavailable_reason()
     assert reason is None, f"the CUTLASS INT8 kernels should run on this Hopper GPU: {reason}"
-    return int8_cutlass.configs()
+    return gemm8_cutlass.configs()
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -489,7 +508,7 @@ def test_cutlass_int8_configs_match_reference_on_gpu(shape, cutlass_configs):
     exact = int8_gemm.int8_linear_reference(t_x, t_w, 0.5, col_scale, out_dtype=torch.float32)
     for config in cutlass_configs:
         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-        int8_cutlass.launch(t_x, t_w, out, torch.tensor([0.5], device="cuda"), col_scale, None, config)
+        gemm8_cutlass.launch(t_x, t_w, out, torch.tensor([0.5], device="cuda"), col_scale, None, config)
         if not torch.equal(out.float(), exact):
             failures.append(f"{config}: the integer product differs at {(out.float() != exact).sum().item()} elements")
 
@@ -499,13 +518,52 @@ def test_cutlass_int8_configs_match_reference_on_gpu(shape, cutlass_configs):
             for config in cutlass_configs:
                 out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
                 try:
-                    int8_cutlass.launch(x_q, w_q, out, a_scale, w_scale, bias, config)
+                    gemm8_cutlass.launch(x_q, w_q, out, a_scale, w_scale, bias, config)
                     torch.cuda.synchronize()
-                except int8_cutlass.CutlassError as err:
+                except gemm8_cutlass.CutlassError as err:
                     failures.append(f"{config} {dtype} bias={bias is not None}: {err}")
                     continue
                 if problem := cutlass_mismatches(out, product, bias, dtype):
                     failures.append(f"{config} {dtype} bias={bias is not None}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("shape", CUTLASS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cutlass_fp8_configs_match_reference_on_gpu(shape):
+    """The FP8 library, every config: an exact integer product on ternary e4m3 operands (|acc| < 2**13, which
+    even the fast accumulation's reduced-precision adds hold exactly; power-of-two scales), then random e4m3
+    operands with scales and bias within the fast accumulation's error bound of the float64 product, no NaN,
+    through `ops.fp8_mm` as an engine calls it."""
+    from sdxl_core.kernels import conv_cutlass
+
+    reason = gemm8_cutlass.unavailable_reason(fmt="fp8")
+    assert reason is None, f"the CUTLASS FP8 kernels should run on this Hopper GPU: {reason}"
+    configs = [CUTLASS_PREFIX + name for name in gemm8_cutlass.configs("fp8")]
+    m, k, n = shape
+    g = torch.Generator(device="cuda").manual_seed(m * 31 + k * 7 + n)
+    fp8 = torch.float8_e4m3fn
+    t_x = torch.randint(-1, 2, (m, k), device="cuda", generator=g).to(fp8)
+    t_w = torch.randint(-1, 2, (n, k), device="cuda", generator=g).to(fp8)
+    col_scale = torch.exp2(-(torch.arange(n, device="cuda") % 5).float())
+    exact = (t_x.double() @ t_w.double().T) * 0.5 * col_scale.double()
+    x_q = (torch.randn(m, k, device="cuda", generator=g) * 40).to(fp8)
+    w_q = (torch.randn(n, k, device="cuda", generator=g) * 40).to(fp8)
+    a_scale, w_scale = torch.tensor(0.01, device="cuda"), torch.tensor(0.002, device="cuda")
+    bias = torch.randn(n, device="cuda", generator=g).to(torch.float16)
+    reference = (x_q.double() @ w_q.double().T) * (0.01 * 0.002) + bias.double()
+    bound = conv_cutlass.fp8_error_bound(k, 1, 1)  # K adds of one MMA's depth each, as in the conv
+    assert ops.fp8_candidates(x_q, w_q, torch.float16)[-len(configs):] == configs
+    failures = []
+    for kernel in configs:
+        out = ops.fp8_mm(t_x, t_w, torch.tensor(0.5, device="cuda"), col_scale, None, torch.float16, kernel)
+        if not torch.equal(out.double(), exact.half().double()):
+            failures.append(f"{kernel}: the exact product differs at {(out.double() != exact.half().double()).sum()}")
+        out = ops.fp8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float16, kernel)
+        if out.isnan().any() or not rel_err(out, reference) <= bound:
+            failures.append(f"{kernel}: relative error {rel_err(out, reference):.2e} (bound {bound:.2e}), "
+                            f"{out.isnan().sum().item()} NaN")
     assert not failures, "\n".join(failures)
 
 

@@ -13,7 +13,7 @@ lies within about an ulp of a .5 tie, and always when scale is a power of two.
 
 Several kernels compute the pre-quantized GEMM, named by strings: "pointer" (the Triton kernel here, one program
 per output tile, any layout), "tma" (the persistent Triton kernel in `int8_tma`, Hopper) and "cutlass:<config>"
-(the CUTLASS kernels in `int8_cutlass`, Hopper). The caller names one per call (`int8_linear(..., kernel=)`);
+(the CUTLASS kernels in `gemm8_cutlass`, Hopper). The caller names one per call (`int8_linear(..., kernel=)`);
 `candidate_kernels` lists those that can run given operands. Nothing here times or remembers a choice: which
 kernel is fastest for a shape is measured once by the engine build and kept in its layer plan.
 
@@ -36,7 +36,7 @@ if os.environ.get("SDXL_BENCH_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from . import int8_cutlass, int8_tma  # noqa: E402
+from . import gemm8_cutlass, int8_tma  # noqa: E402
 from .tiles import gemm_config, grouped_tile  # noqa: E402
 
 try:
@@ -224,8 +224,8 @@ def _candidates(a, w_q, out_dtype) -> list[str]:
     tma_device = a.device.type == "cpu" or (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0))
     if tma_device and int8_tma.supports(a, w_q):
         kernels.append("tma")
-    if out_dtype in int8_cutlass.OUT_DTYPES and int8_cutlass.supports(a, w_q) and int8_cutlass.available(a.device):
-        kernels += [CUTLASS_PREFIX + name for name in int8_cutlass.configs()]
+    if out_dtype in gemm8_cutlass.OUT_DTYPES and gemm8_cutlass.supports(a, w_q) and gemm8_cutlass.available(a.device):
+        kernels += [CUTLASS_PREFIX + name for name in gemm8_cutlass.configs()]
     return kernels
 
 
@@ -257,7 +257,7 @@ def _launch(kernel, a, w_q, lead, a_scale, w_scale, bias, out_dtype, quantize_a,
         int8_tma.launch(a, w_q, out, a_scale, w_scale, bias_arg, has_bias=bias is not None,
                         interpret=_INTERPRET, quick=_QUICK)
     elif choice.startswith(CUTLASS_PREFIX):
-        int8_cutlass.launch(a, w_q, out, a_scale, w_scale, None if bias is None else bias.contiguous(),
+        gemm8_cutlass.launch(a, w_q, out, a_scale, w_scale, None if bias is None else bias.contiguous(),
                             choice.removeprefix(CUTLASS_PREFIX))
     else:
         def grid(meta):

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from . import conv_cutlass, fp8_gemm, int8_gemm
+from . import conv_cutlass, fp8_gemm, gemm8_cutlass, int8_gemm
+
+CUTLASS_PREFIX = "cutlass:"
+# The FP8 GEMM kernels a layer can name: cuBLAS through torch._scaled_mm with float32 accumulation or with
+# Hopper's fast (reduced-precision) accumulation, and the CUTLASS configs ("cutlass:<config>", fast accumulation).
+FP8_SCALED_MM = ("scaled_mm", "scaled_mm_fast")
 
 
 @torch.library.custom_op("sdxl_bench::int8_mm", mutates_args=())
@@ -22,8 +27,18 @@ def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale
 
 @torch.library.custom_op("sdxl_bench::fp8_mm", mutates_args=())
 def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+           bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    """`kernel`: one of FP8_SCALED_MM or "cutlass:<config>" (a constant of the compiled graph). Off the GPU
+    every kernel computes the float32 reference."""
     n, k = w_q.shape
+    if kernel not in FP8_SCALED_MM and not kernel.startswith(CUTLASS_PREFIX):
+        raise ValueError(f"unknown FP8 kernel {kernel!r}: choose one of {', '.join(FP8_SCALED_MM)} or cutlass:<config>")
+    if x_q.is_cuda and kernel.startswith(CUTLASS_PREFIX):
+        out = torch.empty((x_q.shape[0], n), dtype=out_dtype, device=x_q.device)
+        return gemm8_cutlass.launch(x_q.contiguous(), w_q.contiguous(), out, a_scale.float().reshape(1),
+                                    w_scale.float().reshape(-1).expand(n).contiguous(),
+                                    None if bias is None else bias.to(out_dtype).contiguous(),
+                                    kernel.removeprefix(CUTLASS_PREFIX))
     if not x_q.is_cuda or k % 16 or n % 16:  # _scaled_mm needs multiples of 16; the reference is exact
         out = (x_q.float() @ w_q.float().T) * (a_scale.float() * w_scale.float())
         return (out if bias is None else out + bias.float()).to(out_dtype)
@@ -32,7 +47,18 @@ def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale:
         scale_b = w_scale.float().reshape(1, n)
     else:
         scale_a, scale_b = a_scale.float(), w_scale.float()
-    return fp8_gemm._scaled_mm(x_q, w_q, scale_a, scale_b, bias, out_dtype, False)
+    return fp8_gemm._scaled_mm(x_q, w_q, scale_a, scale_b, bias, out_dtype, kernel == "scaled_mm_fast")
+
+
+def fp8_candidates(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> list[str]:
+    """The `fp8_mm` kernels that can run these operands here: both _scaled_mm modes on a GPU (N and K multiples
+    of 16), and the CUTLASS configs on a Hopper GPU where the FP8 library loads."""
+    n, k = w_q.shape
+    kernels = list(FP8_SCALED_MM) if x_q.is_cuda and not k % 16 and not n % 16 else ["scaled_mm"]
+    if (x_q.is_cuda and out_dtype in gemm8_cutlass.OUT_DTYPES and gemm8_cutlass.supports(x_q, w_q)
+            and gemm8_cutlass.available(x_q.device, "fp8")):
+        kernels += [CUTLASS_PREFIX + name for name in gemm8_cutlass.configs("fp8")]
+    return kernels
 
 
 @int8_mm.register_fake

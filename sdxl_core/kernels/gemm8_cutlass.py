@@ -1,8 +1,11 @@
-"""The CUTLASS W8A8 INT8 GEMM for Hopper (`csrc/int8_gemm_sm90.cu`): the same contract as `int8_gemm.int8_linear`.
+"""The CUTLASS W8A8 GEMMs for Hopper (`csrc/gemm8_sm90.cu`), INT8 and FP8 (e4m3): the contract of
+`int8_gemm.int8_linear` for both formats.
 
     out[M, N] = (A_q[M, K] @ W_q[N, K]^T) * (a_scale * w_scale[N]) + bias[N]
 
-The library is built by `cuda_build` (nvcc, sm_90a, CUTLASS headers from `nvidia-cutlass`) and called through
+The format is the operands' dtype (int8 or float8_e4m3fn); each format is its own library, built from the one
+source (FP8: fast accumulation, Hopper's reduced-precision adds inside the MMA, as cuBLAS and TensorRT run FP8).
+A library is built by `cuda_build` (nvcc, sm_90a, CUTLASS headers from `nvidia-cutlass`) and called through
 ctypes with raw device pointers and the current CUDA stream, so a launch needs no host sync and a CUDA graph can
 capture it. It holds a few tile/cluster/schedule configurations (`configs()`), one chosen per call; which is
 fastest for a shape is measured by whoever calls it. TMA's rules apply (`supports`): row-major operands with
@@ -22,9 +25,11 @@ import torch
 
 from . import cuda_build
 
-LIBRARY = "int8_gemm_sm90"
+LIBRARY = "gemm8_sm90"
 # Only the extern "C" entry points are exported (the source marks them visible).
-BUILD_FLAGS = ("-Xcompiler=-fvisibility=hidden",)
+BUILD_FLAGS = {"int8": ("-Xcompiler=-fvisibility=hidden",),
+               "fp8": ("-Xcompiler=-fvisibility=hidden", "-DSDXL_GEMM8_FP8=1")}
+FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -33,22 +38,26 @@ class CutlassError(RuntimeError):
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
-    lib = cuda_build.library(LIBRARY, extra_flags=BUILD_FLAGS)
-    lib.sdxl_int8_gemm.restype = ctypes.c_int
-    lib.sdxl_int8_gemm.argtypes = [
+def _library(fmt: str = "int8") -> ctypes.CDLL:
+    lib = cuda_build.library(LIBRARY, extra_flags=BUILD_FLAGS[fmt])
+    lib.sdxl_gemm8_format.restype = ctypes.c_char_p
+    lib.sdxl_gemm8_format.argtypes = []
+    if lib.sdxl_gemm8_format().decode() != fmt:  # one source, two builds: never run one format's on the other
+        raise cuda_build.KernelUnavailable(f"the {fmt} GEMM library holds {lib.sdxl_gemm8_format().decode()} kernels")
+    lib.sdxl_gemm8.restype = ctypes.c_int
+    lib.sdxl_gemm8.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # a, w, out
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # a_scale, w_scale, bias
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # m, n, k, lda (A's row stride)
         ctypes.c_int, ctypes.c_int,  # out_bf16, config
         ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,  # workspace, workspace bytes, stream
     ]
-    lib.sdxl_int8_gemm_workspace.restype = ctypes.c_size_t
-    lib.sdxl_int8_gemm_workspace.argtypes = [ctypes.c_int] * 4
-    lib.sdxl_int8_gemm_num_configs.restype = ctypes.c_int
-    lib.sdxl_int8_gemm_num_configs.argtypes = []
-    lib.sdxl_int8_gemm_config_name.restype = ctypes.c_char_p
-    lib.sdxl_int8_gemm_config_name.argtypes = [ctypes.c_int]
+    lib.sdxl_gemm8_workspace.restype = ctypes.c_size_t
+    lib.sdxl_gemm8_workspace.argtypes = [ctypes.c_int] * 4
+    lib.sdxl_gemm8_num_configs.restype = ctypes.c_int
+    lib.sdxl_gemm8_num_configs.argtypes = []
+    lib.sdxl_gemm8_config_name.restype = ctypes.c_char_p
+    lib.sdxl_gemm8_config_name.argtypes = [ctypes.c_int]
     lib.sdxl_last_error.restype = ctypes.c_char_p
     lib.sdxl_last_error.argtypes = []
     return lib
@@ -59,34 +68,34 @@ def _last_error(lib) -> str:
 
 
 @functools.cache
-def configs() -> tuple[str, ...]:
-    """The configuration names the library holds, in index order. Loads (building if need be) the library;
-    raises `cuda_build.KernelUnavailable` where it cannot."""
-    lib = _library()
-    return tuple(lib.sdxl_int8_gemm_config_name(i).decode() for i in range(lib.sdxl_int8_gemm_num_configs()))
+def configs(fmt: str = "int8") -> tuple[str, ...]:
+    """The configuration names the `fmt` library holds, in index order. Loads (building if need be) the
+    library; raises `cuda_build.KernelUnavailable` where it cannot."""
+    lib = _library(fmt)
+    return tuple(lib.sdxl_gemm8_config_name(i).decode() for i in range(lib.sdxl_gemm8_num_configs()))
 
 
 @functools.cache
-def _available(index: int) -> bool:
+def _available(index: int, fmt: str) -> bool:
     if torch.cuda.get_device_capability(index) != (9, 0):  # the library holds sm_90a code only
         return False
     try:
-        configs()
+        configs(fmt)
     except cuda_build.KernelUnavailable:
         return False
     return True
 
 
-def available(device: torch.device | str | None = None) -> bool:
-    """Whether the CUTLASS kernels can run on `device` (default: the current CUDA device): a CUDA device of
-    compute capability 9.0 and a library that loads (built here on first use: minutes; cached afterwards)."""
+def available(device: torch.device | str | None = None, fmt: str = "int8") -> bool:
+    """Whether the CUTLASS `fmt` kernels can run on `device` (default: the current CUDA device): a CUDA device
+    of compute capability 9.0 and a library that loads (built here on first use: minutes; cached afterwards)."""
     device = torch.device("cuda") if device is None else torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return _available(torch.cuda.current_device() if device.index is None else device.index)
+    return _available(torch.cuda.current_device() if device.index is None else device.index, fmt)
 
 
-def unavailable_reason(device: torch.device | str | None = None) -> str | None:
+def unavailable_reason(device: torch.device | str | None = None, fmt: str = "int8") -> str | None:
     """Why `available(device)` is False, in one line (None when it is True)."""
     device = torch.device("cuda") if device is None else torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -96,7 +105,7 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     if capability != (9, 0):
         return f"needs compute capability 9.0 (Hopper), cuda:{index} is {capability[0]}.{capability[1]}"
     try:
-        configs()
+        configs(fmt)
     except cuda_build.KernelUnavailable as err:
         return str(err).splitlines()[0]
     return None
@@ -107,10 +116,10 @@ def _row_stride(a: torch.Tensor) -> int:
 
 
 def supports(a: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """The layout rules of the kernels for 2-D int8 operands A [M, K] and W [N, K] (TMA's): row-major A with
-    16-byte aligned rows (stride(0) % 16 == 0, K % 16 == 0) and base, packed W with N % 8 == 0 (16-byte output
-    rows) and a 16-byte aligned base."""
-    if a.dim() != 2 or w_q.dim() != 2 or a.dtype != torch.int8 or w_q.dtype != torch.int8:
+    """The layout rules of the kernels for 2-D 8-bit operands A [M, K] and W [N, K] of one format (int8 or
+    float8_e4m3fn; TMA's rules): row-major A with 16-byte aligned rows (stride(0) % 16 == 0, K % 16 == 0) and
+    base, packed W with N % 8 == 0 (16-byte output rows) and a 16-byte aligned base."""
+    if a.dim() != 2 or w_q.dim() != 2 or a.dtype not in FORMATS or w_q.dtype != a.dtype:
         return False
     k, n = w_q.shape[1], w_q.shape[0]
     lda = _row_stride(a)
@@ -118,10 +127,10 @@ def supports(a: torch.Tensor, w_q: torch.Tensor) -> bool:
             and w_q.is_contiguous() and a.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0)
 
 
-def _config_index(config: str) -> int:
-    names = configs()
+def _config_index(config: str, fmt: str) -> int:
+    names = configs(fmt)
     if config not in names:
-        raise ValueError(f"unknown CUTLASS INT8 config {config!r}: choose one of {', '.join(names)}")
+        raise ValueError(f"unknown CUTLASS {fmt.upper()} config {config!r}: choose one of {', '.join(names)}")
     return names.index(config)
 
 
@@ -129,8 +138,9 @@ def _check(a, w_q, out, a_scale, w_scale, bias):
     m, k = a.shape
     n = w_q.shape[0]
     if not supports(a, w_q):
-        raise ValueError(f"CUTLASS INT8 GEMM cannot take A {tuple(a.shape)} {a.dtype} and W {tuple(w_q.shape)} "
-                         f"{w_q.dtype}: needs row-major int8, K % 16 == 0, N % 8 == 0, 16-byte aligned rows")
+        raise ValueError(f"CUTLASS 8-bit GEMM cannot take A {tuple(a.shape)} {a.dtype} and W {tuple(w_q.shape)} "
+                         f"{w_q.dtype}: needs row-major int8 or float8_e4m3fn (both alike), K % 16 == 0, N % 8 == 0, "
+                         f"16-byte aligned rows")
     if out.dtype not in OUT_DTYPES or out.shape != (m, n) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float16/bfloat16 [{m}, {n}] tensor, got {out.dtype} "
                          f"{tuple(out.shape)}")
@@ -149,24 +159,25 @@ def _check(a, w_q, out, a_scale, w_scale, bias):
 
 def launch(a, w_q, out, a_scale, w_scale, bias, config: str) -> torch.Tensor:
     """out <- (a @ w_q^T) * (a_scale * w_scale) + bias with configuration `config` (a name from `configs()`),
-    on the current stream. Operands as `int8_gemm` prepares them: a [M, K] and w_q [N, K] int8, a_scale a
-    float32 one-element tensor, w_scale float32 [N], bias [N] in out's dtype or None; out [M, N] (packed) is
-    written."""
+    on the current stream. Operands as `int8_gemm` prepares them: a [M, K] and w_q [N, K] both int8 or both
+    float8_e4m3fn (the format), a_scale a float32 one-element tensor, w_scale float32 [N], bias [N] in out's
+    dtype or None; out [M, N] (packed) is written."""
     _check(a, w_q, out, a_scale, w_scale, bias)
-    index = _config_index(config)
-    lib = _library()
+    fmt = FORMATS[a.dtype]
+    index = _config_index(config, fmt)
+    lib = _library(fmt)
     m, k = a.shape
     n = w_q.shape[0]
     with torch.cuda.device(a.device):
-        size = lib.sdxl_int8_gemm_workspace(m, n, k, index)
+        size = lib.sdxl_gemm8_workspace(m, n, k, index)
         if size == ctypes.c_size_t(-1).value:
-            raise CutlassError(f"CUTLASS INT8 GEMM {config}: {_last_error(lib)}")
+            raise CutlassError(f"CUTLASS {fmt.upper()} GEMM {config}: {_last_error(lib)}")
         workspace = torch.empty(size, dtype=torch.uint8, device=a.device) if size else None
-        code = lib.sdxl_int8_gemm(
+        code = lib.sdxl_gemm8(
             a.data_ptr(), w_q.data_ptr(), out.data_ptr(), a_scale.data_ptr(), w_scale.data_ptr(),
             None if bias is None else bias.data_ptr(), m, n, k, _row_stride(a), int(out.dtype == torch.bfloat16), index,
             None if workspace is None else workspace.data_ptr(), size, torch.cuda.current_stream().cuda_stream,
         )
     if code != 0:
-        raise CutlassError(f"CUTLASS INT8 GEMM {config} (M={m}, N={n}, K={k}) failed: {_last_error(lib)}")
+        raise CutlassError(f"CUTLASS {fmt.upper()} GEMM {config} (M={m}, N={n}, K={k}) failed: {_last_error(lib)}")
     return out

@@ -1,18 +1,23 @@
-// W8A8 INT8 GEMM for Hopper (sm_90a) built from CUTLASS 3.x collectives, exported as plain C functions.
+// W8A8 GEMM for Hopper (sm_90a), INT8 or FP8 (e4m3), built from CUTLASS 3.x collectives, exported as plain C
+// functions. One source, two libraries: compiled with -DSDXL_GEMM8_FP8 it is the FP8 one.
 //
 //     out[M, N] = (A_q[M, K] @ W_q[N, K]^T) * (a_scale * w_scale[N]) + bias[N]
 //
-// A_q int8 row-major [M, K] (row stride lda); W_q int8 row-major [N, K], so B = W_q^T is column-major (both K-major,
-// the "TN" layout int8 wgmma takes from shared memory); int32 accumulation; a_scale a float32 scalar read on
-// the device (no host sync, so a CUDA graph may capture the launch); w_scale float32 [N]; bias [N] in the output
-// dtype, or null; out fp16 or bf16 row-major [M, N].
+// A_q row-major [M, K] (row stride lda); W_q row-major [N, K], so B = W_q^T is column-major (both K-major, the
+// "TN" layout 8-bit wgmma takes from shared memory); int32 accumulation for INT8, float32 for FP8; a_scale a
+// float32 scalar read on the device (no host sync, so a CUDA graph may capture the launch); w_scale float32 [N];
+// bias [N] in the output dtype, or null; out fp16 or bf16 row-major [M, N].
+//
+// FP8 uses CUTLASS's "fast accumulation" schedules: each K=32 warp-group MMA adds into the float32 accumulator
+// with Hopper's reduced-precision adder (about 13 mantissa bits kept per add), as cuBLAS's and TensorRT's fast
+// FP8 GEMMs do; the caller checks each config against float64 before choosing it (gemm_dispatch).
 //
 // Mainloop: TMA loads into a multi-stage shared-memory pipeline, one producer warp group and warp-specialized
 // consumers (cooperative: two warp groups share one tile; ping-pong: each warp group owns a tile and the two
 // alternate between MMA and epilogue). Epilogue: an epilogue visitor tree computing, in float32,
 //     fma(float(acc), a_scale * w_scale[n], bias[n])  rounded to nearest into fp16/bf16,
-// stored with TMA. Without bias this is bit for bit the torch reference (acc.float() * (a_scale * w_scale));
-// with bias the fused multiply-add rounds once where the reference rounds twice (at most one output ulp).
+// stored with TMA. Without bias (INT8) this is bit for bit the torch reference (acc.float() * (a_scale *
+// w_scale)); with bias the fused multiply-add rounds once where the reference rounds twice (at most one ulp).
 //
 // A handful of tile/cluster/schedule configurations are compiled; `config` picks one per call (which one is
 // fastest is measured per shape by the caller). Alignment rules (TMA): K % 16 == 0, N % 8 == 0, lda % 16 == 0,
@@ -52,11 +57,25 @@
 #endif
 
 // A named namespace: nvcc's generated stub cannot tell an anonymous one from CuTe's own.
-namespace sdxl_int8_sm90 {
+namespace sdxl_gemm8_sm90 {
 
 using namespace cute;
 
-// Error codes returned by sdxl_int8_gemm; sdxl_last_error() has the one-line reason.
+#if defined(SDXL_GEMM8_FP8)
+using ElementAB = cutlass::float_e4m3_t;
+using ElementAcc = float;
+constexpr const char* kFormat = "fp8";
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+using PingPong = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
+#else
+using ElementAB = int8_t;
+using ElementAcc = int32_t;
+constexpr const char* kFormat = "int8";
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using PingPong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+#endif
+
+// Error codes returned by sdxl_gemm8; sdxl_last_error() has the one-line reason.
 enum : int {
   kOk = 0,
   kBadArgument = 1,     // null pointer, bad config index, negative size
@@ -75,9 +94,7 @@ int fail(int code, std::string message) {
 
 // ------------------------------------------------------------------------------------------ configurations
 
-using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
 using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
-using PingPong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingPongEpi = cutlass::epilogue::TmaWarpSpecialized;
 using Persistent = cutlass::gemm::PersistentScheduler;
 using StreamK = cutlass::gemm::StreamKScheduler;
@@ -112,13 +129,13 @@ const char* const kConfigNames[kNumConfigs] = {
 // ------------------------------------------------------------------------------------------ the GEMM
 
 template <class Cfg, class ElementOut>
-struct Int8Gemm {
+struct Gemm8 {
   using TileShape = typename Cfg::TileShape;
   using ClusterShape = typename Cfg::ClusterShape;
   using LayoutA = cutlass::layout::RowMajor;     // A_q [M, K], K contiguous
   using LayoutB = cutlass::layout::ColumnMajor;  // W_q^T [K, N] stored as W_q [N, K], K contiguous
   using LayoutD = cutlass::layout::RowMajor;     // out [M, N]
-  static constexpr int kAlignAB = 16;            // 16 bytes of int8
+  static constexpr int kAlignAB = 16;            // 16 bytes of 8-bit elements
   static constexpr int kAlignD = 16 / sizeof(ElementOut);
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
@@ -142,16 +159,16 @@ struct Int8Gemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       TileShape, ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto,
-      int32_t, float,
+      ElementAcc, float,
       void, LayoutD, kAlignD,  // no source tensor C
       ElementOut, LayoutD, kAlignD,
       typename Cfg::EpilogueSchedule, Epilogue>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      int8_t, LayoutA, kAlignAB,
-      int8_t, LayoutB, kAlignAB,
-      int32_t,
+      ElementAB, LayoutA, kAlignAB,
+      ElementAB, LayoutB, kAlignAB,
+      ElementAcc,
       TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
@@ -179,7 +196,7 @@ struct Int8Gemm {
     Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {m, n, k, 1},
-        {static_cast<const int8_t*>(a), stride_a, static_cast<const int8_t*>(w), stride_b},
+        {static_cast<const ElementAB*>(a), stride_a, static_cast<const ElementAB*>(w), stride_b},
         {{}, nullptr, stride_d, static_cast<ElementOut*>(out), stride_d},
         hw_info};
     args.epilogue.thread = {
@@ -190,8 +207,9 @@ struct Int8Gemm {
          {}},                                           //   multiplies
         {static_cast<const ElementOut*>(bias), ElementOut(0), {}},  // per-column bias, 0 when null
         {}};                                            // multiply_add
-    if constexpr (std::is_same_v<typename Cfg::TileScheduler, StreamK>) {
-      // int32 partial sums add exactly in any order, so the faster reduction is also deterministic.
+    if constexpr (std::is_same_v<typename Cfg::TileScheduler, StreamK> && std::is_same_v<ElementAcc, int32_t>) {
+      // int32 partial sums add exactly in any order, so the faster reduction is also deterministic (FP8's
+      // float32 partial sums keep the default, ordered reduction).
       args.scheduler.reduction_mode = cutlass::gemm::kernel::detail::ReductionMode::Nondeterministic;
     }
     return args;
@@ -231,7 +249,7 @@ struct Int8Gemm {
     size_t needed = GemmKernel::get_workspace_size(args);
     if (needed > 0 && (workspace == nullptr || workspace_size < needed)) {
       return fail(kWorkspace, "workspace of " + std::to_string(workspace_size) + " bytes given, " +
-                                  std::to_string(needed) + " needed (sdxl_int8_gemm_workspace)");
+                                  std::to_string(needed) + " needed (sdxl_gemm8_workspace)");
     }
     if (int code = prepare_device(device)) return code;
     if (GemmKernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) {
@@ -308,18 +326,20 @@ int current_device(DeviceInfo& info) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-}  // namespace sdxl_int8_sm90
+}  // namespace sdxl_gemm8_sm90
 
-using namespace sdxl_int8_sm90;
+using namespace sdxl_gemm8_sm90;
 
 // The library is built with hidden visibility (cuda_build's flags for it): only these functions are exported.
 #define SDXL_EXPORT __attribute__((visibility("default")))
 
 extern "C" {
 
-SDXL_EXPORT int sdxl_int8_gemm_num_configs() { return kNumConfigs; }
+SDXL_EXPORT const char* sdxl_gemm8_format() { return kFormat; }
 
-SDXL_EXPORT const char* sdxl_int8_gemm_config_name(int config) {
+SDXL_EXPORT int sdxl_gemm8_num_configs() { return kNumConfigs; }
+
+SDXL_EXPORT const char* sdxl_gemm8_config_name(int config) {
   return config >= 0 && config < kNumConfigs ? kConfigNames[config] : nullptr;
 }
 
@@ -327,7 +347,7 @@ SDXL_EXPORT const char* sdxl_last_error() { return last_error.c_str(); }
 
 // Bytes of device workspace `config` needs for this shape on the current device (0 for most configs).
 // Returns (size_t)-1 on error (see sdxl_last_error).
-SDXL_EXPORT size_t sdxl_int8_gemm_workspace(int m, int n, int k, int config) {
+SDXL_EXPORT size_t sdxl_gemm8_workspace(int m, int n, int k, int config) {
   if (config < 0 || config >= kNumConfigs || m < 0 || n < 0 || k < 0) {
     fail(kBadArgument, "bad config index or negative size");
     return static_cast<size_t>(-1);
@@ -336,16 +356,16 @@ SDXL_EXPORT size_t sdxl_int8_gemm_workspace(int m, int n, int k, int config) {
   if (current_device(dev) != kOk) return static_cast<size_t>(-1);
   return with_config(config, [&](auto cfg) {
     using Cfg = decltype(cfg);
-    size_t half = Int8Gemm<Cfg, cutlass::half_t>::workspace_bytes(m, n, k, dev.device, dev.sm_count);
-    size_t bf16 = Int8Gemm<Cfg, cutlass::bfloat16_t>::workspace_bytes(m, n, k, dev.device, dev.sm_count);
+    size_t half = Gemm8<Cfg, cutlass::half_t>::workspace_bytes(m, n, k, dev.device, dev.sm_count);
+    size_t bf16 = Gemm8<Cfg, cutlass::bfloat16_t>::workspace_bytes(m, n, k, dev.device, dev.sm_count);
     return half > bf16 ? half : bf16;
   });
 }
 
 // out = (a @ w^T) * (*a_scale * w_scale) + bias, on `stream` (a cudaStream_t; null is the legacy stream).
-// a: int8 [m, k] with row stride lda (elements); w: int8 [n, k] and out [m, n] packed.
+// a: 8-bit [m, k] with row stride lda (elements); w: 8-bit [n, k] and out [m, n] packed.
 // Returns 0, or an error code with the reason in sdxl_last_error(). Launches asynchronously.
-SDXL_EXPORT int sdxl_int8_gemm(const void* a, const void* w, void* out, const float* a_scale, const float* w_scale,
+SDXL_EXPORT int sdxl_gemm8(const void* a, const void* w, void* out, const float* a_scale, const float* w_scale,
                    const void* bias, int m, int n, int k, int lda, int out_bf16, int config, void* workspace,
                    size_t workspace_bytes, void* stream) {
   if (config < 0 || config >= kNumConfigs) {
@@ -376,10 +396,10 @@ SDXL_EXPORT int sdxl_int8_gemm(const void* a, const void* w, void* out, const fl
   return with_config(config, [&](auto cfg) {
     using Cfg = decltype(cfg);
     if (out_bf16) {
-      return Int8Gemm<Cfg, cutlass::bfloat16_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
+      return Gemm8<Cfg, cutlass::bfloat16_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
                                                      workspace_bytes, s, dev.device, dev.sm_count);
     }
-    return Int8Gemm<Cfg, cutlass::half_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
+    return Gemm8<Cfg, cutlass::half_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
                                                workspace_bytes, s, dev.device, dev.sm_count);
   });
 }
