@@ -28,6 +28,9 @@ MARKERS = {
     "bench": "latency benchmarks (pytest-benchmark); meaningful on a GPU",
     "slow": "takes more than a few seconds on CPU",
     "needs_variants": "needs_variants(*names): builds these engines; deselected when --variants leaves one out",
+    # pytest-xdist's own marker, registered here too: under `-p no:xdist` (one process, as the quality baselines
+    # are made) --strict-markers would otherwise refuse every module that groups its tests.
+    "xdist_group": "xdist_group(name): tests of one group run on one pytest-xdist worker (--dist loadgroup)",
 }
 
 

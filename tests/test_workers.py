@@ -295,3 +295,13 @@ def test_tests_of_one_variant_share_a_worker_and_sweep_prompts_spread(tmp_path):
     updating = collected_groups(tmp_path, "--prompts=2", "--update-baselines")
     assert {g for name, g in updating.items() if name.startswith(("test_matches", "test_8bit_close", "test_sweep"))} \
         == {"quality"}
+
+
+def test_every_module_collects_without_xdist():
+    """`-p no:xdist` (one process, as the quality baselines are made): modules that group their tests with
+    `xdist_group` still collect under --strict-markers."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--collect-only",
+                           "-q", "tests/test_trt_api.py", "tests/test_workers.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    assert "xdist_group" not in done.stdout + done.stderr
