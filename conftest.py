@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 import pytest
 
@@ -242,6 +243,7 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
             variant = suite_variant(name).replace(backend=pytestconfig.getoption("--backend"))
             backend = get_backend(variant.backend)
             components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
+            started = time.perf_counter()
             try:
                 engines = backend.prepare(variant, components, suite_device, engine_dir=engine_dir,
                                           onnx_dir=onnx_dir, progress=False)
@@ -249,6 +251,9 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
                 if type(exc).__name__ == "OutOfMemoryError":
                     pytest.skip(f"GPU out of memory building {name}: needs a card with more free memory")
                 raise
+            _ENGINE_RECORDS.append({"variant": name, "mode": engines.info.get("mode", "in-memory"),
+                                    "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
+                                    "seconds": round(time.perf_counter() - started, 1)})
             engine_cache[name] = BuiltEngine(variant, components, engines)
         return engine_cache[name]
 
@@ -271,12 +276,25 @@ def pytest_runtest_logreport(report):
 
 _SWEEP_RECORDS: list[dict] = []
 SWEEP_SUMMARY = pytest.StashKey[dict]()
+# Each engine this process prepared: variant, "built" or "loaded" (from the engine dir), worker, seconds. Workers
+# send theirs home at the end (xdist's workeroutput), so the summary shows one run whatever the worker count.
+_ENGINE_RECORDS: list[dict] = []
+ENGINES_OUTPUT = "sdxl_bench_engines"
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without pytest-xdist
+def pytest_testnodedown(node, error):
+    _ENGINE_RECORDS.extend(getattr(node, "workeroutput", {}).get(ENGINES_OUTPUT, []))
 
 
 def pytest_sessionfinish(session):
     """The sweep's mean over every prompt that ran, the report file, and a failed run when a mean fails (each
-    prompt's own threshold already failed that prompt's test)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or not _SWEEP_RECORDS:
+    prompt's own threshold already failed that prompt's test). A worker sends its engines home."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        if hasattr(session.config, "workeroutput"):
+            session.config.workeroutput[ENGINES_OUTPUT] = list(_ENGINE_RECORDS)
+        return
+    if not _SWEEP_RECORDS:
         return
     from sdxl_core import sweep
 
@@ -305,6 +323,11 @@ def pytest_terminal_summary(terminalreporter, config):
         for outcome, name, measured in sorted(rows, key=lambda row: (row[0] != "passed", row[1])):
             values = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in measured.items())
             terminalreporter.write_line(f"{outcome:<6} {name:<60} {values}")
+    if _ENGINE_RECORDS:
+        terminalreporter.section("sdxl-bench engines")
+        for record in sorted(_ENGINE_RECORDS, key=lambda r: (r["variant"], r["mode"] != "built", r["worker"])):
+            terminalreporter.write_line(f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} "
+                                        f"{record['seconds']:.1f} s")
     summary = config.stash.get(SWEEP_SUMMARY, None)
     if summary:
         from sdxl_core import sweep

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,7 @@ def test_sweep_shards_prompts_over_workers_and_merges_as_one_process(tmp_path, e
     assert sweep.summary_lines(summary)[0] in lines
     measured = [line.split()[1] for line in lines if line.startswith("passed test_8bit_close_to_fp16")]
     assert measured == [f"test_8bit_close_to_fp16[{INT8}-case0]", f"test_8bit_close_to_fp16[{INT8}-case1]"]
+    # Which worker prepared which engine, sent home by both: each rendered both variants, none built one twice.
+    engines = [line.split() for line in lines if re.match(r"xl-1\.0-(fp16|int8) +(built|loaded) +on gw[01] ", line)]
+    assert {(row[0], row[3]) for row in engines} == {(v, w) for v in (FP16, INT8) for w in ("gw0", "gw1")}, lines
+    assert all(sum(row[1] == "built" for row in engines if row[0] == v) <= 1 for v in (FP16, INT8)), engines
