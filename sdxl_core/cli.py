@@ -346,6 +346,9 @@ def _check_runtime(args, model: str, lora_path: str | None = None):
                                 "pass a local .safetensors file with --lora-path")
     if args.use_cuda_graph and device.type != "cuda":
         raise UserError("--use-cuda-graph needs a CUDA GPU")
+    from .engines import cross_kv
+
+    cross_kv.mode()  # a bad SDXL_BENCH_CROSS_KV is one line here, before any model loads
     return device
 
 

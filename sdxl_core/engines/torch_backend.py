@@ -26,7 +26,7 @@ from .. import qmodules, specs
 from ..errors import UserError
 from ..startup import Startup
 from ..variants import Variant
-from . import Engines, compiled, device_tag, store, text_stages, unet_stage, vae_stage
+from . import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
 
 NAME = "torch"
 COMPILE_CACHE = "compile_cache.bin"
@@ -51,14 +51,16 @@ def unet_inputs(variant: Variant, unet: torch.nn.Module, device, dtype, seed: in
 def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
             half: str = "fp16", progress: bool = True, allow_build: bool = True, compile: bool | None = None,
             compile_mode: str = "regional", use_cuda_graph: bool | None = None,
-            channels_last: bool | None = None, startup: Startup | None = None) -> Engines:
+            channels_last: bool | None = None, reuse_cross_kv: bool | None = None,
+            startup: Startup | None = None) -> Engines:
     """Move the components to `device` and build or load the UNet engine for `variant`.
 
     Without `engine_dir` the engine lives in memory only. `allow_build=False` refuses to calibrate or
     build: the engine must already be in `engine_dir`. `compile` and `use_cuda_graph` default to on for a
     CUDA device and off on the CPU; so does `channels_last` (NHWC activations): cuDNN's fp16 3x3 convs ran
     1.2-1.9x faster channels-last than NCHW at every SDXL shape on a Hopper GPU, and the 8-bit conv kernels
-    need it. `channels_last` changes how the UNet runs, not what the engine stores;
+    need it. `channels_last` changes how the UNet runs, not what the engine stores; so does `reuse_cross_kv`
+    (default: SDXL_BENCH_CROSS_KV=reuse), which computes the cross-attention K/V once per prompt (`cross_kv`).
     `variant.fused_qkv` is part of the engine (8-bit engines are calibrated on the fused projections).
     A UNet without weights (`models.load(..., unet_weights=False)`) gets them only if the engine is built.
     Each step's time lands in `startup` (and, as before, in `info`: `load_s`, `compile_s`, ...).
@@ -68,6 +70,7 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     compile = device.type == "cuda" if compile is None else compile
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
     channels_last = device.type == "cuda" if channels_last is None else channels_last
+    reuse_cross_kv = cross_kv.mode() == "reuse" if reuse_cross_kv is None else reuse_cross_kv
     if use_cuda_graph and device.type != "cuda":
         raise UserError("--use-cuda-graph needs a CUDA GPU")
     if compile_mode not in compiled.COMPILE_MODES:
@@ -80,12 +83,18 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
               "height": variant.height, "width": variant.width}
     info = {"backend": NAME, "backend_version": version(), "engine_key": key, "compiled": compile,
             "compile_mode": compile_mode if compile else None, "cuda_graph": use_cuda_graph,
-            "channels_last": channels_last, "fused_qkv": variant.fused_qkv,
+            "channels_last": channels_last, "fused_qkv": variant.fused_qkv, "cross_kv": cross_kv.MODES[reuse_cross_kv],
             "engine_dir": str(engine_dir) if engine_dir else None}
+    reused_kv = []  # the CrossKV of the UNet that runs, with reuse_cross_kv
 
     def make_runnable(unet, cache=None, save_cache=None):
+        # After the engine files are written: both change how the UNet runs, not what the engine stores.
         if channels_last:
             compiled.channels_last(unet)
+        if reuse_cross_kv:  # filled before compiling, so the compiled blocks read the cached K/V
+            reused_kv.append(cross_kv.CrossKV(unet))
+            example = dict(zip(specs.SPECS["unet"].inputs, unet_inputs(variant, unet, device, dtype), strict=True))
+            reused_kv[-1].fill(example["encoder_hidden_states"])
         if not compile:
             return unet
         return compiled.compile_unet(unet, unet_inputs(variant, unet, device, dtype), mode=compile_mode,
@@ -154,6 +163,8 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         with startup.phase("cuda_graph", device) as timed:
             step = compiled.GraphedStep(step, unet_inputs(variant, unet, device, dtype))
         info["cuda_graph_s"] = round(timed.seconds, 2)
+    if reused_kv:  # outside the CUDA graph: a new prompt refills the buffers that the graph's replay reads
+        step = cross_kv.RefillingStep(step, reused_kv[-1])
     clip, clip2 = text_stages(components)
     return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=step, vae=vae_stage(components),
                    info=info)
