@@ -98,6 +98,6 @@ def test_kernels_refuses_without_a_gpu_in_one_line(tmp_path):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this checks the refusal on a machine without a CUDA GPU")
+        pytest.skip("needs a machine without a CUDA GPU: it checks the refusal there")
     done = sdxl_bench("kernels", "--out", str(tmp_path), rc=2)
     assert done.stderr.strip().count("\n") == 0 and "no CUDA GPU" in done.stderr
