@@ -50,7 +50,7 @@ class CachedProjection(torch.nn.Module):
         out = self.projection(encoder_hidden_states)
         cached = self.cached
         if cached is None or cached.shape != out.shape or cached.dtype != out.dtype or cached.device != out.device:
-            self.cached = out.clone()
+            self.cached = out  # a fresh tensor of the projection's own: kept, not copied
         else:
             cached.copy_(out)
 

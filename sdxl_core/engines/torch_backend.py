@@ -91,14 +91,16 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         # After the engine files are written: both change how the UNet runs, not what the engine stores.
         if channels_last:
             compiled.channels_last(unet)
+        if not (reuse_cross_kv or compile):
+            return unet
+        example = unet_inputs(variant, unet, device, dtype)
         if reuse_cross_kv:  # filled before compiling, so the compiled blocks read the cached K/V
             reused_kv.append(cross_kv.CrossKV(unet))
-            example = dict(zip(specs.SPECS["unet"].inputs, unet_inputs(variant, unet, device, dtype), strict=True))
-            reused_kv[-1].fill(example["encoder_hidden_states"])
+            reused_kv[-1].fill(example[specs.SPECS["unet"].inputs.index("encoder_hidden_states")])
         if not compile:
             return unet
-        return compiled.compile_unet(unet, unet_inputs(variant, unet, device, dtype), mode=compile_mode,
-                                     cache=cache, save_cache=save_cache, info=info, startup=startup)
+        return compiled.compile_unet(unet, example, mode=compile_mode, cache=cache, save_cache=save_cache, info=info,
+                                     startup=startup)
 
     def read_compile_cache(engine):
         if not compile:

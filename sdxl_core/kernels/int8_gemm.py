@@ -173,7 +173,9 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w_q, w_scale
 
 
-def _scales(a_scale, w_scale, n, device):
+def gemm_scales(a_scale, w_scale, n, device):
+    """The scales as the GEMM kernels take them: a_scale float32 [1], w_scale float32 [N] (a per-tensor scale
+    expanded), both on `device`."""
     a_scale = torch.as_tensor(a_scale, dtype=torch.float32, device=device).reshape(1)
     w_scale = torch.as_tensor(w_scale, dtype=torch.float32, device=device).reshape(-1)
     if w_scale.numel() == 1:
@@ -193,7 +195,7 @@ def _int32_matmul(x_q, w_q):
 def int8_linear_reference(x_q, w_q, a_scale, w_scale, bias=None, out_dtype=torch.float16):
     """Exact torch reference for `int8_linear` (the int32 product is exact; the epilogue is float32)."""
     k, n = w_q.shape[1], w_q.shape[0]
-    a_scale, w_scale = _scales(a_scale, w_scale, n, x_q.device)
+    a_scale, w_scale = gemm_scales(a_scale, w_scale, n, x_q.device)
     acc = _int32_matmul(x_q.reshape(-1, k), w_q)
     out = acc.float() * (a_scale * w_scale)
     if bias is not None:
@@ -250,7 +252,7 @@ def _launch(kernel, a, w_q, lead, a_scale, w_scale, bias, out_dtype, quantize_a,
     """Run `choice` on operands prepared by `_operands`; returns [*lead, N]."""
     (m, k), n = a.shape, w_q.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    a_scale, w_scale = _scales(a_scale, w_scale, n, a.device)
+    a_scale, w_scale = gemm_scales(a_scale, w_scale, n, a.device)
     bias_arg = bias.contiguous() if bias is not None else w_scale  # dummy pointer when HAS_BIAS is off
 
     if choice == "tma":

@@ -35,8 +35,8 @@ def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale:
         raise ValueError(f"unknown FP8 kernel {kernel!r}: choose one of {', '.join(FP8_SCALED_MM)} or cutlass:<config>")
     if x_q.is_cuda and kernel.startswith(CUTLASS_PREFIX):
         out = torch.empty((x_q.shape[0], n), dtype=out_dtype, device=x_q.device)
-        return gemm8_cutlass.launch(x_q.contiguous(), w_q.contiguous(), out, a_scale.float().reshape(1),
-                                    w_scale.float().reshape(-1).expand(n).contiguous(),
+        a_scale, w_scale = int8_gemm.gemm_scales(a_scale, w_scale, n, x_q.device)
+        return gemm8_cutlass.launch(x_q.contiguous(), w_q.contiguous(), out, a_scale, w_scale,
                                     None if bias is None else bias.to(out_dtype).contiguous(),
                                     kernel.removeprefix(CUTLASS_PREFIX))
     if not x_q.is_cuda or k % 16 or n % 16:  # _scaled_mm needs multiples of 16; the reference is exact
