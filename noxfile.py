@@ -59,7 +59,7 @@ def _require_project(session: nox.Session) -> None:
 def _gpu_count() -> int:
     """How many GPUs PyTorch may use (0: none), asked in a child process so that nox itself never initialises
     CUDA; counted as the suite's plugin counts them (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)."""
-    probe = ("import torch; from sdxl_core.workers import visible_gpus; "
+    probe = ("import torch; from sdxl_core.suite.workers import visible_gpus; "
              "print((len(visible_gpus()) or torch.cuda.device_count()) if torch.cuda.is_available() else 0)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
@@ -105,7 +105,7 @@ def demo(session: nox.Session) -> None:
     """The README's main job on the built-in model: FP16 and INT8 engines, images, grid, table."""
     _install(session)
     session.env["HF_HUB_OFFLINE"] = "1"
-    session.run("python", "-m", "sdxl_core.demo", *session.posargs)
+    session.run("python", "-m", "sdxl_core.commands.demo", *session.posargs)
 
 
 @nox.session(python=False)
@@ -149,7 +149,7 @@ def baselines(session: nox.Session) -> None:
 def compare(session: nox.Session) -> None:
     """pytest-benchmark histories to a table and a PNG plot of latency per variant over runs."""
     _require_project(session)
-    session.run(sys.executable, "-m", "sdxl_core.cli", "history", *(session.posargs or [HISTORY]))
+    session.run(sys.executable, "-m", "sdxl_core.commands.cli", "history", *(session.posargs or [HISTORY]))
 
 
 # GPU measurements beside the suite: each runs one `sdxl-bench` subcommand on this Python (a GPU host's own
@@ -160,7 +160,7 @@ def _bench(session: nox.Session, command: str, *defaults: str) -> None:
     args = list(session.posargs)
     if not any(a == "--out" or a.startswith("--out=") for a in args):
         args.append("--out=gpu-results")
-    session.run(sys.executable, "-m", "sdxl_core.cli", command, *defaults, *args, external=True)
+    session.run(sys.executable, "-m", "sdxl_core.commands.cli", command, *defaults, *args, external=True)
 
 
 @nox.session(python=False)

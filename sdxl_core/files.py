@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from sdxl_core.errors import UserError
 
 # A leftover whose writer cannot be checked (another host or pid namespace, or a name without a tag) is
 # removed once it is this old: no build takes a day.

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from .errors import UserError
+from sdxl_core.errors import UserError
 
 CLIP_ARCH = "ViT-B-32"
 DATA_RANGE = 255

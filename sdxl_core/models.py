@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .startup import Startup
+from sdxl_core.errors import UserError
+from sdxl_core.startup import Startup
 
 BUILTIN_MODELS = ("tiny", "sdxl-random")
 MODEL_NOTES = {
@@ -394,7 +394,7 @@ class ModelCache:
     def _write(path: Path, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        from .files import atomic_path
+        from sdxl_core.files import atomic_path
 
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
@@ -441,7 +441,7 @@ def check_model_name(model: str) -> None:
 
     A near miss of a built-in (`tinyy`) gets a "did you mean", instead of a hub lookup that waits on the network.
     """
-    from .variants import did_you_mean
+    from sdxl_core.variants import did_you_mean
 
     if model in BUILTIN_MODELS:
         return

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .variants import Variant
+from sdxl_core.variants import Variant
 
 SCHEDULER_CLASSES = {
     "DDIM": "DDIMScheduler",

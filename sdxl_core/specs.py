@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .variants import Variant, make_key
+from sdxl_core.variants import Variant, make_key
 
 TEXT_MAXLEN = 77
 TIME_IDS = 6  # (orig h, orig w, crop top, crop left, target h, target w)

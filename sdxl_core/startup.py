@@ -1,7 +1,7 @@
 """Where a run's start-up time goes: wall time per phase, from process start to the first image.
 
 The CLI makes one `Startup` per run: from the process's own start when it is the process's command (the
-`sdxl-bench` entry point, `python -m sdxl_core.cli`), else from the call. Everything that does start-up work
+`sdxl-bench` entry point, `python -m sdxl_core.commands.cli`), else from the call. Everything that does start-up work
 records it as a phase (`with startup.phase("compile", device): ...`): the model loader per component, the
 backend per engine step, the CLI for imports, checks, warm-up and the first image. A phase that launches GPU
 work synchronizes the device at both ends, so queued kernels are charged to the phase that queued them.

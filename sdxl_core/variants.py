@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import UserError
+from sdxl_core.errors import UserError
 
 SCHEDULERS = ("DDIM", "DDPM", "EulerA", "Euler", "LCM", "LMSD", "PNDM", "UniPC")
 PRECISIONS = ("fp16", "int8", "fp8")

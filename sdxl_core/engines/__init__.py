@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from sdxl_core.errors import UserError
 
 if TYPE_CHECKING:  # importing torch takes seconds: the CLI checks backend names before it does
     import torch

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..startup import Startup
-from . import unet_stage
+from sdxl_core.errors import UserError
+from sdxl_core.startup import Startup
+from sdxl_core.engines import unet_stage
 
 COMPILE_MODES = ("regional", "full")
 # The UNet's repeated blocks: most linear layers and all attention live in the transformer blocks, most 3x3
@@ -75,7 +75,7 @@ def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.n
     Blocks of one class share their code, so Dynamo keeps one compiled graph per distinct block shape; the
     SDXL UNet has more ResNet block shapes than Dynamo's default of 8 per function, hence the higher limit.
     """
-    from ..qmodules import QuantizedModule
+    from sdxl_core.quant.qmodules import QuantizedModule
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     regions = [m for m in unet.modules() if type(m).__name__ in COMPILED_REGIONS]

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ..errors import UserError
+from sdxl_core.errors import UserError
 
 ENV = "SDXL_BENCH_CROSS_KV"
 MODES = ("per-step", "reuse")

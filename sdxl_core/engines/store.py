@@ -40,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..files import build_lock, sweep, temp_name, write_failure
+from sdxl_core.errors import UserError
+from sdxl_core.files import build_lock, sweep, temp_name, write_failure
 
 SIDECAR = "sidecar.json"
 SIGNATURE = "sidecar.sig"

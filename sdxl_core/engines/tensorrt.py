@@ -28,7 +28,7 @@ pure helpers (names, sidecar expectations, profiles, I/O specs, builder settings
 nor a GPU and are unit-tested on their own.
 
 TensorRT API differences are handled by capability (`hasattr` on the object), never by version strings;
-tests/test_trt_api.py checks every TensorRT name and call here against the real Python module of
+tests/unit/test_trt_api.py checks every TensorRT name and call here against the real Python module of
 TensorRT 10.0.1, the newest 10.x and the newest 11.x (docs/tensorrt.md has the table).
 """
 
@@ -42,11 +42,12 @@ from pathlib import Path
 
 import torch
 
-from .. import export, specs
-from ..errors import UserError
-from ..startup import Startup
-from ..variants import Variant
-from . import Engines, device_tag, store
+from sdxl_core.engines import onnx_export as export
+from sdxl_core import specs
+from sdxl_core.errors import UserError
+from sdxl_core.startup import Startup
+from sdxl_core.variants import Variant
+from sdxl_core.engines import Engines, device_tag, store
 
 NAME = "tensorrt"
 MISSING = "--backend tensorrt needs TensorRT: pip install 'sdxl-bench[trt]' (see README)"
@@ -479,7 +480,7 @@ def _plan_for(builder: _Builder, component, key, expect, engine_dir, allow_build
                     (tmp / filename).write_bytes(plan)
                     return {}
 
-                from ..runinfo import library_versions
+                from sdxl_core.reports.run_report import library_versions
 
                 store.publish(engine_dir, key, write_files,
                               {**expect, **extra, **built, "libraries": library_versions()})
@@ -543,7 +544,7 @@ class _Builder:
 
     def _quantized_unet(self):
         """ModelOpt PTQ (fake quant) on the GPU in the compute dtype, with the pipeline as forward loop."""
-        from .. import quantize
+        from sdxl_core.quant import quantize
 
         started = time.perf_counter()
         unet = quantize.quantize_unet(self.components.unet, self.variant,

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .. import qmodules, specs
-from ..errors import UserError
-from ..startup import Startup
-from ..variants import Variant
-from . import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
+from sdxl_core.quant import qmodules
+from sdxl_core import specs
+from sdxl_core.errors import UserError
+from sdxl_core.startup import Startup
+from sdxl_core.variants import Variant
+from sdxl_core.engines import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
 
 NAME = "torch"
 COMPILE_CACHE = "compile_cache.bin"
@@ -185,7 +186,7 @@ def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info
         info["calibration"] = None
         return unet
     with startup.phase("modelopt_import"):
-        from .. import quantize
+        from sdxl_core.quant import quantize
 
     calibration_file = Path(onnx_dir) / key / "calibration.pt" if onnx_dir else None
     with startup.phase("calibration", device) as calibration:
@@ -213,7 +214,7 @@ def dispatches(device: torch.device) -> bool:
 
 
 def _dispatch(unet, variant, device, dtype, progress, channels_last) -> dict:
-    from .. import gemm_dispatch
+    from sdxl_core.quant import gemm_dispatch
 
     inputs = unet_inputs(variant, unet, device, dtype)
     timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs), channels_last=channels_last)
@@ -248,7 +249,7 @@ def _verified_or_none(engine_dir, key, expect, allow_build, warn: bool = True) -
 
 def _publish(engine_dir, key, unet, device, expect, info, make_runnable, startup: Startup):
     """Write the engine files (and, compiling, the compile caches) into the store; return the runnable UNet."""
-    from ..runinfo import library_versions
+    from sdxl_core.reports.run_report import library_versions
 
     runnable = unet
 

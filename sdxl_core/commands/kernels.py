@@ -1,0 +1,120 @@
+"""Per-shape table of the SDXL UNet's GEMMs and 3x3 convs: 16 bits against every 8-bit kernel.
+
+    sdxl-bench kernels --out results/            # on a Hopper GPU
+    sdxl-bench kernels --quick --out results/    # three shapes
+
+For each shape and number format a random 8-bit layer is made, and every candidate the build-time dispatch
+chooses among (`gemm_dispatch.candidates`: cuBLAS/cuDNN fp16, the INT8 Triton and CUTLASS GEMMs, cuBLAS FP8,
+the CUTLASS INT8/FP8 convs; convs channels-last, with the fp16 NCHW conv timed beside for reference) is
+first checked against a float64 reference on the same quantized values, then timed with the dispatch's own
+timer (`timing.graph_ms`: CUDA-graph replays, median). Each row gives microseconds, TFLOP/s (TOPS for
+8-bit) and the speed-up over 16 bits; the file is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdxl_core.quant import gemm_dispatch, qmodules
+from sdxl_core.errors import UserError
+from sdxl_core.quant.gemm_dispatch import ShapeTiming
+from sdxl_core.quant.kernels import shapes
+from sdxl_core.quant.kernels.conv_cutlass import SDXL_CONV3X3
+from sdxl_core.timing import graph_ms
+from sdxl_core.reports.results import ResultFile, table
+
+# How many layers of the unfused SDXL UNet run each shape of `shapes.SDXL_LINEAR_SHAPES` (the rest appear
+# with fused attention projections).
+LAYERS = {(154, 2048, 640): 20, (154, 2048, 1280): 120, (2048, 1280, 1280): 372, (2048, 1280, 10240): 60,
+          (2048, 5120, 1280): 60, (8192, 640, 640): 70, (8192, 640, 5120): 10, (8192, 2560, 640): 10}
+QUICK = [(2048, 1280, 1280), (8192, 640, 5120), (154, 2048, 1280)]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--formats", default="int8,fp8", help="8-bit formats to time, from int8,fp8")
+    p.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} GEMM shapes and no convs")
+    p.add_argument("--ops", default="gemm,conv", help="what to time, from gemm,conv")
+    p.add_argument("--out", required=True, help="directory for kernels.json")
+
+
+def layer_for(fmt: str, m: int, k: int, n: int, device, dtype=torch.float16) -> qmodules.QLinear:
+    """A random 8-bit linear layer of this shape, as a calibrated engine would hold it."""
+    linear = torch.nn.Linear(k, n, device=device, dtype=dtype)
+    cls = qmodules.Int8Linear if fmt == "int8" else qmodules.Fp8Linear
+    per_channel = fmt == "int8"
+    w_amax = linear.weight.detach().float().abs().amax(dim=1 if per_channel else None)
+    return cls.from_float(linear, w_amax=w_amax, a_amax=torch.tensor(4.0, device=device)).eval()
+
+
+def conv_layer_for(fmt: str, c: int, k: int, stride: int, device, dtype=torch.float16) -> qmodules.QConv2d:
+    """A random 8-bit 3x3 conv layer (padding 1), as a calibrated engine would hold it."""
+    conv = torch.nn.Conv2d(c, k, 3, stride=stride, padding=1, device=device, dtype=dtype)
+    cls = qmodules.Int8Conv2d if fmt == "int8" else qmodules.Fp8Conv2d
+    w_amax = conv.weight.detach().float().abs().amax(dim=(1, 2, 3) if fmt == "int8" else None)
+    return cls.from_float(conv, w_amax=w_amax, a_amax=torch.tensor(4.0, device=device)).eval()
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        raise UserError("sdxl-bench kernels times GPU kernels: PyTorch sees no CUDA GPU")
+    formats = [f for f in args.formats.split(",") if f]
+    if any(f not in ("int8", "fp8") for f in formats):
+        raise UserError(f"--formats takes int8 and fp8, got {args.formats!r}")
+    ops = [o for o in args.ops.split(",") if o]
+    if any(o not in ("gemm", "conv") for o in ops):
+        raise UserError(f"--ops takes gemm and conv, got {args.ops!r}")
+    device = torch.device("cuda")
+    result = ResultFile(args.out, "kernels", device)
+    work = []
+    if "gemm" in ops:
+        work += [("gemm", shape, LAYERS.get(shape)) for shape in (QUICK if args.quick else shapes.SDXL_LINEAR_SHAPES)]
+    if "conv" in ops and not args.quick:
+        work += [("conv", (n, c, h, w, k, 3, 3, stride), layers) for n, h, w, c, k, stride, layers in SDXL_CONV3X3]
+    for op, shape, layers in work:
+        for fmt in formats:
+            row = result.add(measure(op, fmt, shape, layers, device))
+            best = min((name for name in row["ms"] if name != "16bit"), key=row["ms"].get, default=None)
+            speedup = f"best 8-bit {best} {row['ms'][best] * 1e3:.1f} us ({row['speedup'][best]:.2f}x)" if best else ""
+            print(f"{fmt} {op} {'x'.join(map(str, shape))}: 16bit {row['ms']['16bit'] * 1e3:.1f} us, {speedup}"
+                  f"{', rejected ' + str(row['rejected']) if row['rejected'] else ''}", flush=True)
+    print(render(result.data))
+    return 0
+
+
+def measure(op: str, fmt: str, shape: tuple, layers, device) -> dict:
+    """One row: every candidate's relative error against float64 and its time (CUDA-graph replays)."""
+    if op == "gemm":
+        m, k, n = shape
+        layer = layer_for(fmt, m, k, n, device)
+    else:
+        _, c, _, _, k, _, _, stride = shape
+        layer = conv_layer_for(fmt, c, k, stride, device)
+    with torch.inference_mode():
+        calls, x = gemm_dispatch.candidates(layer, op, shape, torch.float16, channels_last=op == "conv")
+        errors = {name: gemm_dispatch.relative_error(layer, fn, x, name) for name, fn in calls.items()}
+        rejected = {name: err for name, err in errors.items() if not err <= gemm_dispatch.MAX_RELATIVE_ERROR}
+        ms = {name: graph_ms(fn) for name, fn in calls.items() if name not in rejected}
+        if op == "conv":  # the NCHW fp16 conv, for whether channels-last is the faster FP16 layout
+            nchw, _ = gemm_dispatch.candidates(layer, op, shape, torch.float16, channels_last=False)
+            ms["16bit-nchw"] = graph_ms(nchw["16bit"])
+    flop = ShapeTiming(fmt, op, shape, layers or 0).flops()
+    return {"op": op, "fmt": fmt, "shape": list(shape), "layers": layers, "ms": ms,
+            "tflops": {name: round(flop / t / 1e9, 1) for name, t in ms.items()},
+            "speedup": {name: round(ms["16bit"] / t, 3) for name, t in ms.items()},
+            "rel_err": errors, "rejected": rejected}
+
+
+def render(data: dict) -> str:
+    rows = []
+    for r in data["rows"]:
+        eight = {name: t for name, t in r["ms"].items() if not name.startswith("16bit")}
+        best = min(eight, key=eight.get) if eight else None
+        rows.append([r["fmt"], r["op"], " x ".join(map(str, r["shape"])), r.get("layers"),
+                     f"{r['ms']['16bit'] * 1e3:.1f} ({r['tflops']['16bit']:.0f})",
+                     f"{best}: {eight[best] * 1e3:.1f} ({r['tflops'][best]:.0f})" if best else None,
+                     f"{r['speedup'][best]:.2f}x" if best else None,
+                     ", ".join(f"{name} {r['speedup'][name]:.2f}x" for name in eight),
+                     ", ".join(f"{name} {err:.1e}" for name, err in r.get("rejected", {}).items()) or None])
+    columns = ["fmt", "op", "shape", "layers", "16-bit us (TFLOP/s)", "best 8-bit us (TOPS)", "speed-up",
+               "every 8-bit candidate", "rejected (rel. err)"]
+    return table(columns, rows) + "\n"

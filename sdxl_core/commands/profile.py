@@ -1,0 +1,125 @@
+"""Where a UNet step spends its GPU time: kernels grouped by what they do, FP16 against the 8-bit engines.
+
+    sdxl-bench profile --model sdxl-random --engine-dir E --onnx-dir X --out results/
+
+Builds (or loads from `--engine-dir`) one engine per precision as the suite runs them, but without the CUDA
+graph so the profiler sees each kernel, profiles `--steps` UNet steps per engine and sums each kernel's
+GPU time into the groups below. On the CPU it runs the same way on `tiny` with CPU op times (the CI
+smoke test).
+
+Kernel names are grouped by their origin, most specific first: Inductor's generated Triton kernels are named
+`triton_<kind>_fused_<ops>` and may name the ops they fuse (a GEGLU fused with the next layer's quantize is
+called `..._int8_mm_...` without being a GEMM), so they are matched before anything else; cuDNN's SDPA and
+conv kernels contain `sm90_` and `gemm`, so attention and convolution are matched before the GEMMs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sdxl_core import models
+from sdxl_core.engines import torch_backend
+from sdxl_core.variants import TINY_SIZE, VARIANTS
+from sdxl_core.reports.results import ResultFile, table
+
+GROUPS = [  # (group, pattern over the lower-cased kernel or op name); the first match wins
+    ("Inductor norm/pointwise", r"^triton_(poi|per|red)_"),
+    ("Inductor GEMM template", r"^triton_tem_"),
+    ("8-bit GEMM (Triton, ours)", r"_w8a8|sdxl_bench::int8_mm"),  # the op name is what a CPU profile sees
+    ("8-bit conv (CUTLASS, ours)", r"cutlass.*conv|conv.*cutlass"),
+    ("8-bit GEMM (CUTLASS, ours)", r"cutlass"),
+    ("attention", r"sdpa|flash|fmha|attention|softmax"),
+    ("convolution (cuDNN)", r"fprop|implicit_convolve|conv|winograd|dgrad"),
+    ("8-bit GEMM (cuBLAS FP8)", r"e4m3|f8f8|_scaled_mm|qgmma|sdxl_bench::fp8_mm"),
+    ("16-bit GEMM (cuBLAS)", r"gemm|nvjet|xmma|cublas|sm90_|\bmm\b|addmm|aten::linear|aten::matmul"),
+    ("norm (eager)", r"norm"),
+    ("copy/cast", r"copy|cast|contiguous|\bcat\b|catarray"),
+    ("pointwise (eager)", r"elementwise|vectorized|unrolled|reduce_kernel|aten::(add|mul|div|sub|round|clamp|silu)"),
+]
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, pattern in GROUPS if re.search(pattern, lowered)), "other")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="sdxl-random", help="built-in, hub id or local dir")
+    p.add_argument("--precisions", default="fp16,int8,fp8",
+                   help="engines to profile, from fp16,int8,fp8, each optionally +qkv (fused attention projections)")
+    p.add_argument("--calibration-size", type=int, default=2, help="calibration prompts of the 8-bit engines")
+    p.add_argument("--engine-dir", required=True, help="where the engines are built or found")
+    p.add_argument("--onnx-dir", default=None, help="calibration state (reused when present)")
+    p.add_argument("--steps", type=int, default=5, help="UNet steps profiled per engine")
+    p.add_argument("--out", required=True, help="directory for profile.json")
+
+
+def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """ms per step by group, and the 15 most expensive kernels (ms per step)."""
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with torch.inference_mode():
+        for _ in range(2):
+            step(*inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step(*inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if device.type == "cuda" and event.device_type.name != "CUDA":
+            continue
+        if device.type == "cpu" and (event.cpu_parent is not None
+                                     or not event.name.startswith(("aten::", "sdxl_bench::"))):
+            continue  # top-level ops only, so nothing is counted twice
+        us = event.device_time if device.type == "cuda" else event.cpu_time
+        kernels[event.name] = kernels.get(event.name, 0.0) + us / 1000.0 / steps
+    groups: dict[str, float] = {}
+    for name, ms in kernels.items():
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + ms
+    return groups, sorted(kernels.items(), key=lambda item: -item[1])[:15]
+
+
+def main(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = TINY_SIZE if args.model == "tiny" else 1024
+    result = ResultFile(args.out, "profile", device, model=args.model, size=size, steps=args.steps)
+    master = models.load(args.model)
+    for precision in [p for p in args.precisions.split(",") if p]:
+        variant = VARIANTS[f"xl-1.0-{precision.removesuffix('+qkv')}"].replace(
+            model=args.model, height=size, width=size, calibration_size=args.calibration_size,
+            fused_qkv=precision.endswith("+qkv"))
+        if args.model == "tiny":
+            variant = variant.replace(steps=2)  # calibration steps only: the CPU smoke test stays short
+        components = dataclasses.replace(master, unet=copy.deepcopy(master.unet))
+        engines = torch_backend.prepare(variant, components, device, engine_dir=args.engine_dir,
+                                        onnx_dir=args.onnx_dir, use_cuda_graph=False, progress=False)
+        inputs = torch_backend.unet_inputs(variant, components.unet, device, engines.dtype)
+        groups, top = profile_step(engines.unet, inputs, args.steps, device)
+        result.add({"engine": precision, "ms_by_group": groups, "total_ms": sum(groups.values()),
+                    "top_kernels_ms": top, "layers_by_kernel": engines.info.get("layers_by_kernel")})
+        print(f"{precision}: {sum(groups.values()):.2f} ms per step profiled", flush=True)
+        del components, engines
+    print(render(result.data))
+    return 0
+
+
+def render(data: dict) -> str:
+    engines = [r["engine"] for r in data["rows"]]
+    groups = [g for g, _ in GROUPS] + ["other"]
+    rows = [[g, *[f"{r['ms_by_group'].get(g, 0.0):.2f}" for r in data["rows"]]] for g in groups
+            if any(r["ms_by_group"].get(g) for r in data["rows"])]
+    rows.append(["total", *[f"{r['total_ms']:.2f}" for r in data["rows"]]])
+    text = [f"ms per UNet step (profiler, no CUDA graph), `{data.get('model')}` {data.get('size')}px", "",
+            table(["kernel group", *engines], rows)]
+    for r in data["rows"]:
+        text += ["", f"{r['engine']}: top kernels (ms per step)", "",
+                 table(["ms", "kernel"], [[f"{ms:.3f}", f"`{name[:100]}`"] for name, ms in r["top_kernels_ms"]])]
+    return "\n".join(text) + "\n"

@@ -1,0 +1,83 @@
+"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations.
+
+torch.compile keeps each op as one opaque call (no graph break at a Python wrapper, no tracing into the
+autotuner) while the activation quantization before it stays plain torch ops that Inductor fuses into
+the producer (LayerNorm, GELU, the previous epilogue): measured on H100, quantizing inside the GEMM
+or as separate eager kernels cost more than the 8-bit GEMM saved (docs/perf).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdxl_core.quant.kernels import conv_cutlass, fp8_gemm, gemm8_cutlass, int8_gemm
+
+CUTLASS_PREFIX = "cutlass:"
+# The FP8 GEMM kernels a layer can name: cuBLAS through torch._scaled_mm with float32 accumulation or with
+# Hopper's fast (reduced-precision) accumulation, and the CUTLASS configs ("cutlass:<config>", fast accumulation).
+FP8_SCALED_MM = ("scaled_mm", "scaled_mm_fast")
+
+
+@torch.library.custom_op("sdxl_bench::int8_mm", mutates_args=())
+def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    """`kernel`: which INT8 kernel runs, one of `int8_gemm.candidate_kernels` (a constant of the compiled graph)."""
+    return int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=out_dtype, kernel=kernel)
+
+
+@torch.library.custom_op("sdxl_bench::fp8_mm", mutates_args=())
+def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    """`kernel`: one of FP8_SCALED_MM or "cutlass:<config>" (a constant of the compiled graph). Off the GPU
+    every kernel computes the float32 reference."""
+    n, k = w_q.shape
+    if kernel not in FP8_SCALED_MM and not kernel.startswith(CUTLASS_PREFIX):
+        raise ValueError(f"unknown FP8 kernel {kernel!r}: choose one of {', '.join(FP8_SCALED_MM)} or cutlass:<config>")
+    if x_q.is_cuda and kernel.startswith(CUTLASS_PREFIX):
+        out = torch.empty((x_q.shape[0], n), dtype=out_dtype, device=x_q.device)
+        a_scale, w_scale = int8_gemm.gemm_scales(a_scale, w_scale, n, x_q.device)
+        return gemm8_cutlass.launch(x_q.contiguous(), w_q.contiguous(), out, a_scale, w_scale,
+                                    None if bias is None else bias.to(out_dtype).contiguous(),
+                                    kernel.removeprefix(CUTLASS_PREFIX))
+    if not x_q.is_cuda or k % 16 or n % 16:  # _scaled_mm needs multiples of 16; the reference is exact
+        out = (x_q.float() @ w_q.float().T) * (a_scale.float() * w_scale.float())
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+    if w_scale.numel() > 1:
+        scale_a = a_scale.float().expand(x_q.shape[0], 1).contiguous()
+        scale_b = w_scale.float().reshape(1, n)
+    else:
+        scale_a, scale_b = a_scale.float(), w_scale.float()
+    return fp8_gemm._scaled_mm(x_q, w_q, scale_a, scale_b, bias, out_dtype, kernel == "scaled_mm_fast")
+
+
+def fp8_candidates(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> list[str]:
+    """The `fp8_mm` kernels that can run these operands here: both _scaled_mm modes on a GPU (N and K multiples
+    of 16), and the CUTLASS configs on a Hopper GPU where the FP8 library loads."""
+    n, k = w_q.shape
+    kernels = list(FP8_SCALED_MM) if x_q.is_cuda and not k % 16 and not n % 16 else ["scaled_mm"]
+    if (x_q.is_cuda and out_dtype in gemm8_cutlass.OUT_DTYPES and gemm8_cutlass.supports(x_q, w_q)
+            and gemm8_cutlass.available(x_q.device, "fp8")):
+        kernels += [CUTLASS_PREFIX + name for name in gemm8_cutlass.configs("fp8")]
+    return kernels
+
+
+@int8_mm.register_fake
+@fp8_mm.register_fake
+def _mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype, kernel=None):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("sdxl_bench::conv8", mutates_args=())
+def conv8(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+          bias: torch.Tensor | None, stride: list[int], padding: list[int], out_dtype: torch.dtype,
+          config: int) -> torch.Tensor:
+    """The 8-bit CUTLASS conv (`conv_cutlass.conv2d`): channels-last in and out, `config` a constant."""
+    return conv_cutlass.conv2d(x_q, w_krsc, a_scale, w_scale, bias, stride, padding, out_dtype, config)
+
+
+@conv8.register_fake
+def _conv8_shape(x_q, w_krsc, a_scale, w_scale, bias, stride, padding, out_dtype, config):
+    n, _, h, w = x_q.shape
+    k, r, s, _ = w_krsc.shape
+    p, q = conv_cutlass.output_hw(h, w, r, s, stride, padding)
+    return x_q.new_empty_strided((n, k, p, q), (p * q * k, 1, q * k, k), dtype=out_dtype)

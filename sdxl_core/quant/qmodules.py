@@ -1,0 +1,472 @@
+"""Real 8-bit modules for a ModelOpt-calibrated UNet, and the layer plan that rebuilds them without ModelOpt.
+
+`convert_to_real` turns a `quantize.quantize_unet` result (ModelOpt fake quant) into plain torch modules:
+- Linear layers run true W8A8 GEMMs (`kernels.int8_gemm` / `kernels.fp8_gemm`): the SmoothQuant scale
+  multiplies the input, the input is quantized per tensor, weights are stored 8-bit with per-channel
+  (INT8) or per-tensor (FP8) scales. 1x1 convs with stride 1 run the same GEMM on channels-last pixels.
+- Other convs (3x3): PyTorch has no int8/fp8 convolution, so they are "8-bit numerics, 16-bit compute":
+  the weight is stored 8-bit (the engine stays small) and dequantized once after loading, the input is
+  quantized and dequantized with the calibrated scale, and the conv runs in the activation dtype. The
+  result equals the ModelOpt fake-quant conv up to float rounding.
+- FP8 level-4 attention quantizers (Q, K, V, softmax) are dropped: attention runs in the activation dtype.
+  Only TensorRT runs FP8 attention; the report counts what was dropped.
+- Per layer, `gemm_path` says how it runs: "8bit" (the 8-bit kernel named by `kernel`) or "16bit": a plain
+  16-bit GEMM or conv on the dequantized weight (with the SmoothQuant scale folded in) and an unquantized
+  input, i.e. exactly the FP16 model's cost, with weight-only quantization numerics. An 8-bit kernel is not
+  faster than cuBLAS/cuDNN fp16 at every shape, so `gemm_dispatch` times the candidates on the engine's GPU
+  per distinct shape and records the choice in the layer plan: a reloaded engine runs what was measured.
+
+A UNet (FP16 or converted) is saved by `save(unet, dir)` as its config, its layer plan (JSON; empty for FP16)
+and its tensors as they run (safetensors); `load(dir, device, dtype)` (through `load_real`) rebuilds it on
+the meta device and assigns the tensors, with neither ModelOpt nor calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sdxl_core.errors import UserError
+from sdxl_core.quant.kernels import ops
+from sdxl_core.quant.kernels.fp8_gemm import quantize_fp8
+from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor
+
+PLAN_FORMAT = "sdxl-bench-layer-plan/1"
+UNET_FILES = ("unet_config.json", "layer_plan.json", "unet.safetensors")  # what `save` writes
+GEMM_PATHS = ("8bit", "16bit")
+# The 8-bit kernel a layer runs until the dispatch picks another: the Triton INT8 GEMM, cuBLAS FP8 (through
+# torch._scaled_mm), and for 3x3 convs the emulation (8-bit numerics, 16-bit compute; what runs on the CPU).
+# The dispatch may pick "cutlass:<config>" for all three (the Hopper CUTLASS GEMM and conv kernels), and
+# "scaled_mm_fast" (cuBLAS FP8 with fast accumulation) for FP8.
+DEFAULT_KERNELS = {"int8": "pointer", "fp8": "scaled_mm", "conv": "emulated"}
+CUTLASS = "cutlass:"
+QMAX = {"int8": 127.0, "fp8": 448.0}
+STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_MIN_AMAX = 2.0**-24  # ModelOpt quantizes to zero below this amax; a floor keeps the scales finite
+_QUANTIZER_KEY = re.compile(r"(^|\.)\w+_quantizer\.")
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x / scale rounded to int8 or fp8 e4m3 (scale broadcasts: per tensor or per channel)."""
+    return quantize_per_tensor(x, scale) if fmt == "int8" else quantize_fp8(x, scale)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    return (quantize(x, scale, fmt).float() * scale).to(x.dtype)
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str, kernel: str) -> torch.Tensor:
+    """Quantize x with plain torch ops (Inductor fuses them into the producer), then the 8-bit GEMM op."""
+    x_q = quantize(x.reshape(-1, x.shape[-1]), a_scale, fmt)
+    if fmt == "int8":
+        out = ops.int8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
+    else:
+        out = ops.fp8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+class QuantizedModule(torch.nn.Module):
+    """Buffers shared by the 8-bit modules. `weight` (8-bit) and the float32 scales keep their dtype
+    through `.to(dtype)` / `.half()`: only bias, smooth and cached weights follow the activation dtype."""
+
+    FMT = ""
+    _FIXED = ("weight", "w_scale", "a_scale")
+    _KEEP_LAYOUT = ()
+    gemm_path = "8bit"  # or "16bit": chosen per shape by `gemm_dispatch`
+    kernel = ""  # which 8-bit kernel the "8bit" path runs (DEFAULT_KERNELS until the dispatch picks one)
+
+    def _init_buffers(self, weight_shape, out_features, *, bias, per_channel, dtype, device):
+        self.per_channel = per_channel
+        self.register_buffer("weight", torch.empty(weight_shape, dtype=STORAGE[self.FMT], device=device))
+        w_scale_shape = (out_features,) if per_channel else ()
+        self.register_buffer("w_scale", torch.empty(w_scale_shape, dtype=torch.float32, device=device))
+        self.register_buffer("a_scale", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("w_dq", None, persistent=False)  # the dequantized weight of the 16-bit path
+        self.register_load_state_dict_post_hook(_after_load)
+
+    @property
+    def runs_8bit_gemm(self) -> bool:
+        return self.gemm_path == "8bit"
+
+    @property
+    def needs_float_weight(self) -> bool:
+        return not self.runs_8bit_gemm
+
+    def set_gemm_path(self, path: str, dtype: torch.dtype | None = None, kernel: str | None = None):
+        if path not in GEMM_PATHS:
+            raise UserError(f"unknown GEMM path {path!r}: choose one of {', '.join(GEMM_PATHS)}")
+        self.gemm_path = path
+        if kernel is not None:
+            self.kernel = kernel
+        self.dequantize_weight(dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None):
+        """Cache the float weight the 16-bit path (and the conv emulation) computes with, once after loading.
+        A SmoothQuant scale is folded in: (x * s) @ (W / s)^T = x @ ((W / s) * s)^T."""
+        if not self.needs_float_weight or self.weight.is_meta:
+            self.w_dq = None
+            return
+        self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+
+    def float_weight(self, dtype: torch.dtype, *, fold_smooth: bool = True) -> torch.Tensor:
+        """The dequantized weight in `dtype`, any SmoothQuant scale folded in (what 16-bit compute multiplies),
+        or with `fold_smooth=False` as the 8-bit kernels see it (they multiply the smoothed input)."""
+        scale = self.w_scale.reshape(-1, *[1] * (self.weight.dim() - 1)) if self.per_channel else self.w_scale
+        w = self.weight.float() * scale
+        smooth = getattr(self, "smooth", None)
+        if smooth is not None and fold_smooth:
+            w = w * smooth.float()
+        return w.to(dtype)
+
+    def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.w_dq is None:  # buffers were assigned directly rather than through load_state_dict
+            self.dequantize_weight(dtype)
+        return self.w_dq if self.w_dq.dtype == dtype else self.w_dq.to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        before = {name: self._buffers[name] for name in self._FIXED if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype or (name in self._KEEP_LAYOUT and new.stride() != old.stride()):
+                # a dtype cast (or a layout a kernel relies on changed): keep the old tensor, take the new device
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def _fill(self, weight, w_amax, a_amax, bias):
+        """Quantize a float weight with amax-derived scales: scale = amax / 127 (int8) or amax / 448 (fp8)."""
+        qmax = QMAX[self.FMT]
+        w_scale = w_amax.float().clamp(min=_MIN_AMAX).reshape(self.w_scale.shape) / qmax
+        w_scale_b = w_scale.reshape(-1, *[1] * (weight.dim() - 1)) if self.per_channel else w_scale
+        self.weight = quantize(weight.detach(), w_scale_b, self.FMT)
+        self.w_scale = w_scale
+        self.a_scale = a_amax.float().clamp(min=_MIN_AMAX).reshape(()) / qmax
+        self.bias = None if bias is None else bias.detach().clone()
+
+
+class QLinear(QuantizedModule):
+    def __init__(self, in_features, out_features, *, bias=True, smooth=False, per_channel=True,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers((out_features, in_features), out_features, bias=bias, per_channel=per_channel,
+                           dtype=dtype, device=device)
+        self.register_buffer("smooth", torch.empty(in_features, dtype=dtype, device=device) if smooth else None)
+        self.kernel = DEFAULT_KERNELS[self.FMT]
+
+    @classmethod
+    def empty_like(cls, linear: torch.nn.Linear, *, smooth: bool, per_channel: bool):
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, smooth=smooth,
+                   per_channel=per_channel, dtype=w.dtype, device=w.device)
+
+    @classmethod
+    def from_float(cls, linear: torch.nn.Linear, *, w_amax, a_amax, smooth=None, weight=None):
+        """From a float layer and amaxes. With `smooth`, the weight must already be divided by it per input
+        channel (SmoothQuant computes (x * smooth) @ (W / smooth)^T)."""
+        module = cls.empty_like(linear, smooth=smooth is not None, per_channel=w_amax.numel() > 1)
+        module._fill(linear.weight if weight is None else weight, w_amax, a_amax, linear.bias)
+        if smooth is not None:
+            module.smooth = smooth.detach().clone().to(linear.weight.dtype)
+        return module
+
+    def forward(self, x):
+        if not self.runs_8bit_gemm:
+            return F.linear(x, self._float_weight(x.dtype), self.bias)
+        if self.smooth is not None:
+            x = x * self.smooth
+        return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT, self.kernel)
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, smooth={self.smooth is not None}, "
+                f"gemm={self.gemm_path}, kernel={self.kernel}")
+
+
+class Int8Linear(QLinear):
+    FMT = "int8"
+
+
+class Fp8Linear(QLinear):
+    FMT = "fp8"
+
+
+class QConv2d(QuantizedModule):
+    _FIXED = (*QuantizedModule._FIXED, "w_krsc", "w_scale_k")
+    _KEEP_LAYOUT = ("w_krsc",)  # the CUTLASS conv reads [K, R, S, C] packed, whatever `.to(channels_last)` says
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                 groups=1, bias=True, per_channel=True, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self._init_buffers((out_channels, in_channels // groups, *kernel_size), out_channels, bias=bias,
+                           per_channel=per_channel, dtype=dtype, device=device)
+        self.kernel = DEFAULT_KERNELS[self.FMT if self.as_gemm else "conv"]
+        self.register_buffer("w_krsc", None, persistent=False)  # the CUTLASS conv's weight layout
+        self.register_buffer("w_scale_k", None, persistent=False)  # w_scale expanded to one per output channel
+        self.conv_config = -1  # the CUTLASS conv config index of `kernel` (an int, so compiled code sees a constant)
+
+    @property
+    def runs_cutlass_conv(self) -> bool:
+        return not self.as_gemm and self.gemm_path == "8bit" and self.kernel.startswith(CUTLASS)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None):
+        """Besides the float weight, a layer on the CUTLASS conv keeps its weight as [K, R, S, C] once."""
+        super().dequantize_weight(dtype)
+        if not self.runs_cutlass_conv or self.weight.is_meta:
+            self.w_krsc = self.w_scale_k = None
+            return
+        from sdxl_core.quant.kernels import conv_cutlass
+
+        self.conv_config = conv_cutlass.configs(self.FMT).index(self.kernel.removeprefix(CUTLASS))
+        self.w_krsc = conv_cutlass.weight_krsc(self.weight)
+        self.w_scale_k = self.w_scale.reshape(-1).expand(self.out_channels).contiguous()
+
+    @property
+    def as_gemm(self) -> bool:
+        return (tuple(self.kernel_size) == (1, 1) and tuple(self.stride) == (1, 1)
+                and self.padding in ((0, 0), 0, "valid") and self.groups == 1)
+
+    @property
+    def runs_8bit_gemm(self) -> bool:
+        return self.as_gemm and self.gemm_path == "8bit"
+
+    @property
+    def needs_float_weight(self) -> bool:  # the emulated 8-bit conv computes with the float weight too
+        return not self.runs_8bit_gemm and not self.runs_cutlass_conv
+
+    @classmethod
+    def empty_like(cls, conv: torch.nn.Conv2d, *, smooth: bool = False, per_channel: bool = True):
+        if smooth or conv.padding_mode != "zeros":
+            raise UserError(f"cannot run {conv} as an 8-bit conv (smoothing or padding_mode={conv.padding_mode!r})")
+        w = conv.weight
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, per_channel=per_channel,
+                   dtype=w.dtype, device=w.device)
+
+    @classmethod
+    def from_float(cls, conv: torch.nn.Conv2d, *, w_amax, a_amax, smooth=None, weight=None):
+        module = cls.empty_like(conv, smooth=smooth is not None, per_channel=w_amax.numel() > 1)
+        module._fill(conv.weight if weight is None else weight, w_amax, a_amax, conv.bias)
+        module.dequantize_weight(conv.weight.dtype)
+        return module
+
+    def forward(self, x):
+        if self.runs_8bit_gemm:
+            n, _, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels)
+            out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias,
+                       self.FMT, self.kernel)
+            return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+        if self.runs_cutlass_conv:
+            x_q = quantize(x, self.a_scale, self.FMT).contiguous(memory_format=torch.channels_last)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return ops.conv8(x_q, self.w_krsc, self.a_scale, self.w_scale_k, bias, list(self.stride),
+                             list(self.padding), x.dtype, self.conv_config)
+        if self.gemm_path == "8bit":  # a 3x3 conv with 8-bit numerics: emulated in the activation dtype
+            x = fake_quantize(x, self.a_scale, self.FMT)
+        return F.conv2d(x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
+                f"stride={tuple(self.stride)}, gemm={self.gemm_path if self.as_gemm else 'conv'}")
+
+
+class Int8Conv2d(QConv2d):
+    FMT = "int8"
+
+
+class Fp8Conv2d(QConv2d):
+    FMT = "fp8"
+
+
+MODULE_TYPES = {cls.__name__: cls for cls in (Int8Linear, Fp8Linear, Int8Conv2d, Fp8Conv2d)}
+
+
+@dataclass
+class ConversionReport:
+    counts: dict[str, int] = field(default_factory=dict)  # module type -> how many were replaced
+    dropped_attention: int = 0  # level-4 attention modules whose quantizers were dropped
+
+    def __str__(self):
+        text = ", ".join(f"{n} {name}" for name, n in sorted(self.counts.items())) or "nothing quantized"
+        if self.dropped_attention:
+            text += (f"; FP8 attention quantizers of {self.dropped_attention} attention modules dropped "
+                     "(attention runs in the activation dtype)")
+        return text
+
+
+def convert_to_real(unet: torch.nn.Module) -> tuple[torch.nn.Module, ConversionReport]:
+    """A new plain-torch UNet with real 8-bit modules for every ModelOpt layer that has its weight and
+    input quantizers enabled. Unquantized tensors are shared with `unet`, not copied."""
+    from sdxl_core.quant.quantize import ATTENTION_QUANTIZERS, is_quantized
+
+    plan, replaced, report = {}, {}, ConversionReport()
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and hasattr(module, "input_quantizer"):
+            if is_quantized(module):
+                real = _from_modelopt(module)
+                plan[name] = _spec(real)
+                replaced.update({f"{name}.{k}": v for k, v in real.state_dict().items()})
+                kind = type(real).__name__
+                report.counts[kind] = report.counts.get(kind, 0) + 1
+            elif module.input_quantizer.pre_quant_scale is not None:
+                # Smoothed, then disabled: fold the input scale back into the weight.
+                replaced[f"{name}.weight"] = module.weight * module.input_quantizer.pre_quant_scale
+        elif any(getattr(module, q, None) is not None for q in ATTENTION_QUANTIZERS):
+            report.dropped_attention += is_quantized(module)
+    plain = {k: v for k, v in unet.state_dict().items() if not _QUANTIZER_KEY.search(k)}
+    real_unet = load_real(unet.config, {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": plan},
+                          {**plain, **replaced}, unet_cls=type(unet))
+    return real_unet, report
+
+
+def layer_plan(unet: torch.nn.Module) -> dict:
+    """JSON-ready: which modules of a converted UNet are 8-bit, with the flags that fix their buffer shapes, and
+    whether its attention projections are fused (the module tree the layer names refer to)."""
+    layers = {name: _spec(m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule)}
+    return {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": layers}
+
+
+def fuse_qkv(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fuse the attention projections in place: one `to_qkv` GEMM per self-attention, one `to_kv` per
+    cross-attention (diffusers' `fuse_qkv_projections`), then drop the unfused projections, which nothing
+    runs any more, so they are neither stored nor quantized. Calibrating after fusing gives the fused layer one
+    SmoothQuant scale and one input scale of its own: one quantized input, one 8-bit GEMM."""
+    from diffusers.models.attention_processor import Attention
+
+    unet.fuse_qkv_projections()
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            for name in ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"):
+                setattr(module, name, None)
+    return unet
+
+
+def has_fused_qkv(unet: torch.nn.Module) -> bool:
+    return any(hasattr(m, "to_qkv") or hasattr(m, "to_kv") for m in unet.modules())
+
+
+def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module:
+    """Replace the planned modules of a plain UNet (any device, meta included) with empty 8-bit modules of
+    the right shapes, in place, so that the converted state dict loads with `strict=True`."""
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise UserError(f"not a {PLAN_FORMAT} layer plan: rebuild the engine")
+    if plan.get("fused_qkv") and not has_fused_qkv(plain_unet):
+        fuse_qkv(plain_unet)
+    for name, spec in plan["layers"].items():
+        cls = MODULE_TYPES.get(spec.get("type"))
+        try:
+            module = plain_unet.get_submodule(name)
+        except AttributeError:
+            module = None
+        base = torch.nn.Linear if cls in (Int8Linear, Fp8Linear) else torch.nn.Conv2d
+        if cls is None or type(module) is not base:
+            raise UserError(f"layer plan does not match the UNet at {name!r} ({spec.get('type')} over "
+                            f"{type(module).__name__}): rebuild the engine")
+        quantized = cls.empty_like(module, smooth=spec["smooth"], per_channel=spec["per_channel"])
+        gemm_path = spec.get("gemm", "8bit")
+        if gemm_path not in GEMM_PATHS:
+            raise UserError(f"layer plan has GEMM path {gemm_path!r} at {name!r}: rebuild the engine")
+        quantized.gemm_path = gemm_path
+        quantized.kernel = spec.get("kernel", quantized.kernel)
+        if not isinstance(quantized.kernel, str):
+            raise UserError(f"layer plan has kernel {quantized.kernel!r} at {name!r}: rebuild the engine")
+        plain_unet.set_submodule(name, quantized)
+    return plain_unet
+
+
+def real_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The converted UNet's tensors, contiguous and detached (what `safetensors.torch.save_file` wants)."""
+    return {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+
+
+def load_real(config: dict, plan: dict, state_dict: dict[str, torch.Tensor], *, unet_cls=None) -> torch.nn.Module:
+    """Rebuild a converted UNet: built on the meta device, 8-bit modules planted, tensors assigned (no copies)."""
+    if unet_cls is None:
+        from diffusers import UNet2DConditionModel as unet_cls
+    try:
+        with torch.device("meta"):
+            unet = unet_cls.from_config(config)
+    except Exception as exc:  # a config that diffusers cannot build from (edited, foreign)
+        raise UserError(f"UNet config does not build a UNet ({str(exc).strip()[:160]}): rebuild the engine") from None
+    apply_layer_plan(unet, plan)
+    try:
+        unet.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(f"8-bit UNet weights do not match the layer plan ({first}): rebuild the engine") from None
+    left = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    if left:
+        raise UserError(f"8-bit UNet is missing {len(left)} tensors (e.g. {left[0]}): rebuild the engine")
+    return unet.eval().requires_grad_(False)
+
+
+def save(unet: torch.nn.Module, directory: Path) -> None:
+    """Write UNET_FILES into `directory`: config, layer plan, tensors as they run."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    (directory / "unet_config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list))
+    (directory / "layer_plan.json").write_text(json.dumps(layer_plan(unet), indent=1, sort_keys=True))
+    save_file(real_state_dict(unet), str(directory / "unet.safetensors"))
+
+
+def load(directory: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The UNet `save` wrote, on `device`, with 16-bit-path weights dequantized once in `dtype`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "unet_config.json").read_text())
+        plan = json.loads((directory / "layer_plan.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"engine {directory.name}: unreadable UNet config or layer plan ({type(exc).__name__}): "
+                        "rebuild the engine") from None
+    unet = load_real(config, plan, load_file(str(directory / "unet.safetensors"), device=str(device)))
+    dequantize_weights(unet, dtype)
+    return unet
+
+
+def module_counts(unet: torch.nn.Module) -> Counter:
+    return Counter(type(m).__name__ for m in unet.modules() if isinstance(m, QuantizedModule))
+
+
+def _spec(module: QuantizedModule) -> dict:
+    return {"type": type(module).__name__, "smooth": getattr(module, "smooth", None) is not None,
+            "per_channel": module.per_channel, "gemm": module.gemm_path, "kernel": module.kernel}
+
+
+def _from_modelopt(module: torch.nn.Module) -> QuantizedModule:
+    wq, iq = module.weight_quantizer, module.input_quantizer
+    if wq.num_bits not in (8, (4, 3)) or iq.num_bits != wq.num_bits:
+        raise UserError(f"cannot run {wq.num_bits}-bit weights with {iq.num_bits}-bit inputs as 8-bit modules")
+    if iq.amax is None or iq.amax.numel() != 1 or wq.amax is None:
+        raise UserError("8-bit modules need calibrated per-tensor activations and calibrated weights")
+    with torch.no_grad():
+        # ModelOpt's own fake-quantized weight (SmoothQuant scale folded in): re-quantizing it with the same
+        # scales recovers ModelOpt's 8-bit values exactly, with no rounding ties decided differently.
+        weight = wq(module.weight)
+    fmt = "fp8" if wq.num_bits == (4, 3) else "int8"
+    cls = {(True, "int8"): Int8Linear, (True, "fp8"): Fp8Linear,
+           (False, "int8"): Int8Conv2d, (False, "fp8"): Fp8Conv2d}[(isinstance(module, torch.nn.Linear), fmt)]
+    return cls.from_float(module, weight=weight, w_amax=wq.amax, a_amax=iq.amax, smooth=iq.pre_quant_scale)
+
+
+def _after_load(module, _incompatible_keys):
+    module.dequantize_weight()
+
+
+def dequantize_weights(unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cache the dequantized weights of the 16-bit-path layers in the activation dtype."""
+    for module in unet.modules():
+        if isinstance(module, QuantizedModule):
+            module.dequantize_weight(dtype)

@@ -1,0 +1,162 @@
+"""What people look at: labelled image grids, SSIM heat maps, latency tables and latency-history plots.
+
+matplotlib is driven through the Agg canvas directly (no pyplot), so nothing opens a window or changes
+the process-wide backend.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from sdxl_core import metrics
+from sdxl_core.errors import UserError
+from sdxl_core.files import atomic_path
+
+LABEL_HEIGHT = 16  # caption strip above each labelled row or image, in pixels
+HEATMAP_CMAP = "inferno"
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _caption(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
+    draw.text((xy[0] + 2, xy[1] + 2), text, fill="black", font=_font())
+
+
+def image_grid(
+    rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 4, background: str = "white"
+) -> Image.Image:
+    """Paste `rows` of images into one RGB image, each cell as large as the largest image.
+
+    `labels` (one per row) are drawn in a LABEL_HEIGHT strip above their row. Size:
+    width = cols * cell_w + (cols + 1) * pad, height = nrows * (cell_h + label_h) + (nrows + 1) * pad.
+    """
+    if not rows or not any(rows):
+        raise UserError("image_grid needs at least one row with at least one image")
+    if labels is not None and len(labels) != len(rows):
+        raise UserError(f"image_grid got {len(rows)} rows but {len(labels)} labels; pass one label per row")
+    cell_w = max(img.width for row in rows for img in row)
+    cell_h = max(img.height for row in rows for img in row)
+    cols = max(len(row) for row in rows)
+    label_h = LABEL_HEIGHT if labels is not None else 0
+    grid = Image.new(
+        "RGB", (cols * cell_w + (cols + 1) * pad, len(rows) * (cell_h + label_h) + (len(rows) + 1) * pad), background
+    )
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        top = pad + r * (cell_h + label_h + pad)
+        if labels is not None:
+            _caption(draw, (pad, top), labels[r])
+        for c, img in enumerate(row):
+            grid.paste(img.convert("RGB"), (pad + c * (cell_w + pad), top + label_h))
+    return grid
+
+
+def _labelled(img: Image.Image, text: str, background: str = "white") -> Image.Image:
+    out = Image.new("RGB", (img.width, img.height + LABEL_HEIGHT), background)
+    _caption(ImageDraw.Draw(out), (0, 0), text)
+    out.paste(img.convert("RGB"), (0, LABEL_HEIGHT))
+    return out
+
+
+def ssim_heatmap(a, b, full_scale: float | None = None) -> Image.Image:
+    """The SSIM map of `a` vs `b` as an RGB image of the same size; bright where the images differ.
+
+    Colours span 1 - SSIM from 0 to `full_scale`; by default to this map's own maximum, so that the small
+    differences of a good 8-bit image stay visible instead of a uniformly dark square.
+    """
+    from matplotlib import colormaps
+
+    dissimilarity = _dissimilarity(a, b)
+    top = full_scale or max(float(dissimilarity.max()), 1e-6)
+    rgba = colormaps[HEATMAP_CMAP](np.clip(dissimilarity / top, 0.0, 1.0), bytes=True)
+    return Image.fromarray(rgba[..., :3], "RGB")
+
+
+def _dissimilarity(a, b) -> np.ndarray:
+    return 1.0 - np.clip(metrics.ssim_map(a, b), 0.0, 1.0)
+
+
+def side_by_side(images: dict[str, Image.Image], reference_label: str) -> Image.Image:
+    """One row: the reference, then each other image followed by its SSIM heat map against the reference."""
+    if reference_label not in images:
+        raise UserError(f"reference {reference_label!r} is not among the images: {', '.join(images)}")
+    reference = images[reference_label]
+    cells = [_labelled(reference, f"{reference_label} (reference)")]
+    for label, img in images.items():
+        if label == reference_label:
+            continue
+        value = metrics.ssim(reference, img)
+        cells.append(_labelled(img, f"{label}  SSIM {value:.4f}"))
+        peak = max(float(_dissimilarity(reference, img).max()), 1e-6)
+        cells.append(_labelled(ssim_heatmap(reference, img, peak), f"1-SSIM, brightest {peak:.2g}"))
+    return image_grid([cells])
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or isinstance(value, numbers.Integral):
+        return str(value)
+    if isinstance(value, numbers.Real):
+        return f"{float(value):.2f}"
+    # A literal "|" would end the cell early.
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def latency_table(rows: list[dict]) -> str:
+    """A markdown table: columns are the union of the rows' keys in first-seen order, floats to 2 decimals."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    if not columns:
+        return ""
+    lines = [
+        "| " + " | ".join(_cell(c) for c in columns) + " |",
+        "|" + "|".join(" --- " for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(
+    series: dict[str, list[tuple[str, float]]], path: str | os.PathLike, ylabel: str = "ms", title: str | None = None
+) -> Path:
+    """Write a PNG line plot of each variant's value over runs (x: run labels in first-seen order)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not any(series.values()):
+        raise UserError("plot_history needs at least one (run label, value) point")
+    runs: list[str] = []
+    for points in series.values():
+        runs.extend(run for run, _ in points if run not in runs)
+    position = {run: i for i, run in enumerate(runs)}
+
+    fig = Figure(figsize=(max(6.0, 0.6 * len(runs)), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for variant, points in series.items():
+        if points:
+            ax.plot([position[run] for run, _ in points], [value for _, value in points], marker="o", label=variant)
+    crowded = len(runs) > 6
+    ax.set_xticks(range(len(runs)), runs, rotation=45 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_xlabel("run")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path

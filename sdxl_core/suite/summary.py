@@ -1,0 +1,82 @@
+"""What the run measured, at its end: the quality sweep's means and report, the engines each worker built or
+loaded, and one row per quality or speed test (from `record_property`): the same on one GPU as on several."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+def pytest_runtest_logreport(report):
+    """Collect the quality sweep's records where the summary is printed (the xdist controller, or the one
+    process); workers only send theirs home in their reports."""
+    from sdxl_core.suite.sweep import PROPERTY
+
+    if report.when == "call" and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _SWEEP_RECORDS.extend(value for key, value in report.user_properties if key == PROPERTY)
+
+
+_SWEEP_RECORDS: list[dict] = []
+SWEEP_SUMMARY = pytest.StashKey[dict]()
+# Each engine this process prepared: variant, "built" or "loaded" (from the engine dir), worker, seconds. Workers
+# send theirs home at the end (xdist's workeroutput), so the summary shows one run whatever the worker count.
+ENGINE_RECORDS: list[dict] = []
+ENGINES_OUTPUT = "sdxl_bench_engines"
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without pytest-xdist
+def pytest_testnodedown(node, error):
+    ENGINE_RECORDS.extend(getattr(node, "workeroutput", {}).get(ENGINES_OUTPUT, []))
+
+
+def pytest_sessionfinish(session):
+    """The sweep's mean over every prompt that ran, the report file, and a failed run when a mean fails (each
+    prompt's own threshold already failed that prompt's test). A worker sends its engines home."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        if hasattr(session.config, "workeroutput"):
+            session.config.workeroutput[ENGINES_OUTPUT] = list(ENGINE_RECORDS)
+        return
+    if not _SWEEP_RECORDS:
+        return
+    from sdxl_core.suite import sweep
+
+    summary = session.config.stash[SWEEP_SUMMARY] = sweep.summarise(_SWEEP_RECORDS)
+    path = session.config.getoption("--quality-report")
+    if path:
+        sweep.write_report(path, summary)
+    if any(s["failures"] for s in summary.values()) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """What the quality and speed tests measured (from `record_property`), one row a test, by name, and
+    the quality sweep's summary: the same on one GPU as on several."""
+    from sdxl_core.suite.workers import plain_nodeid
+
+    rows = []
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            props = dict(getattr(report, "user_properties", []))
+            measured = {k: v for k, v in props.items() if k in ("ssim", "psnr_db", "speedup", "fp16_ms", "ms")}
+            if report.when == "call" and measured:
+                rows.append((outcome, plain_nodeid(report.nodeid).split("::")[-1], measured))
+    if rows:
+        terminalreporter.section("sdxl-bench measurements")
+        for outcome, name, measured in sorted(rows, key=lambda row: (row[0] != "passed", row[1])):
+            values = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in measured.items())
+            terminalreporter.write_line(f"{outcome:<6} {name:<60} {values}")
+    if ENGINE_RECORDS:
+        terminalreporter.section("sdxl-bench engines")
+        for record in sorted(ENGINE_RECORDS, key=lambda r: (r["variant"], r["mode"] != "built", r["worker"])):
+            terminalreporter.write_line(f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} "
+                                        f"{record['seconds']:.1f} s")
+    summary = config.stash.get(SWEEP_SUMMARY, None)
+    if summary:
+        from sdxl_core.suite import sweep
+
+        terminalreporter.section("sdxl-bench quality sweep")
+        for line in sweep.summary_lines(summary):
+            terminalreporter.write_line(line)
+        path = config.getoption("--quality-report")
+        terminalreporter.write_line(f"per-prompt values: {path}" if path else
+                                    "per-prompt values: --quality-report PATH (.md or .json)")
