@@ -52,15 +52,20 @@ def _require_project(session: nox.Session) -> None:
     except importlib.metadata.PackageNotFoundError:
         missing.append("the sdxl-bench package")
     if missing:
-        _refuse(session, f"runs in the Python that runs nox ({sys.executable}), which lacks {' and '.join(missing)}: "
-                         f"install the project there first: {sys.executable} -m pip install -e '.[dev]'")
+        _refuse(
+            session,
+            f"runs in the Python that runs nox ({sys.executable}), which lacks {' and '.join(missing)}: "
+            f"install the project there first: {sys.executable} -m pip install -e '.[dev]'",
+        )
 
 
 def _gpu_count() -> int:
     """How many GPUs PyTorch may use (0: none), asked in a child process so that nox itself never initialises
     CUDA; counted as the suite's plugin counts them (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)."""
-    probe = ("import torch; from sdxl_core.suite.workers import visible_gpus; "
-             "print((len(visible_gpus()) or torch.cuda.device_count()) if torch.cuda.is_available() else 0)")
+    probe = (
+        "import torch; from sdxl_core.suite.workers import visible_gpus; "
+        "print((len(visible_gpus()) or torch.cuda.device_count()) if torch.cuda.is_available() else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
@@ -81,10 +86,15 @@ def gpu_bench_args(env, *, on_gpu: bool, history_has_runs: bool, gpus: int = 1) 
     """
     if not on_gpu:
         return ["-m", "bench", f"--model={env.get('SDXL_BENCH_MODEL', 'tiny')}"]
-    args = ["-m", "bench", "--benchmark-autosave", f"--benchmark-storage={HISTORY}",
-            f"--model={env.get('SDXL_BENCH_MODEL', 'sdxl-random')}",
-            f"--engine-dir={env.get('SDXL_BENCH_ENGINE_DIR', 'engines')}",
-            f"--onnx-dir={env.get('SDXL_BENCH_ONNX_DIR', 'onnx')}"]
+    args = [
+        "-m",
+        "bench",
+        "--benchmark-autosave",
+        f"--benchmark-storage={HISTORY}",
+        f"--model={env.get('SDXL_BENCH_MODEL', 'sdxl-random')}",
+        f"--engine-dir={env.get('SDXL_BENCH_ENGINE_DIR', 'engines')}",
+        f"--onnx-dir={env.get('SDXL_BENCH_ONNX_DIR', 'onnx')}",
+    ]
     if gpus > 1:
         args += ["-n", str(gpus)]
     if history_has_runs:
@@ -96,6 +106,8 @@ def gpu_bench_args(env, *, on_gpu: bool, history_has_runs: bool, gpus: int = 1) 
 def tests(session: nox.Session) -> None:
     """The CPU suite: everything that can run without a GPU, including quality tests on `tiny`."""
     _install(session)
+    session.run("ruff", "check", ".")  # lint and format first: seconds, before minutes of tests
+    session.run("ruff", "format", "--check", ".")
     session.env["HF_HUB_OFFLINE"] = "1"
     session.run("pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)
 
@@ -122,13 +134,22 @@ def gpu_bench(session: nox.Session) -> None:
     gpus = _gpu_count()
     on_gpu = gpus > 0
     if not on_gpu and not allow_cpu:
-        _refuse(session, "PyTorch sees no CUDA GPU here, and these numbers would go into the GPU history that later "
-                         "runs are gated against; run it on a GPU runner (or add `-- --allow-cpu` to debug it on "
-                         "the CPU, saving nothing)")
+        _refuse(
+            session,
+            "PyTorch sees no CUDA GPU here, and these numbers would go into the GPU history that later "
+            "runs are gated against; run it on a GPU runner (or add `-- --allow-cpu` to debug it on "
+            "the CPU, saving nothing)",
+        )
     history_has_runs = os.path.isdir(HISTORY) and any(os.scandir(HISTORY))
-    session.run(sys.executable, "-m", "pytest",
-                *gpu_bench_args(os.environ, on_gpu=on_gpu, history_has_runs=history_has_runs,
-                                gpus=1 if _chooses_workers(posargs) else gpus), *posargs)
+    session.run(
+        sys.executable,
+        "-m",
+        "pytest",
+        *gpu_bench_args(
+            os.environ, on_gpu=on_gpu, history_has_runs=history_has_runs, gpus=1 if _chooses_workers(posargs) else gpus
+        ),
+        *posargs,
+    )
 
 
 @nox.session(python=False)
@@ -166,9 +187,13 @@ def _bench(session: nox.Session, command: str, *defaults: str) -> None:
 @nox.session(python=False)
 def gpu_engines(session: nox.Session) -> None:
     """FP16 / INT8 / FP8 UNet engines built (or reloaded) and timed side by side: engines.json."""
-    _bench(session, "engines", "--model=" + os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
-           "--engine-dir=" + os.environ.get("SDXL_BENCH_ENGINE_DIR", "engines"),
-           "--onnx-dir=" + os.environ.get("SDXL_BENCH_ONNX_DIR", "onnx"))
+    _bench(
+        session,
+        "engines",
+        "--model=" + os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
+        "--engine-dir=" + os.environ.get("SDXL_BENCH_ENGINE_DIR", "engines"),
+        "--onnx-dir=" + os.environ.get("SDXL_BENCH_ONNX_DIR", "onnx"),
+    )
 
 
 @nox.session(python=False)
@@ -180,6 +205,10 @@ def gpu_kernels(session: nox.Session) -> None:
 @nox.session(python=False)
 def gpu_profile(session: nox.Session) -> None:
     """A UNet step's GPU time by kernel group, FP16 against INT8 and FP8: profile.json."""
-    _bench(session, "profile", "--model=" + os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
-           "--engine-dir=" + os.environ.get("SDXL_BENCH_ENGINE_DIR", "engines"),
-           "--onnx-dir=" + os.environ.get("SDXL_BENCH_ONNX_DIR", "onnx"))
+    _bench(
+        session,
+        "profile",
+        "--model=" + os.environ.get("SDXL_BENCH_MODEL", "sdxl-random"),
+        "--engine-dir=" + os.environ.get("SDXL_BENCH_ENGINE_DIR", "engines"),
+        "--onnx-dir=" + os.environ.get("SDXL_BENCH_ONNX_DIR", "onnx"),
+    )

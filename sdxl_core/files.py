@@ -135,11 +135,14 @@ def write_failure(path: str | os.PathLike, exc: BaseException) -> UserError | No
         return None
     directory = Path(path).parent
     if isinstance(exc, OSError) and exc.errno == errno.EFBIG or "file too large" in str(exc).lower():
-        return UserError(f"cannot write {path}: File too large (the filesystem's limit or this process's, "
-                         "`ulimit -f`); write elsewhere or raise the limit")
+        return UserError(
+            f"cannot write {path}: File too large (the filesystem's limit or this process's, "
+            "`ulimit -f`); write elsewhere or raise the limit"
+        )
     if disk_full(exc, directory):
-        return UserError(f"cannot write {path}: No space left on device ({directory}); free space there or "
-                         "write elsewhere")
+        return UserError(
+            f"cannot write {path}: No space left on device ({directory}); free space there or write elsewhere"
+        )
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return UserError(f"cannot write {path}: {exc.strerror}; write elsewhere")
     return None
@@ -233,8 +236,7 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"{flag} {path} cannot be written to ({exc.strerror or exc}): "
-                        f"pick another {flag}") from None
+        raise UserError(f"{flag} {path} cannot be written to ({exc.strerror or exc}): pick another {flag}") from None
     finally:
         for directory in created:
             with contextlib.suppress(OSError):

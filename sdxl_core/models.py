@@ -38,9 +38,9 @@ from sdxl_core.startup import Startup
 BUILTIN_MODELS = ("tiny", "sdxl-random")
 MODEL_NOTES = {
     "tiny": "built-in tiny model: seeded random weights, so its images are noise by design; it checks the "
-            "plumbing and CPU timings, not image quality",
+    "plumbing and CPU timings, not image quality",
     "sdxl-random": "built-in sdxl-random model: the full SDXL architecture with seeded random weights, so its "
-                   "images are noise by design; it costs what the real model costs per step",
+    "images are noise by design; it costs what the real model costs per step",
 }
 # Built-ins whose generated weights are kept in the model cache: generating them costs more than reading them.
 CACHED_BUILTINS = ("sdxl-random",)
@@ -93,10 +93,22 @@ SDXL_VAE_CONFIG = {
     "scaling_factor": 0.13025,
     "force_upcast": True,
 }
-SDXL_TEXT_ENCODER_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
-SDXL_TEXT_ENCODER_2_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                  num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+SDXL_TEXT_ENCODER_CONFIG = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 
 TINY_UNET_CONFIG = {
     **SDXL_UNET_CONFIG,
@@ -108,12 +120,30 @@ TINY_UNET_CONFIG = {
     "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 32 + 6 * 8,
 }
-TINY_VAE_CONFIG = {**SDXL_VAE_CONFIG, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1,
-                   "norm_num_groups": 8, "sample_size": 128, "force_upcast": False}
-TINY_TEXT_ENCODER_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, hidden_act="quick_gelu", projection_dim=32)
-TINY_TEXT_ENCODER_2_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=2, hidden_act="gelu", projection_dim=32)
+TINY_VAE_CONFIG = {
+    **SDXL_VAE_CONFIG,
+    "block_out_channels": (8, 16, 16, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 128,
+    "force_upcast": False,
+}
+TINY_TEXT_ENCODER_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+)
+TINY_TEXT_ENCODER_2_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    hidden_act="gelu",
+    projection_dim=32,
+)
 
 
 @dataclass
@@ -134,8 +164,12 @@ class Components:
     placement: tuple | None = field(default=None, repr=False)  # (device, dtype) of the last `to`
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
-                "unet": self.unet, "vae": self.vae}
+        return {
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+            "unet": self.unet,
+            "vae": self.vae,
+        }
 
     @property
     def has_unet_weights(self) -> bool:
@@ -175,8 +209,15 @@ def import_libraries() -> None:
     import transformers.models.clip.tokenization_clip  # noqa: F401
 
 
-def load(model: str, *, lora_path: str | None = None, lora_scale: float = 1.0, seed: int = 0,
-         unet_weights: bool = True, startup: Startup | None = None) -> Components:
+def load(
+    model: str,
+    *,
+    lora_path: str | None = None,
+    lora_scale: float = 1.0,
+    seed: int = 0,
+    unet_weights: bool = True,
+    startup: Startup | None = None,
+) -> Components:
     """fp32 components on the CPU, LoRA fused. Callers move them with `Components.to`.
 
     `unet_weights=False` builds the UNet on the meta device from its config only: enough to load a prebuilt
@@ -215,20 +256,35 @@ def _builtin_makers(name: str) -> dict[str, Callable[[], torch.nn.Module]]:
     configs = _builtin_configs(name)
 
     def clip_config(cfg):
-        return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                              eos_token_id=49407, pad_token_id=49407, **cfg)
+        return CLIPTextConfig(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            **cfg,
+        )
 
-    return {"text_encoder": lambda: CLIPTextModel(clip_config(configs["text_encoder"])),
-            "text_encoder_2": lambda: CLIPTextModelWithProjection(clip_config(configs["text_encoder_2"])),
-            "vae": lambda: AutoencoderKL(**configs["vae"]),
-            "unet": lambda: UNet2DConditionModel(**configs["unet"])}
+    return {
+        "text_encoder": lambda: CLIPTextModel(clip_config(configs["text_encoder"])),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(clip_config(configs["text_encoder_2"])),
+        "vae": lambda: AutoencoderKL(**configs["vae"]),
+        "unet": lambda: UNet2DConditionModel(**configs["unet"]),
+    }
 
 
 BEFORE_UNET = ("text_encoder", "text_encoder_2", "vae")  # generated in this order, then the UNet
 
 
-def build_builtin(name: str, *, seed: int = 0, device: str | torch.device = "cpu", unet_weights: bool = True,
-                  startup: Startup | None = None, cache: bool | None = None) -> Components:
+def build_builtin(
+    name: str,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    unet_weights: bool = True,
+    startup: Startup | None = None,
+    cache: bool | None = None,
+) -> Components:
     """Seeded random components: text encoder, text encoder 2 and VAE from one seeded CPU random stream, then
     the UNet from where that stream stopped (its state is kept), so a UNet generated later (`unet_weights=False`,
     then `Components.load_unet_weights`) has exactly the weights it gets here.
@@ -324,9 +380,15 @@ class ModelCache:
         import diffusers
         import transformers
 
-        facts = {"format": MODEL_CACHE_FORMAT, "model": name, "seed": seed, "configs": _builtin_configs(name),
-                 "torch": torch.__version__, "diffusers": diffusers.__version__,
-                 "transformers": transformers.__version__}
+        facts = {
+            "format": MODEL_CACHE_FORMAT,
+            "model": name,
+            "seed": seed,
+            "configs": _builtin_configs(name),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        }
         digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return cls(root / f"{name}-s{seed}-{digest}")
 
@@ -348,8 +410,10 @@ class ModelCache:
                     module = make()
                 _assign(module, tensors)
             except Exception as exc:  # torn, truncated or foreign file: any reason means "generate it again"
-                print(f"warning: model cache file {file} does not load ({_first_line(exc)}); generating it again",
-                      file=sys.stderr)
+                print(
+                    f"warning: model cache file {file} does not load ({_first_line(exc)}); generating it again",
+                    file=sys.stderr,
+                )
                 return None
         return module
 
@@ -385,8 +449,11 @@ class ModelCache:
                 for component, module in modules.items():
                     self._write(self.file(component), _tensors(module))
             except Exception as exc:  # a cache that cannot be kept costs time, not the run
-                print(f"warning: could not keep {self.path.name} in the model cache ({_first_line(exc)}); it will "
-                      "be generated again next time", file=sys.stderr)
+                print(
+                    f"warning: could not keep {self.path.name} in the model cache ({_first_line(exc)}); it will "
+                    "be generated again next time",
+                    file=sys.stderr,
+                )
                 return False
         return True
 
@@ -412,8 +479,10 @@ def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"{len(wanted.keys() ^ tensors.keys())} tensor names differ from the module's")
     for name, tensor in tensors.items():
         if tensor.shape != wanted[name].shape or tensor.dtype != wanted[name].dtype:
-            raise ValueError(f"{name} is {tuple(tensor.shape)} {tensor.dtype}, the module has "
-                             f"{tuple(wanted[name].shape)} {wanted[name].dtype}")
+            raise ValueError(
+                f"{name} is {tuple(tensor.shape)} {tensor.dtype}, the module has "
+                f"{tuple(wanted[name].shape)} {wanted[name].dtype}"
+            )
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
         if leaf in owner._parameters:
@@ -432,8 +501,11 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def _looks_local(model: str) -> bool:
-    return (Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
-            or os.sep in model.strip("/").split("/", 1)[-1])
+    return (
+        Path(model).expanduser().exists()
+        or model.startswith((".", "/", "~"))
+        or os.sep in model.strip("/").split("/", 1)[-1]
+    )
 
 
 def check_model_name(model: str) -> None:
@@ -447,12 +519,16 @@ def check_model_name(model: str) -> None:
         return
     if _looks_local(model):
         if not (Path(model).expanduser() / "model_index.json").is_file():
-            raise UserError(f"{model} is not a diffusers model directory (no model_index.json); "
-                            "pass a hub id, a local diffusers dir, or --model tiny / --model sdxl-random")
+            raise UserError(
+                f"{model} is not a diffusers model directory (no model_index.json); "
+                "pass a hub id, a local diffusers dir, or --model tiny / --model sdxl-random"
+            )
         return
     if not HUB_ID.fullmatch(model):
-        raise UserError(f"unknown model {model!r}{did_you_mean(model, BUILTIN_MODELS)}: pass a built-in "
-                        f"({', '.join(BUILTIN_MODELS)}), a local diffusers dir, or a hub id (org/name)")
+        raise UserError(
+            f"unknown model {model!r}{did_you_mean(model, BUILTIN_MODELS)}: pass a built-in "
+            f"({', '.join(BUILTIN_MODELS)}), a local diffusers dir, or a hub id (org/name)"
+        )
 
 
 def is_hub_id(name: str) -> bool:
@@ -469,8 +545,10 @@ def check_hub_source(repo_id: str, filename: str, what: str, instead: str) -> No
     if isinstance(try_to_load_from_cache(repo_id, filename), str):
         return
     why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"the hub ({_hub_address()[0]}) is unreachable"
-    raise UserError(f"cannot load {what} {repo_id!r}: {why} and it is not in the local cache; download it where the "
-                    f"hub is reachable (huggingface-cli download {repo_id}), or {instead}")
+    raise UserError(
+        f"cannot load {what} {repo_id!r}: {why} and it is not in the local cache; download it where the "
+        f"hub is reachable (huggingface-cli download {repo_id}), or {instead}"
+    )
 
 
 def _from_pretrained(model: str, *, unet_weights: bool = True, startup: Startup | None = None) -> Components:
@@ -493,8 +571,9 @@ def _from_pretrained(model: str, *, unet_weights: bool = True, startup: Startup 
 
     with _one_line_load_error(model, unreachable):
         with startup.phase("tokenizers", note=note):
-            tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=s, **kwargs)
-                          for s in ("tokenizer", "tokenizer_2")]
+            tokenizers = [
+                CLIPTokenizer.from_pretrained(source, subfolder=s, **kwargs) for s in ("tokenizer", "tokenizer_2")
+            ]
         with startup.phase("text_encoder", note=note):
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
         with startup.phase("text_encoder_2", note=note):
@@ -505,9 +584,17 @@ def _from_pretrained(model: str, *, unet_weights: bool = True, startup: Startup 
             with startup.phase("unet_shape"):
                 unet = _shape_only_unet(UNet2DConditionModel.load_config(source, subfolder="unet", **kwargs))
         scheduler_config = dict(EulerDiscreteScheduler.load_config(source, subfolder="scheduler", **kwargs))
-    return Components(name=model, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], text_encoder=text_encoder,
-                      text_encoder_2=text_encoder_2, unet=load_unet() if unet_weights else unet, vae=vae,
-                      scheduler_config=scheduler_config, unet_loader=load_unet)
+    return Components(
+        name=model,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        unet=load_unet() if unet_weights else unet,
+        vae=vae,
+        scheduler_config=scheduler_config,
+        unet_loader=load_unet,
+    )
 
 
 @contextlib.contextmanager
@@ -521,8 +608,10 @@ def _one_line_load_error(model: str, unreachable: bool):
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         if unreachable:
             reason = f"the hub ({_hub_address()[0]}) is unreachable and the model is not in the local cache"
-        raise UserError(f"cannot load model {model!r} ({reason}); without hub access use --model tiny "
-                        "or --model sdxl-random, or pass a local diffusers directory") from None
+        raise UserError(
+            f"cannot load model {model!r} ({reason}); without hub access use --model tiny "
+            "or --model sdxl-random, or pass a local diffusers directory"
+        ) from None
 
 
 def _shape_only_unet(config: dict) -> torch.nn.Module:
@@ -541,15 +630,23 @@ def fuse_lora(components: Components, lora_path: str, scale: float) -> None:
     if is_local and not path.exists():
         raise UserError(f"--lora-path {lora_path} does not exist")
     pipe = StableDiffusionXLPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-        tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=components.unet,
         scheduler=_any_scheduler(components.scheduler_config),
     )
     weight_name = path.name if path.is_file() else None
     source = str(path.parent if path.is_file() else path) if is_local else lora_path
     try:
-        pipe.load_lora_weights(source, weight_name=weight_name, adapter_name="sdxl_bench",
-                               local_files_only=is_local or _hub_offline() or not hub_reachable())
+        pipe.load_lora_weights(
+            source,
+            weight_name=weight_name,
+            adapter_name="sdxl_bench",
+            local_files_only=is_local or _hub_offline() or not hub_reachable(),
+        )
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load LoRA {lora_path!r}: {reason}") from None
@@ -623,8 +720,9 @@ def builtin_tokenizer(pad_token: str):
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, pad_token=pad_token,
-                         model_max_length=77)
+    return CLIPTokenizer(
+        vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, pad_token=pad_token, model_max_length=77
+    )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -632,5 +730,6 @@ def _bytes_to_unicode() -> dict[int, str]:
     the others to characters from 256 up, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
-    return {b: chr(c) for b, c in zip(printable + others, printable + [256 + n for n in range(len(others))],
-                                      strict=True)}
+    return {
+        b: chr(c) for b, c in zip(printable + others, printable + [256 + n for n in range(len(others))], strict=True)
+    }

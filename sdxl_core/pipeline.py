@@ -81,8 +81,17 @@ class Result:
 
 
 @torch.inference_mode()
-def txt2img(engines, components, variant: Variant, prompts: list[str], *, negative_prompt: str = "",
-            seed: int = 0, generator: torch.Generator | None = None, progress: bool = False) -> Result:
+def txt2img(
+    engines,
+    components,
+    variant: Variant,
+    prompts: list[str],
+    *,
+    negative_prompt: str = "",
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Result:
     """One batch: `len(prompts)` images. `generator` lets batch counts continue one random stream."""
     device, dtype = engines.device, engines.dtype
     generator = generator or torch.Generator("cpu").manual_seed(seed)
@@ -101,8 +110,9 @@ def txt2img(engines, components, variant: Variant, prompts: list[str], *, negati
             hidden_2, pooled = engines.clip2(_token_ids(components.tokenizer_2, texts, device))
         encoder_hidden_states = torch.cat([hidden_1, hidden_2], dim=-1).to(dtype)
         text_embeds = pooled.to(dtype)
-        time_ids = torch.tensor([[variant.height, variant.width, 0, 0, variant.height, variant.width]],
-                                device=device, dtype=dtype).repeat(len(texts), 1)
+        time_ids = torch.tensor(
+            [[variant.height, variant.width, 0, 0, variant.height, variant.width]], device=device, dtype=dtype
+        ).repeat(len(texts), 1)
 
         latent_shape = (batch, 4, variant.height // 8, variant.width // 8)
         latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
@@ -123,23 +133,43 @@ def txt2img(engines, components, variant: Variant, prompts: list[str], *, negati
     return Result(images=_to_pil(pixels), timings=timings, unet_calls=len(steps), latents=latents)
 
 
-def run(engines, components, variant: Variant, prompt: str, *, negative_prompt: str = "", seed: int = 0,
-        batch_count: int = 1, warmup_runs: int = 0, progress: bool = True,
-        generator: torch.Generator | None = None) -> list[Result]:
+def run(
+    engines,
+    components,
+    variant: Variant,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    seed: int = 0,
+    batch_count: int = 1,
+    warmup_runs: int = 0,
+    progress: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[Result]:
     """The demo's loop: warm-up runs (not reported), then `batch_count` batches from one seed. A `generator`
     (seeded with `seed`) lets a caller run the batches in parts: they continue one random stream."""
     prompts = [prompt] * variant.batch_size
     for _ in tqdm(range(warmup_runs), desc="warm-up", disable=not progress or warmup_runs == 0):
         txt2img(engines, components, variant, prompts, negative_prompt=negative_prompt, seed=seed)
     generator = generator or torch.Generator("cpu").manual_seed(seed)
-    return [txt2img(engines, components, variant, prompts, negative_prompt=negative_prompt, generator=generator,
-                    progress=progress)
-            for _ in range(batch_count)]
+    return [
+        txt2img(
+            engines,
+            components,
+            variant,
+            prompts,
+            negative_prompt=negative_prompt,
+            generator=generator,
+            progress=progress,
+        )
+        for _ in range(batch_count)
+    ]
 
 
 def _token_ids(tokenizer, texts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return ids.to(device)
 
 

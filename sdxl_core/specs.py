@@ -24,9 +24,18 @@ TEXT_MAXLEN = 77
 TIME_IDS = 6  # (orig h, orig w, crop top, crop left, target h, target w)
 
 # Shapes when no module config is given: SDXL base.
-_SDXL = {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 2048, "addition_time_embed_dim": 256,
-         "projection_class_embeddings_input_dim": 2816, "latent_channels": 4, "vae_out_channels": 3,
-         "clip_hidden": 768, "clip2_hidden": 1280, "clip2_projection": 1280}
+_SDXL = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "cross_attention_dim": 2048,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "latent_channels": 4,
+    "vae_out_channels": 3,
+    "clip_hidden": 768,
+    "clip2_hidden": 1280,
+    "clip2_projection": 1280,
+}
 
 
 def config_value(config, key, default):
@@ -57,22 +66,31 @@ class ComponentSpec:
         cfg = lambda key, default_key=None: config_value(config, key, _SDXL[default_key or key])  # noqa: E731
         if self.name == "unet":
             text_embeds = cfg("projection_class_embeddings_input_dim") - TIME_IDS * cfg("addition_time_embed_dim")
-            return {"sample": (b, cfg("in_channels"), h, w), "timestep": (1,),
-                    "encoder_hidden_states": (b, TEXT_MAXLEN, cfg("cross_attention_dim")),
-                    "text_embeds": (b, text_embeds), "time_ids": (b, TIME_IDS),
-                    "latent": (b, cfg("out_channels"), h, w)}
+            return {
+                "sample": (b, cfg("in_channels"), h, w),
+                "timestep": (1,),
+                "encoder_hidden_states": (b, TEXT_MAXLEN, cfg("cross_attention_dim")),
+                "text_embeds": (b, text_embeds),
+                "time_ids": (b, TIME_IDS),
+                "latent": (b, cfg("out_channels"), h, w),
+            }
         if self.name == "vae":
-            return {"latent": (b, cfg("latent_channels"), h, w),
-                    "images": (b, cfg("out_channels", "vae_out_channels"), variant.height, variant.width)}
+            return {
+                "latent": (b, cfg("latent_channels"), h, w),
+                "images": (b, cfg("out_channels", "vae_out_channels"), variant.height, variant.width),
+            }
         pooled = self.name == "clip2"
-        shapes = {"input_ids": (b, TEXT_MAXLEN),
-                  "hidden_states": (b, TEXT_MAXLEN, cfg("hidden_size", "clip2_hidden" if pooled else "clip_hidden"))}
+        shapes = {
+            "input_ids": (b, TEXT_MAXLEN),
+            "hidden_states": (b, TEXT_MAXLEN, cfg("hidden_size", "clip2_hidden" if pooled else "clip_hidden")),
+        }
         if pooled:
             shapes["text_embeds"] = (b, cfg("projection_dim", "clip2_projection"))
         return shapes
 
-    def sample_inputs(self, variant: Variant, module: torch.nn.Module | None = None, *, seed: int = 0,
-                      device=None, dtype=None) -> tuple[torch.Tensor, ...]:
+    def sample_inputs(
+        self, variant: Variant, module: torch.nn.Module | None = None, *, seed: int = 0, device=None, dtype=None
+    ) -> tuple[torch.Tensor, ...]:
         """Seeded random inputs of the graph's shapes (never zeros), in the module's dtype and device unless
         given. Used for export, warm-up, CUDA-graph capture, dispatch timing and benchmarks."""
         config = getattr(module, "config", None)
@@ -105,8 +123,13 @@ class ComponentSpec:
         if self.name == "unet":
             return variant.engine_key(backend_version, device_tag)
         batch = self.batch(variant)
-        knobs = {"component": self.name, "model": variant.model, "batch": batch, "backend": variant.backend,
-                 "lora": (variant.lora_path, variant.lora_scale) if variant.lora_path else None}
+        knobs = {
+            "component": self.name,
+            "model": variant.model,
+            "batch": batch,
+            "backend": variant.backend,
+            "lora": (variant.lora_path, variant.lora_scale) if variant.lora_path else None,
+        }
         readable = [self.name, f"bs{batch}"]
         if self.name == "vae":
             knobs.update(height=variant.height, width=variant.width)
@@ -114,13 +137,21 @@ class ComponentSpec:
         return make_key(readable, knobs, variant, backend_version, device_tag)
 
 
-SPECS = {spec.name: spec for spec in (
-    ComponentSpec("clip", "clip", "text_encoder", ("input_ids",), ("hidden_states",)),
-    ComponentSpec("clip2", "clip2", "text_encoder_2", ("input_ids",), ("hidden_states", "text_embeds")),
-    ComponentSpec("unet", "unetxl", "unet", ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"),
-                  ("latent",)),
-    ComponentSpec("vae", "vae", "vae", ("latent",), ("images",)),
-)}
+SPECS = {
+    spec.name: spec
+    for spec in (
+        ComponentSpec("clip", "clip", "text_encoder", ("input_ids",), ("hidden_states",)),
+        ComponentSpec("clip2", "clip2", "text_encoder_2", ("input_ids",), ("hidden_states", "text_embeds")),
+        ComponentSpec(
+            "unet",
+            "unetxl",
+            "unet",
+            ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"),
+            ("latent",),
+        ),
+        ComponentSpec("vae", "vae", "vae", ("latent",), ("images",)),
+    )
+}
 COMPONENTS = tuple(SPECS)  # in the order the pipeline runs them
 
 

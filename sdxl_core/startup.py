@@ -132,8 +132,11 @@ class Timed:
 def table(seconds: dict[str, float], notes: dict[str, str] | None = None, total_label: str = "total") -> str:
     """The start-up table: one row per phase (a note in brackets), "other", then the total."""
     notes = notes or {}
-    rows = [(LABELS.get(name, name) + (f" ({notes[name]})" if name in notes else ""), s)
-            for name, s in seconds.items() if name not in (OTHER, TOTAL)]
+    rows = [
+        (LABELS.get(name, name) + (f" ({notes[name]})" if name in notes else ""), s)
+        for name, s in seconds.items()
+        if name not in (OTHER, TOTAL)
+    ]
     rows.append(("other (between phases)", seconds.get(OTHER, 0.0)))
     width = max(36, *(len(label) for label, _ in rows), len(total_label))
     line = f"|{'-' * (width + 2)}|{'-' * 12}|"

@@ -41,8 +41,9 @@ def graph_ms(fn: Callable[[], object], iters: int = 30, replays: int = 7, warmup
     return statistics.median(times)
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], *, rounds: int = 10, iters: int = 5,
-                   warmup: int = 3, cuda: bool | None = None) -> dict[str, list[float]]:
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 10, iters: int = 5, warmup: int = 3, cuda: bool | None = None
+) -> dict[str, list[float]]:
     """{name: [ms per call, one sample per round]}: each round runs every `fn` `iters` times in turn."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     for fn in fns.values():

@@ -88,31 +88,45 @@ class Variant:
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler {self.scheduler!r}{did_you_mean(self.scheduler, SCHEDULERS)}: "
-                            f"choose one of {', '.join(SCHEDULERS)}")
+            raise UserError(
+                f"unknown scheduler {self.scheduler!r}{did_you_mean(self.scheduler, SCHEDULERS)}: "
+                f"choose one of {', '.join(SCHEDULERS)}"
+            )
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        for flag, value in (("--quantization-level", self.quant_level), ("--quantization-alpha", self.quant_alpha),
-                            ("--quantization-percentile", self.quant_percentile)):
+        for flag, value in (
+            ("--quantization-level", self.quant_level),
+            ("--quantization-alpha", self.quant_alpha),
+            ("--quantization-percentile", self.quant_percentile),
+        ):
             if not math.isfinite(value):
                 raise UserError(f"{flag} must be a finite number, got {value}")
         for flag, value in (("--height", self.height), ("--width", self.width)):
             if value < 8 or value % 8:
                 raise UserError(f"{flag} must be a positive multiple of 8, got {value}")
-        for flag, value in (("--denoising-steps", self.steps), ("--batch-size", self.batch_size),
-                            ("--height", self.height), ("--width", self.width),
-                            ("--calibration-size", self.calibration_size), ("--guidance-scale", self.guidance_scale),
-                            ("--lora-scale", self.lora_scale)):
+        for flag, value in (
+            ("--denoising-steps", self.steps),
+            ("--batch-size", self.batch_size),
+            ("--height", self.height),
+            ("--width", self.width),
+            ("--calibration-size", self.calibration_size),
+            ("--guidance-scale", self.guidance_scale),
+            ("--lora-scale", self.lora_scale),
+        ):
             check_range(flag, value)
         if self.batch_size > MAX_BATCH_ABOVE_512 and max(self.height, self.width) > 512:
-            raise UserError(f"--batch-size must be at most {MAX_BATCH_ABOVE_512} above 512x512 (the demo's limit), "
-                            f"got {self.batch_size} at {self.height}x{self.width}")
+            raise UserError(
+                f"--batch-size must be at most {MAX_BATCH_ABOVE_512} above 512x512 (the demo's limit), "
+                f"got {self.batch_size} at {self.height}x{self.width}"
+            )
         if self.precision == "int8" and self.quant_level not in INT8_LEVELS:
-            raise UserError(f"--quantization-level for INT8 must be one of {_levels(INT8_LEVELS)}, "
-                            f"got {self.quant_level:g}")
+            raise UserError(
+                f"--quantization-level for INT8 must be one of {_levels(INT8_LEVELS)}, got {self.quant_level:g}"
+            )
         if self.precision == "fp8" and self.quant_level not in FP8_LEVELS:
-            raise UserError(f"--quantization-level for FP8 must be one of {_levels(FP8_LEVELS)}, "
-                            f"got {self.quant_level:g}")
+            raise UserError(
+                f"--quantization-level for FP8 must be one of {_levels(FP8_LEVELS)}, got {self.quant_level:g}"
+            )
         if not 0.0 <= self.quant_alpha <= 1.0:
             raise UserError(f"--quantization-alpha must be in [0, 1], got {self.quant_alpha}")
         if not 0.0 < self.quant_percentile <= 1.0:
@@ -168,8 +182,14 @@ class Variant:
         """
         parts = [f"unetxl-{self.precision}"]
         if self.precision == "int8":
-            parts += [f"l{self.quant_level:g}", f"bs{self.unet_batch}", f"s{self.steps}",
-                      f"c{self.calibration_size}", f"p{self.quant_percentile:.1f}", f"a{self.quant_alpha:.1f}"]
+            parts += [
+                f"l{self.quant_level:g}",
+                f"bs{self.unet_batch}",
+                f"s{self.steps}",
+                f"c{self.calibration_size}",
+                f"p{self.quant_percentile:.1f}",
+                f"a{self.quant_alpha:.1f}",
+            ]
         elif self.precision == "fp8":
             parts += [f"l{self.quant_level:g}", f"bs{self.unet_batch}", f"s{self.steps}", f"c{self.calibration_size}"]
         else:
@@ -187,8 +207,9 @@ def make_key(readable: list[str], knobs: dict, variant: Variant, backend_version
     if variant.lora_path:
         parts.append(f"lora{variant.lora_scale:g}")
     parts += [_slug(f"{variant.backend}{backend_version}"), _slug(device_tag)]
-    digest = hashlib.sha256(repr(sorted(knobs.items())).encode() + device_tag.encode()
-                            + backend_version.encode()).hexdigest()[:10]
+    digest = hashlib.sha256(
+        repr(sorted(knobs.items())).encode() + device_tag.encode() + backend_version.encode()
+    ).hexdigest()[:10]
     return ".".join(parts + [digest])
 
 
@@ -211,10 +232,19 @@ VARIANTS: dict[str, Variant] = {
     # Level 3 (all linear layers + conv) runs as real FP8 GEMMs on the torch backend; level 4 also
     # quantizes the attention matmuls, which only the TensorRT backend can run in FP8.
     "xl-1.0-fp8": _BASE.replace(name="xl-1.0-fp8", precision="fp8", quant_level=3.0),
-    "xl-1.0-lcm-lora": _BASE.replace(name="xl-1.0-lcm-lora", steps=4, scheduler="LCM", guidance_scale=0.0,
-                                     lora_path=LCM_LORA_HUB_ID, lora_scale=1.0),
-    "xl-turbo": Variant(name="xl-turbo", version="xl-turbo", model=HUB_IDS["xl-turbo"], steps=1,
-                        scheduler="EulerA", guidance_scale=0.0, height=512, width=512),
+    "xl-1.0-lcm-lora": _BASE.replace(
+        name="xl-1.0-lcm-lora", steps=4, scheduler="LCM", guidance_scale=0.0, lora_path=LCM_LORA_HUB_ID, lora_scale=1.0
+    ),
+    "xl-turbo": Variant(
+        name="xl-turbo",
+        version="xl-turbo",
+        model=HUB_IDS["xl-turbo"],
+        steps=1,
+        scheduler="EulerA",
+        guidance_scale=0.0,
+        height=512,
+        width=512,
+    ),
 }
 
 
@@ -222,8 +252,9 @@ def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise UserError(f"unknown variant {name!r}{did_you_mean(name, VARIANTS)}: "
-                        f"choose one of {', '.join(VARIANTS)}") from None
+        raise UserError(
+            f"unknown variant {name!r}{did_you_mean(name, VARIANTS)}: choose one of {', '.join(VARIANTS)}"
+        ) from None
 
 
 def builtin_defaults(model: str | None) -> dict:

@@ -52,8 +52,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default:" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
-                or action.default == []:
+        if (
+            "default:" in text
+            or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+            or action.default == []
+        ):
             return text
         return super()._get_help_string(action)
 
@@ -86,41 +89,73 @@ def build_parser(bench_flags=tuple(BENCH_COMMANDS)) -> argparse.ArgumentParser:
     parser = _Parser(prog="sdxl-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    txt2img = commands.add_parser("txt2img", help="generate images and print the per-stage latency table",
-                                  description="Generate images and print the per-stage latency table.")
+    txt2img = commands.add_parser(
+        "txt2img",
+        help="generate images and print the per-stage latency table",
+        description="Generate images and print the per-stage latency table.",
+    )
     txt2img.add_argument("prompt", nargs="*", help=f"text prompt (default: {DEFAULT_PROMPT!r})")
-    txt2img.add_argument("--negative-prompt", default="",
-                         help="what the image should move away from; used with guidance above 1 (default: none)")
+    txt2img.add_argument(
+        "--negative-prompt",
+        default="",
+        help="what the image should move away from; used with guidance above 1 (default: none)",
+    )
     _add_variant_flags(txt2img)
     low, high = LIMITS["--seed"]
     txt2img.add_argument("--seed", type=int, default=0, help=f"seed of the initial noise, {low} to 2**64-1")
-    txt2img.add_argument("--batch-count", type=int, default=1,
-                         help="timed batches, one random stream from --seed, {}-{}".format(*LIMITS["--batch-count"]))
-    txt2img.add_argument("--num-warmup-runs", type=int, default=1,
-                         help="untimed runs before them, {}-{}".format(*LIMITS["--num-warmup-runs"]))
-    txt2img.add_argument("--output-dir", default="output",
-                         help="images and the JSON report; their names carry the variant, the seed and a hash of the "
-                              "prompt and settings, so distinct runs never overwrite each other")
+    txt2img.add_argument(
+        "--batch-count",
+        type=int,
+        default=1,
+        help="timed batches, one random stream from --seed, {}-{}".format(*LIMITS["--batch-count"]),
+    )
+    txt2img.add_argument(
+        "--num-warmup-runs",
+        type=int,
+        default=1,
+        help="untimed runs before them, {}-{}".format(*LIMITS["--num-warmup-runs"]),
+    )
+    txt2img.add_argument(
+        "--output-dir",
+        default="output",
+        help="images and the JSON report; their names carry the variant, the seed and a hash of the "
+        "prompt and settings, so distinct runs never overwrite each other",
+    )
     _add_runtime_flags(txt2img, building=False)
 
-    build = commands.add_parser("build", help="build (or verify) engines for variants without generating images",
-                                description="Build engines into --engine-dir, or find and verify the ones there.")
+    build = commands.add_parser(
+        "build",
+        help="build (or verify) engines for variants without generating images",
+        description="Build engines into --engine-dir, or find and verify the ones there.",
+    )
     build.add_argument("--variants", default="xl-1.0-fp16", help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    build.add_argument("--calibration-size", type=int, default=None,
-                       help="prompts each 8-bit build calibrates on, {}-{}, each a whole denoising run (default: the "
-                            "variant's, 32; {} with --model tiny)".format(*LIMITS["--calibration-size"],
-                                                                        TINY_CALIBRATION_SIZE))
-    build.add_argument("--report", default=None,
-                       help="JSON file for what each variant's engine is and where the start-up time went "
-                            "(default: none, the tables are printed only)")
+    build.add_argument(
+        "--calibration-size",
+        type=int,
+        default=None,
+        help="prompts each 8-bit build calibrates on, {}-{}, each a whole denoising run (default: the "
+        "variant's, 32; {} with --model tiny)".format(*LIMITS["--calibration-size"], TINY_CALIBRATION_SIZE),
+    )
+    build.add_argument(
+        "--report",
+        default=None,
+        help="JSON file for what each variant's engine is and where the start-up time went "
+        "(default: none, the tables are printed only)",
+    )
     _add_runtime_flags(build, building=True)
 
-    report = commands.add_parser("report", help="turn a run's JSON report(s) into a markdown summary",
-                                 description="Turn txt2img reports or pytest-benchmark runs into markdown tables.")
+    report = commands.add_parser(
+        "report",
+        help="turn a run's JSON report(s) into a markdown summary",
+        description="Turn txt2img reports or pytest-benchmark runs into markdown tables.",
+    )
     report.add_argument("reports", nargs="+", help="JSON files written by txt2img (or pytest-benchmark histories)")
     report.add_argument("--output", default=None, help="markdown file to write (default: print it)")
-    history = commands.add_parser("history", help="pytest-benchmark histories to a markdown table and a PNG plot",
-                                  description="pytest-benchmark histories to a markdown table and a PNG plot.")
+    history = commands.add_parser(
+        "history",
+        help="pytest-benchmark histories to a markdown table and a PNG plot",
+        description="pytest-benchmark histories to a markdown table and a PNG plot.",
+    )
     history.add_argument("storage", nargs="?", default=".benchmarks", help="the --benchmark-storage dir")
     history.add_argument("--output-dir", default="benchmark-history", help="where history.md and history.png go")
     parser.subcommands = {"txt2img": txt2img, "build": build, "report": report, "history": history}
@@ -138,86 +173,171 @@ def _bench_module(name: str):
 
 
 def _add_variant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", default=None, help=f"start from a named variant: {', '.join(VARIANTS)} "
-                   "(default: xl-1.0-fp16, or the one --version, --int8 or --fp8 picks)")
-    p.add_argument("--version", choices=("xl-1.0", "xl-turbo"), default=None,
-                   help="SDXL version (demo flag): base 1.0 or Turbo (default: xl-1.0, or the --variant's)")
+    p.add_argument(
+        "--variant",
+        default=None,
+        help=f"start from a named variant: {', '.join(VARIANTS)} "
+        "(default: xl-1.0-fp16, or the one --version, --int8 or --fp8 picks)",
+    )
+    p.add_argument(
+        "--version",
+        choices=("xl-1.0", "xl-turbo"),
+        default=None,
+        help="SDXL version (demo flag): base 1.0 or Turbo (default: xl-1.0, or the --variant's)",
+    )
     steps, size = LIMITS["--denoising-steps"], LIMITS["--height"]
     tiny_size = f"; {TINY_SIZE} with --model tiny"
-    p.add_argument("--denoising-steps", type=int, default=None,
-                   help=f"denoising steps, {steps[0]}-{steps[1]} ({_by_variant('steps')})")
-    p.add_argument("--scheduler", default=None,
-                   help=f"one of {', '.join(SCHEDULERS)} ({_by_variant('scheduler')})")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance, {:g}-{:g}; at 1 or below the UNet runs without CFG ({})".format(
-                       *LIMITS["--guidance-scale"], _by_variant("guidance_scale", "{:g}".format)))
-    p.add_argument("--height", type=int, default=None, help=f"image height, a multiple of 8, {size[0]}-{size[1]} "
-                   f"({_by_variant('height', tiny=tiny_size)})")
-    p.add_argument("--width", type=int, default=None, help=f"image width, a multiple of 8, {size[0]}-{size[1]} "
-                   f"({_by_variant('width', tiny=tiny_size)})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch, {}-{} (at most {} above 512x512, as the demo) ({})".format(
-                       *LIMITS["--batch-size"], MAX_BATCH_ABOVE_512, _by_variant("batch_size")))
-    p.add_argument("--lora-path", default=None, help="diffusers-format LoRA: hub id, dir or .safetensors file, fused "
-                   f"before any engine is built ({_by_variant('lora_path', lambda v: v or 'none')})")
-    p.add_argument("--lora-scale", type=float, default=None,
-                   help="weight of the fused LoRA, {:g} to {:g} ({})".format(
-                       *LIMITS["--lora-scale"], _by_variant("lora_scale", "{:g}".format)))
+    p.add_argument(
+        "--denoising-steps",
+        type=int,
+        default=None,
+        help=f"denoising steps, {steps[0]}-{steps[1]} ({_by_variant('steps')})",
+    )
+    p.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)} ({_by_variant('scheduler')})")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance, {:g}-{:g}; at 1 or below the UNet runs without CFG ({})".format(
+            *LIMITS["--guidance-scale"], _by_variant("guidance_scale", "{:g}".format)
+        ),
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help=f"image height, a multiple of 8, {size[0]}-{size[1]} ({_by_variant('height', tiny=tiny_size)})",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help=f"image width, a multiple of 8, {size[0]}-{size[1]} ({_by_variant('width', tiny=tiny_size)})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch, {}-{} (at most {} above 512x512, as the demo) ({})".format(
+            *LIMITS["--batch-size"], MAX_BATCH_ABOVE_512, _by_variant("batch_size")
+        ),
+    )
+    p.add_argument(
+        "--lora-path",
+        default=None,
+        help="diffusers-format LoRA: hub id, dir or .safetensors file, fused "
+        f"before any engine is built ({_by_variant('lora_path', lambda v: v or 'none')})",
+    )
+    p.add_argument(
+        "--lora-scale",
+        type=float,
+        default=None,
+        help="weight of the fused LoRA, {:g} to {:g} ({})".format(
+            *LIMITS["--lora-scale"], _by_variant("lora_scale", "{:g}".format)
+        ),
+    )
     precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--int8", action="store_true",
-                           help="INT8 UNet (ModelOpt SmoothQuant PTQ) (default: FP16 UNet)")
+    precision.add_argument(
+        "--int8", action="store_true", help="INT8 UNet (ModelOpt SmoothQuant PTQ) (default: FP16 UNet)"
+    )
     precision.add_argument("--fp8", action="store_true", help="FP8 (E4M3) UNet (ModelOpt PTQ) (default: FP16 UNet)")
-    levels = [", ".join(f"{level:g}" for level in group[:-1]) + f" or {group[-1]:g}"
-              for group in (INT8_LEVELS, FP8_LEVELS)]
-    p.add_argument("--quantization-level", type=float, default=None,
-                   help=f"which layers an 8-bit UNet quantizes: 1 convs, 2 + FFN linears, 2.5 + Q/K/V, 3 + every "
-                        f"linear, 4 + attention matmuls; INT8 takes {levels[0]}; FP8 {levels[1]} "
-                        f"(default: 3; ignored without --int8/--fp8)")
-    p.add_argument("--quantization-alpha", type=float, default=None,
-                   help="INT8 SmoothQuant alpha, 0-1 (default: 0.8)")
-    p.add_argument("--quantization-percentile", type=float, default=None,
-                   help="INT8 conv inputs: share of the denoising steps whose amax counts, in (0, 1] (default: 1.0)")
-    p.add_argument("--calibration-size", type=int, default=None,
-                   help="prompts an 8-bit build calibrates on, {}-{}, each a whole denoising run (default: 32; "
-                        "{} with --model tiny)".format(*LIMITS["--calibration-size"], TINY_CALIBRATION_SIZE))
-    p.add_argument("--fused-qkv", action="store_true",
-                   help="torch backend: fuse each attention's Q/K/V (and cross-attention K/V) projections into one "
-                        "GEMM; 8-bit engines are calibrated on the fused layers (default: off)")
+    levels = [
+        ", ".join(f"{level:g}" for level in group[:-1]) + f" or {group[-1]:g}" for group in (INT8_LEVELS, FP8_LEVELS)
+    ]
+    p.add_argument(
+        "--quantization-level",
+        type=float,
+        default=None,
+        help=f"which layers an 8-bit UNet quantizes: 1 convs, 2 + FFN linears, 2.5 + Q/K/V, 3 + every "
+        f"linear, 4 + attention matmuls; INT8 takes {levels[0]}; FP8 {levels[1]} "
+        f"(default: 3; ignored without --int8/--fp8)",
+    )
+    p.add_argument("--quantization-alpha", type=float, default=None, help="INT8 SmoothQuant alpha, 0-1 (default: 0.8)")
+    p.add_argument(
+        "--quantization-percentile",
+        type=float,
+        default=None,
+        help="INT8 conv inputs: share of the denoising steps whose amax counts, in (0, 1] (default: 1.0)",
+    )
+    p.add_argument(
+        "--calibration-size",
+        type=int,
+        default=None,
+        help="prompts an 8-bit build calibrates on, {}-{}, each a whole denoising run (default: 32; "
+        "{} with --model tiny)".format(*LIMITS["--calibration-size"], TINY_CALIBRATION_SIZE),
+    )
+    p.add_argument(
+        "--fused-qkv",
+        action="store_true",
+        help="torch backend: fuse each attention's Q/K/V (and cross-attention K/V) projections into one "
+        "GEMM; 8-bit engines are calibrated on the fused layers (default: off)",
+    )
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser, building: bool) -> None:
-    p.add_argument("--model", default=None,
-                   help="hub id (org/name), local diffusers dir, or a built-in: tiny (CPU-fast), sdxl-random "
-                        "(full size); built-ins have random weights (default: the variant's, "
-                        "stabilityai/stable-diffusion-xl-base-1.0; stabilityai/sdxl-turbo for xl-turbo)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hub id (org/name), local diffusers dir, or a built-in: tiny (CPU-fast), sdxl-random "
+        "(full size); built-ins have random weights (default: the variant's, "
+        "stabilityai/stable-diffusion-xl-base-1.0; stabilityai/sdxl-turbo for xl-turbo)",
+    )
     p.add_argument("--backend", default="torch", help="torch or tensorrt")
-    p.add_argument("--device", default="auto",
-                   help="auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
-    p.add_argument("--half", choices=("fp16", "bf16"), default="fp16",
-                   help="dtype of unquantized GPU work; the CPU always computes in fp32")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch on the CPU, {}-{} (default: 1 with --model tiny, whose ops are too "
-                        "small to gain from threads; else the CPUs this process may use; OMP_NUM_THREADS when "
-                        "set)".format(*LIMITS["--threads"]))
-    p.add_argument("--onnx-dir", default=None,
-                   help="ONNX exports and calibration state, reused when present (default: none, nothing kept)")
-    p.add_argument("--engine-dir", default=None,
-                   help="where engines are built and reused; enough on its own to run them (default: none, the "
-                        "engine lives in memory)")
+    p.add_argument(
+        "--device", default="auto", help="auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N"
+    )
+    p.add_argument(
+        "--half",
+        choices=("fp16", "bf16"),
+        default="fp16",
+        help="dtype of unquantized GPU work; the CPU always computes in fp32",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch on the CPU, {}-{} (default: 1 with --model tiny, whose ops are too "
+        "small to gain from threads; else the CPUs this process may use; OMP_NUM_THREADS when "
+        "set)".format(*LIMITS["--threads"]),
+    )
+    p.add_argument(
+        "--onnx-dir",
+        default=None,
+        help="ONNX exports and calibration state, reused when present (default: none, nothing kept)",
+    )
+    p.add_argument(
+        "--engine-dir",
+        default=None,
+        help="where engines are built and reused; enough on its own to run them (default: none, the "
+        "engine lives in memory)",
+    )
     if building:
-        p.add_argument("--no-build", action="store_true",
-                       help="build nothing: only check that each engine is in --engine-dir, whole, and loads")
-        p.add_argument("--use-cuda-graph", action="store_true",
-                       help="after building, also capture the UNet step in a CUDA graph to check that it captures "
-                            "(engines store no graph; txt2img captures its own)")
+        p.add_argument(
+            "--no-build",
+            action="store_true",
+            help="build nothing: only check that each engine is in --engine-dir, whole, and loads",
+        )
+        p.add_argument(
+            "--use-cuda-graph",
+            action="store_true",
+            help="after building, also capture the UNet step in a CUDA graph to check that it captures "
+            "(engines store no graph; txt2img captures its own)",
+        )
     else:
-        p.add_argument("--no-build", action="store_true",
-                       help="only load a prebuilt engine from --engine-dir: never calibrate, export or build")
-        p.add_argument("--use-cuda-graph", action="store_true",
-                       help="capture the UNet step in a CUDA graph (the torch backend always does on a GPU; "
-                            "TensorRT only with this flag)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars; one line per phase still goes to stderr")
+        p.add_argument(
+            "--no-build",
+            action="store_true",
+            help="only load a prebuilt engine from --engine-dir: never calibrate, export or build",
+        )
+        p.add_argument(
+            "--use-cuda-graph",
+            action="store_true",
+            help="capture the UNet step in a CUDA graph (the torch backend always does on a GPU; "
+            "TensorRT only with this flag)",
+        )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars; one line per phase still goes to stderr"
+    )
 
 
 def variant_from_args(args) -> Variant:
@@ -300,12 +420,19 @@ def say(message: str) -> None:
     print(f"sdxl-bench: {message}", file=sys.stderr, flush=True)
 
 
-def output_stem(variant: Variant, prompt: str, negative_prompt: str, seed: int, batch_count: int, device,
-                half: str) -> str:
+def output_stem(
+    variant: Variant, prompt: str, negative_prompt: str, seed: int, batch_count: int, device, half: str
+) -> str:
     """`<variant>-s<seed>-<hash>`: the hash covers the prompts and every setting that changes the images, so runs
     that differ in any of them write different files; the same run again replaces its own files."""
-    settings = {"prompt": prompt, "negative_prompt": negative_prompt, "variant": dataclasses.asdict(variant),
-                "batch_count": batch_count, "device": device.type, "half": half if device.type == "cuda" else None}
+    settings = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "variant": dataclasses.asdict(variant),
+        "batch_count": batch_count,
+        "device": device.type,
+        "half": half if device.type == "cuda" else None,
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{variant.name}-s{seed}-{digest}"
 
@@ -342,8 +469,9 @@ def _check_runtime(args, model: str, lora_path: str | None = None):
     if models.is_hub_id(model):
         models.check_hub_source(model, "unet/config.json", "model", "use --model tiny or a local diffusers dir")
     if lora_path and models.is_hub_id(lora_path):
-        models.check_hub_source(lora_path, "pytorch_lora_weights.safetensors", "LoRA",
-                                "pass a local .safetensors file with --lora-path")
+        models.check_hub_source(
+            lora_path, "pytorch_lora_weights.safetensors", "LoRA", "pass a local .safetensors file with --lora-path"
+        )
     if args.use_cuda_graph and device.type != "cuda":
         raise UserError("--use-cuda-graph needs a CUDA GPU")
     from sdxl_core.engines import cross_kv
@@ -356,15 +484,19 @@ def _engine_phase(variant: Variant, args) -> str:
     where = f"from {args.engine_dir}" if args.engine_dir else "in memory"
     if args.no_build:
         return f"{variant.name}: loading the UNet engine {where}"
-    work = (f"; a build first calibrates on {variant.calibration_size} prompt(s) x {variant.steps} steps"
-            if variant.is_quantized else "")
+    work = (
+        f"; a build first calibrates on {variant.calibration_size} prompt(s) x {variant.steps} steps"
+        if variant.is_quantized
+        else ""
+    )
     kind = f"{variant.precision.upper()} " if variant.is_quantized else ""
     return f"{variant.name}: preparing the {kind}UNet engine {where}{work}"
 
 
 def _engine_done(info: dict, startup: Startup) -> str:
-    calibration = (f", calibration {info['calibration']} in {info['calibration_s']:.1f} s"
-                   if info.get("calibration") else "")
+    calibration = (
+        f", calibration {info['calibration']} in {info['calibration_s']:.1f} s" if info.get("calibration") else ""
+    )
     return f"engine {info.get('mode')} ({time.perf_counter() - startup.origin:.1f} s since start){calibration}"
 
 
@@ -393,8 +525,17 @@ def cmd_txt2img(args, startup: Startup) -> int:
         say(f"warm-up: {args.num_warmup_runs} untimed run(s) of {variant.steps} steps")
     say(f"generating {args.batch_count} batch(es) of {variant.batch_size} image(s), {variant.steps} steps each")
     generator = torch.Generator("cpu").manual_seed(args.seed)  # one random stream over all timed batches
-    run = functools.partial(pipeline.run, engines, components, variant, prompt, negative_prompt=args.negative_prompt,
-                            seed=args.seed, progress=not args.no_progress, generator=generator)
+    run = functools.partial(
+        pipeline.run,
+        engines,
+        components,
+        variant,
+        prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        progress=not args.no_progress,
+        generator=generator,
+    )
     with startup.phase("warmup", device):
         run(batch_count=0, warmup_runs=args.num_warmup_runs)
     with startup.phase("first_image", device):
@@ -411,9 +552,18 @@ def cmd_txt2img(args, startup: Startup) -> int:
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             image_paths.append(str(path))
-    report = run_report.make_report(variant, engines, results, prompt=prompt, seed=args.seed, images=image_paths,
-                                 command=shlex.join(sys.argv), negative_prompt=args.negative_prompt, half=args.half,
-                                 startup=startup)
+    report = run_report.make_report(
+        variant,
+        engines,
+        results,
+        prompt=prompt,
+        seed=args.seed,
+        images=image_paths,
+        command=shlex.join(sys.argv),
+        negative_prompt=args.negative_prompt,
+        half=args.half,
+        startup=startup,
+    )
     report_path = out_dir / f"{stem}.json"
     atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     print(run_report.stage_table(report))
@@ -447,13 +597,24 @@ def _load_components(variant: Variant, args, startup: Startup):
 
     if variant.model in models.MODEL_NOTES:
         say(models.MODEL_NOTES[variant.model])
-    return models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale,
-                       unet_weights=not (args.no_build or args.engine_dir), startup=startup)
+    return models.load(
+        variant.model,
+        lora_path=variant.lora_path,
+        lora_scale=variant.lora_scale,
+        unet_weights=not (args.no_build or args.engine_dir),
+        startup=startup,
+    )
 
 
 def prepare_engines(backend, variant, components, device, args, startup: Startup | None = None):
-    options = dict(engine_dir=args.engine_dir, onnx_dir=args.onnx_dir, half=args.half,
-                   progress=not args.no_progress, allow_build=not args.no_build, startup=startup)
+    options = dict(
+        engine_dir=args.engine_dir,
+        onnx_dir=args.onnx_dir,
+        half=args.half,
+        progress=not args.no_progress,
+        allow_build=not args.no_build,
+        startup=startup,
+    )
     if args.use_cuda_graph:
         options["use_cuda_graph"] = True
     return backend.prepare(variant, components, device, **options)
@@ -468,8 +629,9 @@ def cmd_build(args, startup: Startup) -> int:
     if not names:
         raise UserError(f"--variants {args.variants!r} names no variant: choose from {', '.join(VARIANTS)}")
     variants = [get_variant(n) for n in names]  # refuse a bad name before any work
-    variants = [v.replace(**{k: val for k, val in (("model", args.model), ("backend", args.backend)) if val})
-                for v in variants]
+    variants = [
+        v.replace(**{k: val for k, val in (("model", args.model), ("backend", args.backend)) if val}) for v in variants
+    ]
     variants = [v.replace(**builtin_defaults(v.model)) for v in variants]
     if args.calibration_size is not None:
         check_range("--calibration-size", args.calibration_size)
@@ -481,8 +643,8 @@ def cmd_build(args, startup: Startup) -> int:
 
         check_writable_dir(Path(args.report).parent, "--report")
     device, _ = _start(args, startup, variants[0])
-    from sdxl_core.reports import run_report
     from sdxl_core.engines import get_backend
+    from sdxl_core.reports import run_report
 
     with startup.phase("checks"):
         for variant in variants[1:]:
@@ -499,17 +661,28 @@ def cmd_build(args, startup: Startup) -> int:
         engines = prepare_engines(backend, variant, components, device, args, timed)
         timed.finish()
         info = engines.info
-        print(f"{variant.name}: {info.get('mode')} {info.get('engine_path')} "
-              f"({info.get('engine_bytes', 0) / 2**20:.1f} MiB)")
-        record = {"variant": variant.name, "engine": {k: v for k, v in info.items() if k != "gemm_timings"},
-                  "startup_s": timed.record(), "startup_notes": timed.notes}
+        print(
+            f"{variant.name}: {info.get('mode')} {info.get('engine_path')} "
+            f"({info.get('engine_bytes', 0) / 2**20:.1f} MiB)"
+        )
+        record = {
+            "variant": variant.name,
+            "engine": {k: v for k, v in info.items() if k != "gemm_timings"},
+            "startup_s": timed.record(),
+            "startup_notes": timed.notes,
+        }
         print(run_report.startup_table(record, until=f"{variant.name} engine ready"))
         built.append(record)
     if args.report:
         from sdxl_core.files import atomic_write_text
 
-        report = {"schema": run_report.REPORT_SCHEMA_VERSION, "command": shlex.join(sys.argv), "built": built,
-                  "libraries": run_report.library_versions(device), "device": run_report.device_info(device)}
+        report = {
+            "schema": run_report.REPORT_SCHEMA_VERSION,
+            "command": shlex.join(sys.argv),
+            "built": built,
+            "libraries": run_report.library_versions(device),
+            "device": run_report.device_info(device),
+        }
         atomic_write_text(args.report, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.report}")
     return 0
@@ -588,8 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # refused by the subcommand, so the error points at its own --help
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    commands = {"txt2img": functools.partial(cmd_txt2img, startup=startup),
-                "build": functools.partial(cmd_build, startup=startup), "report": cmd_report, "history": cmd_history}
+    commands = {
+        "txt2img": functools.partial(cmd_txt2img, startup=startup),
+        "build": functools.partial(cmd_build, startup=startup),
+        "report": cmd_report,
+        "history": cmd_history,
+    }
     try:
         return (commands.get(args.command) or _bench_module(args.command).main)(args)
     except UserError as exc:

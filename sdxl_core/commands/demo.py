@@ -34,15 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdxl_core.commands.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="tiny (default, CPU-fast), sdxl-random, a hub id or a local dir")
     p.add_argument("--output-dir", default="demo-out")
-    p.add_argument("--engine-dir", default=None, help="where the engines are built and reused "
-                   "(default: <output-dir>/engines)")
+    p.add_argument(
+        "--engine-dir", default=None, help="where the engines are built and reused (default: <output-dir>/engines)"
+    )
     p.add_argument("--onnx-dir", default=None, help="calibration state, reused when present (default: none kept)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--denoising-steps", type=int, default=None,
-                   help=f"default: {TINY['steps']} on tiny, else the variant's 30")
-    p.add_argument("--calibration-size", type=int, default=None,
-                   help=f"INT8 calibration prompts; default: {TINY['calibration_size']} on tiny, else 32")
+    p.add_argument(
+        "--denoising-steps", type=int, default=None, help=f"default: {TINY['steps']} on tiny, else the variant's 30"
+    )
+    p.add_argument(
+        "--calibration-size",
+        type=int,
+        default=None,
+        help=f"INT8 calibration prompts; default: {TINY['calibration_size']} on tiny, else 32",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--no-warmup", action="store_true", help="skip the 1-step warm-up run per variant")
     p.add_argument("--no-progress", action="store_true")
@@ -56,8 +62,12 @@ def demo_variants(model: str, steps: int | None = None, calibration_size: int | 
     for name in VARIANT_NAMES:
         variant = get_variant(name).replace(model=model)
         if model == "tiny":
-            variant = variant.replace(height=TINY["height"], width=TINY["width"], steps=TINY["steps"],
-                                      calibration_size=TINY["calibration_size"])
+            variant = variant.replace(
+                height=TINY["height"],
+                width=TINY["width"],
+                steps=TINY["steps"],
+                calibration_size=TINY["calibration_size"],
+            )
         if steps is not None:
             variant = variant.replace(steps=steps)
         if calibration_size is not None:
@@ -66,16 +76,27 @@ def demo_variants(model: str, steps: int | None = None, calibration_size: int | 
     return variants
 
 
-def run_demo(model: str = "tiny", output_dir="demo-out", engine_dir=None, *, onnx_dir=None,
-             prompt: str = DEFAULT_PROMPT, seed: int = 0, steps: int | None = None,
-             calibration_size: int | None = None, device: str = "auto", warmup: bool = True,
-             progress: bool = True) -> dict:
+def run_demo(
+    model: str = "tiny",
+    output_dir="demo-out",
+    engine_dir=None,
+    *,
+    onnx_dir=None,
+    prompt: str = DEFAULT_PROMPT,
+    seed: int = 0,
+    steps: int | None = None,
+    calibration_size: int | None = None,
+    device: str = "auto",
+    warmup: bool = True,
+    progress: bool = True,
+) -> dict:
     """Build (or load) both engines, render `prompt` with each, write the files; returns what was written."""
     from sdxl_core import metrics, models, pipeline
-    from sdxl_core.reports import images as report, run_report
     from sdxl_core.commands.cli import resolve_device, set_cpu_threads
     from sdxl_core.engines import torch_backend
     from sdxl_core.files import atomic_path, atomic_write_text
+    from sdxl_core.reports import images as report
+    from sdxl_core.reports import run_report
 
     started = time.perf_counter()
     out = Path(output_dir)
@@ -91,8 +112,14 @@ def run_demo(model: str = "tiny", output_dir="demo-out", engine_dir=None, *, onn
             print(f"{variant.name}: preparing the engine in {engine_dir}", file=sys.stderr)
         build_started = time.perf_counter()
         components = models.load(variant.model)
-        engines = torch_backend.prepare(variant, components, torch_device, engine_dir=str(engine_dir),
-                                        onnx_dir=str(onnx_dir) if onnx_dir else None, progress=progress)
+        engines = torch_backend.prepare(
+            variant,
+            components,
+            torch_device,
+            engine_dir=str(engine_dir),
+            onnx_dir=str(onnx_dir) if onnx_dir else None,
+            progress=progress,
+        )
         prepare_s = time.perf_counter() - build_started
         if warmup:
             pipeline.txt2img(engines, components, variant.replace(steps=1), [prompt], seed=seed)
@@ -100,11 +127,27 @@ def run_demo(model: str = "tiny", output_dir="demo-out", engine_dir=None, *, onn
         image = result.images[0]
         images[variant.name] = image
         t = result.timings
-        rows.append({"variant": variant.name, "engine": engines.info.get("mode"), "steps": result.unet_calls,
-                     "clip ms": t["clip"], "clip2 ms": t["clip2"], "unet ms/step": t["unet"] / result.unet_calls,
-                     "vae ms": t["vae"], "total ms": t["total"]})
-        details.append({"variant": variant.name, "timings_ms": {k: round(v, 3) for k, v in t.items()},
-                        "unet_steps": result.unet_calls, "prepare_s": round(prepare_s, 2), "engine": engines.info})
+        rows.append(
+            {
+                "variant": variant.name,
+                "engine": engines.info.get("mode"),
+                "steps": result.unet_calls,
+                "clip ms": t["clip"],
+                "clip2 ms": t["clip2"],
+                "unet ms/step": t["unet"] / result.unet_calls,
+                "vae ms": t["vae"],
+                "total ms": t["total"],
+            }
+        )
+        details.append(
+            {
+                "variant": variant.name,
+                "timings_ms": {k: round(v, 3) for k, v in t.items()},
+                "unet_steps": result.unet_calls,
+                "prepare_s": round(prepare_s, 2),
+                "engine": engines.info,
+            }
+        )
 
     reference = images[VARIANT_NAMES[0]]
     quality = {name: metrics.compare(reference, img) for name, img in images.items() if name != VARIANT_NAMES[0]}
@@ -125,18 +168,30 @@ def run_demo(model: str = "tiny", output_dir="demo-out", engine_dir=None, *, onn
     first = variants[0]
     facts = run_report.device_info(torch_device)
     table = report.latency_table(rows)
-    heading = (f"# sdxl-bench demo: {first.model}, {first.height}x{first.width}, {first.steps} steps, "
-               f"{facts['name']} ({torch_device.type})\n\nPrompt: \"{prompt}\", seed {seed}. "
-               f"Milliseconds of one run after a 1-step warm-up{'' if warmup else ' (skipped)'}.\n\n")
+    heading = (
+        f"# sdxl-bench demo: {first.model}, {first.height}x{first.width}, {first.steps} steps, "
+        f'{facts["name"]} ({torch_device.type})\n\nPrompt: "{prompt}", seed {seed}. '
+        f"Milliseconds of one run after a 1-step warm-up{'' if warmup else ' (skipped)'}.\n\n"
+    )
     if torch_device.type == "cpu":
-        heading += ("On CPU the FP16 variant computes in float32 and INT8 runs CPU 8-bit kernels: these timings "
-                    "check the plumbing and say nothing about GPU speed-ups.\n\n")
+        heading += (
+            "On CPU the FP16 variant computes in float32 and INT8 runs CPU 8-bit kernels: these timings "
+            "check the plumbing and say nothing about GPU speed-ups.\n\n"
+        )
     paths["latency"] = out / "latency.md"
     atomic_write_text(paths["latency"], heading + table)
     paths["json"] = out / "demo.json"
-    summary = {"command": shlex.join(sys.argv), "prompt": prompt, "seed": seed, "variants": details,
-               "quality_vs_fp16": quality, "libraries": run_report.library_versions(), "device": facts,
-               "engine_dir": str(engine_dir), "wall_s": round(time.perf_counter() - started, 2)}
+    summary = {
+        "command": shlex.join(sys.argv),
+        "prompt": prompt,
+        "seed": seed,
+        "variants": details,
+        "quality_vs_fp16": quality,
+        "libraries": run_report.library_versions(),
+        "device": facts,
+        "engine_dir": str(engine_dir),
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
     atomic_write_text(paths["json"], json.dumps(summary, indent=2, default=str) + "\n")
     return {"table": table, "rows": rows, "paths": paths, "quality": quality, "wall_s": summary["wall_s"]}
 
@@ -144,9 +199,19 @@ def run_demo(model: str = "tiny", output_dir="demo-out", engine_dir=None, *, onn
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        done = run_demo(args.model, args.output_dir, args.engine_dir, onnx_dir=args.onnx_dir, prompt=args.prompt,
-                        seed=args.seed, steps=args.denoising_steps, calibration_size=args.calibration_size,
-                        device=args.device, warmup=not args.no_warmup, progress=not args.no_progress)
+        done = run_demo(
+            args.model,
+            args.output_dir,
+            args.engine_dir,
+            onnx_dir=args.onnx_dir,
+            prompt=args.prompt,
+            seed=args.seed,
+            steps=args.denoising_steps,
+            calibration_size=args.calibration_size,
+            device=args.device,
+            warmup=not args.no_warmup,
+            progress=not args.no_progress,
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

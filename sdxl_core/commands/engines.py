@@ -26,8 +26,8 @@ import torch
 from sdxl_core import models, timing
 from sdxl_core.engines import torch_backend
 from sdxl_core.errors import UserError
-from sdxl_core.variants import TINY_SIZE, VARIANTS
 from sdxl_core.reports.results import ResultFile, fmt, table
+from sdxl_core.variants import TINY_SIZE, VARIANTS
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 FLOPS_PER_STEP_1024 = 13.52e12  # SDXL UNet, CFG batch 2 at 1024x1024 (torch.utils.flop_counter on the meta device)
@@ -37,20 +37,35 @@ PRECISIONS = ("fp16", "int8", "fp8")
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="sdxl-random", help="built-in, hub id or local dir")
-    p.add_argument("--precisions", default="fp16,int8,fp8",
-                   help="engines to prepare, from fp16,int8,fp8, each optionally +qkv (fused attention projections)")
-    p.add_argument("--calibration-size", type=int, default=2,
-                   help="calibration prompts of the 8-bit engines (timing does not depend on it; the demo uses 32)")
+    p.add_argument(
+        "--precisions",
+        default="fp16,int8,fp8",
+        help="engines to prepare, from fp16,int8,fp8, each optionally +qkv (fused attention projections)",
+    )
+    p.add_argument(
+        "--calibration-size",
+        type=int,
+        default=2,
+        help="calibration prompts of the 8-bit engines (timing does not depend on it; the demo uses 32)",
+    )
     p.add_argument("--size", type=int, default=None, help="image height and width (default: 1024, tiny 128)")
     p.add_argument("--engine-dir", required=True, help="where the engines are built, or reloaded from")
     p.add_argument("--onnx-dir", default=None, help="calibration state (reused when present)")
     p.add_argument("--reload", action="store_true", help="load engines only: no ONNX dir, no calibration")
-    p.add_argument("--compile", choices=("auto", "regional", "full", "off"), default="auto",
-                   help="auto: regional on a GPU, off on the CPU")
+    p.add_argument(
+        "--compile",
+        choices=("auto", "regional", "full", "off"),
+        default="auto",
+        help="auto: regional on a GPU, off on the CPU",
+    )
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto", help="auto: on a GPU")
     p.add_argument("--fp16-tunings", default="", help=f"extra in-memory FP16 rows, from {','.join(FP16_TUNINGS)}")
-    p.add_argument("--layout", choices=("auto", "channels-last", "nchw"), default="auto",
-                   help="activation layout of the engine rows (auto: channels-last on a GPU, NCHW on the CPU)")
+    p.add_argument(
+        "--layout",
+        choices=("auto", "channels-last", "nchw"),
+        default="auto",
+        help="activation layout of the engine rows (auto: channels-last on a GPU, NCHW on the CPU)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--iters", type=int, default=4, help="UNet steps per engine per round")
     p.add_argument("--out", required=True, help="directory for engines.json")
@@ -69,8 +84,15 @@ def main(args) -> int:
     compile_mode = "full" if args.compile == "full" else "regional"
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
     size = args.size or (TINY_SIZE if args.model == "tiny" else 1024)
-    result = ResultFile(args.out, "engines", device, mode="reload" if args.reload else "build", model=args.model,
-                        size=size, calibration_size=args.calibration_size)
+    result = ResultFile(
+        args.out,
+        "engines",
+        device,
+        mode="reload" if args.reload else "build",
+        model=args.model,
+        size=size,
+        calibration_size=args.calibration_size,
+    )
     # A reload needs no UNet weights: the engine brings them. Tuned FP16 rows start from the seeded UNet.
     master = models.load(args.model, unet_weights=not args.reload or bool(tunings))
     engines, rows, kept = {}, {}, {}
@@ -79,17 +101,28 @@ def main(args) -> int:
         layout = {"auto": None, "channels-last": True, "nchw": False}[args.layout]
         mode, channels_last = FP16_TUNINGS[name.removeprefix("fp16-")] if tuned else (compile_mode, layout)
         precision = "fp16" if tuned else name.removesuffix("+qkv")
-        variant = VARIANTS[f"xl-1.0-{precision}"].replace(model=args.model, height=size, width=size,
-                                                         calibration_size=args.calibration_size,
-                                                         fused_qkv=name.endswith("+qkv"))
+        variant = VARIANTS[f"xl-1.0-{precision}"].replace(
+            model=args.model,
+            height=size,
+            width=size,
+            calibration_size=args.calibration_size,
+            fused_qkv=name.endswith("+qkv"),
+        )
         fresh = not args.reload or tuned  # tunings change the module: never share it between rows
         components = dataclasses.replace(master, unet=copy.deepcopy(master.unet) if fresh else master.unet)
         started = time.perf_counter()
         engines[name] = torch_backend.prepare(
-            variant, components, device, engine_dir=None if tuned else args.engine_dir,
-            onnx_dir=None if args.reload else args.onnx_dir, allow_build=tuned or not args.reload,
-            compile=True if tuned and device.type == "cuda" else compile, compile_mode=mode,
-            use_cuda_graph=cuda_graph, channels_last=channels_last)
+            variant,
+            components,
+            device,
+            engine_dir=None if tuned else args.engine_dir,
+            onnx_dir=None if args.reload else args.onnx_dir,
+            allow_build=tuned or not args.reload,
+            compile=True if tuned and device.type == "cuda" else compile,
+            compile_mode=mode,
+            use_cuda_graph=cuda_graph,
+            channels_last=channels_last,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         info = {k: v for k, v in engines[name].info.items() if k != "gemm_timings"}
@@ -112,8 +145,11 @@ def main(args) -> int:
     best_fp16 = min((ms for name, ms in medians.items() if name.startswith("fp16")), default=None)
     fp16 = next((name for name in precisions if name.startswith("fp16")), None)
     for name, row in rows.items():
-        row.update(ms_per_step=round(medians[name], 3), ms_all=[round(t, 3) for t in samples[name]],
-                   tflops=round(flops / medians[name] / 1e9, 1))
+        row.update(
+            ms_per_step=round(medians[name], 3),
+            ms_all=[round(t, 3) for t in samples[name]],
+            tflops=round(flops / medians[name] / 1e9, 1),
+        )
         if fp16 is not None:
             reference = outputs[fp16]
             row["rel_err_vs_fp16"] = float((outputs[name] - reference).norm() / reference.norm())
@@ -148,18 +184,47 @@ def _images(engines, kept, rows, result, size, reference: str) -> None:
 
 
 def render(data: dict) -> str:
-    columns = ["engine", "run", "ms/step", "TFLOP/s", "vs FP16", "vs best FP16", "rel. err vs FP16", "image SSIM",
-               "8-bit layers",
-               "calibrate s", "compile s", "graph s", "load s", "prepare s", "engine MiB"]
+    columns = [
+        "engine",
+        "run",
+        "ms/step",
+        "TFLOP/s",
+        "vs FP16",
+        "vs best FP16",
+        "rel. err vs FP16",
+        "image SSIM",
+        "8-bit layers",
+        "calibrate s",
+        "compile s",
+        "graph s",
+        "load s",
+        "prepare s",
+        "engine MiB",
+    ]
     rows = []
     for r in data["rows"]:
         paths = r.get("layers_by_path") or {}
         eight = sum(n for p, n in paths.items() if p.endswith("8bit"))
-        rows.append([r["engine"], data.get("mode"), fmt(r.get("ms_per_step")), fmt(r.get("tflops"), "{:.0f}"),
-                     fmt(r.get("speedup_vs_fp16"), "{:.3f}x"), fmt(r.get("speedup_vs_best_fp16"), "{:.3f}x"),
-                     fmt(r.get("rel_err_vs_fp16"), "{:.4f}"), fmt(r.get("ssim_vs_fp16"), "{:.4f}"),
-                     f"{eight}/{sum(paths.values())}" if paths else None,
-                     r.get("calibration_s"), r.get("compile_s"), r.get("cuda_graph_s"), r.get("load_s"),
-                     r.get("prepare_s"), fmt(r["engine_bytes"] / 2**20 if r.get("engine_bytes") else None, "{:.0f}")])
-    return (f"`{data.get('model')}` {data.get('size')}x{data.get('size')}, calibration prompts "
-            f"{data.get('calibration_size')}\n\n" + table(columns, rows) + "\n")
+        rows.append(
+            [
+                r["engine"],
+                data.get("mode"),
+                fmt(r.get("ms_per_step")),
+                fmt(r.get("tflops"), "{:.0f}"),
+                fmt(r.get("speedup_vs_fp16"), "{:.3f}x"),
+                fmt(r.get("speedup_vs_best_fp16"), "{:.3f}x"),
+                fmt(r.get("rel_err_vs_fp16"), "{:.4f}"),
+                fmt(r.get("ssim_vs_fp16"), "{:.4f}"),
+                f"{eight}/{sum(paths.values())}" if paths else None,
+                r.get("calibration_s"),
+                r.get("compile_s"),
+                r.get("cuda_graph_s"),
+                r.get("load_s"),
+                r.get("prepare_s"),
+                fmt(r["engine_bytes"] / 2**20 if r.get("engine_bytes") else None, "{:.0f}"),
+            ]
+        )
+    return (
+        f"`{data.get('model')}` {data.get('size')}x{data.get('size')}, calibration prompts "
+        f"{data.get('calibration_size')}\n\n" + table(columns, rows) + "\n"
+    )

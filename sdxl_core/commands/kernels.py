@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_core.quant import gemm_dispatch, qmodules
 from sdxl_core.errors import UserError
+from sdxl_core.quant import gemm_dispatch, qmodules
 from sdxl_core.quant.gemm_dispatch import ShapeTiming
 from sdxl_core.quant.kernels import shapes
 from sdxl_core.quant.kernels.conv_cutlass import SDXL_CONV3X3
-from sdxl_core.timing import graph_ms
 from sdxl_core.reports.results import ResultFile, table
+from sdxl_core.timing import graph_ms
 
 # How many layers of the unfused SDXL UNet run each shape of `shapes.SDXL_LINEAR_SHAPES` (the rest appear
 # with fused attention projections).
-LAYERS = {(154, 2048, 640): 20, (154, 2048, 1280): 120, (2048, 1280, 1280): 372, (2048, 1280, 10240): 60,
-          (2048, 5120, 1280): 60, (8192, 640, 640): 70, (8192, 640, 5120): 10, (8192, 2560, 640): 10}
+LAYERS = {
+    (154, 2048, 640): 20,
+    (154, 2048, 1280): 120,
+    (2048, 1280, 1280): 372,
+    (2048, 1280, 10240): 60,
+    (2048, 5120, 1280): 60,
+    (8192, 640, 640): 70,
+    (8192, 640, 5120): 10,
+    (8192, 2560, 640): 10,
+}
 QUICK = [(2048, 1280, 1280), (8192, 640, 5120), (154, 2048, 1280)]
 
 
@@ -75,8 +83,11 @@ def main(args) -> int:
             row = result.add(measure(op, fmt, shape, layers, device))
             best = min((name for name in row["ms"] if name != "16bit"), key=row["ms"].get, default=None)
             speedup = f"best 8-bit {best} {row['ms'][best] * 1e3:.1f} us ({row['speedup'][best]:.2f}x)" if best else ""
-            print(f"{fmt} {op} {'x'.join(map(str, shape))}: 16bit {row['ms']['16bit'] * 1e3:.1f} us, {speedup}"
-                  f"{', rejected ' + str(row['rejected']) if row['rejected'] else ''}", flush=True)
+            print(
+                f"{fmt} {op} {'x'.join(map(str, shape))}: 16bit {row['ms']['16bit'] * 1e3:.1f} us, {speedup}"
+                f"{', rejected ' + str(row['rejected']) if row['rejected'] else ''}",
+                flush=True,
+            )
     print(render(result.data))
     return 0
 
@@ -98,10 +109,17 @@ def measure(op: str, fmt: str, shape: tuple, layers, device) -> dict:
             nchw, _ = gemm_dispatch.candidates(layer, op, shape, torch.float16, channels_last=False)
             ms["16bit-nchw"] = graph_ms(nchw["16bit"])
     flop = ShapeTiming(fmt, op, shape, layers or 0).flops()
-    return {"op": op, "fmt": fmt, "shape": list(shape), "layers": layers, "ms": ms,
-            "tflops": {name: round(flop / t / 1e9, 1) for name, t in ms.items()},
-            "speedup": {name: round(ms["16bit"] / t, 3) for name, t in ms.items()},
-            "rel_err": errors, "rejected": rejected}
+    return {
+        "op": op,
+        "fmt": fmt,
+        "shape": list(shape),
+        "layers": layers,
+        "ms": ms,
+        "tflops": {name: round(flop / t / 1e9, 1) for name, t in ms.items()},
+        "speedup": {name: round(ms["16bit"] / t, 3) for name, t in ms.items()},
+        "rel_err": errors,
+        "rejected": rejected,
+    }
 
 
 def render(data: dict) -> str:
@@ -109,12 +127,28 @@ def render(data: dict) -> str:
     for r in data["rows"]:
         eight = {name: t for name, t in r["ms"].items() if not name.startswith("16bit")}
         best = min(eight, key=eight.get) if eight else None
-        rows.append([r["fmt"], r["op"], " x ".join(map(str, r["shape"])), r.get("layers"),
-                     f"{r['ms']['16bit'] * 1e3:.1f} ({r['tflops']['16bit']:.0f})",
-                     f"{best}: {eight[best] * 1e3:.1f} ({r['tflops'][best]:.0f})" if best else None,
-                     f"{r['speedup'][best]:.2f}x" if best else None,
-                     ", ".join(f"{name} {r['speedup'][name]:.2f}x" for name in eight),
-                     ", ".join(f"{name} {err:.1e}" for name, err in r.get("rejected", {}).items()) or None])
-    columns = ["fmt", "op", "shape", "layers", "16-bit us (TFLOP/s)", "best 8-bit us (TOPS)", "speed-up",
-               "every 8-bit candidate", "rejected (rel. err)"]
+        rows.append(
+            [
+                r["fmt"],
+                r["op"],
+                " x ".join(map(str, r["shape"])),
+                r.get("layers"),
+                f"{r['ms']['16bit'] * 1e3:.1f} ({r['tflops']['16bit']:.0f})",
+                f"{best}: {eight[best] * 1e3:.1f} ({r['tflops'][best]:.0f})" if best else None,
+                f"{r['speedup'][best]:.2f}x" if best else None,
+                ", ".join(f"{name} {r['speedup'][name]:.2f}x" for name in eight),
+                ", ".join(f"{name} {err:.1e}" for name, err in r.get("rejected", {}).items()) or None,
+            ]
+        )
+    columns = [
+        "fmt",
+        "op",
+        "shape",
+        "layers",
+        "16-bit us (TFLOP/s)",
+        "best 8-bit us (TOPS)",
+        "speed-up",
+        "every 8-bit candidate",
+        "rejected (rel. err)",
+    ]
     return table(columns, rows) + "\n"

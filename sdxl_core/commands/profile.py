@@ -24,8 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from sdxl_core import models
 from sdxl_core.engines import torch_backend
-from sdxl_core.variants import TINY_SIZE, VARIANTS
 from sdxl_core.reports.results import ResultFile, table
+from sdxl_core.variants import TINY_SIZE, VARIANTS
 
 GROUPS = [  # (group, pattern over the lower-cased kernel or op name); the first match wins
     ("Inductor norm/pointwise", r"^triton_(poi|per|red)_"),
@@ -50,8 +50,11 @@ def group_of(name: str) -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="sdxl-random", help="built-in, hub id or local dir")
-    p.add_argument("--precisions", default="fp16,int8,fp8",
-                   help="engines to profile, from fp16,int8,fp8, each optionally +qkv (fused attention projections)")
+    p.add_argument(
+        "--precisions",
+        default="fp16,int8,fp8",
+        help="engines to profile, from fp16,int8,fp8, each optionally +qkv (fused attention projections)",
+    )
     p.add_argument("--calibration-size", type=int, default=2, help="calibration prompts of the 8-bit engines")
     p.add_argument("--engine-dir", required=True, help="where the engines are built or found")
     p.add_argument("--onnx-dir", default=None, help="calibration state (reused when present)")
@@ -76,8 +79,9 @@ def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], li
     for event in prof.events():
         if device.type == "cuda" and event.device_type.name != "CUDA":
             continue
-        if device.type == "cpu" and (event.cpu_parent is not None
-                                     or not event.name.startswith(("aten::", "sdxl_bench::"))):
+        if device.type == "cpu" and (
+            event.cpu_parent is not None or not event.name.startswith(("aten::", "sdxl_bench::"))
+        ):
             continue  # top-level ops only, so nothing is counted twice
         us = event.device_time if device.type == "cuda" else event.cpu_time
         kernels[event.name] = kernels.get(event.name, 0.0) + us / 1000.0 / steps
@@ -94,17 +98,35 @@ def main(args) -> int:
     master = models.load(args.model)
     for precision in [p for p in args.precisions.split(",") if p]:
         variant = VARIANTS[f"xl-1.0-{precision.removesuffix('+qkv')}"].replace(
-            model=args.model, height=size, width=size, calibration_size=args.calibration_size,
-            fused_qkv=precision.endswith("+qkv"))
+            model=args.model,
+            height=size,
+            width=size,
+            calibration_size=args.calibration_size,
+            fused_qkv=precision.endswith("+qkv"),
+        )
         if args.model == "tiny":
             variant = variant.replace(steps=2)  # calibration steps only: the CPU smoke test stays short
         components = dataclasses.replace(master, unet=copy.deepcopy(master.unet))
-        engines = torch_backend.prepare(variant, components, device, engine_dir=args.engine_dir,
-                                        onnx_dir=args.onnx_dir, use_cuda_graph=False, progress=False)
+        engines = torch_backend.prepare(
+            variant,
+            components,
+            device,
+            engine_dir=args.engine_dir,
+            onnx_dir=args.onnx_dir,
+            use_cuda_graph=False,
+            progress=False,
+        )
         inputs = torch_backend.unet_inputs(variant, components.unet, device, engines.dtype)
         groups, top = profile_step(engines.unet, inputs, args.steps, device)
-        result.add({"engine": precision, "ms_by_group": groups, "total_ms": sum(groups.values()),
-                    "top_kernels_ms": top, "layers_by_kernel": engines.info.get("layers_by_kernel")})
+        result.add(
+            {
+                "engine": precision,
+                "ms_by_group": groups,
+                "total_ms": sum(groups.values()),
+                "top_kernels_ms": top,
+                "layers_by_kernel": engines.info.get("layers_by_kernel"),
+            }
+        )
         print(f"{precision}: {sum(groups.values()):.2f} ms per step profiled", flush=True)
         del components, engines
     print(render(result.data))
@@ -114,12 +136,22 @@ def main(args) -> int:
 def render(data: dict) -> str:
     engines = [r["engine"] for r in data["rows"]]
     groups = [g for g, _ in GROUPS] + ["other"]
-    rows = [[g, *[f"{r['ms_by_group'].get(g, 0.0):.2f}" for r in data["rows"]]] for g in groups
-            if any(r["ms_by_group"].get(g) for r in data["rows"])]
+    rows = [
+        [g, *[f"{r['ms_by_group'].get(g, 0.0):.2f}" for r in data["rows"]]]
+        for g in groups
+        if any(r["ms_by_group"].get(g) for r in data["rows"])
+    ]
     rows.append(["total", *[f"{r['total_ms']:.2f}" for r in data["rows"]]])
-    text = [f"ms per UNet step (profiler, no CUDA graph), `{data.get('model')}` {data.get('size')}px", "",
-            table(["kernel group", *engines], rows)]
+    text = [
+        f"ms per UNet step (profiler, no CUDA graph), `{data.get('model')}` {data.get('size')}px",
+        "",
+        table(["kernel group", *engines], rows),
+    ]
     for r in data["rows"]:
-        text += ["", f"{r['engine']}: top kernels (ms per step)", "",
-                 table(["ms", "kernel"], [[f"{ms:.3f}", f"`{name[:100]}`"] for name, ms in r["top_kernels_ms"]])]
+        text += [
+            "",
+            f"{r['engine']}: top kernels (ms per step)",
+            "",
+            table(["ms", "kernel"], [[f"{ms:.3f}", f"`{name[:100]}`"] for name, ms in r["top_kernels_ms"]]),
+        ]
     return "\n".join(text) + "\n"

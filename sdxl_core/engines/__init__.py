@@ -83,7 +83,12 @@ def unet_stage(unet: torch.nn.Module):
         # One timestep dtype whatever the scheduler hands over (int64 or float32), so a compiled UNet never
         # recompiles for it; diffusers embeds the timestep in float32 either way.
         timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
-        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                    added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+        return unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )[0]
 
     return step

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from sdxl_core.engines import unet_stage
 from sdxl_core.errors import UserError
 from sdxl_core.startup import Startup
-from sdxl_core.engines import unet_stage
 
 COMPILE_MODES = ("regional", "full")
 # The UNet's repeated blocks: most linear layers and all attention live in the transformer blocks, most 3x3
@@ -56,8 +56,10 @@ class GraphedStep:
             if given.numel() == captured.numel():
                 given = given.reshape(captured.shape)  # a scalar timestep fills the captured (1,) buffer
             if given.shape != captured.shape:
-                raise UserError(f"the CUDA graph was captured for UNet input shape {tuple(captured.shape)}, "
-                                f"got {tuple(given.shape)}")
+                raise UserError(
+                    f"the CUDA graph was captured for UNet input shape {tuple(captured.shape)}, "
+                    f"got {tuple(given.shape)}"
+                )
             captured.copy_(given)
         self.graph.replay()
         return self.output.clone()
@@ -88,8 +90,16 @@ def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.n
     return unet
 
 
-def compile_unet(unet, example_inputs, *, mode: str, info: dict, cache: bytes | None = None,
-                 save_cache: Path | None = None, startup: Startup | None = None):
+def compile_unet(
+    unet,
+    example_inputs,
+    *,
+    mode: str,
+    info: dict,
+    cache: bytes | None = None,
+    save_cache: Path | None = None,
+    startup: Startup | None = None,
+):
     """torch.compile the UNet (by regions or whole) and run one step, so compile time is paid here.
 
     `cache`: PyTorch's portable compile caches to load first. Loading them unpickles Inductor and AOTAutograd

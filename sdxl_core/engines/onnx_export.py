@@ -48,12 +48,14 @@ def onnx_key(variant: Variant, component: str, dtype: torch.dtype, opset: int = 
     return specs.get(component).key(variant.replace(backend="onnx"), f"-opset{opset}", dtype_tag(dtype))
 
 
-def onnx_path(onnx_dir: str | os.PathLike, variant: Variant, component: str, dtype: torch.dtype,
-              opset: int = OPSET) -> Path:
+def onnx_path(
+    onnx_dir: str | os.PathLike, variant: Variant, component: str, dtype: torch.dtype, opset: int = OPSET
+) -> Path:
     return Path(onnx_dir) / onnx_key(variant, component, dtype, opset) / MODEL_FILE
 
 
 # --------------------------------------------------------------------------- wrappers (positional inputs)
+
 
 class UNetWrapper(torch.nn.Module):
     """The diffusers UNet with the five positional inputs the graph has. Node names start with `/unet/`."""
@@ -63,8 +65,13 @@ class UNetWrapper(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )[0]
 
 
 class TextEncoderWrapper(torch.nn.Module):
@@ -91,35 +98,74 @@ class VaeDecoderWrapper(torch.nn.Module):
 
 # --------------------------------------------------------------------------- export
 
-def export_unet(unet: torch.nn.Module, variant: Variant, path: str | os.PathLike, *, opset: int = OPSET,
-                external_data: bool | None = None, progress: bool = False) -> Path:
+
+def export_unet(
+    unet: torch.nn.Module,
+    variant: Variant,
+    path: str | os.PathLike,
+    *,
+    opset: int = OPSET,
+    external_data: bool | None = None,
+    progress: bool = False,
+) -> Path:
     """Export a diffusers UNet (plain or ModelOpt fake-quant) to `path` (a `.../model.onnx`)."""
     args = specs.SPECS["unet"].sample_inputs(variant, unet)
-    return _export(UNetWrapper(unet).eval(), args, path, "unet", opset=opset, external_data=external_data,
-                   progress=progress)
+    return _export(
+        UNetWrapper(unet).eval(), args, path, "unet", opset=opset, external_data=external_data, progress=progress
+    )
 
 
-def export_text_encoder(encoder: torch.nn.Module, variant: Variant, path: str | os.PathLike, *,
-                        pooled: bool | None = None, opset: int = OPSET, external_data: bool | None = None,
-                        progress: bool = False) -> Path:
+def export_text_encoder(
+    encoder: torch.nn.Module,
+    variant: Variant,
+    path: str | os.PathLike,
+    *,
+    pooled: bool | None = None,
+    opset: int = OPSET,
+    external_data: bool | None = None,
+    progress: bool = False,
+) -> Path:
     """CLIPTextModel -> `clip` graph; CLIPTextModelWithProjection (pooled) -> `clip2` graph."""
     if pooled is None:
         pooled = hasattr(encoder, "text_projection")
     component = "clip2" if pooled else "clip"
     args = specs.SPECS[component].sample_inputs(variant, encoder)
-    return _export(TextEncoderWrapper(encoder, pooled).eval(), args, path, component, opset=opset,
-                   external_data=external_data, progress=progress)
+    return _export(
+        TextEncoderWrapper(encoder, pooled).eval(),
+        args,
+        path,
+        component,
+        opset=opset,
+        external_data=external_data,
+        progress=progress,
+    )
 
 
-def export_vae(vae: torch.nn.Module, variant: Variant, path: str | os.PathLike, *, opset: int = OPSET,
-               external_data: bool | None = None, progress: bool = False) -> Path:
+def export_vae(
+    vae: torch.nn.Module,
+    variant: Variant,
+    path: str | os.PathLike,
+    *,
+    opset: int = OPSET,
+    external_data: bool | None = None,
+    progress: bool = False,
+) -> Path:
     args = specs.SPECS["vae"].sample_inputs(variant, vae)
-    return _export(VaeDecoderWrapper(vae).eval(), args, path, "vae", opset=opset, external_data=external_data,
-                   progress=progress)
+    return _export(
+        VaeDecoderWrapper(vae).eval(), args, path, "vae", opset=opset, external_data=external_data, progress=progress
+    )
 
 
-def export_component(components, variant: Variant, component: str, onnx_dir: str | os.PathLike, *,
-                     opset: int = OPSET, unet: torch.nn.Module | None = None, progress: bool = False) -> Path:
+def export_component(
+    components,
+    variant: Variant,
+    component: str,
+    onnx_dir: str | os.PathLike,
+    *,
+    opset: int = OPSET,
+    unet: torch.nn.Module | None = None,
+    progress: bool = False,
+) -> Path:
     """Export one component of `components` into its place under `onnx_dir`, unless it is already there.
 
     `unet` overrides `components.unet` (e.g. the ModelOpt-quantized UNet). Holds a build lock on the directory.
@@ -136,12 +182,19 @@ def export_component(components, variant: Variant, component: str, onnx_dir: str
             return export_unet(module, variant, path, opset=opset, progress=progress)
         if component == "vae":
             return export_vae(module, variant, path, opset=opset, progress=progress)
-        return export_text_encoder(module, variant, path, pooled=component == "clip2", opset=opset,
-                                   progress=progress)
+        return export_text_encoder(module, variant, path, pooled=component == "clip2", opset=opset, progress=progress)
 
 
-def _export(module: torch.nn.Module, args: tuple, path, component: str, *, opset: int,
-            external_data: bool | None, progress: bool) -> Path:
+def _export(
+    module: torch.nn.Module,
+    args: tuple,
+    path,
+    component: str,
+    *,
+    opset: int,
+    external_data: bool | None,
+    progress: bool,
+) -> Path:
     import onnx
 
     path = Path(path)
@@ -162,8 +215,15 @@ def _export(module: torch.nn.Module, args: tuple, path, component: str, *, opset
             warnings.filterwarnings("ignore", category=DeprecationWarning)  # "legacy TorchScript-based export"
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Exporting aten::index operator")  # indices are >= 0
-            torch.onnx.export(module, args, str(raw_dir / MODEL_FILE), input_names=list(input_names),
-                              output_names=list(output_names), opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(raw_dir / MODEL_FILE),
+                input_names=list(input_names),
+                output_names=list(output_names),
+                opset_version=opset,
+                dynamo=False,
+            )
         model = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=True)
         model = fp8_custom_ops_to_onnx(model)
         _save(model, out_dir / path.name, external_data)
@@ -191,8 +251,14 @@ def _save(model, path: Path, external_data: bool | None) -> None:
     if external_data is None:
         external_data = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if external_data:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -209,6 +275,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 # --------------------------------------------------------------------------- FP8 custom ops -> ONNX Q/DQ
+
 
 def fp8_custom_ops_to_onnx(model):
     """Rewrite ModelOpt's `trt::TRT_FP8QuantizeLinear` / `TRT_FP8DequantizeLinear` to standard opset-19

@@ -103,7 +103,7 @@ def chunk_digests(path: Path, size: int, chunk: int = CHUNK_BYTES) -> list[str]:
 def _bytes_chunk_digests(data: bytes, chunk: int) -> list[str]:
     view = memoryview(data)
     with ThreadPoolExecutor(_hash_workers()) as pool:
-        return list(pool.map(lambda i: hashlib.sha256(view[i:i + chunk]).hexdigest(), range(0, len(data), chunk)))
+        return list(pool.map(lambda i: hashlib.sha256(view[i : i + chunk]).hexdigest(), range(0, len(data), chunk)))
 
 
 def file_record(path: Path) -> dict:
@@ -125,8 +125,13 @@ def _chunks(meta: dict) -> dict | None:
         return None
     size = chunks.get("bytes") if isinstance(chunks, dict) else None
     digests = chunks.get("sha256") if isinstance(chunks, dict) else None
-    if (not isinstance(size, int) or size < 1 or not isinstance(digests, list)
-            or len(digests) != -(-meta["bytes"] // size) or not all(isinstance(d, str) for d in digests)):
+    if (
+        not isinstance(size, int)
+        or size < 1
+        or not isinstance(digests, list)
+        or len(digests) != -(-meta["bytes"] // size)
+        or not all(isinstance(d, str) for d in digests)
+    ):
         raise ValueError("malformed chunk list")
     return chunks
 
@@ -161,8 +166,10 @@ def signing_key() -> bytes | None:
     if not value:
         return None
     if len(value) < MIN_KEY_CHARS:
-        raise UserError(f"{KEY_ENV} is {len(value)} characters: use at least {MIN_KEY_CHARS} random ones "
-                        "(python -c 'import secrets; print(secrets.token_hex(32))')")
+        raise UserError(
+            f"{KEY_ENV} is {len(value)} characters: use at least {MIN_KEY_CHARS} random ones "
+            "(python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
     return value.encode()
 
 
@@ -225,13 +232,15 @@ class Engine:
 
         An executable file (not `is_data`) is returned only from a trusted engine (see the module doc)."""
         if name not in self.files:
-            raise EngineRefused(f"engine {self.key}: {name} is not listed in its sidecar; delete {self.path} "
-                                "to rebuild it")
+            raise EngineRefused(
+                f"engine {self.key}: {name} is not listed in its sidecar; delete {self.path} to rebuild it"
+            )
         try:
             handle, info = _open_regular(self.path / name)
         except OSError as exc:
-            raise EngineRefused(f"engine {self.key}: cannot read {name} ({exc.strerror or exc}); delete "
-                                f"{self.path} to rebuild it") from None
+            raise EngineRefused(
+                f"engine {self.key}: cannot read {name} ({exc.strerror or exc}); delete {self.path} to rebuild it"
+            ) from None
         with handle:
             if not is_data(name):
                 self._check_trust(name, info)  # before reading: an untrusted plan may be gigabytes
@@ -247,9 +256,11 @@ class Engine:
         problem = self.owner_problem or _owner_problem(name, info)
         if problem is None or trust_override():
             return
-        raise EngineUntrusted(f"engine {self.key}: refusing to load {name} (executable) from {self.path}: "
-                              f"it is not signed and {problem}; set {KEY_ENV} to the key it was built with, or "
-                              f"{TRUST_ENV}=1 to trust this directory")
+        raise EngineUntrusted(
+            f"engine {self.key}: refusing to load {name} (executable) from {self.path}: "
+            f"it is not signed and {problem}; set {KEY_ENV} to the key it was built with, or "
+            f"{TRUST_ENV}=1 to trust this directory"
+        )
 
 
 @contextlib.contextmanager
@@ -266,8 +277,10 @@ def lock(engine_dir: str | Path, key: str):
             raise OSError(code, os.strerror(code))
     except OSError as exc:
         held.__exit__(None, None, None)
-        raise UserError(f"cannot build engine {key}: {engine_dir} is not writable ({exc.strerror}); build it "
-                        "into a directory you can write, or load a prebuilt one with --no-build") from None
+        raise UserError(
+            f"cannot build engine {key}: {engine_dir} is not writable ({exc.strerror}); build it "
+            "into a directory you can write, or load a prebuilt one with --no-build"
+        ) from None
     try:
         yield held
     finally:
@@ -296,8 +309,14 @@ def publish(engine_dir: str | Path, key: str, write_files: Callable[[Path], dict
             p.chmod(0o644)
             _fsync(p)
             files[p.name] = file_record(p)
-        record = {"schema": SIDECAR_SCHEMA, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  **sidecar, **extra, "files": files}
+        record = {
+            "schema": SIDECAR_SCHEMA,
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **sidecar,
+            **extra,
+            "files": files,
+        }
         data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
         _write(tmp / SIDECAR, data)
         if key_bytes is not None:
@@ -341,15 +360,21 @@ def read_sidecar(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise EngineRefused(f"engine {path.name}: unreadable sidecar ({type(exc).__name__})") from None
     files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not files or not all(
+    if (
+        not isinstance(files, dict)
+        or not files
+        or not all(
             isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
-            for m in files.values()):
+            for m in files.values()
+        )
+    ):
         raise EngineRefused(f"engine {path.name}: its sidecar is malformed (no file list with sizes and checksums)")
     return record
 
 
-def verify(engine_dir: str | Path, key: str, expect: dict, *, required: tuple[str, ...] = (),
-           checksums: bool = True) -> Engine | None:
+def verify(
+    engine_dir: str | Path, key: str, expect: dict, *, required: tuple[str, ...] = (), checksums: bool = True
+) -> Engine | None:
     """None when no engine exists; the Engine when it is whole and built for `expect`; else raise EngineRefused.
 
     `expect` holds sidecar fields that must match exactly (backend version, device, shapes, ...);
@@ -373,8 +398,10 @@ def verify(engine_dir: str | Path, key: str, expect: dict, *, required: tuple[st
         raise EngineRefused(f"engine {key}: its sidecar names another engine ({record.get('key')})")
     for field, wanted in expect.items():
         if record.get(field) != wanted:
-            raise EngineRefused(f"engine {key} was built for {field}={record.get(field)!r}, this run needs "
-                                f"{wanted!r}; delete {path} or use another --engine-dir")
+            raise EngineRefused(
+                f"engine {key} was built for {field}={record.get(field)!r}, this run needs "
+                f"{wanted!r}; delete {path} or use another --engine-dir"
+            )
     files = record.get("files")
     if not isinstance(files, dict) or not files:
         raise EngineRefused(f"engine {key}: its sidecar is malformed (it lists no files); {refuse}")
@@ -382,20 +409,27 @@ def verify(engine_dir: str | Path, key: str, expect: dict, *, required: tuple[st
         if name not in files:
             raise EngineRefused(f"engine {key}: its sidecar does not list {name}; {refuse}")
     for name, meta in files.items():
-        if (not _FILE_NAME.fullmatch(name) or name in (SIDECAR, SIGNATURE) or not isinstance(meta, dict)
-                or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str)):
+        if (
+            not _FILE_NAME.fullmatch(name)
+            or name in (SIDECAR, SIGNATURE)
+            or not isinstance(meta, dict)
+            or not isinstance(meta.get("bytes"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
             raise EngineRefused(f"engine {key}: its sidecar has a malformed entry {name[:60]!r}; {refuse}")
         try:
             _chunks(meta)
         except ValueError:
-            raise EngineRefused(f"engine {key}: its sidecar has a malformed entry {name[:60]!r} (its chunk list); "
-                                f"{refuse}") from None
+            raise EngineRefused(
+                f"engine {key}: its sidecar has a malformed entry {name[:60]!r} (its chunk list); {refuse}"
+            ) from None
         file = path / name
         if file.is_symlink() or not file.is_file():
             raise EngineRefused(f"engine {key}: {name} is missing; {refuse}")
         if file.stat().st_size != meta["bytes"]:
-            raise EngineRefused(f"engine {key}: {name} is truncated ({file.stat().st_size} of {meta['bytes']} "
-                                f"bytes); {refuse}")
+            raise EngineRefused(
+                f"engine {key}: {name} is truncated ({file.stat().st_size} of {meta['bytes']} bytes); {refuse}"
+            )
         if checksums and not file_matches(file, meta):
             raise EngineRefused(f"engine {key}: {name} fails its checksum; {refuse}")
     owner = _owner_problem(f"directory {path}", path.stat()) or _owner_problem(SIDECAR, sidecar_stat)
@@ -410,11 +444,15 @@ def _check_signature(path: Path, key: str, sidecar_bytes: bytes) -> bool:
     try:
         found, _ = _read_fd(path / SIGNATURE)
     except OSError:
-        raise EngineRefused(f"engine {key} is not signed with {KEY_ENV} (no {SIGNATURE}): rebuild it with the "
-                            "key set, or unset the key to load it unsigned") from None
+        raise EngineRefused(
+            f"engine {key} is not signed with {KEY_ENV} (no {SIGNATURE}): rebuild it with the "
+            "key set, or unset the key to load it unsigned"
+        ) from None
     if not hmac.compare_digest(found, signature(sidecar_bytes, key_bytes).encode()):
-        raise EngineRefused(f"engine {key}: its {SIGNATURE} does not match {KEY_ENV} (tampered, or signed with "
-                            f"another key); delete {path} to rebuild it")
+        raise EngineRefused(
+            f"engine {key}: its {SIGNATURE} does not match {KEY_ENV} (tampered, or signed with "
+            f"another key); delete {path} to rebuild it"
+        )
     return True
 
 

@@ -42,12 +42,12 @@ from pathlib import Path
 
 import torch
 
-from sdxl_core.engines import onnx_export as export
 from sdxl_core import specs
+from sdxl_core.engines import Engines, device_tag, store
+from sdxl_core.engines import onnx_export as export
 from sdxl_core.errors import UserError
 from sdxl_core.startup import Startup
 from sdxl_core.variants import Variant
-from sdxl_core.engines import Engines, device_tag, store
 
 NAME = "tensorrt"
 MISSING = "--backend tensorrt needs TensorRT: pip install 'sdxl-bench[trt]' (see README)"
@@ -55,12 +55,21 @@ OPTIMIZATION_LEVEL = 3  # the reference demo's default
 MEMORY_ALIGNMENT = 256  # TensorRT's required alignment for context device memory
 
 # TensorRT DataType member names -> torch dtypes (by name, so this table needs no TensorRT import).
-TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-                "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
-                "FP8": torch.float8_e4m3fn}
+TORCH_DTYPES = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT8": torch.int8,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "FP8": torch.float8_e4m3fn,
+}
 
 
 # --------------------------------------------------------------------------- TensorRT import and version
+
 
 def _import_tensorrt():
     try:
@@ -70,8 +79,10 @@ def _import_tensorrt():
     if not hasattr(tensorrt, "Builder"):
         raise UserError(MISSING)
     if not hasattr(tensorrt, "ExecutionContextAllocationStrategy"):  # added in 10.0
-        raise UserError(f"TensorRT {tensorrt.__version__} is too old for --backend tensorrt: it needs TensorRT "
-                        ">= 10.0 (user-managed context memory)")
+        raise UserError(
+            f"TensorRT {tensorrt.__version__} is too old for --backend tensorrt: it needs TensorRT "
+            ">= 10.0 (user-managed context memory)"
+        )
     return tensorrt
 
 
@@ -91,6 +102,7 @@ def version() -> str:
 
 
 # --------------------------------------------------------------------------- pure helpers
+
 
 def plan_filename(component: str, trt_version: str) -> str:
     """`unetxl.trt10.8.0.43.plan`: the reference demo's engine file name, inside the key's directory."""
@@ -132,17 +144,20 @@ def profile_shapes(variant: Variant, component: str, module_config=None) -> dict
     return {name: (tuple(shapes[name]),) * 3 for name in specs.get(component).inputs}
 
 
-def builder_settings(has_qdq: bool, dtype: torch.dtype, optimization_level: int = OPTIMIZATION_LEVEL,
-                     weak_typing: bool = True) -> dict:
+def builder_settings(
+    has_qdq: bool, dtype: torch.dtype, optimization_level: int = OPTIMIZATION_LEVEL, weak_typing: bool = True
+) -> dict:
     """Q/DQ graphs build as strongly typed networks (the graph's own types decide every layer, which the
     FP16/INT8/FP8 flags may not override); other graphs build weakly typed with the FP16 or BF16 flag,
     except where TensorRT has no weak typing (`weak_typing=False`, TensorRT 11): there every graph builds
     strongly typed, so an FP16 or BF16 engine comes from the FP16/BF16 ONNX export itself."""
     strongly_typed = bool(has_qdq) or not weak_typing
-    return {"strongly_typed": strongly_typed,
-            "fp16": not strongly_typed and dtype == torch.float16,
-            "bf16": not strongly_typed and dtype == torch.bfloat16,
-            "optimization_level": optimization_level}
+    return {
+        "strongly_typed": strongly_typed,
+        "fp16": not strongly_typed and dtype == torch.float16,
+        "bf16": not strongly_typed and dtype == torch.bfloat16,
+        "optimization_level": optimization_level,
+    }
 
 
 def graph_has_qdq(onnx_file: str | Path) -> bool:
@@ -152,12 +167,17 @@ def graph_has_qdq(onnx_file: str | Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def expected_sidecar(variant: Variant, component: str, *, trt_version: str, device: str, gpu: str,
-                     io: dict) -> dict:
+def expected_sidecar(variant: Variant, component: str, *, trt_version: str, device: str, gpu: str, io: dict) -> dict:
     """Sidecar fields that must match exactly before a plan is loaded (`store.verify`'s `expect`)."""
-    return {"backend": NAME, "backend_version": trt_version, "device": device, "gpu": gpu,
-            "component": component, "precision": variant.precision if component == "unet" else None,
-            "io": io}
+    return {
+        "backend": NAME,
+        "backend_version": trt_version,
+        "device": device,
+        "gpu": gpu,
+        "component": component,
+        "precision": variant.precision if component == "unet" else None,
+        "io": io,
+    }
 
 
 def io_mismatches(actual: dict, expected: dict) -> list[str]:
@@ -185,6 +205,7 @@ def gpu_facts(device: torch.device) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- build (needs TensorRT)
+
 
 def _logger(trt):
     global _LOGGER
@@ -218,8 +239,16 @@ def _progress_monitor(trt, label: str):
     return Monitor()
 
 
-def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_cache: bytes = b"",
-               workspace_bytes: int | None = None, progress: bool = True, label: str = "") -> tuple[bytes, bytes]:
+def build_plan(
+    onnx_file: str | Path,
+    settings: dict,
+    profile: dict,
+    *,
+    timing_cache: bytes = b"",
+    workspace_bytes: int | None = None,
+    progress: bool = True,
+    label: str = "",
+) -> tuple[bytes, bytes]:
     """Parse `onnx_file` and build a serialized engine, starting from `timing_cache` (a serialized timing
     cache, or empty). Returns the plan and the updated timing cache."""
     trt = _import_tensorrt()
@@ -235,8 +264,10 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
     config = builder.create_builder_config()
     if settings["fp16"] or settings["bf16"]:
         if not hasattr(trt.BuilderFlag, "FP16"):  # 11.x: BF16 went with it
-            raise UserError(f"TensorRT {version()} has no FP16/BF16 builder flags (strongly typed networks only); "
-                            "these settings need builder_settings(..., weak_typing=False)")
+            raise UserError(
+                f"TensorRT {version()} has no FP16/BF16 builder flags (strongly typed networks only); "
+                "these settings need builder_settings(..., weak_typing=False)"
+            )
         config.set_flag(trt.BuilderFlag.FP16 if settings["fp16"] else trt.BuilderFlag.BF16)
     config.builder_optimization_level = settings["optimization_level"]
     if workspace_bytes:
@@ -258,8 +289,10 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
             trt_profile.set_shape(tensor.name, low, opt, high)
             dynamic = True
         elif shape != tuple(wanted[1]):
-            raise UserError(f"{onnx_file}: input {tensor.name} has shape {list(shape)}, this variant needs "
-                            f"{list(wanted[1])}; delete it to re-export")
+            raise UserError(
+                f"{onnx_file}: input {tensor.name} has shape {list(shape)}, this variant needs "
+                f"{list(wanted[1])}; delete it to re-export"
+            )
     if dynamic:
         config.add_optimization_profile(trt_profile)
     monitor = _progress_monitor(trt, label) if progress else None  # must outlive the build
@@ -275,6 +308,7 @@ def build_plan(onnx_file: str | Path, settings: dict, profile: dict, *, timing_c
 
 # --------------------------------------------------------------------------- runtime (needs TensorRT + CUDA)
 
+
 class TRTEngine:
     """One deserialized engine with I/O torch tensors allocated once and a context without own memory."""
 
@@ -284,8 +318,9 @@ class TRTEngine:
         self.runtime = trt.Runtime(_logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise store.EngineRefused(f"engine {label}: TensorRT {version()} cannot deserialize it; "
-                                      "delete it to rebuild")
+            raise store.EngineRefused(
+                f"engine {label}: TensorRT {version()} cannot deserialize it; delete it to rebuild"
+            )
         self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if hasattr(self.engine, "device_memory_size_v2"):  # TensorRT >= 10.1; 11 has only this one
             self.device_memory_size = int(self.engine.device_memory_size_v2)
@@ -353,10 +388,22 @@ class TRTEngine:
 
 # --------------------------------------------------------------------------- prepare
 
-def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
-            half: str = "fp16", progress: bool = True, use_cuda_graph: bool = False, allow_build: bool = True,
-            optimization_level: int = OPTIMIZATION_LEVEL, workspace_gib: float | None = None,
-            startup: Startup | None = None) -> Engines:
+
+def prepare(
+    variant: Variant,
+    components,
+    device: torch.device,
+    *,
+    engine_dir=None,
+    onnx_dir=None,
+    half: str = "fp16",
+    progress: bool = True,
+    use_cuda_graph: bool = False,
+    allow_build: bool = True,
+    optimization_level: int = OPTIMIZATION_LEVEL,
+    workspace_gib: float | None = None,
+    startup: Startup | None = None,
+) -> Engines:
     """Build (or load) the four TensorRT engines for `variant` and return their callables.
 
     Without `engine_dir` the plans are built in memory and not kept; without `onnx_dir` the ONNX goes
@@ -379,23 +426,40 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     trt_version, tag = version(), device_tag(device)
     gpu, capability = gpu_facts(device)
     configs = {name: spec.module(components).config for name, spec in specs.SPECS.items()}
-    info = {"backend": NAME, "backend_version": trt_version, "engine_dir": str(engine_dir) if engine_dir else None,
-            "cuda_graph": use_cuda_graph, "engines": {}}
+    info = {
+        "backend": NAME,
+        "backend_version": trt_version,
+        "engine_dir": str(engine_dir) if engine_dir else None,
+        "cuda_graph": use_cuda_graph,
+        "engines": {},
+    }
     workspace = int(workspace_gib * 2**30) if workspace_gib else None
 
     with contextlib.ExitStack() as stack:
         if onnx_dir is None:
             onnx_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sdxl-onnx-"))
-        builder = _Builder(variant, components, device, dtype, Path(onnx_dir), progress, optimization_level,
-                           workspace, Path(engine_dir) if engine_dir else None, trt_version, tag)
+        builder = _Builder(
+            variant,
+            components,
+            device,
+            dtype,
+            Path(onnx_dir),
+            progress,
+            optimization_level,
+            workspace,
+            Path(engine_dir) if engine_dir else None,
+            trt_version,
+            tag,
+        )
         engines = {}
         for component in specs.COMPONENTS:
             key = specs.get(component).key(variant, trt_version, tag)
             io = io_spec(variant, component, configs[component], dtype)
             expect = expected_sidecar(variant, component, trt_version=trt_version, device=tag, gpu=gpu, io=io)
             with startup.phase(f"{component}_engine", device):
-                engine, record = _engine_for(builder, component, key, expect, engine_dir, allow_build,
-                                             {"capability": capability}, device)
+                engine, record = _engine_for(
+                    builder, component, key, expect, engine_dir, allow_build, {"capability": capability}, device
+                )
             engines[component] = engine
             info["engines"][component] = record
         builder.release()
@@ -408,9 +472,13 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
         with startup.phase("cuda_graph", device):
             engines["unet"].capture_graph()
     unet_record = info["engines"]["unet"]
-    info.update(engine_key=unet_record["key"], engine_path=unet_record.get("path"),
-                mode=unet_record["mode"], device_memory_bytes=pool_bytes,
-                build_s=round(sum(r.get("build_s", 0.0) for r in info["engines"].values()), 2))
+    info.update(
+        engine_key=unet_record["key"],
+        engine_path=unet_record.get("path"),
+        mode=unet_record["mode"],
+        device_memory_bytes=pool_bytes,
+        build_s=round(sum(r.get("build_s", 0.0) for r in info["engines"].values()), 2),
+    )
     return _engines_bundle(engines, device, dtype, info)
 
 
@@ -455,8 +523,9 @@ def _engine_for(builder: _Builder, component, key, expect, engine_dir, allow_bui
     return load(plan), record
 
 
-def _plan_for(builder: _Builder, component, key, expect, engine_dir, allow_build, extra, *,
-              rebuild: bool = False) -> tuple[bytes, dict]:
+def _plan_for(
+    builder: _Builder, component, key, expect, engine_dir, allow_build, extra, *, rebuild: bool = False
+) -> tuple[bytes, dict]:
     """The plan bytes for `key`: loaded from `engine_dir` when whole and built for this run, else built.
 
     Loading takes no lock; building takes the key's lock and looks again, so a second builder reuses the
@@ -482,8 +551,9 @@ def _plan_for(builder: _Builder, component, key, expect, engine_dir, allow_build
 
                 from sdxl_core.reports.run_report import library_versions
 
-                store.publish(engine_dir, key, write_files,
-                              {**expect, **extra, **built, "libraries": library_versions()})
+                store.publish(
+                    engine_dir, key, write_files, {**expect, **extra, **built, "libraries": library_versions()}
+                )
                 return plan, {**record, **built, "mode": "built", "path": str(path / filename), "bytes": len(plan)}
     plan, load_s = stored
     return plan, {**record, "mode": "loaded", "path": str(path / filename), "load_s": load_s, "bytes": len(plan)}
@@ -511,8 +581,20 @@ def _stored_plan(engine_dir, key, expect, filename, allow_build, warn: bool = Tr
 class _Builder:
     """Exports (calibrating 8-bit UNets first) and builds; moves the torch modules to the GPU only if needed."""
 
-    def __init__(self, variant, components, device, dtype, onnx_dir, progress, optimization_level, workspace,
-                 engine_dir, trt_version, tag):
+    def __init__(
+        self,
+        variant,
+        components,
+        device,
+        dtype,
+        onnx_dir,
+        progress,
+        optimization_level,
+        workspace,
+        engine_dir,
+        trt_version,
+        tag,
+    ):
         self.variant, self.components, self.device, self.dtype = variant, components, device, dtype
         self.onnx_dir, self.progress, self.optimization_level = onnx_dir, progress, optimization_level
         self.workspace, self.engine_dir, self.trt_version, self.tag = workspace, engine_dir, trt_version, tag
@@ -537,20 +619,27 @@ class _Builder:
         unet = None
         if component == "unet" and self.variant.is_quantized:
             unet, meta = self._quantized_unet()
-        path = export.export_component(self.components, self.variant, component, self.onnx_dir, unet=unet,
-                                       progress=self.progress)
-        return path, {"onnx": str(path), "export": "exported", "export_s": round(time.perf_counter() - started, 2),
-                      **meta}
+        path = export.export_component(
+            self.components, self.variant, component, self.onnx_dir, unet=unet, progress=self.progress
+        )
+        return path, {
+            "onnx": str(path),
+            "export": "exported",
+            "export_s": round(time.perf_counter() - started, 2),
+            **meta,
+        }
 
     def _quantized_unet(self):
         """ModelOpt PTQ (fake quant) on the GPU in the compute dtype, with the pipeline as forward loop."""
         from sdxl_core.quant import quantize
 
         started = time.perf_counter()
-        unet = quantize.quantize_unet(self.components.unet, self.variant,
-                                      quantize.calibration_loop(self.components, self.variant, self.device,
-                                                                self.dtype, self.progress),
-                                      progress=self.progress)
+        unet = quantize.quantize_unet(
+            self.components.unet,
+            self.variant,
+            quantize.calibration_loop(self.components, self.variant, self.device, self.dtype, self.progress),
+            progress=self.progress,
+        )
         self.components.unet = unet
         return unet, {"calibration_s": round(time.perf_counter() - started, 2)}
 
@@ -558,21 +647,34 @@ class _Builder:
         onnx_file, meta = self.onnx_file(component)
         has_qdq = graph_has_qdq(onnx_file)
         config = specs.get(component).module(self.components).config
-        settings = builder_settings(has_qdq, float_dtype(component, config, self.dtype), self.optimization_level,
-                                    weak_typing=has_weak_typing(_import_tensorrt()))
+        settings = builder_settings(
+            has_qdq,
+            float_dtype(component, config, self.dtype),
+            self.optimization_level,
+            weak_typing=has_weak_typing(_import_tensorrt()),
+        )
         if self.progress:
             print(f"[trt] building {specs.get(component).engine_name} ({key}) ...", file=sys.stderr, flush=True)
         timing_cache = self.timing_cache()
         started = time.perf_counter()
         label = specs.get(component).engine_name
-        plan, timing_cache = build_plan(onnx_file, settings, profile_shapes(self.variant, component, config),
-                                        timing_cache=timing_cache, workspace_bytes=self.workspace,
-                                        progress=self.progress, label=label)
+        plan, timing_cache = build_plan(
+            onnx_file,
+            settings,
+            profile_shapes(self.variant, component, config),
+            timing_cache=timing_cache,
+            workspace_bytes=self.workspace,
+            progress=self.progress,
+            label=label,
+        )
         build_s = round(time.perf_counter() - started, 2)
         self.save_timing_cache(timing_cache)
         if self.progress:
-            print(f"[trt] built {specs.get(component).engine_name} in {build_s:.1f} s ({len(plan) / 2**20:.1f} MiB)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[trt] built {specs.get(component).engine_name} in {build_s:.1f} s ({len(plan) / 2**20:.1f} MiB)",
+                file=sys.stderr,
+                flush=True,
+            )
         return plan, {**meta, "builder": settings, "qdq": has_qdq, "build_s": build_s}
 
     def timing_cache(self) -> bytes:
@@ -582,8 +684,13 @@ class _Builder:
             return b""
         key = timing_cache_key(self.trt_version, self.tag)
         try:
-            found = store.verify(self.engine_dir, key, timing_cache_sidecar(self.trt_version, self.tag),
-                                 required=(TIMING_CACHE,), checksums=False)
+            found = store.verify(
+                self.engine_dir,
+                key,
+                timing_cache_sidecar(self.trt_version, self.tag),
+                required=(TIMING_CACHE,),
+                checksums=False,
+            )
             return found.read(TIMING_CACHE) if found is not None else b""
         except store.EngineRefused as refused:
             print(f"warning: {refused}; building without it", file=sys.stderr)

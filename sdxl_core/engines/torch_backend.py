@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from sdxl_core.quant import qmodules
 from sdxl_core import specs
+from sdxl_core.engines import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
 from sdxl_core.errors import UserError
+from sdxl_core.quant import qmodules
 from sdxl_core.startup import Startup
 from sdxl_core.variants import Variant
-from sdxl_core.engines import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
 
 NAME = "torch"
 COMPILE_CACHE = "compile_cache.bin"
@@ -49,11 +49,23 @@ def unet_inputs(variant: Variant, unet: torch.nn.Module, device, dtype, seed: in
     return specs.SPECS["unet"].sample_inputs(variant, unet, device=device, dtype=dtype, seed=seed)
 
 
-def prepare(variant: Variant, components, device: torch.device, *, engine_dir=None, onnx_dir=None,
-            half: str = "fp16", progress: bool = True, allow_build: bool = True, compile: bool | None = None,
-            compile_mode: str = "regional", use_cuda_graph: bool | None = None,
-            channels_last: bool | None = None, reuse_cross_kv: bool | None = None,
-            startup: Startup | None = None) -> Engines:
+def prepare(
+    variant: Variant,
+    components,
+    device: torch.device,
+    *,
+    engine_dir=None,
+    onnx_dir=None,
+    half: str = "fp16",
+    progress: bool = True,
+    allow_build: bool = True,
+    compile: bool | None = None,
+    compile_mode: str = "regional",
+    use_cuda_graph: bool | None = None,
+    channels_last: bool | None = None,
+    reuse_cross_kv: bool | None = None,
+    startup: Startup | None = None,
+) -> Engines:
     """Move the components to `device` and build or load the UNet engine for `variant`.
 
     Without `engine_dir` the engine lives in memory only. `allow_build=False` refuses to calibrate or
@@ -79,13 +91,28 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     with startup.phase("to_device", device):
         components.to(device, dtype)
     key = variant.engine_key(version(), device_tag(device))
-    expect = {"backend": NAME, "backend_version": version(), "device": device_tag(device), "dtype": str(dtype),
-              "precision": variant.precision, "unet_batch": variant.unet_batch,
-              "height": variant.height, "width": variant.width}
-    info = {"backend": NAME, "backend_version": version(), "engine_key": key, "compiled": compile,
-            "compile_mode": compile_mode if compile else None, "cuda_graph": use_cuda_graph,
-            "channels_last": channels_last, "fused_qkv": variant.fused_qkv, "cross_kv": cross_kv.MODES[reuse_cross_kv],
-            "engine_dir": str(engine_dir) if engine_dir else None}
+    expect = {
+        "backend": NAME,
+        "backend_version": version(),
+        "device": device_tag(device),
+        "dtype": str(dtype),
+        "precision": variant.precision,
+        "unet_batch": variant.unet_batch,
+        "height": variant.height,
+        "width": variant.width,
+    }
+    info = {
+        "backend": NAME,
+        "backend_version": version(),
+        "engine_key": key,
+        "compiled": compile,
+        "compile_mode": compile_mode if compile else None,
+        "cuda_graph": use_cuda_graph,
+        "channels_last": channels_last,
+        "fused_qkv": variant.fused_qkv,
+        "cross_kv": cross_kv.MODES[reuse_cross_kv],
+        "engine_dir": str(engine_dir) if engine_dir else None,
+    }
     reused_kv = []  # the CrossKV of the UNet that runs, with reuse_cross_kv
 
     def make_runnable(unet, cache=None, save_cache=None):
@@ -100,8 +127,9 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
             reused_kv[-1].fill(example[specs.SPECS["unet"].inputs.index("encoder_hidden_states")])
         if not compile:
             return unet
-        return compiled.compile_unet(unet, example, mode=compile_mode, cache=cache, save_cache=save_cache, info=info,
-                                     startup=startup)
+        return compiled.compile_unet(
+            unet, example, mode=compile_mode, cache=cache, save_cache=save_cache, info=info, startup=startup
+        )
 
     def read_compile_cache(engine):
         if not compile:
@@ -121,8 +149,9 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     if engine_dir is None:
         if not allow_build:
             raise UserError("loading a prebuilt engine needs --engine-dir")
-        unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, startup,
-                          channels_last=channels_last)
+        unet = build_unet(
+            variant, components, device, dtype, onnx_dir, key, progress, info, startup, channels_last=channels_last
+        )
         info["mode"] = "in-memory"
         runnable = make_runnable(unet)
     else:
@@ -146,8 +175,18 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
                         found = _verified_or_none(engine_dir, key, expect, allow_build, warn=False)
                 if found is None:
                     engine = None
-                    unet = build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, startup,
-                                      channels_last=channels_last)
+                    unet = build_unet(
+                        variant,
+                        components,
+                        device,
+                        dtype,
+                        onnx_dir,
+                        key,
+                        progress,
+                        info,
+                        startup,
+                        channels_last=channels_last,
+                    )
                     runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable, startup)
                     info["mode"] = "built"
                     info.pop("load_s", None)  # a refused engine's load attempt
@@ -169,12 +208,22 @@ def prepare(variant: Variant, components, device: torch.device, *, engine_dir=No
     if reused_kv:  # outside the CUDA graph: a new prompt refills the buffers that the graph's replay reads
         step = cross_kv.RefillingStep(step, reused_kv[-1])
     clip, clip2 = text_stages(components)
-    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=step, vae=vae_stage(components),
-                   info=info)
+    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=step, vae=vae_stage(components), info=info)
 
 
-def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info, startup: Startup | None = None,
-               *, channels_last: bool = False) -> torch.nn.Module:
+def build_unet(
+    variant,
+    components,
+    device,
+    dtype,
+    onnx_dir,
+    key,
+    progress,
+    info,
+    startup: Startup | None = None,
+    *,
+    channels_last: bool = False,
+) -> torch.nn.Module:
     """FP16: the model's UNet as is. INT8/FP8: calibrate (or reuse the calibration under the ONNX dir),
     convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`) in the
     layout the UNet will run in. A shape-only UNet gets its weights first."""
@@ -190,17 +239,24 @@ def build_unet(variant, components, device, dtype, onnx_dir, key, progress, info
 
     calibration_file = Path(onnx_dir) / key / "calibration.pt" if onnx_dir else None
     with startup.phase("calibration", device) as calibration:
-        info["calibration"] = quantize.calibrate_or_reuse(unet, variant, components, device, dtype,
-                                                          calibration_file,
-                                                          {"engine_key": key, "precision": variant.precision,
-                                                           "level": variant.quant_level}, progress)
+        info["calibration"] = quantize.calibrate_or_reuse(
+            unet,
+            variant,
+            components,
+            device,
+            dtype,
+            calibration_file,
+            {"engine_key": key, "precision": variant.precision, "level": variant.quant_level},
+            progress,
+        )
     if info["calibration"] == "reused":
         startup.note("calibration", f"reused from {calibration_file}")
     with startup.phase("convert", device) as convert:
         unet, conversion = qmodules.convert_to_real(unet)
     components.unet = unet
-    info.update(calibration_s=round(calibration.seconds, 2), convert_s=round(convert.seconds, 2),
-                converted=str(conversion))
+    info.update(
+        calibration_s=round(calibration.seconds, 2), convert_s=round(convert.seconds, 2), converted=str(conversion)
+    )
     if dispatches(device):
         with startup.phase("gemm_dispatch", device) as timed:
             info.update(_dispatch(unet, variant, device, dtype, progress, channels_last))

@@ -67,14 +67,22 @@ class ShapeTiming:
         return 2.0 * n * (h // stride) * (w // stride) * k * c * r * s
 
     def row(self) -> dict:
-        return {"fmt": self.fmt, "op": self.op, "shape": list(self.shape), "layers": self.layers,
-                "ms": {name: round(ms, 5) for name, ms in self.ms.items()}, "choice": self.choice,
-                "rejected": self.rejected,
-                "speedup_8bit": round(self.speedup, 3), "gflop": round(self.flops() / 1e9, 3)}
+        return {
+            "fmt": self.fmt,
+            "op": self.op,
+            "shape": list(self.shape),
+            "layers": self.layers,
+            "ms": {name: round(ms, 5) for name, ms in self.ms.items()},
+            "choice": self.choice,
+            "rejected": self.rejected,
+            "speedup_8bit": round(self.speedup, 3),
+            "gflop": round(self.flops() / 1e9, 3),
+        }
 
 
-def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None,
-           channels_last: bool = False) -> list[ShapeTiming]:
+def choose(
+    unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None, channels_last: bool = False
+) -> list[ShapeTiming]:
     """Time every distinct shape of the UNet's 8-bit layers per candidate; set each layer to the fastest.
 
     `run_step()` runs one eager UNet step so the shapes can be recorded. `timer(fn, candidate, shape)` returns
@@ -103,13 +111,18 @@ def choose(unet: torch.nn.Module, run_step: Callable[[], object], *, timer=None,
             calls, x = candidates(unique[0], op, shape, dtype, channels_last=channels_last)
             calls = {name: fn for name, fn in calls.items() if allowed(name)}
             errors = {name: relative_error(unique[0], fn, x, name) for name, fn in calls.items()}
-            rejected = {name: f"relative error {err:.2e}" for name, err in errors.items()
-                        if not err <= MAX_RELATIVE_ERROR and name != SIXTEEN_BIT}
+            rejected = {
+                name: f"relative error {err:.2e}"
+                for name, err in errors.items()
+                if not err <= MAX_RELATIVE_ERROR and name != SIXTEEN_BIT
+            }
             ms = {name: timer(fn, name, shape) for name, fn in calls.items() if name not in rejected}
         timing = ShapeTiming(fmt, op, shape, len(unique), ms, rejected)
         if rejected:
-            print(f"warning: {fmt} {op} {shape}: not using {', '.join(f'{k} ({v})' for k, v in rejected.items())}",
-                  file=sys.stderr)
+            print(
+                f"warning: {fmt} {op} {shape}: not using {', '.join(f'{k} ({v})' for k, v in rejected.items())}",
+                file=sys.stderr,
+            )
         path = SIXTEEN_BIT if timing.choice == SIXTEEN_BIT else "8bit"
         for module in unique:
             module.set_gemm_path(path, dtype, kernel=None if path == SIXTEEN_BIT else timing.choice)
@@ -122,20 +135,26 @@ def _conv_candidates(layer, shape: tuple, dtype: torch.dtype, channels_last: boo
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(n, c, h, w, device=layer.weight.device, dtype=dtype).contiguous(memory_format=layout)
     w16 = layer.float_weight(dtype).contiguous(memory_format=layout)
-    calls = {SIXTEEN_BIT: lambda: F.conv2d(x, w16, layer.bias, layer.stride, layer.padding, layer.dilation,
-                                           layer.groups)}
+    calls = {
+        SIXTEEN_BIT: lambda: F.conv2d(x, w16, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    }
     from sdxl_core.quant.kernels import conv_cutlass
 
     w_krsc = conv_cutlass.weight_krsc(layer.weight)
-    if not channels_last or not conv_cutlass.available(x.device) or layer.groups != 1 or \
-            conv_cutlass.unsupported_reason(x.shape, w_krsc.shape, layer.stride, layer.padding):
+    if (
+        not channels_last
+        or not conv_cutlass.available(x.device)
+        or layer.groups != 1
+        or conv_cutlass.unsupported_reason(x.shape, w_krsc.shape, layer.stride, layer.padding)
+    ):
         return calls, x
     x_q = qmodules.quantize(x, layer.a_scale, layer.FMT).contiguous(memory_format=torch.channels_last)
     w_scale = layer.w_scale.reshape(-1).expand(layer.out_channels).contiguous()
     bias = None if layer.bias is None else layer.bias.to(dtype)
     for index, name in enumerate(conv_cutlass.configs(layer.FMT)):
-        calls[qmodules.CUTLASS + name] = (lambda index=index: ops.conv8(
-            x_q, w_krsc, layer.a_scale, w_scale, bias, list(layer.stride), list(layer.padding), dtype, index))
+        calls[qmodules.CUTLASS + name] = lambda index=index: ops.conv8(
+            x_q, w_krsc, layer.a_scale, w_scale, bias, list(layer.stride), list(layer.padding), dtype, index
+        )
     return calls, x
 
 
@@ -175,13 +194,19 @@ def summary(timings: list[ShapeTiming]) -> dict:
 
 
 def print_table(timings: list[ShapeTiming], file=sys.stderr) -> None:
-    print(f"{'fmt':>4} {'op':>4} {'shape':>34} {'layers':>6} {'16bit ms':>9} {'best 8-bit ms':>13} "
-          f"{'speed-up':>8}  choice", file=file)
+    print(
+        f"{'fmt':>4} {'op':>4} {'shape':>34} {'layers':>6} {'16bit ms':>9} {'best 8-bit ms':>13} "
+        f"{'speed-up':>8}  choice",
+        file=file,
+    )
     for t in timings:
         eight = [ms for name, ms in t.ms.items() if name != SIXTEEN_BIT]
         best = f"{min(eight):.4f}" if eight else "-"
-        print(f"{t.fmt:>4} {t.op:>4} {'x'.join(map(str, t.shape)):>34} {t.layers:>6} {t.ms[SIXTEEN_BIT]:>9.4f} "
-              f"{best:>13} {t.speedup:>7.2f}x  {t.choice}", file=file)
+        print(
+            f"{t.fmt:>4} {t.op:>4} {'x'.join(map(str, t.shape)):>34} {t.layers:>6} {t.ms[SIXTEEN_BIT]:>9.4f} "
+            f"{best:>13} {t.speedup:>7.2f}x  {t.choice}",
+            file=file,
+        )
 
 
 def _shape_key(module, x) -> tuple:
@@ -194,8 +219,9 @@ def _shape_key(module, x) -> tuple:
     return module.FMT, "conv", (n, c, h, w, module.out_channels, r, s, module.stride[0]), x.dtype
 
 
-def candidates(layer, op: str, shape: tuple, dtype: torch.dtype, *,
-               channels_last: bool = False) -> tuple[dict[str, Callable], torch.Tensor]:
+def candidates(
+    layer, op: str, shape: tuple, dtype: torch.dtype, *, channels_last: bool = False
+) -> tuple[dict[str, Callable], torch.Tensor]:
     """({name: a call that runs this layer's work at `shape` that way}, the random (never zero) input they use,
     before quantization)."""
     device = layer.weight.device
@@ -211,11 +237,12 @@ def candidates(layer, op: str, shape: tuple, dtype: torch.dtype, *,
         from sdxl_core.quant.kernels import int8_gemm
 
         for kernel in int8_gemm.candidate_kernels(x_q, weight, dtype):
-            calls[kernel] = (lambda kernel=kernel:
-                             ops.int8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel))
+            calls[kernel] = lambda kernel=kernel: ops.int8_mm(
+                x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel
+            )
     else:
         for kernel in ops.fp8_candidates(x_q, weight, dtype):
-            calls[kernel] = (lambda kernel=kernel:
-                             ops.fp8_mm(x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel))
+            calls[kernel] = lambda kernel=kernel: ops.fp8_mm(
+                x_q, weight, layer.a_scale, layer.w_scale, layer.bias, dtype, kernel
+            )
     return calls, x
-

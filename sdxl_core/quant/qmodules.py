@@ -152,20 +152,29 @@ class QuantizedModule(torch.nn.Module):
 
 
 class QLinear(QuantizedModule):
-    def __init__(self, in_features, out_features, *, bias=True, smooth=False, per_channel=True,
-                 dtype=torch.float32, device=None):
+    def __init__(
+        self, in_features, out_features, *, bias=True, smooth=False, per_channel=True, dtype=torch.float32, device=None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_buffers((out_features, in_features), out_features, bias=bias, per_channel=per_channel,
-                           dtype=dtype, device=device)
+        self._init_buffers(
+            (out_features, in_features), out_features, bias=bias, per_channel=per_channel, dtype=dtype, device=device
+        )
         self.register_buffer("smooth", torch.empty(in_features, dtype=dtype, device=device) if smooth else None)
         self.kernel = DEFAULT_KERNELS[self.FMT]
 
     @classmethod
     def empty_like(cls, linear: torch.nn.Linear, *, smooth: bool, per_channel: bool):
         w = linear.weight
-        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, smooth=smooth,
-                   per_channel=per_channel, dtype=w.dtype, device=w.device)
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            smooth=smooth,
+            per_channel=per_channel,
+            dtype=w.dtype,
+            device=w.device,
+        )
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, *, w_amax, a_amax, smooth=None, weight=None):
@@ -185,8 +194,10 @@ class QLinear(QuantizedModule):
         return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT, self.kernel)
 
     def extra_repr(self):
-        return (f"in={self.in_features}, out={self.out_features}, smooth={self.smooth is not None}, "
-                f"gemm={self.gemm_path}, kernel={self.kernel}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, smooth={self.smooth is not None}, "
+            f"gemm={self.gemm_path}, kernel={self.kernel}"
+        )
 
 
 class Int8Linear(QLinear):
@@ -201,13 +212,32 @@ class QConv2d(QuantizedModule):
     _FIXED = (*QuantizedModule._FIXED, "w_krsc", "w_scale_k")
     _KEEP_LAYOUT = ("w_krsc",)  # the CUTLASS conv reads [K, R, S, C] packed, whatever `.to(channels_last)` says
 
-    def __init__(self, in_channels, out_channels, kernel_size, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                 groups=1, bias=True, per_channel=True, dtype=torch.float32, device=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        *,
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        groups=1,
+        bias=True,
+        per_channel=True,
+        dtype=torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
-        self._init_buffers((out_channels, in_channels // groups, *kernel_size), out_channels, bias=bias,
-                           per_channel=per_channel, dtype=dtype, device=device)
+        self._init_buffers(
+            (out_channels, in_channels // groups, *kernel_size),
+            out_channels,
+            bias=bias,
+            per_channel=per_channel,
+            dtype=dtype,
+            device=device,
+        )
         self.kernel = DEFAULT_KERNELS[self.FMT if self.as_gemm else "conv"]
         self.register_buffer("w_krsc", None, persistent=False)  # the CUTLASS conv's weight layout
         self.register_buffer("w_scale_k", None, persistent=False)  # w_scale expanded to one per output channel
@@ -231,8 +261,12 @@ class QConv2d(QuantizedModule):
 
     @property
     def as_gemm(self) -> bool:
-        return (tuple(self.kernel_size) == (1, 1) and tuple(self.stride) == (1, 1)
-                and self.padding in ((0, 0), 0, "valid") and self.groups == 1)
+        return (
+            tuple(self.kernel_size) == (1, 1)
+            and tuple(self.stride) == (1, 1)
+            and self.padding in ((0, 0), 0, "valid")
+            and self.groups == 1
+        )
 
     @property
     def runs_8bit_gemm(self) -> bool:
@@ -247,9 +281,19 @@ class QConv2d(QuantizedModule):
         if smooth or conv.padding_mode != "zeros":
             raise UserError(f"cannot run {conv} as an 8-bit conv (smoothing or padding_mode={conv.padding_mode!r})")
         w = conv.weight
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, per_channel=per_channel,
-                   dtype=w.dtype, device=w.device)
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            per_channel=per_channel,
+            dtype=w.dtype,
+            device=w.device,
+        )
 
     @classmethod
     def from_float(cls, conv: torch.nn.Conv2d, *, w_amax, a_amax, smooth=None, weight=None):
@@ -262,22 +306,41 @@ class QConv2d(QuantizedModule):
         if self.runs_8bit_gemm:
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels)
-            out = gemm(rows, self.weight.view(self.out_channels, -1), self.a_scale, self.w_scale, self.bias,
-                       self.FMT, self.kernel)
+            out = gemm(
+                rows,
+                self.weight.view(self.out_channels, -1),
+                self.a_scale,
+                self.w_scale,
+                self.bias,
+                self.FMT,
+                self.kernel,
+            )
             return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         if self.runs_cutlass_conv:
             x_q = quantize(x, self.a_scale, self.FMT).contiguous(memory_format=torch.channels_last)
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            return ops.conv8(x_q, self.w_krsc, self.a_scale, self.w_scale_k, bias, list(self.stride),
-                             list(self.padding), x.dtype, self.conv_config)
+            return ops.conv8(
+                x_q,
+                self.w_krsc,
+                self.a_scale,
+                self.w_scale_k,
+                bias,
+                list(self.stride),
+                list(self.padding),
+                x.dtype,
+                self.conv_config,
+            )
         if self.gemm_path == "8bit":  # a 3x3 conv with 8-bit numerics: emulated in the activation dtype
             x = fake_quantize(x, self.a_scale, self.FMT)
-        return F.conv2d(x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return F.conv2d(
+            x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
-                f"stride={tuple(self.stride)}, gemm={self.gemm_path if self.as_gemm else 'conv'}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
+            f"stride={tuple(self.stride)}, gemm={self.gemm_path if self.as_gemm else 'conv'}"
+        )
 
 
 class Int8Conv2d(QConv2d):
@@ -299,8 +362,10 @@ class ConversionReport:
     def __str__(self):
         text = ", ".join(f"{n} {name}" for name, n in sorted(self.counts.items())) or "nothing quantized"
         if self.dropped_attention:
-            text += (f"; FP8 attention quantizers of {self.dropped_attention} attention modules dropped "
-                     "(attention runs in the activation dtype)")
+            text += (
+                f"; FP8 attention quantizers of {self.dropped_attention} attention modules dropped "
+                "(attention runs in the activation dtype)"
+            )
         return text
 
 
@@ -324,8 +389,12 @@ def convert_to_real(unet: torch.nn.Module) -> tuple[torch.nn.Module, ConversionR
         elif any(getattr(module, q, None) is not None for q in ATTENTION_QUANTIZERS):
             report.dropped_attention += is_quantized(module)
     plain = {k: v for k, v in unet.state_dict().items() if not _QUANTIZER_KEY.search(k)}
-    real_unet = load_real(unet.config, {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": plan},
-                          {**plain, **replaced}, unet_cls=type(unet))
+    real_unet = load_real(
+        unet.config,
+        {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": plan},
+        {**plain, **replaced},
+        unet_cls=type(unet),
+    )
     return real_unet, report
 
 
@@ -370,8 +439,10 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
             module = None
         base = torch.nn.Linear if cls in (Int8Linear, Fp8Linear) else torch.nn.Conv2d
         if cls is None or type(module) is not base:
-            raise UserError(f"layer plan does not match the UNet at {name!r} ({spec.get('type')} over "
-                            f"{type(module).__name__}): rebuild the engine")
+            raise UserError(
+                f"layer plan does not match the UNet at {name!r} ({spec.get('type')} over "
+                f"{type(module).__name__}): rebuild the engine"
+            )
         quantized = cls.empty_like(module, smooth=spec["smooth"], per_channel=spec["per_channel"])
         gemm_path = spec.get("gemm", "8bit")
         if gemm_path not in GEMM_PATHS:
@@ -429,8 +500,9 @@ def load(directory: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.
         config = json.loads((directory / "unet_config.json").read_text())
         plan = json.loads((directory / "layer_plan.json").read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"engine {directory.name}: unreadable UNet config or layer plan ({type(exc).__name__}): "
-                        "rebuild the engine") from None
+        raise UserError(
+            f"engine {directory.name}: unreadable UNet config or layer plan ({type(exc).__name__}): rebuild the engine"
+        ) from None
     unet = load_real(config, plan, load_file(str(directory / "unet.safetensors"), device=str(device)))
     dequantize_weights(unet, dtype)
     return unet
@@ -441,8 +513,13 @@ def module_counts(unet: torch.nn.Module) -> Counter:
 
 
 def _spec(module: QuantizedModule) -> dict:
-    return {"type": type(module).__name__, "smooth": getattr(module, "smooth", None) is not None,
-            "per_channel": module.per_channel, "gemm": module.gemm_path, "kernel": module.kernel}
+    return {
+        "type": type(module).__name__,
+        "smooth": getattr(module, "smooth", None) is not None,
+        "per_channel": module.per_channel,
+        "gemm": module.gemm_path,
+        "kernel": module.kernel,
+    }
 
 
 def _from_modelopt(module: torch.nn.Module) -> QuantizedModule:
@@ -456,8 +533,12 @@ def _from_modelopt(module: torch.nn.Module) -> QuantizedModule:
         # scales recovers ModelOpt's 8-bit values exactly, with no rounding ties decided differently.
         weight = wq(module.weight)
     fmt = "fp8" if wq.num_bits == (4, 3) else "int8"
-    cls = {(True, "int8"): Int8Linear, (True, "fp8"): Fp8Linear,
-           (False, "int8"): Int8Conv2d, (False, "fp8"): Fp8Conv2d}[(isinstance(module, torch.nn.Linear), fmt)]
+    cls = {
+        (True, "int8"): Int8Linear,
+        (True, "fp8"): Fp8Linear,
+        (False, "int8"): Int8Conv2d,
+        (False, "fp8"): Fp8Conv2d,
+    }[(isinstance(module, torch.nn.Linear), fmt)]
     return cls.from_float(module, weight=weight, w_amax=wq.amax, a_amax=iq.amax, smooth=iq.pre_quant_scale)
 
 

@@ -180,8 +180,11 @@ def quant_config(variant: Variant) -> dict:
     categories = LEVEL_CATEGORIES[variant.quant_level]
 
     def max_calibrated(num_bits, axis) -> dict:  # what ModelOpt's "max" calibrator computes, without host syncs
-        return {"num_bits": num_bits, "axis": axis,
-                "calibrator": (SyncFreeMaxCalibrator, (), {"num_bits": num_bits, "axis": axis})}
+        return {
+            "num_bits": num_bits,
+            "axis": axis,
+            "calibrator": (SyncFreeMaxCalibrator, (), {"num_bits": num_bits, "axis": axis}),
+        }
 
     if variant.precision == "int8":
         weight = max_calibrated(8, 0)
@@ -213,8 +216,9 @@ def quant_config(variant: Variant) -> dict:
     return {"quant_cfg": entries, "algorithm": algorithm}
 
 
-def quantize_unet(unet: torch.nn.Module, variant: Variant, forward_loop: Callable[[torch.nn.Module], None],
-                  progress: bool = True) -> torch.nn.Module:
+def quantize_unet(
+    unet: torch.nn.Module, variant: Variant, forward_loop: Callable[[torch.nn.Module], None], progress: bool = True
+) -> torch.nn.Module:
     """Insert ModelOpt quantizers into `unet` (in place), calibrate them with `forward_loop(unet)`, return it."""
     import modelopt.torch.quantization as mtq
 
@@ -244,19 +248,21 @@ def calibration_loop(components, variant: Variant, device, dtype, progress: bool
 
     prompts = calibration_prompts(variant.calibration_size)
     clip, clip2 = text_stages(components)
-    batches = [prompts[i:i + CALIBRATION_BATCH] for i in range(0, len(prompts), CALIBRATION_BATCH)]
+    batches = [prompts[i : i + CALIBRATION_BATCH] for i in range(0, len(prompts), CALIBRATION_BATCH)]
 
     def forward_loop(unet):
-        engines = Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(unet),
-                          vae=lambda latents: latents)
+        engines = Engines(
+            device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(unet), vae=lambda latents: latents
+        )
         for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
             pipeline.txt2img(engines, components, variant.replace(batch_size=len(batch)), batch, seed=i)
 
     return forward_loop
 
 
-def calibrate_or_reuse(unet: torch.nn.Module, variant: Variant, components, device, dtype, calibration_file,
-                       meta: dict, progress: bool) -> str:
+def calibrate_or_reuse(
+    unet: torch.nn.Module, variant: Variant, components, device, dtype, calibration_file, meta: dict, progress: bool
+) -> str:
     """Quantize `unet` in place: restore the calibration saved in `calibration_file` when it was made for
     `meta`, else calibrate with the real pipeline (and save it there). Returns "reused" or "calibrated"."""
     if calibration_file is not None and calibration_file.exists():
@@ -316,8 +322,12 @@ def save_calibration(unet: torch.nn.Module, path, meta: dict) -> None:
     for name, module in unet.named_modules():
         if getattr(getattr(module, "input_quantizer", None), "pre_quant_scale", None) is not None:
             tensors[f"{name}.weight"] = module.weight.detach()
-    payload = {"format": CALIBRATION_FORMAT, "meta": _meta_json(meta), "modelopt_state": mto.modelopt_state(unet),
-               "tensors": tensors}
+    payload = {
+        "format": CALIBRATION_FORMAT,
+        "meta": _meta_json(meta),
+        "modelopt_state": mto.modelopt_state(unet),
+        "tensors": tensors,
+    }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -335,26 +345,31 @@ def load_calibration(unet_fresh: torch.nn.Module, path, expected_meta: dict) -> 
     except FileNotFoundError:
         raise CalibrationMismatch(f"no calibration file at {path}: calibrate first") from None
     except Exception as exc:  # torch.load raises many types for a torn or foreign file
-        raise CalibrationMismatch(f"calibration file {path} is unreadable ({_reason(exc)}): "
-                                  "delete it to recalibrate") from None
+        raise CalibrationMismatch(
+            f"calibration file {path} is unreadable ({_reason(exc)}): delete it to recalibrate"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CALIBRATION_FORMAT:
         raise CalibrationMismatch(f"{path} is not a {CALIBRATION_FORMAT} file: delete it to recalibrate")
     saved, wanted = json.loads(payload["meta"]), json.loads(_meta_json(expected_meta))
     if saved != wanted:
         changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-        raise CalibrationMismatch(f"{path} was calibrated with different {', '.join(changed)}: "
-                                  "delete it to recalibrate")
+        raise CalibrationMismatch(
+            f"{path} was calibrated with different {', '.join(changed)}: delete it to recalibrate"
+        )
     try:
         with _modelopt_quiet(verbose=False):
             unet = mto.restore_from_modelopt_state(unet_fresh, payload["modelopt_state"])
         missing, unexpected = unet.load_state_dict(payload["tensors"], strict=False)
     except Exception as exc:
-        raise CalibrationMismatch(f"calibration file {path} does not fit this UNet ({_reason(exc)}): "
-                                  "recalibrate") from None
+        raise CalibrationMismatch(
+            f"calibration file {path} does not fit this UNet ({_reason(exc)}): recalibrate"
+        ) from None
     missing = [k for k in missing if _QUANTIZER_KEY.search(k)]
     if missing or unexpected:
-        raise CalibrationMismatch(f"calibration file {path} does not fit this UNet "
-                                  f"({len(missing)} missing, {len(unexpected)} unexpected tensors): recalibrate")
+        raise CalibrationMismatch(
+            f"calibration file {path} does not fit this UNet "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors): recalibrate"
+        )
     if quantized_layers(unet)["attention"]:
         _use_bmm_attention(unet)
     return unet
@@ -389,4 +404,3 @@ def _modelopt_quiet(verbose: bool):
         else:
             with contextlib.redirect_stdout(io.StringIO()):
                 yield
-

@@ -67,8 +67,13 @@ def _read_run(path: Path) -> tuple[Run, list[dict]]:
         raise UserError(f"{path} is not a pytest-benchmark run ({type(exc).__name__}: {exc})") from None
     commit_id = str(commit.get("id") or "")
     commit_id = (commit_id[:8] if len(commit_id) == 40 else commit_id) + ("*" if commit.get("dirty") else "")
-    run = Run(path=path, number=path.stem.split("_", 1)[0], machine=path.parent.name,
-              when=_parse_time(data.get("datetime")), commit=commit_id)
+    run = Run(
+        path=path,
+        number=path.stem.split("_", 1)[0],
+        machine=path.parent.name,
+        when=_parse_time(data.get("datetime")),
+        commit=commit_id,
+    )
     return run, benchmarks
 
 
@@ -114,8 +119,11 @@ def history_table(runs: list[Run]) -> str:
         benchmarks.extend(name for name in run.medians_ms if name not in benchmarks)
     rows = []
     for run in runs:
-        row = {"run": run.label, "date": run.when.strftime("%Y-%m-%d %H:%M") if run.when else None,
-               "commit": run.commit or None}
+        row = {
+            "run": run.label,
+            "date": run.when.strftime("%Y-%m-%d %H:%M") if run.when else None,
+            "commit": run.commit or None,
+        }
         row.update({name: _ms(run.medians_ms.get(name)) for name in benchmarks})
         rows.append(row)
     return latency_table(rows)
@@ -131,8 +139,10 @@ def history_report(storage_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     markdown_path, png_path = out / "history.md", out / "history.png"
     first, last = runs[0], runs[-1]
     span = f"{first.label} .. {last.label}" if len(runs) > 1 else first.label
-    text = (f"# Benchmark history: median latency, ms\n\n{len(runs)} run(s) ({span}) from {storage_dir}.\n\n"
-            + history_table(runs))
+    text = (
+        f"# Benchmark history: median latency, ms\n\n{len(runs)} run(s) ({span}) from {storage_dir}.\n\n"
+        + history_table(runs)
+    )
     atomic_write_text(markdown_path, text)
     series: dict[str, list[tuple[str, float]]] = {}
     for run in runs:

@@ -28,9 +28,15 @@ class ResultFile:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file: give a directory")
         self.path = out / f"{kind}.json"
-        self.data = {"kind": kind, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                     "command": shlex.join(sys.argv), "device": device_info(device), "libraries": library_versions(),
-                     **meta, "rows": []}
+        self.data = {
+            "kind": kind,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": shlex.join(sys.argv),
+            "device": device_info(device),
+            "libraries": library_versions(),
+            **meta,
+            "rows": [],
+        }
         self.save()
 
     def add(self, row: dict) -> dict:
@@ -55,9 +61,11 @@ def render(data: dict) -> str:
     renderer = importlib.import_module(f"sdxl_core.commands.{data['kind']}").render
     device = data.get("device", {})
     libs = data.get("libraries", {})
-    head = (f"**{data['kind']}** · {data.get('created', '')} · {device.get('name', '?')} · torch "
-            f"{libs.get('torch', '?')}, triton {libs.get('triton', '?')}, CUDA {libs.get('cuda', '-')}\n\n"
-            f"    {data.get('command', '')}\n")
+    head = (
+        f"**{data['kind']}** · {data.get('created', '')} · {device.get('name', '?')} · torch "
+        f"{libs.get('torch', '?')}, triton {libs.get('triton', '?')}, CUDA {libs.get('cuda', '-')}\n\n"
+        f"    {data.get('command', '')}\n"
+    )
     return head + "\n" + renderer(data)
 
 

@@ -17,17 +17,53 @@ REPORT_SCHEMA_VERSION = 3
 # Every report has these, in this order; `quantization` follows `variant` on 8-bit runs only, `model_note`
 # follows `compute_dtype` on built-in models only. `startup_s`: seconds per start-up phase (see startup.py),
 # then "other" and "total" (to the first image); `startup_notes`: where a phase's work came from.
-REPORT_KEYS = ("schema", "created", "command", "variant", "compute_dtype", "half", "engine", "prompt",
-               "negative_prompt", "seed", "timings_ms", "per_batch_ms", "images_per_second", "unet_steps",
-               "startup_s", "startup_notes", "images", "libraries", "device")
+REPORT_KEYS = (
+    "schema",
+    "created",
+    "command",
+    "variant",
+    "compute_dtype",
+    "half",
+    "engine",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "timings_ms",
+    "per_batch_ms",
+    "images_per_second",
+    "unet_steps",
+    "startup_s",
+    "startup_notes",
+    "images",
+    "libraries",
+    "device",
+)
 QUANTIZATION_FIELDS = ("quant_level", "quant_alpha", "quant_percentile", "calibration_size")
 # What a backend's engine info says about calibration and 8-bit kernels: left out of FP16 reports.
-QUANTIZED_ENGINE_INFO = ("calibration", "calibration_s", "convert_s", "converted", "gemm_paths", "gemm_timings",
-                         "gemm_dispatch_s", "int8_kernels")
+QUANTIZED_ENGINE_INFO = (
+    "calibration",
+    "calibration_s",
+    "convert_s",
+    "converted",
+    "gemm_paths",
+    "gemm_timings",
+    "gemm_dispatch_s",
+    "int8_kernels",
+)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TIMED_STAGES = ("clip", "clip2", "unet", "vae", "total")
-LIBRARIES = ("torch", "diffusers", "transformers", "nvidia-modelopt", "triton", "tensorrt", "onnx", "onnxruntime",
-             "peft", "open-clip-torch")
+LIBRARIES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "nvidia-modelopt",
+    "triton",
+    "tensorrt",
+    "onnx",
+    "onnxruntime",
+    "peft",
+    "open-clip-torch",
+)
 
 
 def library_versions(device: torch.device | None = None) -> dict[str, str | None]:
@@ -68,12 +104,28 @@ def device_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"type": device.type, "name": cpu_model(), "cpus": usable_cpus(), "threads": torch.get_num_threads()}
     props = torch.cuda.get_device_properties(device)
-    return {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count}
+    return {
+        "type": "cuda",
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count,
+    }
 
 
-def make_report(variant, engines, results, *, prompt: str, seed: int, images: list[str], command: str,
-                negative_prompt: str = "", half: str | None = None, startup=None) -> dict:
+def make_report(
+    variant,
+    engines,
+    results,
+    *,
+    prompt: str,
+    seed: int,
+    images: list[str],
+    command: str,
+    negative_prompt: str = "",
+    half: str | None = None,
+    startup=None,
+) -> dict:
     """What ran, as it ran: the UNet's precision as computed (fp32 for an unquantized UNet on the CPU), the
     compute dtype of the unquantized work, --half only where it applies (a GPU), quantization fields only for
     8-bit runs, and a note on built-in models, whose random weights make noise by design."""
@@ -93,33 +145,44 @@ def make_report(variant, engines, results, *, prompt: str, seed: int, images: li
     if variant.is_quantized:
         info = engines.info
         report["quantization"] = {
-            "precision": variant.precision, "level": variant.quant_level,
-            **({"alpha": variant.quant_alpha, "percentile": variant.quant_percentile}
-               if variant.precision == "int8" else {}),
-            "calibration_prompts": variant.calibration_size, "calibration_steps": variant.steps,
-            "calibration": info.get("calibration"), "calibration_s": info.get("calibration_s"),
+            "precision": variant.precision,
+            "level": variant.quant_level,
+            **(
+                {"alpha": variant.quant_alpha, "percentile": variant.quant_percentile}
+                if variant.precision == "int8"
+                else {}
+            ),
+            "calibration_prompts": variant.calibration_size,
+            "calibration_steps": variant.steps,
+            "calibration": info.get("calibration"),
+            "calibration_s": info.get("calibration_s"),
         }
     report["compute_dtype"] = compute
     if variant.model in MODEL_NOTES:
         report["model_note"] = MODEL_NOTES[variant.model]
-    engine = engines.info if variant.is_quantized else {k: v for k, v in engines.info.items()
-                                                         if k not in QUANTIZED_ENGINE_INFO}
-    report.update({
-        "half": half if engines.device.type == "cuda" else None,
-        "engine": engine,
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "seed": seed,
-        "timings_ms": mean,
-        "per_batch_ms": per_batch,
-        "images_per_second": round(variant.batch_size * 1000.0 / mean["total"], 4),
-        "unet_steps": results[0].unet_calls,
-        "startup_s": startup.record() if startup is not None else {},
-        "startup_notes": dict(startup.notes) if startup is not None else {},
-        "images": images,
-        "libraries": library_versions(engines.device),
-        "device": device_info(engines.device),
-    })
+    engine = (
+        engines.info
+        if variant.is_quantized
+        else {k: v for k, v in engines.info.items() if k not in QUANTIZED_ENGINE_INFO}
+    )
+    report.update(
+        {
+            "half": half if engines.device.type == "cuda" else None,
+            "engine": engine,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "timings_ms": mean,
+            "per_batch_ms": per_batch,
+            "images_per_second": round(variant.batch_size * 1000.0 / mean["total"], 4),
+            "unet_steps": results[0].unet_calls,
+            "startup_s": startup.record() if startup is not None else {},
+            "startup_notes": dict(startup.notes) if startup is not None else {},
+            "images": images,
+            "libraries": library_versions(engines.device),
+            "device": device_info(engines.device),
+        }
+    )
     return report
 
 
@@ -132,8 +195,10 @@ def stage_table(report: dict) -> str:
     out += [f"| {name:<16} | {ms:>11.2f} ms |" for name, ms in rows]
     out += [line, f"| {'Pipeline':<16} | {t['total']:>11.2f} ms |", line]
     v = report["variant"]
-    out.append(f"UNet per step: {t['unet'] / steps:.2f} ms   Throughput: {report['images_per_second']:.3f} image/s"
-               f"   ({v['name']} in {v['precision']}, {report['device']['name']}, batch {v['batch_size']})")
+    out.append(
+        f"UNet per step: {t['unet'] / steps:.2f} ms   Throughput: {report['images_per_second']:.3f} image/s"
+        f"   ({v['name']} in {v['precision']}, {report['device']['name']}, batch {v['batch_size']})"
+    )
     return "\n".join(out)
 
 
@@ -169,18 +234,31 @@ def markdown_summary(paths: list[Path]) -> str:
             kind = "pytest-benchmark run" if isinstance(data, dict) and "benchmarks" in data else "txt2img report"
             raise UserError(f"{path} is not a {kind} ({type(exc).__name__}: {exc})") from None
     if txt2img:
-        columns = ("variant", "model", "device", "size", "steps", "CLIP ms", "CLIP2 ms", "UNet ms/step", "VAE ms",
-                   "total ms", "img/s")
+        columns = (
+            "variant",
+            "model",
+            "device",
+            "size",
+            "steps",
+            "CLIP ms",
+            "CLIP2 ms",
+            "UNet ms/step",
+            "VAE ms",
+            "total ms",
+            "img/s",
+        )
         sections.insert(0, "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *txt2img]))
     return "\n\n".join(sections) + "\n"
 
 
 def _txt2img_row(report) -> str:
     t, v = report["timings_ms"], report["variant"]
-    return (f"| {v['name']} | {v['model']} | {report['device']['name']} | {v['height']}x{v['width']} | "
-            f"{report['unet_steps']} | {t['clip']:.1f} | {t['clip2']:.1f} | "
-            f"{t['unet'] / report['unet_steps']:.2f} | {t['vae']:.1f} | {t['total']:.1f} | "
-            f"{report['images_per_second']:.3f} |")
+    return (
+        f"| {v['name']} | {v['model']} | {report['device']['name']} | {v['height']}x{v['width']} | "
+        f"{report['unet_steps']} | {t['clip']:.1f} | {t['clip2']:.1f} | "
+        f"{t['unet'] / report['unet_steps']:.2f} | {t['vae']:.1f} | {t['total']:.1f} | "
+        f"{report['images_per_second']:.3f} |"
+    )
 
 
 def _benchmark_run_table(path, data: dict) -> str:
@@ -194,10 +272,21 @@ def _benchmark_run_table(path, data: dict) -> str:
     if not isinstance(benchmarks, list):
         raise TypeError("'benchmarks' is not a list")
     gpu = next((b.get("extra_info", {}).get("gpu") for b in benchmarks if b.get("extra_info", {}).get("gpu")), None)
-    head = (f"### {Path(path).name}\n\n{data.get('datetime', '')} · commit {str(commit.get('id', ''))[:10]} · "
-            f"{gpu or machine.get('cpu', {}).get('brand_raw', 'cpu')} · Python {machine.get('python_version', '?')}")
-    columns = ("benchmark", "variant", "median ms", "min ms", "max ms", "rounds", "UNet ms (pipeline)",
-               "engine MiB", "peak GPU GiB (process so far)")
+    head = (
+        f"### {Path(path).name}\n\n{data.get('datetime', '')} · commit {str(commit.get('id', ''))[:10]} · "
+        f"{gpu or machine.get('cpu', {}).get('brand_raw', 'cpu')} · Python {machine.get('python_version', '?')}"
+    )
+    columns = (
+        "benchmark",
+        "variant",
+        "median ms",
+        "min ms",
+        "max ms",
+        "rounds",
+        "UNet ms (pipeline)",
+        "engine MiB",
+        "peak GPU GiB (process so far)",
+    )
     lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for bench in benchmarks:
         stats, extra = bench["stats"], bench.get("extra_info", {})
@@ -208,7 +297,8 @@ def _benchmark_run_table(path, data: dict) -> str:
             f"| {bench['name']} | {extra.get('variant', '')} | {stats['median'] * 1e3:.2f} | "
             f"{stats['min'] * 1e3:.2f} | {stats['max'] * 1e3:.2f} | {stats['rounds']} | "
             f"{_or_dash(stages.get('unet'), 1)} | {_or_dash(engine and engine / 2**20, 0)} | "
-            f"{_or_dash(peak and peak / 2**30, 1)} |")
+            f"{_or_dash(peak and peak / 2**30, 1)} |"
+        )
     return "\n".join(lines)
 
 

@@ -68,12 +68,20 @@ CASES = (
 # (mean_ssim a little above `ssim`, as on tiny);
 # `--update-baselines` records the measured values in the manifest ("measured") for the review.
 THRESHOLDS = {
-    "tiny": {"regression_ssim": 0.995, "ssim": {"xl-1.0-int8": 0.99, "xl-1.0-fp8": 0.98},
-             "mean_ssim": {"xl-1.0-int8": 0.995, "xl-1.0-fp8": 0.985}, "clip_drop": 1.0,
-             "source": "measured on tiny/cpu (see sdxl_core/suite/baselines.py)"},
-    "default": {"regression_ssim": 0.98, "ssim": {"xl-1.0-int8": 0.85, "xl-1.0-fp8": 0.80},
-                "mean_ssim": {"xl-1.0-int8": 0.90, "xl-1.0-fp8": 0.85}, "clip_drop": 1.0,
-                "source": "provisional: measure on this model and card, then set in sdxl_core/suite/baselines.py"},
+    "tiny": {
+        "regression_ssim": 0.995,
+        "ssim": {"xl-1.0-int8": 0.99, "xl-1.0-fp8": 0.98},
+        "mean_ssim": {"xl-1.0-int8": 0.995, "xl-1.0-fp8": 0.985},
+        "clip_drop": 1.0,
+        "source": "measured on tiny/cpu (see sdxl_core/suite/baselines.py)",
+    },
+    "default": {
+        "regression_ssim": 0.98,
+        "ssim": {"xl-1.0-int8": 0.85, "xl-1.0-fp8": 0.80},
+        "mean_ssim": {"xl-1.0-int8": 0.90, "xl-1.0-fp8": 0.85},
+        "clip_drop": 1.0,
+        "source": "provisional: measure on this model and card, then set in sdxl_core/suite/baselines.py",
+    },
 }
 # clip_drop: mean CLIP score (100 * cosine, open_clip ViT-B-32 'openai') of the FP16 images minus that of
 # the 8-bit images. MLPerf's SDXL accuracy window is CLIP score 31.686..31.813 over 5000 prompts; on two
@@ -103,12 +111,33 @@ def model_slug(model: str) -> str:
 
 
 _VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "radeon", "instinct"}
-ARCHITECTURES = {(8, 0): "ampere", (8, 6): "ampere", (8, 7): "ampere", (8, 9): "ada", (9, 0): "hopper",
-                 (10, 0): "blackwell", (12, 0): "blackwell"}
+ARCHITECTURES = {
+    (8, 0): "ampere",
+    (8, 6): "ampere",
+    (8, 7): "ampere",
+    (8, 9): "ada",
+    (9, 0): "hopper",
+    (10, 0): "blackwell",
+    (12, 0): "blackwell",
+}
 # Cards known by name alone (a device name string carries no compute capability).
-_ARCHITECTURE_BY_FAMILY = {"h100": "hopper", "h200": "hopper", "h800": "hopper", "h20": "hopper", "gh200": "hopper",
-                           "a100": "ampere", "a800": "ampere", "a10": "ampere", "a30": "ampere", "a40": "ampere",
-                           "l4": "ada", "l40": "ada", "l40s": "ada", "rtx4090": "ada", "b200": "blackwell"}
+_ARCHITECTURE_BY_FAMILY = {
+    "h100": "hopper",
+    "h200": "hopper",
+    "h800": "hopper",
+    "h20": "hopper",
+    "gh200": "hopper",
+    "a100": "ampere",
+    "a800": "ampere",
+    "a10": "ampere",
+    "a30": "ampere",
+    "a40": "ampere",
+    "l4": "ada",
+    "l40": "ada",
+    "l40s": "ada",
+    "rtx4090": "ada",
+    "b200": "blackwell",
+}
 
 
 def hardware_slug(device) -> str:
@@ -144,19 +173,23 @@ def load_manifest(directory) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise UserError(f"no stored baseline in {directory} (missing {MANIFEST}); create it with "
-                        f"{CREATE_HINT} on this model and hardware, then commit {directory}")
+        raise UserError(
+            f"no stored baseline in {directory} (missing {MANIFEST}); create it with "
+            f"{CREATE_HINT} on this model and hardware, then commit {directory}"
+        )
     try:
         manifest = json.loads(path.read_text())
         entries = manifest["entries"]
         if "regression_ssim" not in manifest["thresholds"]:
             raise KeyError("thresholds.regression_ssim")
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a baseline manifest ({type(exc).__name__}: {exc}); "
-                        f"regenerate it with {CREATE_HINT}") from None
+        raise UserError(
+            f"{path} is not a baseline manifest ({type(exc).__name__}: {exc}); regenerate it with {CREATE_HINT}"
+        ) from None
     if manifest.get("schema") != SCHEMA:
-        raise UserError(f"{path} has schema {manifest.get('schema')!r}, this suite reads {SCHEMA}; "
-                        f"regenerate it with {CREATE_HINT}")
+        raise UserError(
+            f"{path} has schema {manifest.get('schema')!r}, this suite reads {SCHEMA}; regenerate it with {CREATE_HINT}"
+        )
     for entry in entries:
         missing = [k for k in (*ENTRY_KEYS, "file", "sha256") if k not in entry]
         if missing:
@@ -168,15 +201,23 @@ def find_entry(manifest: dict, variant: str, prompt: str, seed: int) -> dict:
     for entry in manifest["entries"]:
         if (entry["variant"], entry["prompt"], entry["seed"]) == (variant, prompt, seed):
             return entry
-    raise UserError(f"the stored baseline has no {variant} image for seed {seed} and prompt {prompt!r}; "
-                    f"regenerate it with {CREATE_HINT}")
+    raise UserError(
+        f"the stored baseline has no {variant} image for seed {seed} and prompt {prompt!r}; "
+        f"regenerate it with {CREATE_HINT}"
+    )
 
 
 def entry_for(variant, prompt: str, seed: int) -> dict:
     """The manifest entry (without file and checksum) describing one image of `variant`."""
-    return {"variant": variant.name, "prompt": prompt, "seed": seed, "steps": variant.steps,
-            "size": [variant.height, variant.width], "scheduler": variant.scheduler,
-            "guidance": variant.guidance_scale}
+    return {
+        "variant": variant.name,
+        "prompt": prompt,
+        "seed": seed,
+        "steps": variant.steps,
+        "size": [variant.height, variant.width],
+        "scheduler": variant.scheduler,
+        "guidance": variant.guidance_scale,
+    }
 
 
 def mismatch(entry: dict, wanted: dict) -> str | None:
@@ -184,8 +225,7 @@ def mismatch(entry: dict, wanted: dict) -> str | None:
     diffs = [f"{k}={entry.get(k)!r} (now {wanted[k]!r})" for k in ENTRY_KEYS if entry.get(k) != wanted[k]]
     if not diffs:
         return None
-    return (f"the stored {wanted['variant']} baseline was made with {', '.join(diffs)}; "
-            f"regenerate it with {CREATE_HINT}")
+    return f"the stored {wanted['variant']} baseline was made with {', '.join(diffs)}; regenerate it with {CREATE_HINT}"
 
 
 def file_name(entry: dict) -> str:
@@ -200,9 +240,17 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_baseline(directory, entries: list[dict], images: list[Image.Image], thresholds: dict, *,
-                   device: dict | None = None, libraries: dict | None = None, measured: dict | None = None,
-                   model: str | None = None) -> Path:
+def write_baseline(
+    directory,
+    entries: list[dict],
+    images: list[Image.Image],
+    thresholds: dict,
+    *,
+    device: dict | None = None,
+    libraries: dict | None = None,
+    measured: dict | None = None,
+    model: str | None = None,
+) -> Path:
     """Write the PNGs, then the manifest (atomically, each), then drop PNGs no entry names any more."""
     if len(entries) != len(images):
         raise UserError(f"write_baseline got {len(entries)} entries but {len(images)} images")
@@ -222,8 +270,7 @@ def write_baseline(directory, entries: list[dict], images: list[Image.Image], th
             raise UserError(f"two baseline entries for {entry['variant']}, seed {entry['seed']}, {entry['prompt']!r}")
         atomic_write_bytes(directory / name, data)
         _readable(directory / name)
-        written.append({**{k: entry[k] for k in ENTRY_KEYS}, "file": name,
-                        "sha256": hashlib.sha256(data).hexdigest()})
+        written.append({**{k: entry[k] for k in ENTRY_KEYS}, "file": name, "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -259,8 +306,10 @@ def load_image(directory, entry: dict) -> Image.Image:
     except FileNotFoundError:
         raise UserError(f"baseline image {path} is missing; regenerate it with {CREATE_HINT}") from None
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise UserError(f"baseline image {path} does not match the sha256 in its manifest (edited or torn); "
-                        f"restore it from git or regenerate it with {CREATE_HINT}")
+        raise UserError(
+            f"baseline image {path} does not match the sha256 in its manifest (edited or torn); "
+            f"restore it from git or regenerate it with {CREATE_HINT}"
+        )
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")

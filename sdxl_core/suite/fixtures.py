@@ -10,6 +10,7 @@ import pytest
 from sdxl_core.suite.plugin import HARDWARE, probe_hardware, selected_variants
 from sdxl_core.suite.summary import ENGINE_RECORDS
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_cpu_thread_per_worker(hardware):
     """On the CPU the tiny model's ops are too small to gain from threads, and xdist already runs one worker
@@ -87,8 +88,9 @@ def suite_variant(suite_model, engine_dir, pytestconfig):
     def make(name: str):
         variant = get_variant(name).replace(model=suite_model)
         if suite_model == "tiny":
-            variant = variant.replace(height=TINY_SIZE, width=TINY_SIZE, steps=min(variant.steps, 4),
-                                      calibration_size=2)
+            variant = variant.replace(
+                height=TINY_SIZE, width=TINY_SIZE, steps=min(variant.steps, 4), calibration_size=2
+            )
         if variant.lora_path and suite_model in ("tiny", "sdxl-random"):
             # Random weights take a random LoRA of the real one's targets (the LCM-LoRA can't be downloaded here).
             variant = variant.replace(lora_path=str(_random_lora(engine_dir, suite_model)))
@@ -124,8 +126,9 @@ class BuiltEngine:
     def generate(self, prompt: str, seed: int = 0):
         from sdxl_core import pipeline
 
-        return pipeline.txt2img(self.engines, self.components, self.variant, [prompt] * self.variant.batch_size,
-                                seed=seed)
+        return pipeline.txt2img(
+            self.engines, self.components, self.variant, [prompt] * self.variant.batch_size, seed=seed
+        )
 
 
 @pytest.fixture(scope="session")
@@ -146,18 +149,26 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
             components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
             started = time.perf_counter()
             try:
-                engines = backend.prepare(variant, components, suite_device, engine_dir=engine_dir,
-                                          onnx_dir=onnx_dir, progress=False)
+                engines = backend.prepare(
+                    variant, components, suite_device, engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False
+                )
             except Exception as exc:
                 # Every Hopper card has 80 GB or more, where every variant fits: an OOM there is a failure.
                 # A smaller card lacks the hardware, and the skip names it.
                 if type(exc).__name__ == "OutOfMemoryError" and hardware["capability"] != (9, 0):
-                    pytest.skip(f"GPU out of memory building {name} on {hardware['name']}: needs a card with more "
-                                f"free memory (a Hopper GPU)")
+                    pytest.skip(
+                        f"GPU out of memory building {name} on {hardware['name']}: needs a card with more "
+                        f"free memory (a Hopper GPU)"
+                    )
                 raise
-            ENGINE_RECORDS.append({"variant": name, "mode": engines.info.get("mode", "in-memory"),
-                                    "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
-                                    "seconds": round(time.perf_counter() - started, 1)})
+            ENGINE_RECORDS.append(
+                {
+                    "variant": name,
+                    "mode": engines.info.get("mode", "in-memory"),
+                    "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+            )
             engine_cache[name] = BuiltEngine(variant, components, engines)
         return engine_cache[name]
 
@@ -167,5 +178,3 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
 @pytest.fixture(scope="session")
 def variant_engine(request, build_engine) -> BuiltEngine:
     return build_engine(request.param)
-
-

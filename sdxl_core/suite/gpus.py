@@ -101,8 +101,11 @@ def pytest_report_header(config):
     devices = config.stash.get(DEVICES, {})
     if devices:
         shared = any(workers.contention(devices, worker) for worker in devices)
-        return ["sdxl-bench: " + ", ".join(f"{w} -> GPU {d}" for w, d in devices.items())
-                + ("; GPUs shared: timing tests refuse" if shared else "")]
+        return [
+            "sdxl-bench: "
+            + ", ".join(f"{w} -> GPU {d}" for w, d in devices.items())
+            + ("; GPUs shared: timing tests refuse" if shared else "")
+        ]
     if config.getoption("--gpus") and not _is_worker(config):
         return [f"sdxl-bench: CUDA_VISIBLE_DEVICES={','.join(_gpus(config))} (--gpus)"]
     return None
@@ -132,8 +135,9 @@ def pytest_collection_modifyitems(config, items):
     if not (_is_worker(config) and config.getvalue("loadgroup")):
         return
     for item in items:
-        groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                  for m in item.iter_markers("xdist_group")}
+        groups = {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")
+        }
         suffix = "@" + "_".join(sorted(groups))
         if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
             from _pytest.nodeid import NodeId
@@ -148,8 +152,11 @@ class WorkerBenchmarks:
     def pytest_sessionstart(self, session):
         config = session.config
         bench = getattr(config, "_benchmarksession", None)
-        if bench is None or bench.skip or (config.getoption("benchmark_disable")
-                                           and not config.getoption("benchmark_enable")):
+        if (
+            bench is None
+            or bench.skip
+            or (config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"))
+        ):
             return
         bench.disabled = bench.xdist_warning = False
         bench.save = bench.autosave = bench.json = bench.compare = bench.compare_fail = None
@@ -161,7 +168,8 @@ class WorkerBenchmarks:
         fixture = getattr(item, "funcargs", {}).get("benchmark") if call.when == "call" else None
         if fixture is not None and fixture.enabled and fixture.stats:
             report.user_properties.append(
-                (BENCHMARK, workers.benchmark_record(fixture.stats, workers.plain_nodeid(item.nodeid))))
+                (BENCHMARK, workers.benchmark_record(fixture.stats, workers.plain_nodeid(item.nodeid)))
+            )
         return report
 
 

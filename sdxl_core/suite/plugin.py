@@ -43,44 +43,67 @@ MARKERS = {
 
 def pytest_addoption(parser):
     group = parser.getgroup("sdxl-bench")
-    group.addoption("--model", default=None, help="model for engine fixtures (default: tiny on CPU, "
-                    "sdxl-random on GPU)")
+    group.addoption(
+        "--model", default=None, help="model for engine fixtures (default: tiny on CPU, sdxl-random on GPU)"
+    )
     group.addoption("--backend", default="torch", help="torch or tensorrt")
     group.addoption("--engine-dir", default=None, help="engine dir shared by the session (default: a temp dir)")
     group.addoption("--onnx-dir", default=None, help="ONNX/calibration dir (default: a temp dir)")
     group.addoption("--variants", default=None, help="comma-separated variant names for engine fixtures")
     group.addoption("--update-baselines", action="store_true", help="regenerate stored FP16 baselines")
     group.addoption("--baseline-dir", default="baselines", help="root of the stored baselines")
-    group.addoption("--calibration-size", type=int, default=None,
-                    help="calibration prompts for 8-bit engines (default: the variant's, 32; timing does not depend "
-                         "on it, quality does)")
-    group.addoption("--fused-qkv", choices=("on", "off"), default="on",
-                    help="torch-backend engines with fused attention projections (one Q/K/V GEMM; both FP16 and "
-                         "8-bit, so the gate stays like for like)")
+    group.addoption(
+        "--calibration-size",
+        type=int,
+        default=None,
+        help="calibration prompts for 8-bit engines (default: the variant's, 32; timing does not depend "
+        "on it, quality does)",
+    )
+    group.addoption(
+        "--fused-qkv",
+        choices=("on", "off"),
+        default="on",
+        help="torch-backend engines with fused attention projections (one Q/K/V GEMM; both FP16 and "
+        "8-bit, so the gate stays like for like)",
+    )
     group.addoption("--min-int8-speedup", type=float, default=1.15, help="INT8 gate: median FP16 / median INT8")
     group.addoption("--min-fp8-speedup", type=float, default=1.3, help="FP8 gate: median FP16 / median FP8")
-    group.addoption("--gpus", type=int, default=None, metavar="N",
-                    help="use the first N visible GPUs, one pytest-xdist worker each (implies -n N where -n is not "
-                         "given); default: with -n, every visible GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
-    group.addoption("--prompts", default=sweep.DEFAULT_PROMPTS, metavar="N|FILE",
-                    help="quality sweep: N of the packaged prompts (1-64), or a file with one prompt a line "
-                         f"(default {sweep.DEFAULT_PROMPTS})")
-    group.addoption("--quality-report", default=None, metavar="PATH",
-                    help="write the quality sweep's summary and per-prompt values to PATH (.md: markdown, else JSON)")
+    group.addoption(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use the first N visible GPUs, one pytest-xdist worker each (implies -n N where -n is not "
+        "given); default: with -n, every visible GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)",
+    )
+    group.addoption(
+        "--prompts",
+        default=sweep.DEFAULT_PROMPTS,
+        metavar="N|FILE",
+        help="quality sweep: N of the packaged prompts (1-64), or a file with one prompt a line "
+        f"(default {sweep.DEFAULT_PROMPTS})",
+    )
+    group.addoption(
+        "--quality-report",
+        default=None,
+        metavar="PATH",
+        help="write the quality sweep's summary and per-prompt values to PATH (.md: markdown, else JSON)",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    """The suite's markers and the quality sweep's prompts; and without PyTorch, where every test module would fail to import and the hardware probe end in an
-    INTERNALERROR, one line that says what to install."""
+    """The suite's markers and the quality sweep's prompts; and without PyTorch, where every test module would
+    fail to import and the hardware probe end in an INTERNALERROR, one line that says what to install."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at test time
     for name, meaning in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
     if config.option.help or config.option.version:
         return
     if importlib.util.find_spec("torch") is None:
-        raise pytest.UsageError(f"the sdxl-bench suite needs the project installed in this Python "
-                                f"(No module named 'torch'): {INSTALL}")
+        raise pytest.UsageError(
+            f"the sdxl-bench suite needs the project installed in this Python (No module named 'torch'): {INSTALL}"
+        )
     try:
         config.stash[PROMPTS] = sweep.load_prompts(config.getoption("--prompts"))
     except sweep.UserError as exc:
@@ -122,8 +145,9 @@ def pytest_collection_modifyitems(config, items):
     config.stash[HARDWARE] = hw
     reasons = {
         "gpu": None if hw["cuda"] else "needs a CUDA GPU (PyTorch sees none)",
-        "hopper": (None if hw["capability"] == (9, 0)
-                   else f"needs a Hopper GPU (sm_90: H100, H200); this is {hw['name']}"),
+        "hopper": (
+            None if hw["capability"] == (9, 0) else f"needs a Hopper GPU (sm_90: H100, H200); this is {hw['name']}"
+        ),
         "tensorrt": None if hw["tensorrt"] else "needs TensorRT (pip install 'sdxl-bench[trt]')",
     }
     reasons["h100"] = reasons["hopper"]

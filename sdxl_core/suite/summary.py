@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+
 def pytest_runtest_logreport(report):
     """Collect the quality sweep's records where the summary is printed (the xdist controller, or the one
     process); workers only send theirs home in their reports."""
@@ -68,8 +69,9 @@ def pytest_terminal_summary(terminalreporter, config):
     if ENGINE_RECORDS:
         terminalreporter.section("sdxl-bench engines")
         for record in sorted(ENGINE_RECORDS, key=lambda r: (r["variant"], r["mode"] != "built", r["worker"])):
-            terminalreporter.write_line(f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} "
-                                        f"{record['seconds']:.1f} s")
+            terminalreporter.write_line(
+                f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} {record['seconds']:.1f} s"
+            )
     summary = config.stash.get(SWEEP_SUMMARY, None)
     if summary:
         from sdxl_core.suite import sweep
@@ -78,5 +80,6 @@ def pytest_terminal_summary(terminalreporter, config):
         for line in sweep.summary_lines(summary):
             terminalreporter.write_line(line)
         path = config.getoption("--quality-report")
-        terminalreporter.write_line(f"per-prompt values: {path}" if path else
-                                    "per-prompt values: --quality-report PATH (.md or .json)")
+        terminalreporter.write_line(
+            f"per-prompt values: {path}" if path else "per-prompt values: --quality-report PATH (.md or .json)"
+        )

@@ -40,15 +40,18 @@ def load_prompts(value: str) -> list[tuple[int, str]]:
         prompts = packaged_prompts()
         count = int(value)
         if not 1 <= count <= len(prompts):
-            raise UserError(f"--prompts {count}: give 1 to {len(prompts)} (the packaged prompts), or a file with "
-                            f"one prompt a line")
+            raise UserError(
+                f"--prompts {count}: give 1 to {len(prompts)} (the packaged prompts), or a file with one prompt a line"
+            )
         return [(i, prompts[i]) for i in range(len(prompts) - 1, len(prompts) - 1 - count, -1)]
     path = Path(value)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--prompts {value}: neither a count nor a readable prompt file "
-                        f"({type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) else exc})") from None
+        raise UserError(
+            f"--prompts {value}: neither a count nor a readable prompt file "
+            f"({type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) else exc})"
+        ) from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"--prompts {value}: the file holds no prompt (one a line; # starts a comment)")
@@ -96,14 +99,18 @@ def summarise(records: list[dict]) -> dict:
         summary[variant] = {
             "prompts": len(rows),
             "ssim": {"mean": mean_ssim, "worst": worst["ssim"], "worst_prompt": worst["index"]},
-            "psnr": {"mean": _mean([r["psnr"] for r in rows if r.get("psnr") is not None]),
-                     "worst": worst_psnr["psnr"] if worst_psnr else None},
+            "psnr": {
+                "mean": _mean([r["psnr"] for r in rows if r.get("psnr") is not None]),
+                "worst": worst_psnr["psnr"] if worst_psnr else None,
+            },
             "clip": clip,
             "clip_note": None if clip else next((r.get("clip_note") for r in rows if r.get("clip_note")), None),
             "thresholds": limits,
             "failures": failures,
-            "per_prompt": [{k: r.get(k) for k in ("index", "seed", "prompt", "ssim", "psnr", "clip_fp16", "clip_8bit")}
-                           for r in rows],
+            "per_prompt": [
+                {k: r.get(k) for k in ("index", "seed", "prompt", "ssim", "psnr", "clip_fp16", "clip_8bit")}
+                for r in rows
+            ],
         }
     return summary
 
@@ -118,36 +125,57 @@ def summary_lines(summary: dict) -> list[str]:
     """One line per variant, for the terminal."""
     lines = []
     for variant, s in summary.items():
-        clip = (f"CLIP {s['clip']['mean_8bit']:.2f} vs FP16 {s['clip']['mean_fp16']:.2f}" if s["clip"]
-                else "CLIP not measured")
-        verdict = "; ".join(s["failures"]) or (f"passed (worst >= {s['thresholds']['worst_ssim']}, "
-                                               f"mean >= {s['thresholds']['mean_ssim']})")
-        lines.append(f"{variant}: {s['prompts']} prompts  SSIM mean {_number(s['ssim']['mean'], 5)} worst "
-                     f"{_number(s['ssim']['worst'], 5)} ({prompt_id(s['ssim']['worst_prompt'])})  PSNR mean "
-                     f"{_number(s['psnr']['mean'], 2)} worst {_number(s['psnr']['worst'], 2)} dB  {clip}  {verdict}")
+        clip = (
+            f"CLIP {s['clip']['mean_8bit']:.2f} vs FP16 {s['clip']['mean_fp16']:.2f}"
+            if s["clip"]
+            else "CLIP not measured"
+        )
+        verdict = "; ".join(s["failures"]) or (
+            f"passed (worst >= {s['thresholds']['worst_ssim']}, mean >= {s['thresholds']['mean_ssim']})"
+        )
+        lines.append(
+            f"{variant}: {s['prompts']} prompts  SSIM mean {_number(s['ssim']['mean'], 5)} worst "
+            f"{_number(s['ssim']['worst'], 5)} ({prompt_id(s['ssim']['worst_prompt'])})  PSNR mean "
+            f"{_number(s['psnr']['mean'], 2)} worst {_number(s['psnr']['worst'], 2)} dB  {clip}  {verdict}"
+        )
     return lines
 
 
 def markdown(summary: dict) -> str:
     """The report for people: a table of the variants, then each variant's prompts."""
-    out = ["# Quality sweep: 8-bit images against FP16, prompt by prompt", "",
-           "| variant | prompts | SSIM mean | SSIM worst | worst prompt | PSNR mean dB | PSNR worst dB | CLIP 8-bit | "
-           "CLIP FP16 | result |", "|" + " --- |" * 10]
+    out = [
+        "# Quality sweep: 8-bit images against FP16, prompt by prompt",
+        "",
+        "| variant | prompts | SSIM mean | SSIM worst | worst prompt | PSNR mean dB | PSNR worst dB | CLIP 8-bit | "
+        "CLIP FP16 | result |",
+        "|" + " --- |" * 10,
+    ]
     for variant, s in summary.items():
         clip = s["clip"] or {}
-        out.append(f"| {variant} | {s['prompts']} | {_number(s['ssim']['mean'], 5)} | {_number(s['ssim']['worst'], 5)} "
-                   f"| {prompt_id(s['ssim']['worst_prompt'])} | {_number(s['psnr']['mean'], 2)} | "
-                   f"{_number(s['psnr']['worst'], 2)} | {_number(clip.get('mean_8bit'), 2)} | "
-                   f"{_number(clip.get('mean_fp16'), 2)} | {'; '.join(s['failures']) or 'passed'} |")
+        out.append(
+            f"| {variant} | {s['prompts']} | {_number(s['ssim']['mean'], 5)} | {_number(s['ssim']['worst'], 5)} "
+            f"| {prompt_id(s['ssim']['worst_prompt'])} | {_number(s['psnr']['mean'], 2)} | "
+            f"{_number(s['psnr']['worst'], 2)} | {_number(clip.get('mean_8bit'), 2)} | "
+            f"{_number(clip.get('mean_fp16'), 2)} | {'; '.join(s['failures']) or 'passed'} |"
+        )
     for variant, s in summary.items():
-        out += ["", f"## {variant}", "", f"Thresholds: worst SSIM >= {s['thresholds']['worst_ssim']}, mean SSIM >= "
-                f"{s['thresholds']['mean_ssim']}, CLIP drop <= {s['thresholds']['clip_drop']}."
-                + (f" CLIP: {s['clip_note']}" if s["clip_note"] else ""), "",
-                "| prompt | seed | SSIM | PSNR dB | CLIP 8-bit | CLIP FP16 | text |", "|" + " --- |" * 7]
+        out += [
+            "",
+            f"## {variant}",
+            "",
+            f"Thresholds: worst SSIM >= {s['thresholds']['worst_ssim']}, mean SSIM >= "
+            f"{s['thresholds']['mean_ssim']}, CLIP drop <= {s['thresholds']['clip_drop']}."
+            + (f" CLIP: {s['clip_note']}" if s["clip_note"] else ""),
+            "",
+            "| prompt | seed | SSIM | PSNR dB | CLIP 8-bit | CLIP FP16 | text |",
+            "|" + " --- |" * 7,
+        ]
         for r in s["per_prompt"]:
             text = r["prompt"].replace("|", "\\|")
-            out.append(f"| {prompt_id(r['index'])} | {r['seed']} | {_number(r['ssim'], 5)} | {_number(r['psnr'], 2)} | "
-                       f"{_number(r['clip_8bit'], 2)} | {_number(r['clip_fp16'], 2)} | {text} |")
+            out.append(
+                f"| {prompt_id(r['index'])} | {r['seed']} | {_number(r['ssim'], 5)} | {_number(r['psnr'], 2)} | "
+                f"{_number(r['clip_8bit'], 2)} | {_number(r['clip_fp16'], 2)} | {text} |"
+            )
     return "\n".join(out) + "\n"
 
 

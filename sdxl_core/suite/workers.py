@@ -104,8 +104,10 @@ def contention(devices: dict[str, str], worker: str | None) -> str | None:
     if len(sharing) < 2:
         return None
     n_gpus = len(set(devices.values()))
-    return (f"pytest workers {', '.join(sharing)} share GPU {device}: timing would measure contention; "
-            f"run one worker per GPU (-n {n_gpus}) or --gpus 1")
+    return (
+        f"pytest workers {', '.join(sharing)} share GPU {device}: timing would measure contention; "
+        f"run one worker per GPU (-n {n_gpus}) or --gpus 1"
+    )
 
 
 def plain_nodeid(nodeid: str) -> str:
@@ -137,9 +139,16 @@ def benchmark_from_record(record: dict):
     """A `benchmark_record` back as a pytest-benchmark `Metadata`, for the controller's benchmark session."""
     from pytest_benchmark.stats import Metadata
 
-    fixture = SimpleNamespace(name=record["name"], fullname=record["fullname"], group=record["group"],
-                              param=record["param"], params=record["params"], extra_info=record["extra_info"],
-                              cprofile_stats=None, has_error=record["has_error"])
+    fixture = SimpleNamespace(
+        name=record["name"],
+        fullname=record["fullname"],
+        group=record["group"],
+        param=record["param"],
+        params=record["params"],
+        extra_info=record["extra_info"],
+        cprofile_stats=None,
+        has_error=record["has_error"],
+    )
     stats = record["stats"]
     metadata = Metadata(fixture, stats["iterations"], record["options"])
     metadata.stats.data = list(stats["data"])

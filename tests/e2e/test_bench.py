@@ -13,21 +13,43 @@ from sdxl_core.commands import profile
 from sdxl_core.reports import results
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
-       "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def sdxl_bench(*args, rc=0):
-    done = subprocess.run([sys.executable, "-m", "sdxl_core.commands.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=ENV)
+    done = subprocess.run(
+        [sys.executable, "-m", "sdxl_core.commands.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=ENV,
+    )
     assert done.returncode == rc, done.stderr[-2000:]
     return done
 
 
 @pytest.mark.slow
 def test_profile_groups_every_op_and_sees_the_8bit_gemm(tmp_path):
-    done = sdxl_bench("profile", "--model", "tiny", "--precisions", "fp16,int8", "--engine-dir", str(tmp_path / "E"),
-                      "--onnx-dir", str(tmp_path / "X"), "--steps", "2", "--out", str(tmp_path))
+    done = sdxl_bench(
+        "profile",
+        "--model",
+        "tiny",
+        "--precisions",
+        "fp16,int8",
+        "--engine-dir",
+        str(tmp_path / "E"),
+        "--onnx-dir",
+        str(tmp_path / "X"),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
     data = json.loads((tmp_path / "profile.json").read_text())
     fp16, int8 = data["rows"]
     for row in (fp16, int8):
@@ -41,26 +63,51 @@ def test_profile_groups_every_op_and_sees_the_8bit_gemm(tmp_path):
     assert "| kernel group | fp16 | int8 |" in rendered
 
 
-@pytest.mark.parametrize("name, group", [
-    ("triton_poi_fused__to_copy_clamp_int8_mm_mul_round_1", "Inductor norm/pointwise"),  # names a GEMM it feeds
-    ("triton_red_fused_native_layer_norm_0", "Inductor norm/pointwise"),
-    ("_w8a8_tma_kernel", "8-bit GEMM (Triton, ours)"),
-    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
-    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution (cuDNN)"),
-    ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNT", "16-bit GEMM (cuBLAS)"),
-    ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128", "8-bit GEMM (cuBLAS FP8)"),
-    ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<int8_t>>", "8-bit GEMM (CUTLASS, ours)"),
-])
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("triton_poi_fused__to_copy_clamp_int8_mm_mul_round_1", "Inductor norm/pointwise"),  # names a GEMM it feeds
+        ("triton_red_fused_native_layer_norm_0", "Inductor norm/pointwise"),
+        ("_w8a8_tma_kernel", "8-bit GEMM (Triton, ours)"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+        ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution (cuDNN)"),
+        ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNT", "16-bit GEMM (cuBLAS)"),
+        ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128", "8-bit GEMM (cuBLAS FP8)"),
+        ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<int8_t>>", "8-bit GEMM (CUTLASS, ours)"),
+    ],
+)
 def test_profile_groups_kernels_by_origin_before_substrings(name, group):
     assert profile.group_of(name) == group
 
 
 @pytest.mark.slow
 def test_engines_builds_tunes_and_reloads(tmp_path):
-    common = ["--model", "tiny", "--precisions", "fp16,int8,fp16+qkv", "--calibration-size", "2", "--engine-dir",
-              str(tmp_path / "E"), "--rounds", "1", "--iters", "1"]
-    sdxl_bench("engines", *common, "--onnx-dir", str(tmp_path / "X"), "--fp16-tunings", "nchw",
-               "--layout", "channels-last", "--out", str(tmp_path / "build"))
+    common = [
+        "--model",
+        "tiny",
+        "--precisions",
+        "fp16,int8,fp16+qkv",
+        "--calibration-size",
+        "2",
+        "--engine-dir",
+        str(tmp_path / "E"),
+        "--rounds",
+        "1",
+        "--iters",
+        "1",
+    ]
+    sdxl_bench(
+        "engines",
+        *common,
+        "--onnx-dir",
+        str(tmp_path / "X"),
+        "--fp16-tunings",
+        "nchw",
+        "--layout",
+        "channels-last",
+        "--out",
+        str(tmp_path / "build"),
+    )
     build = {row["engine"]: row for row in json.loads((tmp_path / "build" / "engines.json").read_text())["rows"]}
     assert list(build) == ["fp16", "int8", "fp16+qkv", "fp16-nchw"]
     assert (build["fp16"]["channels_last"], build["fp16-nchw"]["channels_last"]) == (True, False)
@@ -85,10 +132,18 @@ def test_a_result_file_is_written_before_the_first_row_and_after_each(tmp_path):
 
     result = results.ResultFile(tmp_path / "out", "kernels", torch.device("cpu"))
     assert json.loads(result.path.read_text())["rows"] == []  # a run killed now still leaves a file
-    result.add({"op": "gemm", "fmt": "int8", "shape": [2048, 1280, 10240], "layers": 60,
-                "ms": {"16bit": 0.0814, "pointer": 0.0712, "tma": 0.0648},
-                "tflops": {"16bit": 660.0, "pointer": 754.6, "tma": 829.0},
-                "speedup": {"16bit": 1.0, "pointer": 1.143, "tma": 1.256}, "rel_err": {"16bit": 1e-4, "tma": 2e-4}})
+    result.add(
+        {
+            "op": "gemm",
+            "fmt": "int8",
+            "shape": [2048, 1280, 10240],
+            "layers": 60,
+            "ms": {"16bit": 0.0814, "pointer": 0.0712, "tma": 0.0648},
+            "tflops": {"16bit": 660.0, "pointer": 754.6, "tma": 829.0},
+            "speedup": {"16bit": 1.0, "pointer": 1.143, "tma": 1.256},
+            "rel_err": {"16bit": 1e-4, "tma": 2e-4},
+        }
+    )
     data = json.loads(result.path.read_text())
     assert len(data["rows"]) == 1
     text = results.render(data)

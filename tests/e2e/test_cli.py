@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdxl_core.commands import cli
 from sdxl_core import files
+from sdxl_core.commands import cli
 from sdxl_core.reports import run_report
 from sdxl_core.variants import TINY_CALIBRATION_SIZE, VARIANTS
 
@@ -24,14 +24,21 @@ FAST = ["--denoising-steps", "2", "--num-warmup-runs", "0", "--no-progress"]  # 
 
 def run_cli(*args, cwd=None, umask=0o022, limits=None):
     """The real entry point in a child process with a known umask (and, optionally, resource limits)."""
+
     def child():
         os.umask(umask)
         for limit, value in (limits or {}).items():
             resource.setrlimit(limit, (value, value))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE fails with EFBIG instead
 
-    return subprocess.run([sys.executable, "-m", "sdxl_core.commands.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, preexec_fn=child)
+    return subprocess.run(
+        [sys.executable, "-m", "sdxl_core.commands.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        preexec_fn=child,
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -46,8 +53,9 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def fp16_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16-run")
-    done = run_cli("txt2img", PROMPT, "--model", "tiny", "--output-dir", str(out), "--denoising-steps", "6",
-                   "--no-progress")
+    done = run_cli(
+        "txt2img", PROMPT, "--model", "tiny", "--output-dir", str(out), "--denoising-steps", "6", "--no-progress"
+    )
     assert done.returncode == 0, done.stderr
     (report_path,) = out.glob("xl-1.0-fp16-s0-*.json")
     return done, out, report_path, json.loads(report_path.read_text())
@@ -181,8 +189,14 @@ def test_cli_threads(monkeypatch):
 
 def test_distinct_runs_get_distinct_files_and_a_rerun_replaces_its_own(tmp_path, capsys):
     base = ["txt2img", "--model", "tiny", "--output-dir", str(tmp_path), *FAST]
-    runs = [["a red cube"], ["a blue cube"], ["a red cube", "--negative-prompt", "blur"],
-            ["a red cube", "--width", "64"], ["a red cube", "--guidance-scale", "7"], ["a red cube"]]
+    runs = [
+        ["a red cube"],
+        ["a blue cube"],
+        ["a red cube", "--negative-prompt", "blur"],
+        ["a red cube", "--width", "64"],
+        ["a red cube", "--guidance-scale", "7"],
+        ["a red cube"],
+    ]
     for args in runs:
         assert cli.main([*base, *args]) == 0, capsys.readouterr().err
     reports = sorted(tmp_path.glob("*.json"))
@@ -197,10 +211,12 @@ def test_output_names_hash_the_model_and_the_settings():
     cpu, v = torch.device("cpu"), VARIANTS["xl-1.0-fp16"].replace(model="tiny")
     stem = cli.output_stem(v, PROMPT, "", 0, 1, cpu, "fp16")
     assert stem.startswith("xl-1.0-fp16-s0-") and len(stem) == len("xl-1.0-fp16-s0-") + 8
-    others = [cli.output_stem(v.replace(model="sdxl-random"), PROMPT, "", 0, 1, cpu, "fp16"),
-              cli.output_stem(v.replace(steps=4), PROMPT, "", 0, 1, cpu, "fp16"),
-              cli.output_stem(v, PROMPT + ".", "", 0, 1, cpu, "fp16"),
-              cli.output_stem(v, PROMPT, "", 0, 2, cpu, "fp16")]
+    others = [
+        cli.output_stem(v.replace(model="sdxl-random"), PROMPT, "", 0, 1, cpu, "fp16"),
+        cli.output_stem(v.replace(steps=4), PROMPT, "", 0, 1, cpu, "fp16"),
+        cli.output_stem(v, PROMPT + ".", "", 0, 1, cpu, "fp16"),
+        cli.output_stem(v, PROMPT, "", 0, 2, cpu, "fp16"),
+    ]
     assert len({stem, *others}) == 5
     assert cli.output_stem(v, PROMPT, "", 0, 1, cpu, "bf16") == stem  # --half does not apply on the CPU
 
@@ -252,8 +268,12 @@ ROW_SECONDS = 30  # a refusal is a check, not work; the slowest rows load the ti
 def tiny_engine_dir(tmp_path_factory):
     """An FP16 tiny engine as `sdxl-bench build` makes it, for the rows that damage a copy of it."""
     engine_dir = tmp_path_factory.mktemp("tiny-engine")
-    assert cli.main(["build", "--variants", "xl-1.0-fp16", "--model", "tiny", "--engine-dir", str(engine_dir),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["build", "--variants", "xl-1.0-fp16", "--model", "tiny", "--engine-dir", str(engine_dir), "--no-progress"]
+        )
+        == 0
+    )
     return engine_dir
 
 
@@ -282,8 +302,10 @@ def _edited_unet_config(tmp_path, monkeypatch):
     config["block_out_channels"] = [32, 64, 96]
     (engine / "unet_config.json").write_text(json.dumps(config))
     record = json.loads((engine / "sidecar.json").read_text())
-    record["files"]["unet_config.json"] = {"sha256": store.sha256_file(engine / "unet_config.json"),
-                                           "bytes": (engine / "unet_config.json").stat().st_size}
+    record["files"]["unet_config.json"] = {
+        "sha256": store.sha256_file(engine / "unet_config.json"),
+        "bytes": (engine / "unet_config.json").stat().st_size,
+    }
     (engine / "sidecar.json").write_text(json.dumps(record))
 
 
@@ -313,8 +335,9 @@ def _disk_full_in_engine_dir(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                              'message: "No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
 
@@ -366,8 +389,12 @@ TXT2IMG_ROWS = [
     ("percentile", ["--int8", "--quantization-percentile", "0"], "--quantization-percentile must be in (0, 1]"),
     ("model-near-miss", ["--model", "tinyy"], "unknown model 'tinyy' (did you mean tiny?)"),
     ("model-missing-dir", ["--model", "/no/such/model"], "not a diffusers model directory"),
-    ("model-hub-unreachable", ["--model", "stabilityai/stable-diffusion-xl-base-1.0"], "is unreachable",
-     _hub_unreachable),
+    (
+        "model-hub-unreachable",
+        ["--model", "stabilityai/stable-diffusion-xl-base-1.0"],
+        "is unreachable",
+        _hub_unreachable,
+    ),
     ("lora-hub-offline", ["--variant", "xl-1.0-lcm-lora"], "cannot load LoRA 'latent-consistency/lcm-lora-sdxl'"),
     ("backend", ["--backend", "onnxruntime"], "unknown backend"),
     ("variant", ["--variant", "xl-9"], "unknown variant 'xl-9'"),
@@ -388,43 +415,93 @@ TXT2IMG_ROWS = [
     ("onnx-dir-is-a-file", ["--int8", "--onnx-dir", "{tmp}/a-file"], "--onnx-dir"),
     ("no-build-without-engine-dir", ["--no-build"], "--no-build loads a prebuilt engine: it needs --engine-dir"),
     ("no-build-missing-engine-dir", ["--no-build", "--engine-dir", "{tmp}/none"], "nothing to load with --no-build"),
-    ("no-build-empty-engine-dir", ["--no-build", "--engine-dir", "{tmp}/empty"], "building was not allowed", None,
-     False),
-    ("sidecar-is-a-list", ["--no-build", "--engine-dir", "{tmp}/engines"], "sidecar is malformed", _sidecar_list,
-     False),
-    ("sidecar-without-files", ["--no-build", "--engine-dir", "{tmp}/engines"], "sidecar is malformed",
-     _sidecar_without_files, False),
-    ("edited-unet-config", ["--no-build", "--engine-dir", "{tmp}/engines"], "does not load", _edited_unet_config,
-     False),
-    ("unreadable-engine-file", ["--no-build", "--engine-dir", "{tmp}/engines"], "Permission denied",
-     _unreadable_engine_file, False),
+    (
+        "no-build-empty-engine-dir",
+        ["--no-build", "--engine-dir", "{tmp}/empty"],
+        "building was not allowed",
+        None,
+        False,
+    ),
+    (
+        "sidecar-is-a-list",
+        ["--no-build", "--engine-dir", "{tmp}/engines"],
+        "sidecar is malformed",
+        _sidecar_list,
+        False,
+    ),
+    (
+        "sidecar-without-files",
+        ["--no-build", "--engine-dir", "{tmp}/engines"],
+        "sidecar is malformed",
+        _sidecar_without_files,
+        False,
+    ),
+    (
+        "edited-unet-config",
+        ["--no-build", "--engine-dir", "{tmp}/engines"],
+        "does not load",
+        _edited_unet_config,
+        False,
+    ),
+    (
+        "unreadable-engine-file",
+        ["--no-build", "--engine-dir", "{tmp}/engines"],
+        "Permission denied",
+        _unreadable_engine_file,
+        False,
+    ),
     ("disk-full-output-dir", [], "No space left on device", _disk_full_in_output_dir, False),
-    ("disk-full-engine-dir", ["--engine-dir", "{tmp}/new-engines"], "No space left on device",
-     _disk_full_in_engine_dir, False),
+    (
+        "disk-full-engine-dir",
+        ["--engine-dir", "{tmp}/new-engines"],
+        "No space left on device",
+        _disk_full_in_engine_dir,
+        False,
+    ),
 ]
 OTHER_ROWS = [
     ("build-no-variants", ["build", "--variants", ",,,", "--engine-dir", "{tmp}/e"], "names no variant"),
-    ("build-variant-near-miss", ["build", "--variants", "xl-1.0-int9", "--engine-dir", "{tmp}/e"],
-     "did you mean xl-1.0-int8?"),
+    (
+        "build-variant-near-miss",
+        ["build", "--variants", "xl-1.0-int9", "--engine-dir", "{tmp}/e"],
+        "did you mean xl-1.0-int8?",
+    ),
     ("build-without-engine-dir", ["build"], "needs --engine-dir"),
-    ("build-engine-dir-forbidden", ["build", "--model", "tiny", "--engine-dir", "/proc/forbidden"],
-     "cannot be written to"),
-    ("build-model-near-miss", ["build", "--model", "sdxl_random", "--engine-dir", "{tmp}/e"],
-     "did you mean sdxl-random?"),
-    ("build-calibration-size-zero", ["build", "--variants", "xl-1.0-int8", "--model", "tiny", "--calibration-size",
-                                     "0", "--engine-dir", "{tmp}/e"], "--calibration-size must be between 1 and"),
-    ("build-report-under-a-file", ["build", "--model", "tiny", "--report", "{tmp}/a-file/build.json",
-                                   "--engine-dir", "{tmp}/e"], "--report"),
+    (
+        "build-engine-dir-forbidden",
+        ["build", "--model", "tiny", "--engine-dir", "/proc/forbidden"],
+        "cannot be written to",
+    ),
+    (
+        "build-model-near-miss",
+        ["build", "--model", "sdxl_random", "--engine-dir", "{tmp}/e"],
+        "did you mean sdxl-random?",
+    ),
+    (
+        "build-calibration-size-zero",
+        ["build", "--variants", "xl-1.0-int8", "--model", "tiny", "--calibration-size", "0", "--engine-dir", "{tmp}/e"],
+        "--calibration-size must be between 1 and",
+    ),
+    (
+        "build-report-under-a-file",
+        ["build", "--model", "tiny", "--report", "{tmp}/a-file/build.json", "--engine-dir", "{tmp}/e"],
+        "--report",
+    ),
     ("report-list", ["report", "{tmp}/list.json"], "list.json is not a txt2img report"),
     ("report-benchmarks-not-a-list", ["report", "{tmp}/benchmarks-int.json"], "is not a pytest-benchmark run"),
     ("report-machine-info-list", ["report", "{tmp}/machine-list.json"], "is not a pytest-benchmark run"),
-    ("report-output-under-a-file", ["report", "{tmp}/run.json", "--output", "{tmp}/a-file/x.md"],
-     "is not a directory"),
-    ("history-commit-info-list", ["history", "{tmp}/history", "--output-dir", "{tmp}/h"],
-     "is not a pytest-benchmark run"),
+    ("report-output-under-a-file", ["report", "{tmp}/run.json", "--output", "{tmp}/a-file/x.md"], "is not a directory"),
+    (
+        "history-commit-info-list",
+        ["history", "{tmp}/history", "--output-dir", "{tmp}/h"],
+        "is not a pytest-benchmark run",
+    ),
     ("history-missing", ["history", "{tmp}/none", "--output-dir", "{tmp}/h"], "does not exist"),
-    ("history-output-dir-is-a-file", ["history", "{tmp}/history", "--output-dir", "{tmp}/a-file"],
-     "is not a directory"),
+    (
+        "history-output-dir-is-a-file",
+        ["history", "{tmp}/history", "--output-dir", "{tmp}/a-file"],
+        "is not a directory",
+    ),
 ]
 RUN = {"name": "t", "stats": {"median": 0.1, "min": 0.1, "max": 0.1, "rounds": 1}}
 JSON_FILES = {
@@ -439,16 +516,24 @@ JSON_FILES = {
 def _rows():
     for row in TXT2IMG_ROWS:
         name, args, message, setup, before_work = (*row, None, True)[:5]
-        yield pytest.param(["txt2img", "x", "--model", "tiny", "--output-dir", "{tmp}/out", *FAST, *args], message,
-                           setup, before_work, id=name)
+        yield pytest.param(
+            ["txt2img", "x", "--model", "tiny", "--output-dir", "{tmp}/out", *FAST, *args],
+            message,
+            setup,
+            before_work,
+            id=name,
+        )
     for name, args, message in OTHER_ROWS:
         yield pytest.param(args, message, None, True, id=name)
 
 
 def _written(root: Path) -> dict:
     """Every file under `root` with its size and mtime; lock files (left by design) aside."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def test_bad_input_table_has_every_case():
@@ -456,8 +541,9 @@ def test_bad_input_table_has_every_case():
 
 
 @pytest.mark.parametrize("args, message, setup, before_work", _rows())
-def test_bad_input_is_one_line_and_exit_2(args, message, setup, before_work, tmp_path, capsys, monkeypatch,
-                                          tiny_engine_dir, record_property):
+def test_bad_input_is_one_line_and_exit_2(
+    args, message, setup, before_work, tmp_path, capsys, monkeypatch, tiny_engine_dir, record_property
+):
     import shutil
 
     (tmp_path / "a-file").write_text("a file, not a directory")
@@ -497,8 +583,17 @@ def test_malformed_sidecar_is_rebuilt_where_building_is_allowed(tmp_path, tiny_e
 
     shutil.copytree(tiny_engine_dir, tmp_path / "engines")
     _sidecar_list(tmp_path, None)
-    args = ["txt2img", "x", "--model", "tiny", "--output-dir", str(tmp_path / "out"), "--engine-dir",
-            str(tmp_path / "engines"), *FAST]
+    args = [
+        "txt2img",
+        "x",
+        "--model",
+        "tiny",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--engine-dir",
+        str(tmp_path / "engines"),
+        *FAST,
+    ]
     assert cli.main(args) == 0
     assert "sidecar is malformed" in capsys.readouterr().err
     engine = _engine(tmp_path)
@@ -507,23 +602,41 @@ def test_malformed_sidecar_is_rebuilt_where_building_is_allowed(tmp_path, tiny_e
 
 def test_a_write_past_the_file_size_limit_is_one_line(tmp_path):
     """A real write error from the kernel (EFBIG past `ulimit -f`), through PIL, in the real entry point."""
-    done = run_cli("txt2img", "x", "--model", "tiny", "--output-dir", str(tmp_path / "out"), *FAST,
-                   limits={resource.RLIMIT_FSIZE: 16 * 1024})
+    done = run_cli(
+        "txt2img",
+        "x",
+        "--model",
+        "tiny",
+        "--output-dir",
+        str(tmp_path / "out"),
+        *FAST,
+        limits={resource.RLIMIT_FSIZE: 16 * 1024},
+    )
     assert done.returncode == 2, done.stderr
     lines = error_lines(done.stderr)
     assert len(lines) == 1 and "File too large" in lines[0] and "ulimit -f" in lines[0], done.stderr
     assert not [p for p in (tmp_path / "out").iterdir()], "the half-written image must be gone"
 
 
-@pytest.mark.parametrize("error, words", [
-    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
-                  "file write failed"), "No space left on device"),
-    (RuntimeError("Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem })"), "read-only"),
-    (PermissionError(13, "Permission denied", "/x/unet.safetensors"), "Permission denied (/x/unet.safetensors)"),
-    (MemoryError(), "out of memory"),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"),
-     "out of memory"),
-])
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (
+            RuntimeError(
+                "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            ),
+            "No space left on device",
+        ),
+        (RuntimeError("Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem })"), "read-only"),
+        (PermissionError(13, "Permission denied", "/x/unet.safetensors"), "Permission denied (/x/unet.safetensors)"),
+        (MemoryError(), "out of memory"),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"),
+            "out of memory",
+        ),
+    ],
+)
 def test_environment_errors_become_one_line(error, words):
     line = cli.environment_error(error)
     assert line and words in line and "\n" not in line
@@ -538,23 +651,39 @@ def test_programming_errors_are_not_hidden():
 
 
 def test_flags_override_the_named_variant():
-    args = cli.build_parser().parse_args(["txt2img", "--variant", "xl-turbo", "--denoising-steps", "2",
-                                          "--model", "tiny", "--width", "64"])
+    args = cli.build_parser().parse_args(
+        ["txt2img", "--variant", "xl-turbo", "--denoising-steps", "2", "--model", "tiny", "--width", "64"]
+    )
     v = cli.variant_from_args(args)
-    assert (v.name, v.steps, v.scheduler, v.guidance_scale, v.height, v.width) == ("xl-turbo", 2, "EulerA", 0.0,
-                                                                                   128, 64)
+    assert (v.name, v.steps, v.scheduler, v.guidance_scale, v.height, v.width) == (
+        "xl-turbo",
+        2,
+        "EulerA",
+        0.0,
+        128,
+        64,
+    )
     assert v.calibration_size == TINY_CALIBRATION_SIZE
     int8 = cli.variant_from_args(cli.build_parser().parse_args(["txt2img", "--int8", "--quantization-level", "3"]))
     assert (int8.precision, int8.quant_level, int8.model) == ("int8", 3.0, "stabilityai/stable-diffusion-xl-base-1.0")
     assert int8.calibration_size == 32
-    asked = cli.variant_from_args(cli.build_parser().parse_args(["txt2img", "--int8", "--model", "tiny",
-                                                                 "--calibration-size", "8"]))
+    asked = cli.variant_from_args(
+        cli.build_parser().parse_args(["txt2img", "--int8", "--model", "tiny", "--calibration-size", "8"])
+    )
     assert asked.calibration_size == 8
 
 
 def test_build_makes_engines_once_and_then_finds_them(tmp_path, capsys):
-    args = ["build", "--variants", "xl-1.0-fp16,xl-turbo", "--model", "tiny", "--engine-dir", str(tmp_path),
-            "--no-progress"]
+    args = [
+        "build",
+        "--variants",
+        "xl-1.0-fp16,xl-turbo",
+        "--model",
+        "tiny",
+        "--engine-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     first = capsys.readouterr().out
     assert first.count(": built ") == 2

@@ -16,8 +16,26 @@ def test_demo_writes_images_grid_and_table(tmp_path, engine_dir, capsys):
     # 4 steps and 2 calibration prompts at 128x128: the INT8 engine then has the key of the one the quality
     # tests build, so a session that runs both calibrates once (the session's engine dir is shared).
     out = tmp_path / "demo-out"
-    assert demo.main(["--model", "tiny", "--output-dir", str(out), "--engine-dir", engine_dir, "--device", "cpu",
-                      "--denoising-steps", "4", "--calibration-size", "2", "--no-progress"]) == 0
+    assert (
+        demo.main(
+            [
+                "--model",
+                "tiny",
+                "--output-dir",
+                str(out),
+                "--engine-dir",
+                engine_dir,
+                "--device",
+                "cpu",
+                "--denoising-steps",
+                "4",
+                "--calibration-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
 
     names = [f"{n}.png" for n in ROWS] + ["side_by_side.png", "latency.md", "demo.json"]

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl_core.quant import qmodules
 from sdxl_core.engines import store, torch_backend
+from sdxl_core.quant import qmodules
 from sdxl_core.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +46,11 @@ class Run:
     def error_line(self) -> str:
         """The one line a failed run printed. Python warnings are off; torch's own log records (such as
         "No CUDA runtime is found" where a CUDA toolkit is installed) are not the tool's to silence."""
-        lines = [line for line in self.stderr.strip().splitlines()
-                 if not TORCH_LOG.match(line) and not line.startswith(PHASE)]
+        lines = [
+            line
+            for line in self.stderr.strip().splitlines()
+            if not TORCH_LOG.match(line) and not line.startswith(PHASE)
+        ]
         assert len(lines) == 1 and lines[0].startswith("error: "), self.stderr[-2000:]
         return lines[0]
 
@@ -60,8 +63,14 @@ def _report_file(out: Path, variant) -> Path:
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (store.KEY_ENV, store.TRUST_ENV)}
-    return {**env, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1", **extra}
+    return {
+        **env,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONWARNINGS": "ignore",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def command(args: list[str], fault: str = "") -> list[str]:
@@ -70,17 +79,37 @@ def command(args: list[str], fault: str = "") -> list[str]:
 
 def sdxl_bench(args: list[str], fault: str = "", *, prefix: tuple[str, ...] = (), **env) -> Run:
     started = time.perf_counter()
-    done = subprocess.run([*prefix, *command(args, fault)], cwd=ROOT, env=_env(**env), capture_output=True,
-                          text=True, timeout=RUN_BOUND_S)
+    done = subprocess.run(
+        [*prefix, *command(args, fault)], cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=RUN_BOUND_S
+    )
     run = Run(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
     assert run.seconds < RUN_BOUND_S
     return run
 
 
 def txt2img(variant, engine_dir: Path, out: Path, *extra: str) -> list[str]:
-    args = ["txt2img", "a castle", "--model", "tiny", "--height", str(variant.height), "--width",
-            str(variant.width), "--denoising-steps", str(variant.steps), "--device", "cpu", "--no-progress",
-            "--num-warmup-runs", "0", "--engine-dir", str(engine_dir), "--output-dir", str(out), *extra]
+    args = [
+        "txt2img",
+        "a castle",
+        "--model",
+        "tiny",
+        "--height",
+        str(variant.height),
+        "--width",
+        str(variant.width),
+        "--denoising-steps",
+        str(variant.steps),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--num-warmup-runs",
+        "0",
+        "--engine-dir",
+        str(engine_dir),
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
     if variant.precision == "int8":
         args += ["--int8", "--calibration-size", str(variant.calibration_size)]
     return args
@@ -110,8 +139,9 @@ def build_in_process(variant, engine_dir: Path, onnx_dir: Path | None = None) ->
     from sdxl_core import models
 
     started = time.perf_counter()
-    engines = torch_backend.prepare(variant, models.load("tiny"), torch.device("cpu"), engine_dir=engine_dir,
-                                    onnx_dir=onnx_dir, progress=False)
+    engines = torch_backend.prepare(
+        variant, models.load("tiny"), torch.device("cpu"), engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False
+    )
     return engines.info["mode"], time.perf_counter() - started
 
 
@@ -151,13 +181,22 @@ def test_a_build_killed_at_any_point_leaves_nothing_after_a_rerun(point, tmp_pat
 
 # --------------------------------------------------------------------------- builders and readers together
 
+
 def test_three_builders_and_a_reader_leave_one_engine(tmp_path):
     engine_dir = tmp_path / "engines"
     started = time.perf_counter()
     outs = [tmp_path / f"out{i}" for i in range(4)]
     errors = [tmp_path / f"builder{i}.err" for i in range(3)]
-    builders = [subprocess.Popen(command(txt2img(FP16, engine_dir, outs[i])), cwd=ROOT, env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=errors[i].open("w")) for i in range(3)]
+    builders = [
+        subprocess.Popen(
+            command(txt2img(FP16, engine_dir, outs[i])),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=errors[i].open("w"),
+        )
+        for i in range(3)
+    ]
     try:
         while not (engine_dir / key_of(FP16)).exists():  # the reader starts once one builder has published
             assert time.perf_counter() - started < RUN_BOUND_S and all(b.poll() in (None, 0) for b in builders)
@@ -190,12 +229,15 @@ def test_a_reader_does_not_wait_for_a_builders_lock(tmp_path):
 
 # --------------------------------------------------------------------------- full disk, read-only dir
 
+
 def _mount_namespace() -> tuple[str, ...] | None:
     """A command prefix that runs in a private mount namespace where this user may mount, or None."""
     if shutil.which("unshare") is None:
         return None
-    for prefix in (("unshare", "--mount", "--propagation", "private"),
-                   ("unshare", "--map-root-user", "--mount", "--propagation", "private")):
+    for prefix in (
+        ("unshare", "--mount", "--propagation", "private"),
+        ("unshare", "--map-root-user", "--mount", "--propagation", "private"),
+    ):
         if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
             return prefix
     return None
@@ -218,8 +260,9 @@ def sdxl_bench_mounted(engine_dir: Path, how: str, args: list[str], fault: str =
     """`sdxl-bench` with the engine dir mounted as `how` (a tmpfs size, or "ro"); returns the run and
     what the engine dir held afterwards."""
     listing = engine_dir.parent / "listing.txt"
-    run = sdxl_bench(args, fault, prefix=(*NAMESPACE, "sh", "-c", MOUNT_AND_RUN, "sh", str(engine_dir), how,
-                                          str(listing)))
+    run = sdxl_bench(
+        args, fault, prefix=(*NAMESPACE, "sh", "-c", MOUNT_AND_RUN, "sh", str(engine_dir), how, str(listing))
+    )
     assert run.returncode != 97, f"mounting failed: {run.stderr[-500:]}"
     return run, listing.read_text().split()
 
@@ -285,6 +328,7 @@ def test_a_read_only_engine_dir_loads_and_runs(tmp_path, read_only):
 
 # --------------------------------------------------------------------------- a tampered engine
 
+
 def test_a_tampered_compile_cache_runs_no_code_through_the_cli(tmp_path, monkeypatch):
     """`txt2img --no-build` as a GPU runner runs it (compiling), on an engine signed by the CI's key whose
     compile cache an attacker replaced and re-hashed: exit 2, one line, and the payload never ran."""
@@ -294,8 +338,7 @@ def test_a_tampered_compile_cache_runs_no_code_through_the_cli(tmp_path, monkeyp
     monkeypatch.setenv(store.KEY_ENV, KEY)
     build_in_process(FP16, engine_dir)
     plant(engine_dir / key_of(FP16), marker_payload(marker), listed=True)
-    run = sdxl_bench(txt2img(FP16, engine_dir, tmp_path / "out", "--no-build"), fault="compile",
-                     **{store.KEY_ENV: KEY})
+    run = sdxl_bench(txt2img(FP16, engine_dir, tmp_path / "out", "--no-build"), fault="compile", **{store.KEY_ENV: KEY})
     assert run.returncode == 2
     assert f"its {store.SIGNATURE} does not match {store.KEY_ENV}" in run.error_line()
     assert not marker.exists()

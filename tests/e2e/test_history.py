@@ -35,10 +35,29 @@ def storage(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     for _ in range(2):
         # Outside this repo: no conftest or pyproject addopts apply; tiny budgets keep each run ~2 s.
-        done = subprocess.run([sys.executable, "-m", "pytest", "test_trivial.py", "-q", "-p", "no:cacheprovider",
-                               "-p", "no:xdist", "--benchmark-autosave", f"--benchmark-storage={store}",
-                               "--benchmark-max-time=0.005", "--benchmark-min-rounds=3", "--benchmark-warmup=off"],
-                              cwd=work, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "test_trivial.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "no:xdist",
+                "--benchmark-autosave",
+                f"--benchmark-storage={store}",
+                "--benchmark-max-time=0.005",
+                "--benchmark-min-rounds=3",
+                "--benchmark-warmup=off",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     return store
 
@@ -73,10 +92,13 @@ def test_history_of_one_machine_folder(storage, tmp_path):
     assert len(_table_rows(markdown_path.read_text())) == 2
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda tmp: tmp / "absent", "does not exist"),
-    (lambda tmp: tmp, "no pytest-benchmark runs"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "absent", "does not exist"),
+        (lambda tmp: tmp, "no pytest-benchmark runs"),
+    ],
+)
 def test_missing_or_empty_dir_is_one_line(tmp_path, make, message):
     with pytest.raises(UserError, match=message) as info:
         history_report(make(tmp_path), tmp_path / "out")

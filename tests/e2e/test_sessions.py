@@ -15,8 +15,13 @@ WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; "
 
 def run_nox(*args, without_torch=False):
     code = (WITHOUT_TORCH if without_torch else "") + "from nox.__main__ import main; main()"
-    return subprocess.run([sys.executable, "-c", code, "-f", str(REPO / "noxfile.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", code, "-f", str(REPO / "noxfile.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
 
 
 def own_lines(stderr: str) -> list[str]:
@@ -62,8 +67,13 @@ def test_gpu_bench_passes_values_in_one_argument_and_saves_only_gpu_numbers():
         sys.path.remove(str(REPO))
     env = {"SDXL_BENCH_ENGINE_DIR": "/abs/engines", "SDXL_BENCH_ONNX_DIR": "/abs/onnx"}
     gpu = noxfile.gpu_bench_args(env, on_gpu=True, history_has_runs=True)
-    assert {"--engine-dir=/abs/engines", "--onnx-dir=/abs/onnx", "--model=sdxl-random", "--benchmark-autosave",
-            "--benchmark-compare-fail=median:10%"} <= set(gpu)
+    assert {
+        "--engine-dir=/abs/engines",
+        "--onnx-dir=/abs/onnx",
+        "--model=sdxl-random",
+        "--benchmark-autosave",
+        "--benchmark-compare-fail=median:10%",
+    } <= set(gpu)
     assert not [arg for arg in gpu if arg.startswith("/")], "a bare path would become pytest's rootdir"
     cpu = noxfile.gpu_bench_args(env, on_gpu=False, history_has_runs=True)
     assert not [arg for arg in cpu if arg.startswith(("--benchmark", "--engine-dir", "--onnx-dir"))]
@@ -121,12 +131,29 @@ def test_suite_options_survive_an_existing_absolute_engine_dir(form, tmp_path):
     With `--engine-dir=/abs/dir` it roots in the checkout; given apart, the options still load where the package's
     entry point loads the plugin (here `-p` on the command line does what the entry point does)."""
     engine_dir = tmp_path / "engines"
-    args = [f"--engine-dir={engine_dir}"] if form == "--opt=value" else ["-p", "sdxl_core.suite.plugin",
-                                                                         "--engine-dir", str(engine_dir)]
+    args = (
+        [f"--engine-dir={engine_dir}"]
+        if form == "--opt=value"
+        else ["-p", "sdxl_core.suite.plugin", "--engine-dir", str(engine_dir)]
+    )
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "pytest", *args, "--co", "-q", "-p", "no:cacheprovider",
-                               "--ignore-glob=*/test_[!v]*.py"],  # collect test_variants.py only: quick
-                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                *args,
+                "--co",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--ignore-glob=*/test_[!v]*.py",
+            ],  # collect test_variants.py only: quick
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "unrecognized arguments" not in done.stderr and "tests collected" in done.stdout
         engine_dir.mkdir(exist_ok=True)

@@ -7,14 +7,24 @@ import time
 
 import pytest
 
-from sdxl_core.commands import cli
 from sdxl_core import startup
+from sdxl_core.commands import cli
 from tests.e2e.test_cli import FAST, run_cli
 
 # What every txt2img reports, in this order when nothing is built: process start, imports, checks, the
 # components, the engine, the warm-up and the first image. A reused engine adds its verify and load.
-TXT2IMG_PHASES = ("python", "imports", "checks", "tokenizers", "text_encoder", "text_encoder_2", "vae", "to_device",
-                  "warmup", "first_image")
+TXT2IMG_PHASES = (
+    "python",
+    "imports",
+    "checks",
+    "tokenizers",
+    "text_encoder",
+    "text_encoder_2",
+    "vae",
+    "to_device",
+    "warmup",
+    "first_image",
+)
 
 
 def test_phases_are_exclusive_and_add_up():
@@ -46,8 +56,23 @@ def engines(tmp_path_factory):
     """FP16 and INT8 tiny engines, built in this process by `sdxl-bench build`, with its report."""
     root = tmp_path_factory.mktemp("startup")
     report = root / "build.json"
-    assert cli.main(["build", "--variants", "xl-1.0-fp16,xl-1.0-int8", "--model", "tiny", "--engine-dir",
-                     str(root / "engines"), "--report", str(report), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "build",
+                "--variants",
+                "xl-1.0-fp16,xl-1.0-int8",
+                "--model",
+                "tiny",
+                "--engine-dir",
+                str(root / "engines"),
+                "--report",
+                str(report),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root / "engines", json.loads(report.read_text())
 
 
@@ -80,8 +105,9 @@ def test_txt2img_with_a_reused_engine_prints_and_reports_where_the_time_went(eng
     more than the wall time. A reused engine's UNet weights are never generated."""
     engine_dir, _ = engines
     started = time.perf_counter()
-    done = run_cli("txt2img", "x", "--model", "tiny", "--engine-dir", str(engine_dir), "--output-dir",
-                   str(tmp_path), *FAST)
+    done = run_cli(
+        "txt2img", "x", "--model", "tiny", "--engine-dir", str(engine_dir), "--output-dir", str(tmp_path), *FAST
+    )
     wall = time.perf_counter() - started
     assert done.returncode == 0, done.stderr
     (report_path,) = tmp_path.glob("*.json")
@@ -99,11 +125,13 @@ def test_a_load_only_run_never_imports_modelopt(engines, tmp_path):
     """`--no-build` with an INT8 engine: ModelOpt (seconds to import) is not needed and not imported. The
     engine was calibrated for the variant's 30 steps, so the run takes them (its key holds the step count)."""
     engine_dir, _ = engines
-    code = ("import sys; from sdxl_core import cli; "
-            f"sys.argv = ['sdxl-bench', 'txt2img', 'x', '--int8', '--model', 'tiny', '--no-build', '--engine-dir', "
-            f"{str(engine_dir)!r}, '--output-dir', {str(tmp_path)!r}, '--num-warmup-runs', '0', '--no-progress']; "
-            "status = cli.main(); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'modelopt')); sys.exit(status)")
+    code = (
+        "import sys; from sdxl_core import cli; "
+        f"sys.argv = ['sdxl-bench', 'txt2img', 'x', '--int8', '--model', 'tiny', '--no-build', '--engine-dir', "
+        f"{str(engine_dir)!r}, '--output-dir', {str(tmp_path)!r}, '--num-warmup-runs', '0', '--no-progress']; "
+        "status = cli.main(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'modelopt')); sys.exit(status)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"

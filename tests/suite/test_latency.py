@@ -38,8 +38,9 @@ def _rounds(device):
 
 
 def unet_step(engine):
-    inputs = torch_backend.unet_inputs(engine.variant, engine.components.unet, engine.engines.device,
-                                       engine.engines.dtype)
+    inputs = torch_backend.unet_inputs(
+        engine.variant, engine.components.unet, engine.engines.device, engine.engines.dtype
+    )
 
     def step():
         with torch.inference_mode():
@@ -65,11 +66,15 @@ def test_unet_step_latency(benchmark, variant_engine, suite_device):
 def test_pipeline_latency(benchmark, variant_engine, suite_device):
     rounds, warmup = (5, 1) if suite_device.type == "cuda" else (2, 1)
     results = []
-    benchmark.pedantic(_synced(lambda: results.append(variant_engine.generate(PROMPT)), suite_device),
-                       rounds=rounds, warmup_rounds=warmup)
+    benchmark.pedantic(
+        _synced(lambda: results.append(variant_engine.generate(PROMPT)), suite_device),
+        rounds=rounds,
+        warmup_rounds=warmup,
+    )
     timed = results[warmup:] or results  # a worker without a GPU of its own runs it once, untimed
-    benchmark.extra_info["stages_ms"] = {k: round(statistics.median(r.timings[k] for r in timed), 3)
-                                         for k in ("clip", "clip2", "unet", "vae", "total")}
+    benchmark.extra_info["stages_ms"] = {
+        k: round(statistics.median(r.timings[k] for r in timed), 3) for k in ("clip", "clip2", "unet", "vae", "total")
+    }
     benchmark.extra_info["unet_steps"] = timed[0].unet_calls
     _describe(benchmark, variant_engine, suite_device)
     for result in timed:  # the stages run one after another inside the timed total, so they add up to at most it
@@ -82,10 +87,17 @@ def test_pipeline_latency(benchmark, variant_engine, suite_device):
 def _describe(benchmark, engine, device):
     info = engine.engines.info
     benchmark.extra_info.update(
-        variant=engine.variant.name, precision=engine.variant.precision, model=engine.variant.model,
-        size=f"{engine.variant.height}x{engine.variant.width}", unet_batch=engine.variant.unet_batch,
-        engine_key=info.get("engine_key"), engine_bytes=info.get("engine_bytes"), device=str(device),
-        engine_mode=info.get("mode"), compile_mode=info.get("compile_mode"), cuda_graph=info.get("cuda_graph"),
+        variant=engine.variant.name,
+        precision=engine.variant.precision,
+        model=engine.variant.model,
+        size=f"{engine.variant.height}x{engine.variant.width}",
+        unet_batch=engine.variant.unet_batch,
+        engine_key=info.get("engine_key"),
+        engine_bytes=info.get("engine_bytes"),
+        device=str(device),
+        engine_mode=info.get("mode"),
+        compile_mode=info.get("compile_mode"),
+        cuda_graph=info.get("cuda_graph"),
         gemm_paths=info.get("gemm_paths"),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -110,8 +122,10 @@ def gpu_equivalent_weight_bytes(engine_path) -> int:
     return total
 
 
-@pytest.mark.parametrize("precision", [pytest.param(p, marks=pytest.mark.needs_variants("xl-1.0-fp16", f"xl-1.0-{p}"))
-                                       for p in ("int8", "fp8")])
+@pytest.mark.parametrize(
+    "precision",
+    [pytest.param(p, marks=pytest.mark.needs_variants("xl-1.0-fp16", f"xl-1.0-{p}")) for p in ("int8", "fp8")],
+)
 def test_8bit_engine_weights_fit_in_55_percent_of_fp16(build_engine, suite_model, precision):
     fp16 = build_engine("xl-1.0-fp16").engines.info["engine_path"]
     quantized = build_engine(f"xl-1.0-{precision}").engines.info["engine_path"]
@@ -119,15 +133,20 @@ def test_8bit_engine_weights_fit_in_55_percent_of_fp16(build_engine, suite_model
     bound = TINY_MAX_8BIT_WEIGHT_FRACTION if suite_model == "tiny" else MAX_8BIT_WEIGHT_FRACTION
     assert fraction <= bound, (
         f"{precision} engine holds {fraction:.1%} of the FP16 engine's weight bytes "
-        f"(bound {bound:.0%}): more layers stayed in 16 bits than the level should leave")
+        f"(bound {bound:.0%}): more layers stayed in 16 bits than the level should leave"
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.hopper
 @pytest.mark.bench
-@pytest.mark.parametrize("precision, option", [
-    pytest.param(p, f"--min-{p}-speedup", marks=pytest.mark.needs_variants("xl-1.0-fp16", f"xl-1.0-{p}"))
-    for p in ("int8", "fp8")])
+@pytest.mark.parametrize(
+    "precision, option",
+    [
+        pytest.param(p, f"--min-{p}-speedup", marks=pytest.mark.needs_variants("xl-1.0-fp16", f"xl-1.0-{p}"))
+        for p in ("int8", "fp8")
+    ],
+)
 def test_8bit_speedup_gate_on_hopper(build_engine, pytestconfig, record_property, precision, option):
     engines = {"fp16": build_engine("xl-1.0-fp16"), precision: build_engine(f"xl-1.0-{precision}")}
     medians = timing.medians(timing.interleaved_ms({name: unet_step(e) for name, e in engines.items()}))
@@ -139,7 +158,8 @@ def test_8bit_speedup_gate_on_hopper(build_engine, pytestconfig, record_property
     required = pytestconfig.getoption(option)
     assert speedup >= required, (
         f"{precision.upper()} UNet step {medians[precision]:.2f} ms vs FP16 {medians['fp16']:.2f} ms: "
-        f"speed-up {speedup:.3f}x, gate {required:.2f}x ({torch.cuda.get_device_name()})")
+        f"speed-up {speedup:.3f}x, gate {required:.2f}x ({torch.cuda.get_device_name()})"
+    )
 
 
 def test_variants_deselect_the_gates_whose_engines_they_leave_out():
@@ -151,14 +171,31 @@ def test_variants_deselect_the_gates_whose_engines_they_leave_out():
 
     def collected(variants):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-        done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                               f"--variants={variants}", "tests/suite/test_latency.py"], cwd=Path(__file__).parents[2],
-                              capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "--collect-only",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--variants={variants}",
+                "tests/suite/test_latency.py",
+            ],
+            cwd=Path(__file__).parents[2],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return {line.split("::")[1] for line in done.stdout.splitlines() if "::" in line}
 
-    assert not any(name.startswith(("test_8bit_speedup_gate", "test_8bit_engine_weights"))
-                   for name in collected("xl-1.0-lcm-lora,xl-turbo"))
+    assert not any(
+        name.startswith(("test_8bit_speedup_gate", "test_8bit_engine_weights"))
+        for name in collected("xl-1.0-lcm-lora,xl-turbo")
+    )
     chosen = collected("xl-1.0-fp16,xl-1.0-int8")
     assert "test_8bit_speedup_gate_on_hopper[int8---min-int8-speedup]" in chosen
     assert not any("fp8" in name for name in chosen)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_core.suite import baselines, sweep
 from sdxl_core import metrics
-from sdxl_core.suite.baselines import CASES
 from sdxl_core.errors import UserError
+from sdxl_core.suite import baselines, sweep
+from sdxl_core.suite.baselines import CASES
 
 # Under xdist each test runs on its variant's worker (conftest.py groups them by `needs_variants`); with
 # --update-baselines they all run on one worker, which renders every variant and writes the baseline.
@@ -80,8 +80,11 @@ class Stored:
     def threshold(self, name: str) -> float:
         value = self.thresholds.get("ssim", {}).get(name)
         if value is None:
-            pytest.fail(f"{self.directory / baselines.MANIFEST} has no SSIM threshold for {name}; regenerate it "
-                        f"with {baselines.CREATE_HINT}", pytrace=False)
+            pytest.fail(
+                f"{self.directory / baselines.MANIFEST} has no SSIM threshold for {name}; regenerate it "
+                f"with {baselines.CREATE_HINT}",
+                pytrace=False,
+            )
         return value
 
     def image(self, name: str, case: int) -> Image.Image:
@@ -128,12 +131,23 @@ def update_baselines(directory, model, hardware, suite_variant, device, rendered
         for (prompt, seed), image in zip(CASES, rendered(name), strict=True):
             entries.append(baselines.entry_for(suite_variant(name), prompt, seed))
             images.append(image)
-    measured = {name: [{"prompt": prompt, "seed": seed, **_rounded(metrics.compare(ref, img))}
-                       for (prompt, seed), ref, img in zip(CASES, rendered(FP16), rendered(name), strict=True)]
-                for name in QUANTIZED}
+    measured = {
+        name: [
+            {"prompt": prompt, "seed": seed, **_rounded(metrics.compare(ref, img))}
+            for (prompt, seed), ref, img in zip(CASES, rendered(FP16), rendered(name), strict=True)
+        ]
+        for name in QUANTIZED
+    }
     device_facts = {**device_info(device), "slug": baselines.hardware_slug(hardware)}
-    baselines.write_baseline(directory, entries, images, baselines.default_thresholds(model), device=device_facts,
-                             measured=measured, model=model)
+    baselines.write_baseline(
+        directory,
+        entries,
+        images,
+        baselines.default_thresholds(model),
+        device=device_facts,
+        measured=measured,
+        model=model,
+    )
 
 
 def _rounded(values: dict) -> dict:
@@ -152,8 +166,11 @@ def check_similar(reference, candidate, threshold: float, label: str, out_dir: P
         path = Path(out_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
         pair = {"reference": reference, "candidate": candidate}
         side_by_side({k: Image.fromarray(metrics.to_array(v)) for k, v in pair.items()}, "reference").save(path)
-        pytest.fail(f"{label}: SSIM {values['ssim']:.5f} < threshold {threshold} (PSNR {values['psnr']:.2f} dB); "
-                    f"reference | candidate | SSIM heat map: {path}", pytrace=False)
+        pytest.fail(
+            f"{label}: SSIM {values['ssim']:.5f} < threshold {threshold} (PSNR {values['psnr']:.2f} dB); "
+            f"reference | candidate | SSIM heat map: {path}",
+            pytrace=False,
+        )
     return values
 
 
@@ -175,8 +192,9 @@ def test_matches_own_baseline(name, case, stored, rendered, tmp_path, record_pro
     """FP16, LCM-LoRA and Turbo: today's image against the one stored for this model and hardware."""
     threshold = stored.thresholds["regression_ssim"]
     reference = stored.image(name, case)
-    values = check_similar(reference, rendered(name)[case], threshold, f"{name} {CASE_IDS[case]} vs stored {name}",
-                           tmp_path)
+    values = check_similar(
+        reference, rendered(name)[case], threshold, f"{name} {CASE_IDS[case]} vs stored {name}", tmp_path
+    )
     _report(record_property, f"{name} {CASE_IDS[case]}", values, threshold)
 
 
@@ -187,8 +205,9 @@ def test_8bit_close_to_fp16(name, case, stored, rendered, tmp_path, record_prope
     """INT8 and FP8 against the stored FP16 image of the same prompt and seed."""
     threshold = stored.threshold(name)
     reference = stored.image(FP16, case)
-    values = check_similar(reference, rendered(name)[case], threshold, f"{name} {CASE_IDS[case]} vs stored {FP16}",
-                           tmp_path)
+    values = check_similar(
+        reference, rendered(name)[case], threshold, f"{name} {CASE_IDS[case]} vs stored {FP16}", tmp_path
+    )
     _report(record_property, f"{name} {CASE_IDS[case]} vs {FP16}", values, threshold)
 
 
@@ -220,9 +239,11 @@ def test_clip_score_drop(name, stored, rendered, suite_model, suite_device, reco
     from sdxl_core.models import BUILTIN_MODELS
 
     if baselines.model_slug(suite_model) in BUILTIN_MODELS:
-        pytest.skip(f"needs real SDXL weights (--model stabilityai/stable-diffusion-xl-base-1.0 or a local "
-                    f"diffusers dir) and the open_clip ViT-B-32 'openai' weights in the local Hugging Face cache: "
-                    f"'{suite_model}' has random weights, so its CLIP scores mean nothing")
+        pytest.skip(
+            f"needs real SDXL weights (--model stabilityai/stable-diffusion-xl-base-1.0 or a local "
+            f"diffusers dir) and the open_clip ViT-B-32 'openai' weights in the local Hugging Face cache: "
+            f"'{suite_model}' has random weights, so its CLIP scores mean nothing"
+        )
     try:
         scorer = metrics.ClipScorer("openai", device=str(suite_device))
     except metrics.MissingWeights as exc:
@@ -234,8 +255,10 @@ def test_clip_score_drop(name, stored, rendered, suite_model, suite_device, reco
     record_property("clip_fp16", round(reference, 3))
     record_property(f"clip_{name}", round(candidate, 3))
     print(f"CLIP score: {FP16} {reference:.3f}, {name} {candidate:.3f}, drop {reference - candidate:.3f}")
-    assert reference - candidate <= limit, (f"{name} CLIP score {candidate:.3f} is {reference - candidate:.3f} below "
-                                            f"{FP16}'s {reference:.3f}: more than the allowed {limit}")
+    assert reference - candidate <= limit, (
+        f"{name} CLIP score {candidate:.3f} is {reference - candidate:.3f} below "
+        f"{FP16}'s {reference:.3f}: more than the allowed {limit}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,8 +303,9 @@ def fp16_image(build_engine):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", each_variant(QUANTIZED, FP16))
-def test_sweep_8bit_close_to_fp16(name, sweep_prompt, fp16_image, build_engine, sweep_limits, sweep_clip, tmp_path,
-                                  record_property):
+def test_sweep_8bit_close_to_fp16(
+    name, sweep_prompt, fp16_image, build_engine, sweep_limits, sweep_clip, tmp_path, record_property
+):
     """One prompt of the sweep: FP16 and 8-bit images rendered here (so prompts shard over workers), this prompt
     held to the worst-prompt threshold; the mean over all prompts is checked at the end of the run (conftest.py),
     from the record each prompt sends home."""
@@ -290,14 +314,24 @@ def test_sweep_8bit_close_to_fp16(name, sweep_prompt, fp16_image, build_engine, 
     candidate = build_engine(name).generate(prompt, seed=index).images[0]
     values = metrics.compare(reference, candidate)
     limits = sweep_limits(name)
-    record = {"variant": name, "index": index, "seed": index, "prompt": prompt, "ssim": round(values["ssim"], 5),
-              "psnr": round(values["psnr"], 2) if np.isfinite(values["psnr"]) else None, "thresholds": limits,
-              "clip_fp16": None, "clip_8bit": None, "clip_note": None}
+    record = {
+        "variant": name,
+        "index": index,
+        "seed": index,
+        "prompt": prompt,
+        "ssim": round(values["ssim"], 5),
+        "psnr": round(values["psnr"], 2) if np.isfinite(values["psnr"]) else None,
+        "thresholds": limits,
+        "clip_fp16": None,
+        "clip_8bit": None,
+        "clip_note": None,
+    }
     if isinstance(sweep_clip, str):
         record["clip_note"] = sweep_clip
     else:
-        record["clip_fp16"], record["clip_8bit"] = (round(v, 3) for v in sweep_clip.score([reference, candidate],
-                                                                                          [prompt, prompt]))
+        record["clip_fp16"], record["clip_8bit"] = (
+            round(v, 3) for v in sweep_clip.score([reference, candidate], [prompt, prompt])
+        )
     record_property(sweep.PROPERTY, record)
     check_similar(reference, candidate, limits["worst_ssim"], f"{name} {sweep.prompt_id(index)} vs {FP16}", tmp_path)
 
@@ -327,8 +361,9 @@ def test_baseline_round_trip_and_checksum(tmp_path):
 
     manifest = baselines.load_manifest(directory)
     assert manifest["thresholds"]["regression_ssim"] == baselines.THRESHOLDS["tiny"]["regression_ssim"]
-    assert sorted(p.name for p in directory.iterdir()) == sorted([baselines.MANIFEST] +
-                                                                 [e["file"] for e in manifest["entries"]])
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [baselines.MANIFEST] + [e["file"] for e in manifest["entries"]]
+    )
     entry = baselines.find_entry(manifest, FP16, *CASES[1])
     assert np.array_equal(np.asarray(baselines.load_image(directory, entry)), np.asarray(images[1]))
     assert baselines.mismatch(entry, baselines.entry_for(variant, *CASES[1])) is None
@@ -339,18 +374,21 @@ def test_baseline_round_trip_and_checksum(tmp_path):
         baselines.load_image(directory, entry)
 
 
-@pytest.mark.parametrize("device, slug", [
-    ("cpu", "cpu"),
-    ({"cuda": False, "name": "cpu", "capability": None}, "cpu"),
-    ("NVIDIA H100 80GB HBM3", "hopper"),
-    ({"cuda": True, "name": "NVIDIA H100 PCIe", "capability": (9, 0)}, "hopper"),
-    ("NVIDIA H200", "hopper"),
-    ({"cuda": True, "name": "NVIDIA Graphics Device", "capability": (9, 0)}, "hopper"),
-    ("NVIDIA A100-SXM4-80GB", "ampere"),
-    ("NVIDIA GeForce RTX 4090", "ada"),
-    ("Tesla T4", "t4"),
-    ({"cuda": True, "name": "NVIDIA Graphics Device", "capability": (7, 0)}, "sm70"),
-])
+@pytest.mark.parametrize(
+    "device, slug",
+    [
+        ("cpu", "cpu"),
+        ({"cuda": False, "name": "cpu", "capability": None}, "cpu"),
+        ("NVIDIA H100 80GB HBM3", "hopper"),
+        ({"cuda": True, "name": "NVIDIA H100 PCIe", "capability": (9, 0)}, "hopper"),
+        ("NVIDIA H200", "hopper"),
+        ({"cuda": True, "name": "NVIDIA Graphics Device", "capability": (9, 0)}, "hopper"),
+        ("NVIDIA A100-SXM4-80GB", "ampere"),
+        ("NVIDIA GeForce RTX 4090", "ada"),
+        ("Tesla T4", "t4"),
+        ({"cuda": True, "name": "NVIDIA Graphics Device", "capability": (7, 0)}, "sm70"),
+    ],
+)
 def test_hardware_slug(device, slug):
     assert baselines.hardware_slug(device) == slug
     assert baselines.baseline_dir("b", "stabilityai/sdxl-turbo", device) == Path("b", "sdxl-turbo", slug)

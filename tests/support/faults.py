@@ -57,8 +57,8 @@ def install(fault: str) -> None:
     import safetensors.torch
     import torch
 
-    from sdxl_core.quant import quantize
     from sdxl_core.engines import compiled, torch_backend
+    from sdxl_core.quant import quantize
 
     if fault == "kill:locked":
         torch_backend.build_unet = lambda *args, **kwargs: die()

@@ -11,8 +11,11 @@ def make_lora(unet, directory: Path, rank: int = 4, seed: int = 0) -> Path:
     from peft import LoraConfig, get_peft_model_state_dict
 
     unet = copy.deepcopy(unet)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+        )
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -20,8 +23,7 @@ def make_lora(unet, directory: Path, rank: int = 4, seed: int = 0) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     layers = get_peft_model_state_dict(unet)
     if any(t.is_meta for t in layers.values()):  # a meta-device UNet: values scaled like a default init
-        layers = {k: torch.randn(t.shape, generator=generator) * (0.3 / t.shape[-1] ** 0.5)
-                  for k, t in layers.items()}
+        layers = {k: torch.randn(t.shape, generator=generator) * (0.3 / t.shape[-1] ** 0.5) for k, t in layers.items()}
     StableDiffusionXLPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
     return directory / "pytorch_lora_weights.safetensors"
 

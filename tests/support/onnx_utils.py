@@ -68,8 +68,14 @@ def count_qdq(onnx_file: str | os.PathLike, *, root: str = "unet") -> dict:
         input_dq, input_const = trace(node.input[0])
         weight_dq, weight_const = trace(node.input[1])
         module = module_name_of(node.name, root)
-        record = {"name": node.name, "op": node.op_type, "module": module, "input_dq": input_dq,
-                  "weight_dq": weight_dq, "has_weight": weight_const and not input_const}
+        record = {
+            "name": node.name,
+            "op": node.op_type,
+            "module": module,
+            "input_dq": input_dq,
+            "weight_dq": weight_dq,
+            "has_weight": weight_const and not input_const,
+        }
         nodes.append(record)
         counts = by_op[node.op_type]
         counts["total"] += 1

@@ -56,6 +56,7 @@ class Value(NamedTuple):
 
 # --------------------------------------------------------------------------- docstring signatures
 
+
 def split_top(text: str, sep: str = ",") -> list[str]:
     """Split at `sep` outside brackets and quotes (types like Dict[str, int], defaults like <Flag.X: 0>)."""
     parts, depth, quote, current = [], 0, None, ""
@@ -109,11 +110,15 @@ def signatures(name: str, doc: str | None) -> list[tuple[list[Param], str]]:
 
 
 def describe(params: list[Param]) -> str:
-    return "(" + ", ".join(p.name + ("=..." if p.default and p.kind not in ("varargs", "varkw") else "")
-                           for p in params) + ")"
+    return (
+        "("
+        + ", ".join(p.name + ("=..." if p.default and p.kind not in ("varargs", "varkw") else "") for p in params)
+        + ")"
+    )
 
 
 # --------------------------------------------------------------------------- the checker
+
 
 class Checker:
     def __init__(self, trt):
@@ -267,8 +272,9 @@ class Checker:
             return None
         label, sigs, drop_self = self.callable_signatures(callee)
         if any(isinstance(a, ast.Starred) for a in node.args) or None in kwargs:
-            self.problem(node, f"{label}(...) is called with *args or **kwargs: spell the arguments out so they "
-                               "can be checked")
+            self.problem(
+                node, f"{label}(...) is called with *args or **kwargs: spell the arguments out so they can be checked"
+            )
             return Value("instance", callee.obj) if callee.kind == "class" else None
         if not sigs:
             self.problem(node, f"{label} has no signature in its docstring to check the call against")
@@ -284,8 +290,12 @@ class Checker:
 
     @staticmethod
     def literal_probe(node: ast.Call) -> bool:
-        return (len(node.args) in (2, 3) and not node.keywords and isinstance(node.args[1], ast.Constant)
-                and isinstance(node.args[1].value, str))
+        return (
+            len(node.args) in (2, 3)
+            and not node.keywords
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        )
 
     # ---- expressions
 
@@ -310,8 +320,9 @@ class Checker:
             return None
         if isinstance(node, ast.Call):
             return self.call(node, env)
-        if isinstance(node, (ast.BoolOp, ast.UnaryOp)) and (isinstance(node, ast.BoolOp)
-                                                            or isinstance(node.op, ast.Not)):
+        if isinstance(node, (ast.BoolOp, ast.UnaryOp)) and (
+            isinstance(node, ast.BoolOp) or isinstance(node.op, ast.Not)
+        ):
             self.truth(node, env)
             return None
         if isinstance(node, ast.IfExp):
@@ -399,8 +410,12 @@ class Checker:
             self.expr(node.exc, env)
             return True
         if isinstance(node, ast.Assign):
-            if len(node.targets) == 1 and isinstance(node.targets[0], ast.Tuple) and isinstance(node.value, ast.Tuple) \
-                    and len(node.targets[0].elts) == len(node.value.elts):
+            if (
+                len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Tuple)
+                and isinstance(node.value, ast.Tuple)
+                and len(node.targets[0].elts) == len(node.value.elts)
+            ):
                 for target, value in zip(node.targets[0].elts, node.value.elts, strict=True):
                     self.bind(target, self.expr(value, env), env)
                 return False
@@ -486,11 +501,14 @@ class Checker:
         self.use(f"{base.__name__}.{method.name}")
         count = len(method.args.posonlyargs + method.args.args) - 1  # without self
         sigs = signatures(method.name, getattr(base, method.name).__doc__)
-        if sigs and not any(len([p for p in params[1:] if p.kind in ("pos", "posonly")]) == count
-                            for params, _ in sigs):
+        if sigs and not any(
+            len([p for p in params[1:] if p.kind in ("pos", "posonly")]) == count for params, _ in sigs
+        ):
             offered = " or ".join(describe(params[1:]) for params, _ in sigs)
-            self.problem(method, f"{method.name} takes {count} argument(s); {base.__name__}.{method.name} is "
-                                 f"called with {offered}")
+            self.problem(
+                method,
+                f"{method.name} takes {count} argument(s); {base.__name__}.{method.name} is called with {offered}",
+            )
 
     def check(self, source: str) -> dict:
         """Two passes: the first learns what functions return and what `self.<attr>` holds, the second reports."""
@@ -512,8 +530,9 @@ def main() -> None:
 
     request = json.load(sys.stdin)
     reports = {label: Checker(trt).check(source) for label, source in request["sources"].items()}
-    json.dump({"version": trt.__version__, "data_types": list(trt.DataType.__members__), "reports": reports},
-              sys.stdout)
+    json.dump(
+        {"version": trt.__version__, "data_types": list(trt.DataType.__members__), "reports": reports}, sys.stdout
+    )
 
 
 if __name__ == "__main__":

@@ -9,18 +9,20 @@ import pytest
 import torch
 
 from sdxl_core import engines
-from sdxl_core.quant import qmodules
 from sdxl_core.engines import compiled, torch_backend
+from sdxl_core.quant import qmodules
 
 
 def quantized_mlp(module_cls):
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 128), torch.nn.GELU(),
-                              torch.nn.Linear(128, 64))
+    mlp = torch.nn.Sequential(
+        torch.nn.LayerNorm(64), torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)
+    )
     for i in (1, 3):
         linear = mlp[i]
-        mlp[i] = module_cls.from_float(linear, w_amax=linear.weight.detach().abs().amax(dim=1),
-                                       a_amax=torch.tensor(4.0))
+        mlp[i] = module_cls.from_float(
+            linear, w_amax=linear.weight.detach().abs().amax(dim=1), a_amax=torch.tensor(4.0)
+        )
     return mlp.eval()
 
 
@@ -40,9 +42,9 @@ def test_8bit_linears_trace_as_one_graph_and_match_eager(module_cls):
 @pytest.mark.slow
 def test_whole_converted_int8_unet_traces_as_one_graph():
     from sdxl_core import models
-    from sdxl_core.quant import quantize
     from sdxl_core.engines import unet_stage
     from sdxl_core.engines.torch_backend import unet_inputs
+    from sdxl_core.quant import quantize
     from sdxl_core.variants import VARIANTS
 
     variant = VARIANTS["xl-1.0-int8"].replace(model="tiny", height=128, width=128, steps=2, calibration_size=2)
@@ -112,8 +114,9 @@ def test_cuda_graph_on_the_cpu_is_refused_in_one_line():
 
     variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64)
     with pytest.raises(UserError, match="--use-cuda-graph needs a CUDA GPU"):
-        torch_backend.prepare(variant, models.build_builtin("tiny"), torch.device("cpu"), use_cuda_graph=True,
-                              progress=False)
+        torch_backend.prepare(
+            variant, models.build_builtin("tiny"), torch.device("cpu"), use_cuda_graph=True, progress=False
+        )
 
 
 @pytest.mark.gpu
@@ -179,8 +182,11 @@ def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
     quantize.quantize_unet(unet, variant, forward_loop, progress=False)
     real, _ = qmodules.convert_to_real(unet)
     eager, regional = eager_then_regional(real, inputs)
-    standalone = {name for name, m in real.named_modules()
-                  if isinstance(m, qmodules.QuantizedModule) and m._compiled_call_impl is not None}
+    standalone = {
+        name
+        for name, m in real.named_modules()
+        if isinstance(m, qmodules.QuantizedModule) and m._compiled_call_impl is not None
+    }
     assert standalone and all(name.endswith(("proj_in", "proj_out")) for name in standalone)
     assert len(standalone) == 2 * sum(type(m).__name__ == "Transformer2DModel" for m in real.modules())
     torch.testing.assert_close(regional, eager, rtol=1e-4, atol=1e-4)

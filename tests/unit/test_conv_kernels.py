@@ -142,8 +142,7 @@ def test_sdxl_shape_table_matches_the_unet():
     derived = cc.unet_conv3x3_shapes(SDXL_UNET_CONFIG, batch=2, latent=128)
     assert derived == list(cc.SDXL_CONV3X3)
     assert sum(t[-1] for t in derived) == 38
-    assert all(cc.unsupported_reason((n, c, h, w), (k, 3, 3, c), st, 1) is None
-               for n, h, w, c, k, st, _ in derived)
+    assert all(cc.unsupported_reason((n, c, h, w), (k, 3, 3, c), st, 1) is None for n, h, w, c, k, st, _ in derived)
 
 
 # ------------------------------------------------------------------------------------ CPU: refusing cleanly
@@ -244,7 +243,7 @@ def built():
 def test_library_builds_and_lists_its_configs(built):
     int8, fp8 = cc.configs("int8"), cc.configs("fp8")
     assert len(int8) >= 4 and fp8[: len(int8)] == int8
-    assert [name for name in fp8 if "f32acc" in name] == fp8[len(int8):]
+    assert [name for name in fp8 if "f32acc" in name] == fp8[len(int8) :]
     assert built.sdxl_conv8_num_configs(7) == 0 and built.sdxl_conv8_config_name(0, 99) is None
     assert all(built.sdxl_conv8_workspace(f, 2, 128, 128, 320, 320, 3, 3, 1, 1, 1, 1, 0, 0) == 0 for f in (0, 1))
 
@@ -292,11 +291,13 @@ def test_library_refuses_in_one_line_before_any_cuda_call(built):
     assert "unknown format" in built.sdxl_conv8_last_error().decode()
     # fake pointers: both refusals happen before the first CUDA call, so this is safe on any machine
     odd = ctypes.c_void_p(0x100008)
-    status = built.sdxl_conv8_fprop(0, odd, odd, odd, odd, odd, None, 1, 8, 8, 32, 32, 3, 3, 1, 1, 1, 1, 0, 0,
-                                    None, 0, None)
+    status = built.sdxl_conv8_fprop(
+        0, odd, odd, odd, odd, odd, None, 1, 8, 8, 32, 32, 3, 3, 1, 1, 1, 1, 0, 0, None, 0, None
+    )
     assert status == cc.UNSUPPORTED and "16-byte aligned" in built.sdxl_conv8_last_error().decode()
-    status = built.sdxl_conv8_fprop(0, None, odd, odd, odd, odd, None, 1, 8, 8, 32, 32, 3, 3, 1, 1, 1, 1, 0, 0,
-                                    None, 0, None)
+    status = built.sdxl_conv8_fprop(
+        0, None, odd, odd, odd, odd, None, 1, 8, 8, 32, 32, 3, 3, 1, 1, 1, 1, 0, 0, None, 0, None
+    )
     assert status == 1 and "null tensor pointer" in built.sdxl_conv8_last_error().decode()
     messages = [cc.library_refusal("int8", (1, 24, 8, 8), (32, 3, 3, 24)), built.sdxl_conv8_last_error().decode()]
     assert all("\n" not in m for m in messages)
@@ -315,14 +316,14 @@ def gpu_library():
 
 def _run_all_configs(fmt, shape, out_dtype, bias, seed=0):
     n, h, w, c, k, r, s, stride, padding = shape
-    x, wq, a, ws, b = make_problem(n, h, w, c, k, r, s, fmt, bias=bias, bias_dtype=out_dtype, device="cuda",
-                                   seed=seed)
+    x, wq, a, ws, b = make_problem(n, h, w, c, k, r, s, fmt, bias=bias, bias_dtype=out_dtype, device="cuda", seed=seed)
     ref = cc.conv2d_reference(x, wq, a, ws, b, stride, padding, out_dtype=torch.float64)
     p, q = cc.output_hw(h, w, r, s, stride, padding)
     failures = []
     for config, name in enumerate(cc.configs(fmt)):
-        out = torch.empty((n, k, p, q), dtype=out_dtype, device="cuda",
-                          memory_format=torch.channels_last).fill_(float("nan"))
+        out = torch.empty((n, k, p, q), dtype=out_dtype, device="cuda", memory_format=torch.channels_last).fill_(
+            float("nan")
+        )
         try:
             got = cc.conv2d(x, wq, a, ws, b, stride, padding, out_dtype, config, out=out)
             torch.cuda.synchronize()

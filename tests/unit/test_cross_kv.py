@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sdxl_core import engines, models, pipeline
-from sdxl_core.quant import qmodules
 from sdxl_core.engines import compiled, cross_kv, torch_backend
 from sdxl_core.errors import UserError
+from sdxl_core.quant import qmodules
 from sdxl_core.variants import VARIANTS
 
 CPU = torch.device("cpu")

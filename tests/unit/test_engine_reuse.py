@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from sdxl_core import models, pipeline
-from sdxl_core.quant import qmodules, quantize
 from sdxl_core.engines import store, torch_backend
 from sdxl_core.errors import UserError
+from sdxl_core.quant import qmodules, quantize
 from sdxl_core.variants import VARIANTS
 
 CPU = torch.device("cpu")
@@ -22,8 +22,9 @@ FP16 = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64, steps=
 
 def prepare(variant, engine_dir, onnx_dir=None, unet_weights=True, **kw):
     components = models.load("tiny", unet_weights=unet_weights)
-    return components, torch_backend.prepare(variant, components, CPU, engine_dir=engine_dir, onnx_dir=onnx_dir,
-                                             progress=False, **kw)
+    return components, torch_backend.prepare(
+        variant, components, CPU, engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False, **kw
+    )
 
 
 def image_bytes(variant, components, engines):
@@ -33,6 +34,7 @@ def image_bytes(variant, components, engines):
 @pytest.fixture
 def no_calibration(monkeypatch):
     """Make calibration impossible: any attempt fails the test."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("calibration ran, but the engine should have been loaded")
 
@@ -116,14 +118,17 @@ def _other_version(path: Path):
     sidecar.write_text(json.dumps(record))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: _flip_byte(p / "unet.safetensors"), "unet.safetensors fails its checksum"),
-    (lambda p: _truncate(p / "unet.safetensors"), "unet.safetensors is truncated"),
-    (lambda p: (p / "layer_plan.json").unlink(), "layer_plan.json is missing"),
-    (_foreign, "its sidecar names another engine"),
-    (_other_version, "was built for backend_version='1.0.0'"),
-    (lambda p: (p / store.SIDECAR).write_text("{not json"), "unreadable sidecar"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _flip_byte(p / "unet.safetensors"), "unet.safetensors fails its checksum"),
+        (lambda p: _truncate(p / "unet.safetensors"), "unet.safetensors is truncated"),
+        (lambda p: (p / "layer_plan.json").unlink(), "layer_plan.json is missing"),
+        (_foreign, "its sidecar names another engine"),
+        (_other_version, "was built for backend_version='1.0.0'"),
+        (lambda p: (p / store.SIDECAR).write_text("{not json"), "unreadable sidecar"),
+    ],
+)
 def test_damaged_or_foreign_engines_are_refused_in_one_line(fp16_engine, damage, message):
     engine_dir, path = fp16_engine
     damage(path)
@@ -221,8 +226,11 @@ def test_fused_qkv_engines_store_one_projection_per_attention_and_reload_fused(t
 def test_an_int8_engine_calibrates_its_fused_projections(tmp_path):
     fused_variant = INT8.replace(fused_qkv=True)
     components, engines = prepare(fused_variant, tmp_path / "engines", tmp_path / "onnx")
-    fused_8bit = {name for name, m in components.unet.named_modules()
-                  if isinstance(m, qmodules.Int8Linear) and name.endswith(("to_qkv", "to_kv"))}
+    fused_8bit = {
+        name
+        for name, m in components.unet.named_modules()
+        if isinstance(m, qmodules.Int8Linear) and name.endswith(("to_qkv", "to_kv"))
+    }
     attentions = [m for m in components.unet.modules() if hasattr(m, "to_qkv") or hasattr(m, "to_kv")]
     assert len(fused_8bit) == len(attentions) > 0  # every fused projection is an 8-bit layer with its own scales
     reloaded_components, reloaded = prepare(fused_variant, tmp_path / "engines", allow_build=False, unet_weights=False)
@@ -238,8 +246,11 @@ def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path)
     tuned_components, tuned = prepare(INT8, engine_dir, onnx_dir, channels_last=True)
     assert tuned.info["mode"] == "loaded"
     # Layer by layer the 8-bit convs (all 3x3 in `tiny`) give the plain layout's numbers...
-    pairs = [(a, b) for a, b in zip(plain_components.unet.modules(), tuned_components.unet.modules(), strict=True)
-             if isinstance(a, qmodules.Int8Conv2d)]
+    pairs = [
+        (a, b)
+        for a, b in zip(plain_components.unet.modules(), tuned_components.unet.modules(), strict=True)
+        if isinstance(a, qmodules.Int8Conv2d)
+    ]
     assert len(pairs) == 38
     for plain_conv, tuned_conv in pairs:
         assert tuned_conv.weight.dtype == torch.int8
@@ -275,8 +286,11 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     plan = json.loads((path / "layer_plan.json").read_text())["layers"]
 
     components, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)
-    ran = {name: (m.gemm_path, m.kernel) for name, m in components.unet.named_modules()
-           if isinstance(m, qmodules.QuantizedModule)}
+    ran = {
+        name: (m.gemm_path, m.kernel)
+        for name, m in components.unet.named_modules()
+        if isinstance(m, qmodules.QuantizedModule)
+    }
     assert ran == {name: (spec["gemm"], spec["kernel"]) for name, spec in plan.items()}
     assert {path for path, _ in ran.values()} == {"8bit", "16bit"}
     assert image_bytes(INT8, components, loaded) == image_bytes(INT8, built_components, built)

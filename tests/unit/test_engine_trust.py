@@ -69,8 +69,9 @@ def eager_regions(monkeypatch):
 
 def prepare(engine_dir, *, allow_build=False, compile=True):
     components = models.load("tiny", unet_weights=allow_build)
-    return torch_backend.prepare(FP16, components, CPU, engine_dir=engine_dir, progress=False,
-                                 allow_build=allow_build, compile=compile)
+    return torch_backend.prepare(
+        FP16, components, CPU, engine_dir=engine_dir, progress=False, allow_build=allow_build, compile=compile
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,22 +116,40 @@ def test_a_compile_cache_in_ones_own_engine_is_loaded(engine, eager_regions, tmp
 
 ATTACKS = {
     # name: (engine, key in the victim's environment, what the attacker does, the refusal)
-    "rewritten and re-hashed, key set": ("signed", KEY, lambda path, data: plant(path, data, listed=True),
-                                         f"its {store.SIGNATURE} does not match {store.KEY_ENV}"),
+    "rewritten and re-hashed, key set": (
+        "signed",
+        KEY,
+        lambda path, data: plant(path, data, listed=True),
+        f"its {store.SIGNATURE} does not match {store.KEY_ENV}",
+    ),
     "rewritten and re-hashed, group-writable dir": (
-        "unsigned", None, lambda path, data: (plant(path, data, listed=True), path.chmod(0o775)),
+        "unsigned",
+        None,
+        lambda path, data: (plant(path, data, listed=True), path.chmod(0o775)),
         "is writable by group or others; set SDXL_BENCH_ENGINE_KEY to the key it was built with, or "
-        "SDXL_BENCH_TRUST_ENGINE_DIR=1 to trust this directory"),
+        "SDXL_BENCH_TRUST_ENGINE_DIR=1 to trust this directory",
+    ),
     "rewritten and re-hashed, group-writable file": (
-        "unsigned", None, lambda path, data: (plant(path, data, listed=True), (path / COMPILE_CACHE).chmod(0o664)),
-        f"refusing to load {COMPILE_CACHE} \\(executable\\)"),
-    "sidecar listing nothing": ("unsigned", None,
-                                lambda path, data: (plant(path, data, listed=False),
-                                                    (path / store.SIDECAR).write_text(json.dumps(
-                                                        {**store.read_sidecar(path), "files": {}}))),
-                                "its sidecar is malformed \\(it lists no files\\)"),
-    "unsigned engine, key set": ("unsigned", KEY, lambda path, data: plant(path, data, listed=True),
-                                 f"is not signed with {store.KEY_ENV}"),
+        "unsigned",
+        None,
+        lambda path, data: (plant(path, data, listed=True), (path / COMPILE_CACHE).chmod(0o664)),
+        f"refusing to load {COMPILE_CACHE} \\(executable\\)",
+    ),
+    "sidecar listing nothing": (
+        "unsigned",
+        None,
+        lambda path, data: (
+            plant(path, data, listed=False),
+            (path / store.SIDECAR).write_text(json.dumps({**store.read_sidecar(path), "files": {}})),
+        ),
+        "its sidecar is malformed \\(it lists no files\\)",
+    ),
+    "unsigned engine, key set": (
+        "unsigned",
+        KEY,
+        lambda path, data: plant(path, data, listed=True),
+        f"is not signed with {store.KEY_ENV}",
+    ),
 }
 
 
@@ -147,8 +166,7 @@ def test_attacks_on_the_compile_cache_run_no_code(attack, engine, eager_regions,
     assert not (tmp_path / "marker").exists()
 
 
-def test_another_users_engine_is_refused_even_where_building_is_allowed(engine, eager_regions, tmp_path,
-                                                                        monkeypatch):
+def test_another_users_engine_is_refused_even_where_building_is_allowed(engine, eager_regions, tmp_path, monkeypatch):
     """Untrusted is not damaged: the engine is not rebuilt over (it is someone else's), the run stops."""
     engine_dir, path = engine("unsigned")
     plant(path, marker_payload(tmp_path / "marker"), listed=True)
@@ -159,8 +177,9 @@ def test_another_users_engine_is_refused_even_where_building_is_allowed(engine, 
     assert store.read_sidecar(path)["files"][COMPILE_CACHE]  # untouched
 
 
-def test_a_tampered_signed_engine_is_rebuilt_where_building_is_allowed(engine, eager_regions, tmp_path,
-                                                                       monkeypatch, capfd):
+def test_a_tampered_signed_engine_is_rebuilt_where_building_is_allowed(
+    engine, eager_regions, tmp_path, monkeypatch, capfd
+):
     engine_dir, path = engine("signed")
     plant(path, marker_payload(tmp_path / "marker"), listed=True)
     monkeypatch.setenv(store.KEY_ENV, KEY)

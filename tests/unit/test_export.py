@@ -11,8 +11,8 @@ import onnx
 import pytest
 import torch
 
-from sdxl_core.engines import onnx_export as export
 from sdxl_core import specs
+from sdxl_core.engines import onnx_export as export
 from sdxl_core.models import build_builtin
 from sdxl_core.variants import VARIANTS, Variant
 from tests.support import onnx_utils
@@ -38,30 +38,41 @@ def _max_rel_err(reference, actual) -> float:
 
 def test_unet_io_shapes_follow_the_variant():
     sdxl = specs.SPECS["unet"].shapes(VARIANTS["xl-1.0-int8"])
-    assert sdxl == {"sample": (2, 4, 128, 128), "timestep": (1,), "encoder_hidden_states": (2, 77, 2048),
-                    "text_embeds": (2, 1280), "time_ids": (2, 6), "latent": (2, 4, 128, 128)}
+    assert sdxl == {
+        "sample": (2, 4, 128, 128),
+        "timestep": (1,),
+        "encoder_hidden_states": (2, 77, 2048),
+        "text_embeds": (2, 1280),
+        "time_ids": (2, 6),
+        "latent": (2, 4, 128, 128),
+    }
     turbo = specs.SPECS["unet"].shapes(VARIANTS["xl-turbo"])  # no CFG at guidance 0: batch 1, 512x512
     assert turbo["sample"] == (1, 4, 64, 64) and turbo["encoder_hidden_states"] == (1, 77, 2048)
     tiny = specs.SPECS["unet"].shapes(TINY, build_builtin("tiny", device="meta").unet.config)
     assert tiny["encoder_hidden_states"] == (2, 77, 96) and tiny["text_embeds"] == (2, 32)
-    assert specs.SPECS["vae"].shapes(VARIANTS["xl-1.0-fp16"]) == {"latent": (1, 4, 128, 128),
-                                                                   "images": (1, 3, 1024, 1024)}
+    assert specs.SPECS["vae"].shapes(VARIANTS["xl-1.0-fp16"]) == {
+        "latent": (1, 4, 128, 128),
+        "images": (1, 3, 1024, 1024),
+    }
 
 
 def test_onnx_layout_follows_the_engine_key(tmp_path):
     variant = VARIANTS["xl-1.0-int8"].replace(model="sdxl-random", quant_level=2.5)  # pin what the table may change
     path = export.onnx_path(tmp_path, variant, "unet", torch.float16)
     assert path.name == "model.onnx" and path.parent.parent == tmp_path
-    assert path.parent.name.startswith("unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.sdxl-random."
-                                       "onnx-opset19.fp16.")
+    assert path.parent.name.startswith(
+        "unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.sdxl-random.onnx-opset19.fp16."
+    )
     assert export.onnx_key(variant, "unet", torch.float16) != export.onnx_key(variant, "unet", torch.float32)
-    assert export.onnx_key(variant, "unet", torch.float16) != export.onnx_key(variant.replace(quant_level=3.0),
-                                                                               "unet", torch.float16)
+    assert export.onnx_key(variant, "unet", torch.float16) != export.onnx_key(
+        variant.replace(quant_level=3.0), "unet", torch.float16
+    )
     assert export.onnx_key(variant, "clip2", torch.float16).startswith("clip2.bs2.sdxl-random.onnx-opset19.fp16.")
     assert export.onnx_key(variant, "vae", torch.float32).startswith("vae.bs1.h1024w1024.sdxl-random.")
     # text encoders and VAE do not depend on the UNet's precision: 8-bit variants share them
-    assert export.onnx_key(variant, "clip", torch.float16) == export.onnx_key(VARIANTS["xl-1.0-fp16"].replace(
-        model="sdxl-random"), "clip", torch.float16)
+    assert export.onnx_key(variant, "clip", torch.float16) == export.onnx_key(
+        VARIANTS["xl-1.0-fp16"].replace(model="sdxl-random"), "clip", torch.float16
+    )
 
 
 def test_unet_fp32_export_checks_and_matches_pytorch(tiny, tmp_path):
@@ -86,8 +97,10 @@ def test_text_encoders_export_and_match_pytorch(tiny, tmp_path):
     for component, encoder in (("clip", tiny.text_encoder), ("clip2", tiny.text_encoder_2)):
         path = export.export_text_encoder(encoder, TINY, tmp_path / component / "model.onnx")
         onnx.checker.check_model(str(path), full_check=True)
-        ids = torch.tensor(tiny.tokenizer(["a photo of an astronaut", ""], padding="max_length", max_length=77)
-                           .input_ids, dtype=torch.int32)
+        ids = torch.tensor(
+            tiny.tokenizer(["a photo of an astronaut", ""], padding="max_length", max_length=77).input_ids,
+            dtype=torch.int32,
+        )
         reference = _reference(export.TextEncoderWrapper(encoder, component == "clip2"), (ids,))
         actual = onnx_utils.run_onnx(path, (ids,))
         names = [o.name for o in onnx.load(str(path)).graph.output]
@@ -148,14 +161,20 @@ def test_count_qdq_on_a_hand_built_graph(tmp_path):
         helper.make_node("DequantizeLinear", ["y2q", "s", "zp"], ["y2dq"], name="/unet/c/dq"),
         helper.make_node("MatMul", ["y2dq", "xdq"], ["y"], name="/unet/c/MatMul"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
-                              initializer=[w, w2, scale, zp])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+        initializer=[w, w2, scale, zp],
+    )
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
     census = onnx_utils.count_qdq(path)
-    assert census["layers"] == {"a": {"op": "MatMul", "input_dq": True, "weight_dq": True},
-                                "b": {"op": "MatMul", "input_dq": False, "weight_dq": False}}
+    assert census["layers"] == {
+        "a": {"op": "MatMul", "input_dq": True, "weight_dq": True},
+        "b": {"op": "MatMul", "input_dq": False, "weight_dq": False},
+    }
     assert census["quantized"] == ["a"] and census["bmm"] == ["c"]
     assert census["by_op"]["MatMul"] == {"total": 3, "quantized": 2, "weight_only": 0, "input_only": 0}
     assert census["quantize_linear"] == census["dequantize_linear"] == 3
@@ -200,14 +219,20 @@ def _synthetic_forward_loop(variant, batches: int = 4):
 @pytest.fixture(scope="module", params=QDQ_CASES, ids=lambda c: f"{c[0]}-l{c[1]:g}")
 def quantized_export(request, tmp_path_factory):
     from sdxl_core.quant import quantize
+
     precision, level = request.param
     variant = TINY.replace(name=f"tiny-{precision}", precision=precision, quant_level=level, steps=4)
     unet = build_builtin("tiny").unet
     with torch.no_grad():
         quantize.quantize_unet(unet, variant, _synthetic_forward_loop(variant), progress=False)
     path = export.export_unet(unet, variant, tmp_path_factory.mktemp("qdq") / "unet" / "model.onnx")
-    return {"variant": variant, "unet": unet, "path": path,
-            "layers": quantize.quantized_layers(unet), "census": onnx_utils.count_qdq(path)}
+    return {
+        "variant": variant,
+        "unet": unet,
+        "path": path,
+        "layers": quantize.quantized_layers(unet),
+        "census": onnx_utils.count_qdq(path),
+    }
 
 
 def _with_outputs(path, tensor_names, out_path):
@@ -228,8 +253,12 @@ def test_qdq_export_checks_and_matches_fake_quant(quantized_export, tmp_path):
     first = [n for n in q["census"]["nodes"] if n["op"] == "Conv" and n["input_dq"] and n["weight_dq"]][:2]
     modules = dict(q["unet"].named_modules())
     captured = {}
-    hooks = [modules[n["module"]].register_forward_hook(
-        lambda mod, inp, out, name=n["module"]: captured.__setitem__(name, out.detach().numpy())) for n in first]
+    hooks = [
+        modules[n["module"]].register_forward_hook(
+            lambda mod, inp, out, name=n["module"]: captured.__setitem__(name, out.detach().numpy())
+        )
+        for n in first
+    ]
     (reference,) = _reference(export.UNetWrapper(q["unet"]), args)
     for hook in hooks:
         hook.remove()
@@ -268,6 +297,8 @@ def test_qdq_pairs_sit_exactly_on_the_quantized_layers(quantized_export):
         assert census["layers"][name] == {**census["layers"][name], "input_dq": False, "weight_dq": False}
     assert not any("conv_shortcut" in m or "time_emb_proj" in m for m in census["quantized"])
     assert census["quantize_linear"] == census["dequantize_linear"]
-    print(f"\n{q['variant'].precision} level {level:g}: "
-          + ", ".join(f"{c}={len(v)}" for c, v in layers.items())
-          + f"; Q={census['quantize_linear']} DQ={census['dequantize_linear']}; by_op={census['by_op']}")
+    print(
+        f"\n{q['variant'].precision} level {level:g}: "
+        + ", ".join(f"{c}={len(v)}" for c, v in layers.items())
+        + f"; Q={census['quantize_linear']} DQ={census['dequantize_linear']}; by_op={census['by_op']}"
+    )

@@ -17,11 +17,14 @@ from sdxl_core import files
 from sdxl_core.errors import UserError
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
-    OSError(errno.EDQUOT, "Disk quota exceeded"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+    ],
+)
 def test_disk_full_is_recognised_as_writers_report_it(tmp_path, error):
     assert files.disk_full(error, tmp_path)
 
@@ -41,6 +44,7 @@ def test_atomic_write_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- leftovers of dead writers
+
 
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -63,10 +67,18 @@ def test_sweep_removes_dead_writers_leftovers_only(tmp_path):
     dead = f"{host}~{ns}~{_dead_pid()}"
     alive = files.writer_tag()
     elsewhere = f"other-host~{ns}~{os.getpid()}"
-    gone = [_named(tmp_path, "key1", dead), _named(tmp_path, "key1", dead, "stale"),
-            _named(tmp_path, "calibration.pt", dead, "tmp.pt", is_dir=False)]
-    kept = [_named(tmp_path, "key2", alive), _named(tmp_path, "key3", elsewhere), tmp_path / "key1",
-            tmp_path / "key1.lock", tmp_path / ".hidden-but-not-temp"]
+    gone = [
+        _named(tmp_path, "key1", dead),
+        _named(tmp_path, "key1", dead, "stale"),
+        _named(tmp_path, "calibration.pt", dead, "tmp.pt", is_dir=False),
+    ]
+    kept = [
+        _named(tmp_path, "key2", alive),
+        _named(tmp_path, "key3", elsewhere),
+        tmp_path / "key1",
+        tmp_path / "key1.lock",
+        tmp_path / ".hidden-but-not-temp",
+    ]
     kept[2].mkdir()
     for path in kept[3:]:
         path.write_text("")
@@ -103,8 +115,12 @@ with build_lock(sys.argv[1]):
 
 
 def test_the_build_lock_is_released_when_its_holder_is_killed(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(tmp_path / "e")], stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(tmp_path / "e")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         fd = os.open(tmp_path / "e.lock", os.O_RDONLY)

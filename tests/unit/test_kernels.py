@@ -242,11 +242,13 @@ def test_fp8_mm_names_its_kernel_and_runs_the_reference_off_the_gpu():
     x_q = (torch.randn(6, 32, generator=g) * 30).to(torch.float8_e4m3fn)
     w_q = (torch.randn(16, 32, generator=g) * 30).to(torch.float8_e4m3fn)
     a_scale, w_scale, bias = torch.tensor(0.02), torch.tensor(0.003), torch.randn(16, generator=g)
-    expected = (x_q.double() @ w_q.double().T * (0.02 * 0.003) + bias.double())
+    expected = x_q.double() @ w_q.double().T * (0.02 * 0.003) + bias.double()
     assert ops.fp8_candidates(x_q, w_q, torch.float16) == ["scaled_mm"]  # no GPU: the exact reference only
     # An engine built on a Hopper GPU names its kernels; off the GPU each of them computes the same reference.
-    outs = [ops.fp8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float32, kernel)
-            for kernel in ("scaled_mm", "scaled_mm_fast", CUTLASS_PREFIX + "coop_128x128x128")]
+    outs = [
+        ops.fp8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float32, kernel)
+        for kernel in ("scaled_mm", "scaled_mm_fast", CUTLASS_PREFIX + "coop_128x128x128")
+    ]
     assert all(torch.equal(out, outs[0]) for out in outs) and rel_err(outs[0], expected) < 1e-6
     with pytest.raises(ValueError, match="unknown FP8 kernel 'cublas'"):
         ops.fp8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float32, "cublas")
@@ -271,8 +273,14 @@ def test_cutlass_gpu_tolerance_takes_one_fused_multiply_add_and_refuses_nan():
         assert cutlass_mismatches(kernel, product, bias, dtype).startswith("2 of 655360 elements off (NaN: 1)")
 
 
-EXPORTS = {"sdxl_gemm8", "sdxl_gemm8_workspace", "sdxl_gemm8_num_configs", "sdxl_gemm8_config_name",
-           "sdxl_gemm8_format", "sdxl_last_error"}
+EXPORTS = {
+    "sdxl_gemm8",
+    "sdxl_gemm8_workspace",
+    "sdxl_gemm8_num_configs",
+    "sdxl_gemm8_config_name",
+    "sdxl_gemm8_format",
+    "sdxl_last_error",
+}
 
 
 @pytest.mark.slow
@@ -304,8 +312,7 @@ def test_cutlass_library_builds_and_refuses_cleanly(fmt):
     def gemm(m, n, k, config=0, pointer=4096, lda=None):
         lda = k if lda is None else lda
         # Fake, 16-byte aligned device pointers: every call below must be refused before touching them.
-        return lib.sdxl_gemm8(pointer, pointer, pointer, pointer, pointer, None, m, n, k, lda, 0, config, None,
-                                  0, None)
+        return lib.sdxl_gemm8(pointer, pointer, pointer, pointer, pointer, None, m, n, k, lda, 0, config, None, 0, None)
 
     assert gemm(64, 64, 64, config=len(names)) == 1
     assert "out of range" in gemm8_cutlass._last_error(lib)
@@ -454,8 +461,14 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a CUDA Hopper GPU (sm_90)")
 # M ragged against every tile (1, 77, 154, 1000, 129); K not a multiple of the 128-wide K tile (16, 208, 336,
 # 1040); N a multiple of 8 but not of 16 (136, 1032); then every SDXL linear shape.
-CUTLASS_SHAPES = [(1, 16, 16), (77, 2048, 640), (129, 208, 72), (154, 336, 136), (1000, 1040, 1032),
-                  *shapes.SDXL_LINEAR_SHAPES]
+CUTLASS_SHAPES = [
+    (1, 16, 16),
+    (77, 2048, 640),
+    (129, 208, 72),
+    (154, 336, 136),
+    (1000, 1040, 1032),
+    *shapes.SDXL_LINEAR_SHAPES,
+]
 
 
 @pytest.fixture
@@ -554,7 +567,7 @@ def test_cutlass_fp8_configs_match_reference_on_gpu(shape):
     bias = torch.randn(n, device="cuda", generator=g).to(torch.float16)
     reference = (x_q.double() @ w_q.double().T) * (0.01 * 0.002) + bias.double()
     bound = conv_cutlass.fp8_error_bound(k, 1, 1)  # K adds of one MMA's depth each, as in the conv
-    assert ops.fp8_candidates(x_q, w_q, torch.float16)[-len(configs):] == configs
+    assert ops.fp8_candidates(x_q, w_q, torch.float16)[-len(configs) :] == configs
     failures = []
     for kernel in configs:
         out = ops.fp8_mm(t_x, t_w, torch.tensor(0.5, device="cuda"), col_scale, None, torch.float16, kernel)
@@ -562,8 +575,10 @@ def test_cutlass_fp8_configs_match_reference_on_gpu(shape):
             failures.append(f"{kernel}: the exact product differs at {(out.double() != exact.half().double()).sum()}")
         out = ops.fp8_mm(x_q, w_q, a_scale, w_scale, bias, torch.float16, kernel)
         if out.isnan().any() or not rel_err(out, reference) <= bound:
-            failures.append(f"{kernel}: relative error {rel_err(out, reference):.2e} (bound {bound:.2e}), "
-                            f"{out.isnan().sum().item()} NaN")
+            failures.append(
+                f"{kernel}: relative error {rel_err(out, reference):.2e} (bound {bound:.2e}), "
+                f"{out.isnan().sum().item()} NaN"
+            )
     assert not failures, "\n".join(failures)
 
 
@@ -574,7 +589,7 @@ def test_int8_linear_runs_the_named_cutlass_kernel_on_gpu(cutlass_configs):
     a_scale, w_scale = torch.tensor(0.01, device="cuda"), torch.full((640,), 1e-3, device="cuda")
     bias = torch.randn(640, device="cuda", dtype=torch.float16)
     names = [CUTLASS_PREFIX + config for config in cutlass_configs]
-    assert int8_gemm.candidate_kernels(x_q, w_q)[-len(names):] == names
+    assert int8_gemm.candidate_kernels(x_q, w_q)[-len(names) :] == names
     assert not any(k.startswith(CUTLASS_PREFIX) for k in int8_gemm.candidate_kernels(x_q, w_q, torch.float32))
     assert int8_gemm.candidate_kernels(rand_int8(7, 40, device="cuda"), rand_int8(64, 40, device="cuda")) == ["pointer"]
     product = int8_gemm.int8_linear_reference(x_q, w_q, a_scale, w_scale, out_dtype=torch.float32)
@@ -603,9 +618,11 @@ def test_cutlass_int8_gemm_in_a_cuda_graph(cutlass_configs):
     bias = torch.randn(n, device="cuda", dtype=torch.float16)
     static_x, static_scale = rand_int8(m, k, device="cuda"), torch.tensor(0.01, device="cuda")
     for config in cutlass_configs:
+
         def gemm(config=config):
-            return int8_gemm.int8_linear(static_x, w_q, static_scale, w_scale, bias, torch.float16,
-                                         kernel=CUTLASS_PREFIX + config)
+            return int8_gemm.int8_linear(
+                static_x, w_q, static_scale, w_scale, bias, torch.float16, kernel=CUTLASS_PREFIX + config
+            )
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -47,8 +47,12 @@ def test_offline_hub_id_fails_with_one_line(monkeypatch):
 def test_local_diffusers_dir_round_trip(tmp_path):
     """The real loading path (from_pretrained) on a directory written by save_pretrained."""
     tiny = models.build_builtin("tiny")
-    for sub, module in (("unet", tiny.unet), ("vae", tiny.vae), ("text_encoder", tiny.text_encoder),
-                        ("text_encoder_2", tiny.text_encoder_2)):
+    for sub, module in (
+        ("unet", tiny.unet),
+        ("vae", tiny.vae),
+        ("text_encoder", tiny.text_encoder),
+        ("text_encoder_2", tiny.text_encoder_2),
+    ):
         module.save_pretrained(tmp_path / sub)
     tiny.tokenizer.save_pretrained(tmp_path / "tokenizer")
     tiny.tokenizer_2.save_pretrained(tmp_path / "tokenizer_2")
@@ -152,8 +156,12 @@ def test_the_model_cache_holds_the_generated_weights_bit_for_bit(model_cache, ea
     first = Startup()
     cold = models.build_builtin("tiny", cache=True, unet_weights=False, startup=first)
     (entry,) = model_cache.iterdir()
-    assert sorted(p.name for p in entry.iterdir()) == ["text_encoder.safetensors", "text_encoder_2.safetensors",
-                                                       "unet_rng.safetensors", "vae.safetensors"]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "text_encoder.safetensors",
+        "text_encoder_2.safetensors",
+        "unet_rng.safetensors",
+        "vae.safetensors",
+    ]
     assert first.notes == {c: "generated" for c in models.BEFORE_UNET}
     cold.load_unet_weights()  # an engine had to be built: the UNet is generated, then kept
     assert (entry / "unet.safetensors").is_file() and first.notes["unet"] == "generated"

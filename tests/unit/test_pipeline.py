@@ -7,7 +7,6 @@ import torch
 from sdxl_core import models, pipeline
 from sdxl_core.engines import torch_backend
 from sdxl_core.variants import SCHEDULERS, VARIANTS
-
 from tests.support.lora_utils import make_lora
 
 CPU = torch.device("cpu")
@@ -73,5 +72,7 @@ def test_lora_fusing_changes_the_output_and_scale_zero_does_not(tmp_path):
     assert not np.array_equal(pixels(generate(TINY, fused)), plain)
     zero = models.load("tiny", lora_path=str(tmp_path), lora_scale=0.0)  # a directory works too
     assert np.array_equal(pixels(generate(TINY, zero)), plain)
-    assert torch.equal(zero.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight,
-                       base_components.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight)
+    assert torch.equal(
+        zero.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight,
+        base_components.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight,
+    )

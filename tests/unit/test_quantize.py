@@ -14,9 +14,9 @@ import torch
 import torch.utils._python_dispatch
 from safetensors.torch import load_file, save_file
 
-from sdxl_core.quant import qmodules, quantize
 from sdxl_core.errors import UserError
 from sdxl_core.models import build_builtin
+from sdxl_core.quant import qmodules, quantize
 from sdxl_core.variants import Variant
 
 LEVELS = [("int8", 1.0), ("int8", 2.0), ("int8", 2.5), ("int8", 3.0), ("fp8", 3.0), ("fp8", 4.0)]
@@ -49,10 +49,15 @@ def rel_err(a, b):
 
 
 def unet_inputs(generator, timestep):
-    return dict(sample=torch.randn(2, 4, 16, 16, generator=generator), timestep=torch.tensor(float(timestep)),
-                encoder_hidden_states=torch.randn(2, 77, 96, generator=generator),
-                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=generator),
-                                   "time_ids": torch.randn(2, 6, generator=generator)})
+    return dict(
+        sample=torch.randn(2, 4, 16, 16, generator=generator),
+        timestep=torch.tensor(float(timestep)),
+        encoder_hidden_states=torch.randn(2, 77, 96, generator=generator),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(2, 32, generator=generator),
+            "time_ids": torch.randn(2, 6, generator=generator),
+        },
+    )
 
 
 def run(unet, inputs):
@@ -165,8 +170,9 @@ def test_level_quantizes_exactly_the_expected_layers(quantized, tiny_unet, preci
     layers = quantize.quantized_layers(result["unet"])
     expected = expected_layers(tiny_unet, level)
     assert layers == expected
-    assert {c: len(v) for c, v in layers.items()} == {c: (n if level >= lvl else 0) for (c, n), lvl in
-                                                      zip(HAND_COUNTS.items(), (1, 2, 2.5, 3, 4), strict=True)}
+    assert {c: len(v) for c, v in layers.items()} == {
+        c: (n if level >= lvl else 0) for (c, n), lvl in zip(HAND_COUNTS.items(), (1, 2, 2.5, 3, 4), strict=True)
+    }
     assert result["loop_calls"] == 1  # mtq.quantize runs the forward loop exactly once
     for name in layers["attention"]:
         attention = result["unet"].get_submodule(name)
@@ -200,8 +206,11 @@ def test_real_modules_match_fake_quant(quantized, converted, fp32_out, data, pre
     # Each real module against its ModelOpt module, on the input the fake-quant UNet gave it.
     seen = {}
     real_modules = dict(real.named_modules())
-    hooks = [m.register_forward_hook(lambda m, args, out, n=n: seen.__setitem__(n, (args[0], out)))
-             for n, m in fake.named_modules() if isinstance(real_modules.get(n), qmodules.QuantizedModule)]
+    hooks = [
+        m.register_forward_hook(lambda m, args, out, n=n: seen.__setitem__(n, (args[0], out)))
+        for n, m in fake.named_modules()
+        if isinstance(real_modules.get(n), qmodules.QuantizedModule)
+    ]
     fake_out = run(fake, data["eval"])
     for hook in hooks:
         hook.remove()
@@ -212,8 +221,12 @@ def test_real_modules_match_fake_quant(quantized, converted, fp32_out, data, pre
     assert layer_errors[len(layer_errors) // 2] < PER_LAYER_MEDIAN_TOL and worst < PER_LAYER_MAX_TOL
 
     real_out = run(real, data["eval"])
-    errors = {"fake_vs_fp32": rel_err(fake_out, fp32_out), "real_vs_fake": rel_err(real_out, fake_out),
-              "real_vs_fp32": rel_err(real_out, fp32_out), "worst_layer": worst}
+    errors = {
+        "fake_vs_fp32": rel_err(fake_out, fp32_out),
+        "real_vs_fake": rel_err(real_out, fake_out),
+        "real_vs_fp32": rel_err(real_out, fp32_out),
+        "worst_layer": worst,
+    }
     print(f"\n{precision} level {level:g}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert errors["real_vs_fake"] < REAL_VS_FAKE_TOL[precision]
     assert errors["real_vs_fp32"] < 1.25 * errors["fake_vs_fp32"]  # as accurate as the fake-quant model
@@ -240,9 +253,15 @@ def test_int8_engine_is_at_most_55_percent_of_fp16(converted, tiny_unet):
     with torch.device("meta"):
         sdxl = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     fp16_bytes = sum(t.numel() * 2 for t in sdxl.state_dict().values())
-    layers = {name: {"type": "Int8Linear" if category != "conv" else "Int8Conv2d", "smooth": category != "conv",
-                     "per_channel": True}
-              for category, names in expected_layers(sdxl, 3.0).items() for name in names}
+    layers = {
+        name: {
+            "type": "Int8Linear" if category != "conv" else "Int8Conv2d",
+            "smooth": category != "conv",
+            "per_channel": True,
+        }
+        for category, names in expected_layers(sdxl, 3.0).items()
+        for name in names
+    }
     sdxl = qmodules.apply_layer_plan(sdxl, {"format": qmodules.PLAN_FORMAT, "layers": layers}).to(torch.float16)
     sdxl_ratio = engine_bytes(sdxl) / fp16_bytes
     print(f"\nint8 level 3 engine / fp16 engine: SDXL {sdxl_ratio:.1%}, tiny {tiny_ratio:.1%}")
@@ -328,6 +347,7 @@ def test_bad_calibration_files_raise_calibration_mismatch(quantized, tiny_unet, 
 def prefer(wins: dict):
     """A stand-in for the GPU timer: at GEMM shapes where `wins[shape]` the 8-bit candidates time faster, at
     the others the 16-bit path; convs (only the 16-bit candidate without an 8-bit conv kernel) time 1 ms."""
+
     def timer(fn, candidate, shape):
         fn()  # every candidate must run at the recorded shape
         eight_bit = candidate != "16bit"
@@ -345,8 +365,9 @@ def test_gemm_dispatch_follows_the_timings_and_survives_the_layer_plan(converted
     expected = run(real, data["eval"])
     layers = [m for m in real.modules() if isinstance(m, qmodules.QuantizedModule)]
     seen = []
-    timings = gemm_dispatch.choose(real, lambda: run(real, data["eval"]),
-                                   timer=lambda fn, candidate, shape: seen.append((candidate, shape)) or 1.0)
+    timings = gemm_dispatch.choose(
+        real, lambda: run(real, data["eval"]), timer=lambda fn, candidate, shape: seen.append((candidate, shape)) or 1.0
+    )
     assert len(seen) == sum(len(t.ms) for t in timings) and len(set(seen)) == len(seen)
     assert sum(t.layers for t in timings) == len(layers)
     assert {t.op for t in timings} == {"gemm", "conv"}
@@ -377,10 +398,12 @@ def test_gemm_dispatch_follows_the_timings_and_survives_the_layer_plan(converted
 
     plan = qmodules.layer_plan(real)
     assert {spec["gemm"] for spec in plan["layers"].values()} == {"8bit", "16bit"}
-    rebuilt = qmodules.load_real(json.loads(real.to_json_string()), json.loads(json.dumps(plan)),
-                                 qmodules.real_state_dict(real))
-    assert [(m.gemm_path, m.kernel) for m in rebuilt.modules() if isinstance(m, qmodules.QuantizedModule)] == \
-        [(m.gemm_path, m.kernel) for m in real.modules() if isinstance(m, qmodules.QuantizedModule)]
+    rebuilt = qmodules.load_real(
+        json.loads(real.to_json_string()), json.loads(json.dumps(plan)), qmodules.real_state_dict(real)
+    )
+    assert [(m.gemm_path, m.kernel) for m in rebuilt.modules() if isinstance(m, qmodules.QuantizedModule)] == [
+        (m.gemm_path, m.kernel) for m in real.modules() if isinstance(m, qmodules.QuantizedModule)
+    ]
     assert torch.equal(run(rebuilt, data["eval"]), run(real, data["eval"]))
     for layer in layers:
         layer.set_gemm_path("8bit", torch.float32)
@@ -405,8 +428,9 @@ def test_dispatch_never_chooses_a_kernel_that_computes_wrong(converted, data, mo
         return calls, x
 
     monkeypatch.setattr(gemm_dispatch, "candidates", wrong_8bit)
-    timings = gemm_dispatch.choose(real, lambda: run(real, data["eval"]),
-                                   timer=lambda fn, candidate, shape: 1.0 if candidate == "16bit" else 0.1)
+    timings = gemm_dispatch.choose(
+        real, lambda: run(real, data["eval"]), timer=lambda fn, candidate, shape: 1.0 if candidate == "16bit" else 0.1
+    )
     gemms = [t for t in timings if t.op == "gemm"]
     assert gemms and all(t.choice == "16bit" and "pointer" in t.rejected and t.ms == {"16bit": 1.0} for t in gemms)
     assert all(m.gemm_path == "16bit" for m in real.modules() if isinstance(m, qmodules.QLinear))
@@ -424,8 +448,11 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.count = 0
 
-    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-             torch.ops.aten.item.default)  # under inference_mode `bool(t)` reaches dispatch as is_nonzero
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.item.default,
+    )  # under inference_mode `bool(t)` reaches dispatch as is_nonzero
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func in self.READS
@@ -464,8 +491,12 @@ def calibrate_through_the_pipeline(components, variant, monkeypatch, max_calibra
     monkeypatch.setattr(engines, "unet_stage", counting_stage)
     unet = copy.deepcopy(components.unet)
     loop_components = dataclasses.replace(components, unet=unet)
-    quantize.quantize_unet(unet, variant, quantize.calibration_loop(loop_components, variant, torch.device("cpu"),
-                                                                    torch.float32, False), progress=False)
+    quantize.quantize_unet(
+        unet,
+        variant,
+        quantize.calibration_loop(loop_components, variant, torch.device("cpu"), torch.float32, False),
+        progress=False,
+    )
     monkeypatch.undo()
     return unet, calls
 
@@ -479,12 +510,12 @@ def test_sync_free_calibration_gives_modelopts_scales_bit_for_bit(precision, lev
     weight's amax is computed once, before the loop), where ModelOpt's calibrator syncs 3 times per quantizer."""
     from modelopt.torch.quantization.calib.max import MaxCalibrator
 
-    variant = Variant(name="t", model="tiny", precision=precision, quant_level=level, steps=3, calibration_size=4,
-                      height=64, width=64)
+    variant = Variant(
+        name="t", model="tiny", precision=precision, quant_level=level, steps=3, calibration_size=4, height=64, width=64
+    )
     components = build_builtin("tiny")
     slow, slow_calls = calibrate_through_the_pipeline(components, variant, monkeypatch, MaxCalibrator)
-    fast, fast_calls = calibrate_through_the_pipeline(components, variant, monkeypatch,
-                                                      quantize.SyncFreeMaxCalibrator)
+    fast, fast_calls = calibrate_through_the_pipeline(components, variant, monkeypatch, quantize.SyncFreeMaxCalibrator)
     slow_state, fast_state = slow.state_dict(), fast.state_dict()
     assert slow_state.keys() == fast_state.keys()
     differing = [k for k in slow_state if not torch.equal(slow_state[k], fast_state[k])]
@@ -494,16 +525,25 @@ def test_sync_free_calibration_gives_modelopts_scales_bit_for_bit(precision, lev
     if precision == "int8":
         scales = [k for k in fast_state if k.endswith("input_quantizer._pre_quant_scale")]
         assert len(scales) == HAND_COUNTS["ffn"] + HAND_COUNTS["qkv"] + HAND_COUNTS["other_linear"]
-        smoothed = [(n, m) for n, m in fast.named_modules() if hasattr(m, "input_quantizer")
-                    and getattr(m.input_quantizer, "_amax_for_smoothing", None) is not None]
+        smoothed = [
+            (n, m)
+            for n, m in fast.named_modules()
+            if hasattr(m, "input_quantizer") and getattr(m.input_quantizer, "_amax_for_smoothing", None) is not None
+        ]
         assert len(smoothed) == len(scales)
         for name, module in smoothed:
-            assert torch.equal(module.input_quantizer._amax_for_smoothing,
-                               slow.get_submodule(name).input_quantizer._amax_for_smoothing), name
+            assert torch.equal(
+                module.input_quantizer._amax_for_smoothing, slow.get_submodule(name).input_quantizer._amax_for_smoothing
+            ), name
     assert len(fast_calls) == len(slow_calls) == 2 * variant.steps
     print(f"\nper UNet call, (host reads, weight reductions): ModelOpt's {slow_calls[0]}, sync-free {fast_calls[0]}")
-    max_quantizers = [m for m in slow.modules() if isinstance(getattr(m, "_calibrator", None), MaxCalibrator)
-                      and not isinstance(m._calibrator, quantize.PercentileCalibrator) and m.is_enabled]
+    max_quantizers = [
+        m
+        for m in slow.modules()
+        if isinstance(getattr(m, "_calibrator", None), MaxCalibrator)
+        and not isinstance(m._calibrator, quantize.PercentileCalibrator)
+        and m.is_enabled
+    ]
     assert all(reads >= 3 * len(max_quantizers) for reads, _ in slow_calls)  # ModelOpt's asserts: 3 per quantizer
     assert all(reduced > 0 for _, reduced in slow_calls)
     assert fast_calls == [(0, 0)] * len(fast_calls)

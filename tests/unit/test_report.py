@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sdxl_core.reports import images as report
 from sdxl_core.errors import UserError
+from sdxl_core.reports import images as report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -31,6 +31,7 @@ def test_the_torch_backend_runs_every_spec_component_at_the_spec_shapes():
 
 def test_the_tensorrt_backend_bundles_one_engine_per_spec_component():
     """Each stage of the TensorRT bundle calls its own component's engine and hands back its graph outputs."""
+
     class FakeEngine:  # what TRTEngine returns: its output tensors in the spec's order
         def __init__(self, name):
             self.spec = specs.get(name)
@@ -39,8 +40,9 @@ def test_the_tensorrt_backend_bundles_one_engine_per_spec_component():
             assert len(inputs) == len(self.spec.inputs)
             return tuple(f"{self.spec.name}:{output}" for output in self.spec.outputs)
 
-    bundle = trt_backend._engines_bundle({name: FakeEngine(name) for name in specs.COMPONENTS}, "cpu", torch.float16,
-                                         {})
+    bundle = trt_backend._engines_bundle(
+        {name: FakeEngine(name) for name in specs.COMPONENTS}, "cpu", torch.float16, {}
+    )
     assert bundle.clip("ids") == "clip:hidden_states"
     assert bundle.clip2("ids") == ("clip2:hidden_states", "clip2:text_embeds")
     assert bundle.unet(*range(5)) == "unet:latent"

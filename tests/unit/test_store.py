@@ -47,11 +47,13 @@ def edit_sidecar(path: Path, change) -> None:
 
 def rehash(path: Path, name: str) -> None:
     data = (path / name).read_bytes()
-    edit_sidecar(path, lambda r: r["files"].update({name: {"sha256": hashlib.sha256(data).hexdigest(),
-                                                           "bytes": len(data)}}))
+    edit_sidecar(
+        path, lambda r: r["files"].update({name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}})
+    )
 
 
 # --------------------------------------------------------------------------- what is read, and how
+
 
 def test_a_published_engine_reads_back_its_listed_files(tmp_path):
     path = publish(tmp_path)
@@ -64,19 +66,32 @@ def test_a_published_engine_reads_back_its_listed_files(tmp_path):
 
 def test_only_safetensors_and_json_count_as_data():
     assert store.is_data("unet.safetensors") and store.is_data("layer_plan.json")
-    assert not any(store.is_data(n) for n in ("compile_cache.bin", "unetxl.trt10.8.plan", "calibration.pt",
-                                              "timing_cache.bin", "weights.safetensors.pkl"))
+    assert not any(
+        store.is_data(n)
+        for n in (
+            "compile_cache.bin",
+            "unetxl.trt10.8.plan",
+            "calibration.pt",
+            "timing_cache.bin",
+            "weights.safetensors.pkl",
+        )
+    )
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: edit_sidecar(p, lambda r: r.update(files={})), "its sidecar is malformed \\(it lists no files\\)"),
-    (lambda p: edit_sidecar(p, lambda r: r["files"].pop("cache.bin")), "its sidecar does not list cache.bin"),
-    (lambda p: edit_sidecar(p, lambda r: r["files"].update({"../../x.bin": r["files"]["cache.bin"]})),
-     "malformed entry '../../x.bin'"),
-    (lambda p: edit_sidecar(p, lambda r: r["files"].update({"x.bin": "deadbeef"})), "malformed entry 'x.bin'"),
-    (lambda p: edit_sidecar(p, lambda r: r.update(files=[])), "its sidecar is malformed \\(it lists no files\\)"),
-    (lambda p: (p / store.SIDECAR).write_text("[1, 2]"), "its sidecar is malformed"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: edit_sidecar(p, lambda r: r.update(files={})), "its sidecar is malformed \\(it lists no files\\)"),
+        (lambda p: edit_sidecar(p, lambda r: r["files"].pop("cache.bin")), "its sidecar does not list cache.bin"),
+        (
+            lambda p: edit_sidecar(p, lambda r: r["files"].update({"../../x.bin": r["files"]["cache.bin"]})),
+            "malformed entry '../../x.bin'",
+        ),
+        (lambda p: edit_sidecar(p, lambda r: r["files"].update({"x.bin": "deadbeef"})), "malformed entry 'x.bin'"),
+        (lambda p: edit_sidecar(p, lambda r: r.update(files=[])), "its sidecar is malformed \\(it lists no files\\)"),
+        (lambda p: (p / store.SIDECAR).write_text("[1, 2]"), "its sidecar is malformed"),
+    ],
+)
 def test_a_sidecar_must_list_every_file_the_backend_reads(tmp_path, damage, message):
     path = publish(tmp_path)
     damage(path)
@@ -127,7 +142,9 @@ def test_large_files_are_listed_and_checked_piece_by_piece(tmp_path, monkeypatch
     path = store.publish(tmp_path, "e", write, {"backend": "test"})
     files = store.read_sidecar(path)["files"]
     assert files["weights.safetensors"]["chunks"] == {
-        "bytes": 1000, "sha256": [hashlib.sha256(weights[i:i + 1000]).hexdigest() for i in range(0, 4500, 1000)]}
+        "bytes": 1000,
+        "sha256": [hashlib.sha256(weights[i : i + 1000]).hexdigest() for i in range(0, 4500, 1000)],
+    }
     assert files["weights.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert store.verify(tmp_path, "e", {}).read("cache.bin") == code
 
@@ -159,6 +176,7 @@ def test_a_symlinked_file_is_not_followed(tmp_path):
 
 
 # --------------------------------------------------------------------------- trust
+
 
 def test_executables_of_an_engine_that_is_not_ours_alone_are_refused_in_one_line(tmp_path, monkeypatch):
     path = publish(tmp_path)
@@ -223,6 +241,7 @@ def test_a_short_key_is_refused(monkeypatch):
 
 
 # --------------------------------------------------------------------------- publishing and its failures
+
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     def write(tmp: Path) -> dict:

@@ -40,6 +40,7 @@ SDXL_VAE = dict(models.SDXL_VAE_CONFIG)  # force_upcast=True: the SDXL VAE stays
 
 # --------------------------------------------------------------------------- without TensorRT
 
+
 @pytest.mark.parametrize("stand_in", [None, types.ModuleType("tensorrt")], ids=["missing", "registry-stub"])
 def test_prepare_without_tensorrt_names_the_fix(monkeypatch, stand_in):
     monkeypatch.setitem(sys.modules, "tensorrt", stand_in)  # None: `import tensorrt` raises ImportError
@@ -54,14 +55,16 @@ def test_prepare_without_tensorrt_names_the_fix(monkeypatch, stand_in):
 
 # --------------------------------------------------------------------------- pure helpers
 
+
 def test_plan_and_timing_cache_names():
     assert trt_backend.plan_filename("unet", "10.8.0.43") == "unetxl.trt10.8.0.43.plan"
     assert trt_backend.plan_filename("clip2", "10.8.0.43") == "clip2.trt10.8.0.43.plan"
     assert trt_backend.timing_cache_key("10.8.0.43", "sm90") == "timing_cache.trt10.8.0.43.sm90"
     int8 = VARIANTS["xl-1.0-int8"].replace(backend="tensorrt", quant_level=2.5)
     key = specs.SPECS["unet"].key(int8, "10.8.0.43", "sm90")
-    assert key.startswith("unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.stable-diffusion-xl-base-1-0."
-                          "tensorrt10-8-0-43.sm90.")
+    assert key.startswith(
+        "unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.stable-diffusion-xl-base-1-0.tensorrt10-8-0-43.sm90."
+    )
     assert specs.SPECS["clip"].key(int8, "10.8.0.43", "sm90").startswith("clip.bs2.stable-diffusion-xl-base-1-0.")
     # the text encoders' engine is shared by FP16 and INT8 variants; the UNet's is not
     fp16 = XL.replace(backend="tensorrt")
@@ -91,22 +94,36 @@ def test_io_spec_dtypes_and_shapes():
     assert spec["timestep"] == {"shape": [1], "dtype": "float32"}
     assert spec["latent"]["dtype"] == "float16"
     vae = trt_backend.io_spec(XL, "vae", SDXL_VAE, torch.float16)
-    assert vae == {"latent": {"shape": [1, 4, 128, 128], "dtype": "float32"},
-                   "images": {"shape": [1, 3, 1024, 1024], "dtype": "float32"}}
-    assert trt_backend.io_spec(XL, "vae", {**SDXL_VAE, "force_upcast": False}, torch.bfloat16)["images"]["dtype"] == \
-        "bfloat16"
+    assert vae == {
+        "latent": {"shape": [1, 4, 128, 128], "dtype": "float32"},
+        "images": {"shape": [1, 3, 1024, 1024], "dtype": "float32"},
+    }
+    assert (
+        trt_backend.io_spec(XL, "vae", {**SDXL_VAE, "force_upcast": False}, torch.bfloat16)["images"]["dtype"]
+        == "bfloat16"
+    )
     tiny = models.build_builtin("tiny", device="meta")
     clip2 = trt_backend.io_spec(XL.replace(model="tiny"), "clip2", tiny.text_encoder_2.config, torch.float16)
-    assert clip2 == {"input_ids": {"shape": [2, 77], "dtype": "int32"},
-                     "hidden_states": {"shape": [2, 77, 64], "dtype": "float16"},
-                     "text_embeds": {"shape": [2, 32], "dtype": "float16"}}
+    assert clip2 == {
+        "input_ids": {"shape": [2, 77], "dtype": "int32"},
+        "hidden_states": {"shape": [2, 77, 64], "dtype": "float16"},
+        "text_embeds": {"shape": [2, 32], "dtype": "float16"},
+    }
 
 
 def test_builder_settings_pick_strong_typing_for_qdq_graphs():
     assert trt_backend.builder_settings(True, torch.float16) == {
-        "strongly_typed": True, "fp16": False, "bf16": False, "optimization_level": 3}
+        "strongly_typed": True,
+        "fp16": False,
+        "bf16": False,
+        "optimization_level": 3,
+    }
     assert trt_backend.builder_settings(False, torch.float16, 5) == {
-        "strongly_typed": False, "fp16": True, "bf16": False, "optimization_level": 5}
+        "strongly_typed": False,
+        "fp16": True,
+        "bf16": False,
+        "optimization_level": 5,
+    }
     assert trt_backend.builder_settings(False, torch.bfloat16)["bf16"] is True
     fp32 = trt_backend.builder_settings(False, torch.float32)  # the SDXL VAE: TF32, no reduced precision
     assert not (fp32["fp16"] or fp32["bf16"] or fp32["strongly_typed"])
@@ -124,14 +141,23 @@ def _matmul_graph(path, qdq: bool):
     w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
     nodes, inputs, extra = [], "x", []
     if qdq:
-        extra = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-                 numpy_helper.from_array(np.array(0, np.int8), "z")]
-        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])]
+        extra = [
+            numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.int8), "z"),
+        ]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+        ]
         inputs = "dq"
     nodes.append(helper.make_node("MatMul", [inputs, "w"], ["y"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], initializer=[w, *extra])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        initializer=[w, *extra],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
     return path
 
@@ -145,8 +171,10 @@ def test_io_mismatches_and_shared_memory():
     want = trt_backend.io_spec(XL, "clip")
     assert trt_backend.io_mismatches(json.loads(json.dumps(want)), want) == []
     other = trt_backend.io_spec(XL.replace(batch_size=2), "clip")
-    assert trt_backend.io_mismatches(other, want) == ["hidden_states shape [4, 77, 768] != [2, 77, 768]",
-                                                      "input_ids shape [4, 77] != [2, 77]"]
+    assert trt_backend.io_mismatches(other, want) == [
+        "hidden_states shape [4, 77, 768] != [2, 77, 768]",
+        "input_ids shape [4, 77] != [2, 77]",
+    ]
     assert trt_backend.io_mismatches({}, want) == ["missing tensor input_ids", "missing tensor hidden_states"]
     assert trt_backend.shared_memory_bytes([1000, 70_000_001, 5]) == 70_000_128
     assert trt_backend.shared_memory_bytes([]) == 0
@@ -154,10 +182,12 @@ def test_io_mismatches_and_shared_memory():
 
 # --------------------------------------------------------------------------- sidecar checks on disk
 
+
 def _expect(variant=XL, trt_version="10.8.0.43", gpu="NVIDIA H100 80GB HBM3", device="sm90", component="unet"):
     variant = variant.replace(backend="tensorrt")
-    return trt_backend.expected_sidecar(variant, component, trt_version=trt_version, device=device, gpu=gpu,
-                                        io=trt_backend.io_spec(variant, component))
+    return trt_backend.expected_sidecar(
+        variant, component, trt_version=trt_version, device=device, gpu=gpu, io=trt_backend.io_spec(variant, component)
+    )
 
 
 def _publish(engine_dir, key, expect, data=b"\x7fserialized engine bytes" * 64, component="unet"):
@@ -303,8 +333,15 @@ def test_tiny_fp16_engines_build_load_and_match_torch(tmp_path, use_cuda_graph):
 
     cuda = torch.device("cuda")
     components = models.load("tiny")
-    engines = trt_backend.prepare(TINY_GPU, components, cuda, engine_dir=tmp_path / "e", onnx_dir=tmp_path / "o",
-                                  use_cuda_graph=use_cuda_graph, progress=False)
+    engines = trt_backend.prepare(
+        TINY_GPU,
+        components,
+        cuda,
+        engine_dir=tmp_path / "e",
+        onnx_dir=tmp_path / "o",
+        use_cuda_graph=use_cuda_graph,
+        progress=False,
+    )
     assert {r["mode"] for r in engines.info["engines"].values()} == {"built"}
     sidecar = store.read_sidecar(store.engine_path(tmp_path / "e", engines.info["engine_key"]))
     assert sidecar["gpu"] == torch.cuda.get_device_name(cuda) and sidecar["builder"]["fp16"] is True
@@ -322,8 +359,15 @@ def test_tiny_fp16_engines_build_load_and_match_torch(tmp_path, use_cuda_graph):
     diff = np.abs(np.asarray(image, np.float32) - np.asarray(reference, np.float32))
     assert diff.mean() < 2.0  # of 255
 
-    reloaded = trt_backend.prepare(TINY_GPU, models.load("tiny"), cuda, engine_dir=tmp_path / "e",
-                                   allow_build=False, use_cuda_graph=use_cuda_graph, progress=False)
+    reloaded = trt_backend.prepare(
+        TINY_GPU,
+        models.load("tiny"),
+        cuda,
+        engine_dir=tmp_path / "e",
+        allow_build=False,
+        use_cuda_graph=use_cuda_graph,
+        progress=False,
+    )
     assert {r["mode"] for r in reloaded.info["engines"].values()} == {"loaded"}
     with torch.inference_mode():
         assert torch.equal(reloaded.unet(*args).clone(), engines.unet(*args).clone())
@@ -345,11 +389,13 @@ def test_corrupt_plan_is_refused_on_the_gpu(tmp_path):
 def test_tiny_8bit_engines_build_strongly_typed_and_run(tmp_path, precision, level):
     from sdxl_core import pipeline
 
-    variant = TINY_GPU.replace(name=f"tiny-{precision}", precision=precision, quant_level=level, steps=2,
-                               calibration_size=2)
+    variant = TINY_GPU.replace(
+        name=f"tiny-{precision}", precision=precision, quant_level=level, steps=2, calibration_size=2
+    )
     components = models.load("tiny")
-    engines = trt_backend.prepare(variant, components, torch.device("cuda"), engine_dir=tmp_path / "e",
-                                  onnx_dir=tmp_path / "o", progress=False)
+    engines = trt_backend.prepare(
+        variant, components, torch.device("cuda"), engine_dir=tmp_path / "e", onnx_dir=tmp_path / "o", progress=False
+    )
     unet = engines.info["engines"]["unet"]
     assert unet["qdq"] is True and unet["builder"]["strongly_typed"] is True
     assert onnx_utils.count_qdq(unet["onnx"])["quantized"]

@@ -50,27 +50,49 @@ void *getPluginRegistry(void) { return 0; }
 void *getBuilderPluginRegistry(void) { return 0; }
 int initLibNvInferPlugins(void) { return 0; }
 """
-OBJECTS = ("Builder", "INetworkDefinition", "IBuilderConfig", "OnnxParser", "Runtime", "ICudaEngine",
-           "IExecutionContext")
+OBJECTS = (
+    "Builder",
+    "INetworkDefinition",
+    "IBuilderConfig",
+    "OnnxParser",
+    "Runtime",
+    "ICudaEngine",
+    "IExecutionContext",
+)
 
 # Broken copies of the backend: {label: (text in the backend, its replacement, the problem every release reports)}.
 BREAKAGES = {
-    "misspelled method": (".create_builder_config()", ".create_builder_conifg()",
-                          "Builder.create_builder_conifg does not exist"),
-    "misspelled method on a returned object": ("get_timing_cache().serialize()", "get_timing_cache().serialise()",
-                                               "ITimingCache.serialise does not exist"),
+    "misspelled method": (
+        ".create_builder_config()",
+        ".create_builder_conifg()",
+        "Builder.create_builder_conifg does not exist",
+    ),
+    "misspelled method on a returned object": (
+        "get_timing_cache().serialize()",
+        "get_timing_cache().serialise()",
+        "ITimingCache.serialise does not exist",
+    ),
     "misspelled enum member": ("trt.TensorIOMode.INPUT", "trt.TensorIOMode.INPTU", "TensorIOMode.INPTU does not exist"),
-    "missing argument": ("set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)",
-                         "set_memory_pool_limit(workspace_bytes)",
-                         "IBuilderConfig.set_memory_pool_limit(_) fits none of its signatures: (pool, pool_size)"),
-    "argument of the wrong enum": ("create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)",
-                                   "create_execution_context(trt.TensorIOMode.INPUT)",
-                                   "ICudaEngine.create_execution_context(TensorIOMode) fits none of its signatures"),
-    "read-only property written": ("config.builder_optimization_level = ", "network.num_inputs = ",
-                                   "INetworkDefinition.num_inputs is read-only"),
-    "override with the wrong arguments": ("def phase_finish(self, phase_name):",
-                                          "def phase_finish(self, phase_name, extra):",
-                                          "phase_finish takes 2 argument(s)"),
+    "missing argument": (
+        "set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)",
+        "set_memory_pool_limit(workspace_bytes)",
+        "IBuilderConfig.set_memory_pool_limit(_) fits none of its signatures: (pool, pool_size)",
+    ),
+    "argument of the wrong enum": (
+        "create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)",
+        "create_execution_context(trt.TensorIOMode.INPUT)",
+        "ICudaEngine.create_execution_context(TensorIOMode) fits none of its signatures",
+    ),
+    "read-only property written": (
+        "config.builder_optimization_level = ",
+        "network.num_inputs = ",
+        "INetworkDefinition.num_inputs is read-only",
+    ),
+    "override with the wrong arguments": (
+        "def phase_finish(self, phase_name):",
+        "def phase_finish(self, phase_name, extra):",
+        "phase_finish takes 2 argument(s)",
+    ),
 }
 MISSPELLED_GUARD = ('hasattr(self.context, "set_device_memory")', 'hasattr(self.context, "set_device_memry")')
 
@@ -78,6 +100,7 @@ pytestmark = pytest.mark.xdist_group("trt-api")  # one worker fetches each wheel
 
 
 # --------------------------------------------------------------------------- broken copies of the backend
+
 
 def _replaced(source: str, old: str, new: str) -> str:
     assert old in source, f"the backend no longer contains {old!r}: update this test's breakage"
@@ -96,8 +119,13 @@ def _guard_names(source: str) -> list[str]:
 
 
 def _is_probe(node: ast.AST, function: str, count: int) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function
-            and len(node.args) == count and isinstance(node.args[1], ast.Constant))
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == function
+        and len(node.args) == count
+        and isinstance(node.args[1], ast.Constant)
+    )
 
 
 class _Unguard(ast.NodeTransformer):
@@ -144,15 +172,32 @@ def _sources() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- one release's real module
 
+
 def _bindings(version: str, root: Path) -> Path | str:
     """The release's bindings installed under `root` (the running Python's wheel), or why they cannot be."""
     target = root / f"{PACKAGE}-{version}-cp{sys.version_info.major}{sys.version_info.minor}"
     if (target / "tensorrt_bindings").is_dir():
         return target
     download = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary", ":all:",
-               "--no-compile", "--disable-pip-version-check", "--timeout", "30", "--retries", "1",
-               "--target", str(download), f"{PACKAGE}=={version}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--no-compile",
+        "--disable-pip-version-check",
+        "--timeout",
+        "30",
+        "--retries",
+        "1",
+        "--target",
+        str(download),
+        f"{PACKAGE}=={version}",
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"pip exit {done.returncode}"]
@@ -177,8 +222,11 @@ def _stand_ins(major: str, root: Path, cc: str) -> Path:
     build = Path(tempfile.mkdtemp(prefix=".stand-ins-", dir=root))
     (build / "stand_in.c").write_text(STAND_IN_C)
     for name in LIBRARIES:
-        subprocess.run([cc, "-shared", "-fPIC", "-o", str(build / f"lib{name}.so.{major}"), str(build / "stand_in.c")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [cc, "-shared", "-fPIC", "-o", str(build / f"lib{name}.so.{major}"), str(build / "stand_in.c")],
+            check=True,
+            capture_output=True,
+        )
     try:
         build.rename(libs)
     except OSError:
@@ -199,8 +247,14 @@ def _check_release(version: str, root: Path) -> dict | str:
     libs = _stand_ins(version.split(".")[0], root, cc)
     env = {**os.environ, "PYTHONPATH": str(site), "LD_LIBRARY_PATH": str(libs)}
     # -S: no site-packages, so a TensorRT installed on this machine (tensorrt_libs) cannot step in
-    done = subprocess.run([sys.executable, "-S", str(CHECKER)], input=json.dumps({"sources": _sources()}),
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-S", str(CHECKER)],
+        input=json.dumps({"sources": _sources()}),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, f"the check did not run on TensorRT {version}: {done.stderr.strip()[-2000:]}"
     result = json.loads(done.stdout)
     assert version.startswith(result["version"]), f"{PACKAGE}=={version} imported as TensorRT {result['version']}"
@@ -226,14 +280,20 @@ def trt_api(request, tmp_path_factory):
 
 # --------------------------------------------------------------------------- the backend on each release
 
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_backend_uses_only_what_this_tensorrt_has(trt_api, version):
     report = trt_api(version)["reports"]["backend"]
     assert report["problems"] == []
     # the walk followed the backend's objects from trt.Builder/trt.Runtime to the engine and its context
     assert set(OBJECTS) <= {name.split(".")[0] for name in report["checked"]}
-    assert {"Builder.build_serialized_network", "OnnxParser.parse_from_file", "IExecutionContext.execute_async_v3",
-            "ICudaEngine.create_execution_context", "IOptimizationProfile.set_shape"} <= set(report["checked"])
+    assert {
+        "Builder.build_serialized_network",
+        "OnnxParser.parse_from_file",
+        "IExecutionContext.execute_async_v3",
+        "ICudaEngine.create_execution_context",
+        "IOptimizationProfile.set_shape",
+    } <= set(report["checked"])
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -269,6 +329,7 @@ def test_removing_a_guard_fails_exactly_where_the_name_is_missing(trt_api):
 
 def test_every_probe_answers_yes_on_some_release(trt_api):
     """A hasattr/getattr probe that no checked release answers yes to is a misspelling or dead code."""
+
     def never_yes(label):
         yes: dict[str, bool] = {}
         for version in VERSIONS:
@@ -282,25 +343,33 @@ def test_every_probe_answers_yes_on_some_release(trt_api):
 
 # --------------------------------------------------------------------------- the checker's parsing (no download)
 
+
 def test_docstring_signatures_and_call_fitting():
     """pybind11's docstring forms: one signature, numbered overloads, enum defaults with ':' and ',' inside."""
-    one = ("set_device_memory(self: tensorrt_bindings.tensorrt.IExecutionContext, memory: typing.SupportsInt, "
-           "size: typing.SupportsInt) -> None\n\n\n    The device memory for use by this IExecutionContext.\n")
+    one = (
+        "set_device_memory(self: tensorrt_bindings.tensorrt.IExecutionContext, memory: typing.SupportsInt, "
+        "size: typing.SupportsInt) -> None\n\n\n    The device memory for use by this IExecutionContext.\n"
+    )
     [(params, returns)] = signatures("set_device_memory", one)
     assert [p.name for p in params] == ["self", "memory", "size"] and returns == "None"
-    overloads = ("deserialize_cuda_engine(*args, **kwargs)\nOverloaded function.\n\n"
-                 "1. deserialize_cuda_engine(self: tensorrt_bindings.tensorrt.Runtime, serialized_engine: "
-                 "typing_extensions.Buffer) -> tensorrt_bindings.tensorrt.ICudaEngine\n\n"
-                 "2. deserialize_cuda_engine(self: tensorrt_bindings.tensorrt.Runtime, stream_reader: "
-                 "tensorrt_bindings.tensorrt.IStreamReader) -> tensorrt_bindings.tensorrt.ICudaEngine\n")
+    overloads = (
+        "deserialize_cuda_engine(*args, **kwargs)\nOverloaded function.\n\n"
+        "1. deserialize_cuda_engine(self: tensorrt_bindings.tensorrt.Runtime, serialized_engine: "
+        "typing_extensions.Buffer) -> tensorrt_bindings.tensorrt.ICudaEngine\n\n"
+        "2. deserialize_cuda_engine(self: tensorrt_bindings.tensorrt.Runtime, stream_reader: "
+        "tensorrt_bindings.tensorrt.IStreamReader) -> tensorrt_bindings.tensorrt.ICudaEngine\n"
+    )
     names = [[p.name for p in params] for params, _ in signatures("deserialize_cuda_engine", overloads)]
     assert names == [["self", "serialized_engine"], ["self", "stream_reader"]]
-    assert parse_params("self: X, strategy: tensorrt.ExecutionContextAllocationStrategy = "
-                        "<ExecutionContextAllocationStrategy.STATIC: 0>, shape: Dict[str, int] = {}, *, name: str") == [
+    assert parse_params(
+        "self: X, strategy: tensorrt.ExecutionContextAllocationStrategy = "
+        "<ExecutionContextAllocationStrategy.STATIC: 0>, shape: Dict[str, int] = {}, *, name: str"
+    ) == [
         Param("self", "pos", False, "X"),
         Param("strategy", "pos", True, "tensorrt.ExecutionContextAllocationStrategy"),
         Param("shape", "pos", True, "Dict[str, int]"),
-        Param("name", "kwonly", False, "str")]
+        Param("name", "kwonly", False, "str"),
+    ]
 
     fits = Checker(types.ModuleType("tensorrt_bindings")).fits
     memory, size = params[1:]

@@ -66,24 +66,36 @@ def test_key_reads_like_the_reference_demo():
 def test_variant_table_matches_the_reference_workflow():
     assert {"xl-1.0-fp16", "xl-1.0-int8", "xl-1.0-fp8", "xl-1.0-lcm-lora", "xl-turbo"} <= set(VARIANTS)
     lcm, turbo = VARIANTS["xl-1.0-lcm-lora"], VARIANTS["xl-turbo"]
-    assert (lcm.steps, lcm.scheduler, lcm.guidance_scale, lcm.lora_path) == (4, "LCM", 0.0,
-                                                                              "latent-consistency/lcm-lora-sdxl")
-    assert (turbo.steps, turbo.scheduler, turbo.guidance_scale, turbo.height, turbo.width) == (1, "EulerA", 0.0,
-                                                                                               512, 512)
+    assert (lcm.steps, lcm.scheduler, lcm.guidance_scale, lcm.lora_path) == (
+        4,
+        "LCM",
+        0.0,
+        "latent-consistency/lcm-lora-sdxl",
+    )
+    assert (turbo.steps, turbo.scheduler, turbo.guidance_scale, turbo.height, turbo.width) == (
+        1,
+        "EulerA",
+        0.0,
+        512,
+        512,
+    )
     for name in ("xl-1.0-fp16", "xl-1.0-int8", "xl-1.0-fp8"):
         v = VARIANTS[name]
         assert (v.steps, v.guidance_scale, v.height, v.width, v.unet_batch) == (30, 5.0, 1024, 1024, 2)
     assert not lcm.do_cfg and lcm.unet_batch == 1
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"scheduler": "Heun"}, "unknown scheduler"),
-    ({"steps": -1}, "--denoising-steps"),
-    ({"width": 1020}, "--width must be a positive multiple of 8"),
-    ({"precision": "int4"}, "unknown precision"),
-    ({"precision": "int8", "quant_level": 4.0}, "--quantization-level for INT8 must be one of 1, 2, 2.5, 3"),
-    ({"batch_size": 0}, "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"scheduler": "Heun"}, "unknown scheduler"),
+        ({"steps": -1}, "--denoising-steps"),
+        ({"width": 1020}, "--width must be a positive multiple of 8"),
+        ({"precision": "int4"}, "unknown precision"),
+        ({"precision": "int8", "quant_level": 4.0}, "--quantization-level for INT8 must be one of 1, 2, 2.5, 3"),
+        ({"batch_size": 0}, "--batch-size"),
+    ],
+)
 def test_bad_knobs_are_refused_with_one_clear_line(changes, message):
     with pytest.raises(UserError, match=message) as info:
         VARIANTS["xl-1.0-fp16"].replace(**changes)

@@ -74,8 +74,7 @@ def library() -> ctypes.CDLL:
     lib = cuda_build.library(LIBRARY)
     size_t, ptr, c_int = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
     lib.sdxl_conv8_fprop.restype = c_int
-    lib.sdxl_conv8_fprop.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, *[c_int] * 11, c_int, c_int, ptr, size_t,
-                                     ptr]
+    lib.sdxl_conv8_fprop.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, *[c_int] * 11, c_int, c_int, ptr, size_t, ptr]
     lib.sdxl_conv8_prepare.restype = c_int
     lib.sdxl_conv8_prepare.argtypes = [c_int, c_int, c_int]
     lib.sdxl_conv8_check.restype = c_int
@@ -179,45 +178,52 @@ def unsupported_reason(x_shape, w_krsc_shape, stride=1, padding=1, groups: int =
     if h + 2 * ph < r or w + 2 * pw < s:
         return f"filter {r}x{s} larger than the padded input {h}x{w}"
     # TMA im2col corners -padding and padding - (filter - 1) must lie in [-128, 127]; filter offsets below 255
-    if (max(ph, pw) > 128 or max(r - 1 - ph, s - 1 - pw) > 128 or max(ph - r + 1, pw - s + 1) > 127
-            or max(r, s) > 255):
-        return (f"filter {r}x{s} with padding {padding} is outside TMA im2col's range (padding <= 128, "
-                f"-128 <= padding - (filter - 1) <= 127, filter <= 255)")
+    if max(ph, pw) > 128 or max(r - 1 - ph, s - 1 - pw) > 128 or max(ph - r + 1, pw - s + 1) > 127 or max(r, s) > 255:
+        return (
+            f"filter {r}x{s} with padding {padding} is outside TMA im2col's range (padding <= 128, "
+            f"-128 <= padding - (filter - 1) <= 127, filter <= 255)"
+        )
     p, q = output_hw(h, w, r, s, stride, padding)
     if n * h * w >= 2**31 or n * p * q >= 2**31:
         return "more than 2**31 pixels: too large for the kernel's 32-bit pixel index"
     return None
 
 
-def library_refusal(fmt: str, x_shape, w_krsc_shape, stride=1, padding=1, out_dtype=torch.float16,
-                    config: int = 0) -> str | None:
+def library_refusal(
+    fmt: str, x_shape, w_krsc_shape, stride=1, padding=1, out_dtype=torch.float16, config: int = 0
+) -> str | None:
     """The library's own verdict (its shape checks plus CUTLASS's can_implement) without launching anything:
     None when config `config` can run the conv, else the reason. Needs the library, not a GPU."""
     n, c, h, w = x_shape
     k, r, s, _ = w_krsc_shape
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     lib = library()
-    status = lib.sdxl_conv8_check(_fmt(fmt), n, h, w, c, k, r, s, ph, pw, sh, sw,
-                                  int(out_dtype == torch.bfloat16), int(config))
+    status = lib.sdxl_conv8_check(
+        _fmt(fmt), n, h, w, c, k, r, s, ph, pw, sh, sw, int(out_dtype == torch.bfloat16), int(config)
+    )
     return None if status == 0 else lib.sdxl_conv8_last_error().decode(errors="replace")
 
 
-def prepare(fmt: str, out_dtype: torch.dtype = torch.float16, config: int = 0,
-            device: torch.device | str | int | None = None) -> None:
+def prepare(
+    fmt: str, out_dtype: torch.dtype = torch.float16, config: int = 0, device: torch.device | str | int | None = None
+) -> None:
     """The one-time setup of a config's kernel on a device (its shared-memory limit), which the first `conv2d`
     call would do: call it at load time when the first call may happen inside CUDA-graph capture."""
     lib = library()
     with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
         status = lib.sdxl_conv8_prepare(_fmt(fmt), int(out_dtype == torch.bfloat16), int(config))
     if status != 0:
-        raise RuntimeError(f"8-bit CUTLASS conv setup ({fmt}, config {config}) failed: "
-                           f"{lib.sdxl_conv8_last_error().decode(errors='replace')}")
+        raise RuntimeError(
+            f"8-bit CUTLASS conv setup ({fmt}, config {config}) failed: "
+            f"{lib.sdxl_conv8_last_error().decode(errors='replace')}"
+        )
 
 
 def _check(x_q, w_krsc, a_scale, w_scale, bias, out_dtype):
     if x_q.dim() != 4 or w_krsc.dim() != 4:
-        raise ConvUnsupported(f"expected x [N, C, H, W] and weight [K, R, S, C], got {tuple(x_q.shape)} and "
-                              f"{tuple(w_krsc.shape)}")
+        raise ConvUnsupported(
+            f"expected x [N, C, H, W] and weight [K, R, S, C], got {tuple(x_q.shape)} and {tuple(w_krsc.shape)}"
+        )
     fmt = format_of(x_q.dtype)
     if w_krsc.dtype != x_q.dtype:
         raise ConvUnsupported(f"weight dtype {w_krsc.dtype} differs from input dtype {x_q.dtype}")
@@ -243,9 +249,18 @@ def _check(x_q, w_krsc, a_scale, w_scale, bias, out_dtype):
     return fmt
 
 
-def conv2d(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-           bias: torch.Tensor | None = None, stride=1, padding=1, out_dtype: torch.dtype = torch.float16,
-           config: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+def conv2d(
+    x_q: torch.Tensor,
+    w_krsc: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=1,
+    out_dtype: torch.dtype = torch.float16,
+    config: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The 8-bit conv on a Hopper GPU; see the module docstring for layouts. Returns [N, K, P, Q] channels_last.
 
     `config` indexes `configs(fmt)`. `out`, if given, must be a channels_last [N, K, P, Q] tensor of
@@ -256,8 +271,9 @@ def conv2d(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_sca
     if reason:
         raise ConvUnsupported(f"8-bit conv cannot run {tuple(x_q.shape)} * {tuple(w_krsc.shape)}: {reason}")
     if x_q.device.type != "cuda" or not is_hopper(x_q.device):
-        raise KernelUnavailable(f"the 8-bit CUTLASS conv needs its tensors on a CUDA Hopper GPU (sm_90), not on "
-                                f"{x_q.device}")
+        raise KernelUnavailable(
+            f"the 8-bit CUTLASS conv needs its tensors on a CUDA Hopper GPU (sm_90), not on {x_q.device}"
+        )
     lib = library()
     n, c, h, w = x_q.shape
     k, r, s, _ = w_krsc.shape
@@ -269,10 +285,16 @@ def conv2d(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_sca
         bias = bias.to(out_dtype).contiguous()
     if out is None:
         out = torch.empty((n, k, p, q), dtype=out_dtype, device=x_q.device, memory_format=torch.channels_last)
-    elif (out.shape != (n, k, p, q) or out.dtype != out_dtype or out.device != x_q.device
-          or not out.is_contiguous(memory_format=torch.channels_last) or out.data_ptr() % 16):
-        raise ConvUnsupported(f"out must be a 16-byte aligned channels_last {out_dtype} tensor of shape "
-                              f"{(n, k, p, q)} on {x_q.device}")
+    elif (
+        out.shape != (n, k, p, q)
+        or out.dtype != out_dtype
+        or out.device != x_q.device
+        or not out.is_contiguous(memory_format=torch.channels_last)
+        or out.data_ptr() % 16
+    ):
+        raise ConvUnsupported(
+            f"out must be a 16-byte aligned channels_last {out_dtype} tensor of shape {(n, k, p, q)} on {x_q.device}"
+        )
     bf16 = int(out_dtype == torch.bfloat16)
     code = FORMATS[fmt]
     dims = (n, h, w, c, k, r, s, ph, pw, sh, sw)
@@ -281,9 +303,20 @@ def conv2d(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_sca
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=x_q.device) if workspace_bytes else None
         stream = torch.cuda.current_stream(x_q.device).cuda_stream
         status = lib.sdxl_conv8_fprop(
-            code, x_q.data_ptr(), w_krsc.data_ptr(), out.data_ptr(), a_scale.data_ptr(), w_scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), *dims, bf16, int(config),
-            None if workspace is None else workspace.data_ptr(), workspace_bytes, stream)
+            code,
+            x_q.data_ptr(),
+            w_krsc.data_ptr(),
+            out.data_ptr(),
+            a_scale.data_ptr(),
+            w_scale.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            *dims,
+            bf16,
+            int(config),
+            None if workspace is None else workspace.data_ptr(),
+            workspace_bytes,
+            stream,
+        )
     if status != 0:
         message = (lib.sdxl_conv8_last_error() or b"unknown error").decode(errors="replace")
         error = ConvUnsupported if status == UNSUPPORTED else RuntimeError
@@ -291,8 +324,16 @@ def conv2d(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_sca
     return out
 
 
-def conv2d_reference(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale, w_scale, bias=None, stride=1, padding=1,
-                     out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def conv2d_reference(
+    x_q: torch.Tensor,
+    w_krsc: torch.Tensor,
+    a_scale,
+    w_scale,
+    bias=None,
+    stride=1,
+    padding=1,
+    out_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
     """The same conv computed exactly in float64 on the tensors' device, rounded once to `out_dtype`.
 
     The sums are exact for both formats: an int8 sum of up to 9*2560 products stays far below 2**53, and every

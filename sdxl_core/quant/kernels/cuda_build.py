@@ -30,9 +30,18 @@ CACHE_ENV = "SDXL_BENCH_KERNEL_CACHE"
 # Hopper's warp-group MMA (wgmma) and TMA need the arch-specific sm_90a target; written in -gencode form
 # because `-arch=sm_90a` also ran a plain sm_90 pass that rejects them.
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
-NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-shared",
-              "-Xcompiler=-fPIC", "-cudart=static", "-DNDEBUG", "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
-              "-lineinfo")
+NVCC_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "--expt-relaxed-constexpr",
+    "--expt-extended-lambda",
+    "-shared",
+    "-Xcompiler=-fPIC",
+    "-cudart=static",
+    "-DNDEBUG",
+    "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
+    "-lineinfo",
+)
 
 
 class KernelUnavailable(RuntimeError):
@@ -44,8 +53,11 @@ def cache_dir() -> Path:
 
 
 def nvcc() -> str:
-    for candidate in (os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc",
-                      shutil.which("nvcc"), Path("/usr/local/cuda/bin/nvcc")):
+    for candidate in (
+        os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc",
+        shutil.which("nvcc"),
+        Path("/usr/local/cuda/bin/nvcc"),
+    ):
         if candidate and Path(candidate).is_file():
             return str(candidate)
     raise KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
@@ -133,8 +145,10 @@ def _compile(source: Path, include: Path, flags: tuple[str, ...], target: Path, 
         out = Path(tmp) / target.name
         cmd = [nvcc(), *flags, f"-I{include}", f"-I{tools}", f"-I{CSRC}", str(source), "-o", str(out)]
         if progress:
-            print(f"compiling {source.name} with nvcc {nvcc_release()} for sm_90a (once; cached in {target.parent})",
-                  file=sys.stderr)
+            print(
+                f"compiling {source.name} with nvcc {nvcc_release()} for sm_90a (once; cached in {target.parent})",
+                file=sys.stderr,
+            )
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-20:]

@@ -27,8 +27,10 @@ from sdxl_core.quant.kernels import cuda_build
 
 LIBRARY = "gemm8_sm90"
 # Only the extern "C" entry points are exported (the source marks them visible).
-BUILD_FLAGS = {"int8": ("-Xcompiler=-fvisibility=hidden",),
-               "fp8": ("-Xcompiler=-fvisibility=hidden", "-DSDXL_GEMM8_FP8=1")}
+BUILD_FLAGS = {
+    "int8": ("-Xcompiler=-fvisibility=hidden",),
+    "fp8": ("-Xcompiler=-fvisibility=hidden", "-DSDXL_GEMM8_FP8=1"),
+}
 FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -46,11 +48,21 @@ def _library(fmt: str = "int8") -> ctypes.CDLL:
         raise cuda_build.KernelUnavailable(f"the {fmt} GEMM library holds {lib.sdxl_gemm8_format().decode()} kernels")
     lib.sdxl_gemm8.restype = ctypes.c_int
     lib.sdxl_gemm8.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # a, w, out
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # a_scale, w_scale, bias
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # m, n, k, lda (A's row stride)
-        ctypes.c_int, ctypes.c_int,  # out_bf16, config
-        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,  # workspace, workspace bytes, stream
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,  # a, w, out
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,  # a_scale, w_scale, bias
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,  # m, n, k, lda (A's row stride)
+        ctypes.c_int,
+        ctypes.c_int,  # out_bf16, config
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,  # workspace, workspace bytes, stream
     ]
     lib.sdxl_gemm8_workspace.restype = ctypes.c_size_t
     lib.sdxl_gemm8_workspace.argtypes = [ctypes.c_int] * 4
@@ -123,8 +135,17 @@ def supports(a: torch.Tensor, w_q: torch.Tensor) -> bool:
         return False
     k, n = w_q.shape[1], w_q.shape[0]
     lda = _row_stride(a)
-    return (a.shape[1] == k and k % 16 == 0 and n % 8 == 0 and a.stride(1) == 1 and lda % 16 == 0 and lda >= k
-            and w_q.is_contiguous() and a.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0)
+    return (
+        a.shape[1] == k
+        and k % 16 == 0
+        and n % 8 == 0
+        and a.stride(1) == 1
+        and lda % 16 == 0
+        and lda >= k
+        and w_q.is_contiguous()
+        and a.data_ptr() % 16 == 0
+        and w_q.data_ptr() % 16 == 0
+    )
 
 
 def _config_index(config: str, fmt: str) -> int:
@@ -138,20 +159,26 @@ def _check(a, w_q, out, a_scale, w_scale, bias):
     m, k = a.shape
     n = w_q.shape[0]
     if not supports(a, w_q):
-        raise ValueError(f"CUTLASS 8-bit GEMM cannot take A {tuple(a.shape)} {a.dtype} and W {tuple(w_q.shape)} "
-                         f"{w_q.dtype}: needs row-major int8 or float8_e4m3fn (both alike), K % 16 == 0, N % 8 == 0, "
-                         f"16-byte aligned rows")
+        raise ValueError(
+            f"CUTLASS 8-bit GEMM cannot take A {tuple(a.shape)} {a.dtype} and W {tuple(w_q.shape)} "
+            f"{w_q.dtype}: needs row-major int8 or float8_e4m3fn (both alike), K % 16 == 0, N % 8 == 0, "
+            f"16-byte aligned rows"
+        )
     if out.dtype not in OUT_DTYPES or out.shape != (m, n) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float16/bfloat16 [{m}, {n}] tensor, got {out.dtype} "
-                         f"{tuple(out.shape)}")
+        raise ValueError(
+            f"out must be a contiguous float16/bfloat16 [{m}, {n}] tensor, got {out.dtype} {tuple(out.shape)}"
+        )
     if a_scale.dtype != torch.float32 or a_scale.numel() != 1:
         raise ValueError(f"a_scale must be one float32 value, got {a_scale.dtype} {tuple(a_scale.shape)}")
     if w_scale.dtype != torch.float32 or w_scale.shape != (n,) or not w_scale.is_contiguous():
-        raise ValueError(f"w_scale must be a contiguous float32 [{n}] tensor, got {w_scale.dtype} "
-                         f"{tuple(w_scale.shape)}")
+        raise ValueError(
+            f"w_scale must be a contiguous float32 [{n}] tensor, got {w_scale.dtype} {tuple(w_scale.shape)}"
+        )
     if bias is not None and (bias.dtype != out.dtype or bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous {out.dtype} [{n}] tensor (the output's dtype), got "
-                         f"{bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must be a contiguous {out.dtype} [{n}] tensor (the output's dtype), got "
+            f"{bias.dtype} {tuple(bias.shape)}"
+        )
     tensors = [a, w_q, out, a_scale, w_scale] + ([bias] if bias is not None else [])
     if any(t.device != a.device for t in tensors) or a.device.type != "cuda":
         raise ValueError("every tensor must be on the same CUDA device")
@@ -174,9 +201,21 @@ def launch(a, w_q, out, a_scale, w_scale, bias, config: str) -> torch.Tensor:
             raise CutlassError(f"CUTLASS {fmt.upper()} GEMM {config}: {_last_error(lib)}")
         workspace = torch.empty(size, dtype=torch.uint8, device=a.device) if size else None
         code = lib.sdxl_gemm8(
-            a.data_ptr(), w_q.data_ptr(), out.data_ptr(), a_scale.data_ptr(), w_scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), m, n, k, _row_stride(a), int(out.dtype == torch.bfloat16), index,
-            None if workspace is None else workspace.data_ptr(), size, torch.cuda.current_stream().cuda_stream,
+            a.data_ptr(),
+            w_q.data_ptr(),
+            out.data_ptr(),
+            a_scale.data_ptr(),
+            w_scale.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            m,
+            n,
+            k,
+            _row_stride(a),
+            int(out.dtype == torch.bfloat16),
+            index,
+            None if workspace is None else workspace.data_ptr(),
+            size,
+            torch.cuda.current_stream().cuda_stream,
         )
     if code != 0:
         raise CutlassError(f"CUTLASS {fmt.upper()} GEMM {config} (M={m}, N={n}, K={k}) failed: {_last_error(lib)}")

@@ -103,11 +103,29 @@ def _quantize_tile(x, inv_scale, USE_RINT: tl.constexpr):
 
 @triton.jit
 def _w8a8_kernel(
-    a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, USE_RINT: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    a_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    QUANTIZE_A: tl.constexpr,
+    USE_RINT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
@@ -243,9 +261,11 @@ def candidate_kernels(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dty
 def _require(choice, a, w_q, out_dtype):
     choices = _candidates(a, w_q, out_dtype)
     if choice not in choices:
-        raise ValueError(f"INT8 kernel {choice!r} cannot run this GEMM (M={a.shape[0]}, K={a.shape[1]}, "
-                         f"N={w_q.shape[0]}, {str(out_dtype).removeprefix('torch.')} out, {a.device}): choose "
-                         f"one of {', '.join(choices)}")
+        raise ValueError(
+            f"INT8 kernel {choice!r} cannot run this GEMM (M={a.shape[0]}, K={a.shape[1]}, "
+            f"N={w_q.shape[0]}, {str(out_dtype).removeprefix('torch.')} out, {a.device}): choose "
+            f"one of {', '.join(choices)}"
+        )
 
 
 def _launch(kernel, a, w_q, lead, a_scale, w_scale, bias, out_dtype, quantize_a, choice="pointer"):
@@ -256,20 +276,43 @@ def _launch(kernel, a, w_q, lead, a_scale, w_scale, bias, out_dtype, quantize_a,
     bias_arg = bias.contiguous() if bias is not None else w_scale  # dummy pointer when HAS_BIAS is off
 
     if choice == "tma":
-        int8_tma.launch(a, w_q, out, a_scale, w_scale, bias_arg, has_bias=bias is not None,
-                        interpret=_INTERPRET, quick=_QUICK)
+        int8_tma.launch(
+            a, w_q, out, a_scale, w_scale, bias_arg, has_bias=bias is not None, interpret=_INTERPRET, quick=_QUICK
+        )
     elif choice.startswith(CUTLASS_PREFIX):
-        gemm8_cutlass.launch(a, w_q, out, a_scale, w_scale, None if bias is None else bias.contiguous(),
-                            choice.removeprefix(CUTLASS_PREFIX))
+        gemm8_cutlass.launch(
+            a,
+            w_q,
+            out,
+            a_scale,
+            w_scale,
+            None if bias is None else bias.contiguous(),
+            choice.removeprefix(CUTLASS_PREFIX),
+        )
     else:
+
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         kernel[grid](
-            a, w_q, out, a_scale, w_scale, bias_arg,
-            m, n, k,
-            a.stride(0), a.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, QUANTIZE_A=quantize_a, USE_RINT=_USE_RINT,
+            a,
+            w_q,
+            out,
+            a_scale,
+            w_scale,
+            bias_arg,
+            m,
+            n,
+            k,
+            a.stride(0),
+            a.stride(1),
+            w_q.stride(0),
+            w_q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_BIAS=bias is not None,
+            QUANTIZE_A=quantize_a,
+            USE_RINT=_USE_RINT,
         )
     return out.reshape(*lead, n)
 
@@ -295,8 +338,9 @@ def int8_linear(x_q, w_q, a_scale, w_scale, bias=None, out_dtype=torch.float16, 
     _require(kernel, a, w_2d, out_dtype)
     if not _use_triton(x_q, w_q):
         return int8_linear_reference(x_q, w_q, a_scale, w_scale, bias, out_dtype)
-    return _launch(_int8_gemm_kernel, a, w_2d, x_q.shape[:-1], a_scale, w_scale, bias, out_dtype, quantize_a=False,
-                   choice=kernel)
+    return _launch(
+        _int8_gemm_kernel, a, w_2d, x_q.shape[:-1], a_scale, w_scale, bias, out_dtype, quantize_a=False, choice=kernel
+    )
 
 
 def int8_linear_fused(x, w_q, a_scale, w_scale, bias=None):

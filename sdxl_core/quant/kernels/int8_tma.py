@@ -54,10 +54,23 @@ def configs(interpret: bool, quick: bool) -> list:
 
 @triton.jit
 def _w8a8_tma_kernel(
-    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, K, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_desc,
+    w_desc,
+    out_ptr,
+    a_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -96,8 +109,7 @@ def _sm_count(device_index: int) -> int:
 
 def supports(a: torch.Tensor, w_q: torch.Tensor) -> bool:
     """TMA's rules for 2-D int8 operands: row-major, rows and base addresses 16-byte aligned."""
-    return all(t.dim() == 2 and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in (a, w_q))
+    return all(t.dim() == 2 and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w_q))
 
 
 def launch(a, w_q, out, a_scale, w_scale, bias_arg, *, has_bias: bool, interpret: bool, quick: bool):
@@ -114,8 +126,18 @@ def launch(a, w_q, out, a_scale, w_scale, bias_arg, *, has_bias: bool, interpret
         return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
     kernel[grid](
-        a_desc, w_desc, out, a_scale, w_scale, bias_arg,
-        m, n, k, out.stride(0), out.stride(1),
-        HAS_BIAS=has_bias, NUM_PROGRAMS=programs,
+        a_desc,
+        w_desc,
+        out,
+        a_scale,
+        w_scale,
+        bias_arg,
+        m,
+        n,
+        k,
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=has_bias,
+        NUM_PROGRAMS=programs,
     )
     return out

@@ -19,15 +19,29 @@ FP8_SCALED_MM = ("scaled_mm", "scaled_mm_fast")
 
 
 @torch.library.custom_op("sdxl_bench::int8_mm", mutates_args=())
-def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-            bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+def int8_mm(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    kernel: str,
+) -> torch.Tensor:
     """`kernel`: which INT8 kernel runs, one of `int8_gemm.candidate_kernels` (a constant of the compiled graph)."""
     return int8_gemm.int8_linear(x_q, w_q, a_scale, w_scale, bias, out_dtype=out_dtype, kernel=kernel)
 
 
 @torch.library.custom_op("sdxl_bench::fp8_mm", mutates_args=())
-def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+def fp8_mm(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    kernel: str,
+) -> torch.Tensor:
     """`kernel`: one of FP8_SCALED_MM or "cutlass:<config>" (a constant of the compiled graph). Off the GPU
     every kernel computes the float32 reference."""
     n, k = w_q.shape
@@ -36,9 +50,15 @@ def fp8_mm(x_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale:
     if x_q.is_cuda and kernel.startswith(CUTLASS_PREFIX):
         out = torch.empty((x_q.shape[0], n), dtype=out_dtype, device=x_q.device)
         a_scale, w_scale = int8_gemm.gemm_scales(a_scale, w_scale, n, x_q.device)
-        return gemm8_cutlass.launch(x_q.contiguous(), w_q.contiguous(), out, a_scale, w_scale,
-                                    None if bias is None else bias.to(out_dtype).contiguous(),
-                                    kernel.removeprefix(CUTLASS_PREFIX))
+        return gemm8_cutlass.launch(
+            x_q.contiguous(),
+            w_q.contiguous(),
+            out,
+            a_scale,
+            w_scale,
+            None if bias is None else bias.to(out_dtype).contiguous(),
+            kernel.removeprefix(CUTLASS_PREFIX),
+        )
     if not x_q.is_cuda or k % 16 or n % 16:  # _scaled_mm needs multiples of 16; the reference is exact
         out = (x_q.float() @ w_q.float().T) * (a_scale.float() * w_scale.float())
         return (out if bias is None else out + bias.float()).to(out_dtype)
@@ -55,8 +75,12 @@ def fp8_candidates(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype)
     of 16), and the CUTLASS configs on a Hopper GPU where the FP8 library loads."""
     n, k = w_q.shape
     kernels = list(FP8_SCALED_MM) if x_q.is_cuda and not k % 16 and not n % 16 else ["scaled_mm"]
-    if (x_q.is_cuda and out_dtype in gemm8_cutlass.OUT_DTYPES and gemm8_cutlass.supports(x_q, w_q)
-            and gemm8_cutlass.available(x_q.device, "fp8")):
+    if (
+        x_q.is_cuda
+        and out_dtype in gemm8_cutlass.OUT_DTYPES
+        and gemm8_cutlass.supports(x_q, w_q)
+        and gemm8_cutlass.available(x_q.device, "fp8")
+    ):
         kernels += [CUTLASS_PREFIX + name for name in gemm8_cutlass.configs("fp8")]
     return kernels
 
@@ -68,9 +92,17 @@ def _mm_shape(x_q, w_q, a_scale, w_scale, bias, out_dtype, kernel=None):
 
 
 @torch.library.custom_op("sdxl_bench::conv8", mutates_args=())
-def conv8(x_q: torch.Tensor, w_krsc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-          bias: torch.Tensor | None, stride: list[int], padding: list[int], out_dtype: torch.dtype,
-          config: int) -> torch.Tensor:
+def conv8(
+    x_q: torch.Tensor,
+    w_krsc: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    out_dtype: torch.dtype,
+    config: int,
+) -> torch.Tensor:
     """The 8-bit CUTLASS conv (`conv_cutlass.conv2d`): channels-last in and out, `config` a constant."""
     return conv_cutlass.conv2d(x_q, w_krsc, a_scale, w_scale, bias, stride, padding, out_dtype, config)
 
