@@ -80,17 +80,13 @@ def onnx_dir(pytestconfig, tmp_path_factory) -> str:
 def suite_variant(suite_model, engine_dir, pytestconfig):
     """Variant name -> the variant as this suite runs it on `suite_model`.
 
-    On `tiny` (CPU): 128x128, at most 4 steps and 2 calibration prompts. On the built-in random models the
+    On `tiny` (CPU) as every command runs it (variants.py's builtin_defaults). On the built-in random models the
     LCM-LoRA variant uses a random LoRA the suite makes itself; on real models the variant table as it is.
     """
-    from sdxl_core.variants import TINY_SIZE, get_variant
+    from sdxl_core.variants import get_variant, on_model
 
     def make(name: str):
-        variant = get_variant(name).replace(model=suite_model)
-        if suite_model == "tiny":
-            variant = variant.replace(
-                height=TINY_SIZE, width=TINY_SIZE, steps=min(variant.steps, 4), calibration_size=2
-            )
+        variant = on_model(get_variant(name), suite_model)
         if variant.lora_path and suite_model in ("tiny", "sdxl-random"):
             # Random weights take a random LoRA of the real one's targets (the LCM-LoRA can't be downloaded here).
             variant = variant.replace(lora_path=str(_random_lora(engine_dir, suite_model)))
@@ -107,7 +103,7 @@ def _random_lora(engine_dir: str, model: str):
     from pathlib import Path
 
     from sdxl_core.files import build_lock
-    from tests.support.lora_utils import make_builtin_lora
+    from sdxl_core.models import make_builtin_lora
 
     directory = Path(engine_dir) / f"{model}-lora"
     with build_lock(directory):
@@ -117,20 +113,6 @@ def _random_lora(engine_dir: str, model: str):
     return directory / "pytorch_lora_weights.safetensors"
 
 
-class BuiltEngine:
-    """A variant with its loaded components and engines, ready for the pipeline."""
-
-    def __init__(self, variant, components, engines):
-        self.variant, self.components, self.engines = variant, components, engines
-
-    def generate(self, prompt: str, seed: int = 0):
-        from sdxl_core import pipeline
-
-        return pipeline.txt2img(
-            self.engines, self.components, self.variant, [prompt] * self.variant.batch_size, seed=seed
-        )
-
-
 @pytest.fixture(scope="session")
 def engine_cache():
     return {}
@@ -138,20 +120,19 @@ def engine_cache():
 
 @pytest.fixture(scope="session")
 def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig, engine_cache, hardware):
-    """name -> BuiltEngine, built once per session (the file lock keeps xdist workers from building twice)."""
-    from sdxl_core import models
-    from sdxl_core.engines import get_backend
+    """name -> run.Run (variant, components, engines; `generate`), built once per session (the file lock keeps
+    xdist workers from building twice)."""
+    from sdxl_core import run
 
-    def build(name: str) -> BuiltEngine:
+    threads = None if hardware["cuda"] else 1  # as _one_cpu_thread_per_worker: xdist runs a worker per core
+    options = run.Options(engine_dir=engine_dir, onnx_dir=onnx_dir, threads=threads, progress=False)
+
+    def build(name: str) -> run.Run:
         if name not in engine_cache:
             variant = suite_variant(name).replace(backend=pytestconfig.getoption("--backend"))
-            backend = get_backend(variant.backend)
-            components = models.load(variant.model, lora_path=variant.lora_path, lora_scale=variant.lora_scale)
             started = time.perf_counter()
             try:
-                engines = backend.prepare(
-                    variant, components, suite_device, engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False
-                )
+                ready = run.prepare(variant, options, device=suite_device)
             except Exception as exc:
                 # Every Hopper card has 80 GB or more, where every variant fits: an OOM there is a failure.
                 # A smaller card lacks the hardware, and the skip names it.
@@ -164,17 +145,17 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
             ENGINE_RECORDS.append(
                 {
                     "variant": name,
-                    "mode": engines.info.get("mode", "in-memory"),
+                    "mode": ready.info_dict()["mode"],
                     "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
                     "seconds": round(time.perf_counter() - started, 1),
                 }
             )
-            engine_cache[name] = BuiltEngine(variant, components, engines)
+            engine_cache[name] = ready
         return engine_cache[name]
 
     return build
 
 
 @pytest.fixture(scope="session")
-def variant_engine(request, build_engine) -> BuiltEngine:
+def variant_engine(request, build_engine):
     return build_engine(request.param)

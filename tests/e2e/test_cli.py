@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdxl_core import files
+from sdxl_core import files, run
 from sdxl_core.commands import cli
 from sdxl_core.reports import run_report
-from sdxl_core.variants import TINY_CALIBRATION_SIZE, VARIANTS
+from sdxl_core.variants import TINY_CALIBRATION_SIZE, TINY_MAX_STEPS, VARIANTS
 
-PROMPT = "a photo of an astronaut riding a horse on mars"
+PROMPT = run.DEFAULT_PROMPT
 FAST = ["--denoising-steps", "2", "--num-warmup-runs", "0", "--no-progress"]  # a tiny run in about a second
 
 
@@ -72,6 +72,7 @@ def test_txt2img_writes_png_and_report_and_prints_the_table(fp16_run):
     assert set(report["timings_ms"]) == set(run_report.TIMED_STAGES)
     assert report["engine"]["engine_key"].startswith("unetxl-fp16.bs2.h128w128.tiny.torch")
     assert report["images"] == [str(image_path)]
+    assert done.stdout.splitlines()[-1] == f"wrote 1 image(s): {image_path}"  # the last line: what to open next
 
     summary = run_cli("report", str(report_path))
     assert summary.returncode == 0 and "| xl-1.0-fp16 | tiny | " in summary.stdout
@@ -133,9 +134,10 @@ def quantized_run(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_8bit_tiny_run_finishes_in_under_a_minute(quantized_run, record_property):
+def test_8bit_tiny_run_costs_under_a_minute_of_cpu_time(quantized_run, record_property):
     """The whole command with its defaults (calibration included) costs less than a minute of CPU time. It runs
-    on one thread, so on an idle machine that is its wall time; on a busy one the wall time is longer."""
+    on one thread, so on an idle machine that is about its wall time; on a busy one the wall time is longer,
+    and is only recorded, not checked."""
     flag, done, report, wall, cpu = quantized_run
     record_property("ms", round(wall * 1000))
     record_property("cpu_s", round(cpu, 1))
@@ -149,7 +151,7 @@ def test_8bit_report_has_the_quantization_fields(quantized_run):
     quantization = report["quantization"]
     assert quantization["precision"] == precision == report["variant"]["precision"]
     assert quantization["calibration_prompts"] == TINY_CALIBRATION_SIZE
-    assert quantization["calibration_steps"] == 30 and quantization["calibration"] == "calibrated"
+    assert quantization["calibration_steps"] == TINY_MAX_STEPS and quantization["calibration"] == "calibrated"
     assert quantization["level"] == VARIANTS[f"xl-1.0-{precision}"].quant_level
     assert ("alpha" in quantization) == (precision == "int8")
     assert report["compute_dtype"] == "fp32" and report["engine"]["calibration"] == "calibrated"
@@ -160,9 +162,11 @@ def test_8bit_report_has_the_quantization_fields(quantized_run):
 def test_long_work_prints_a_line_per_phase_without_progress_bars(quantized_run):
     _, done, _, _, _ = quantized_run
     phases = [line for line in done.stderr.splitlines() if line.startswith("sdxl-bench: ")]
-    assert any("calibrates on 2 prompt(s) x 30 steps" in line for line in phases), done.stderr
+    assert any(f"calibrates on 2 prompt(s) x {TINY_MAX_STEPS} steps" in line for line in phases), done.stderr
     for words in ("loading tiny on cpu (1 thread(s))", "noise by design", "engine in-memory", "warm-up", "generating"):
         assert any(words in line for line in phases), (words, done.stderr)
+    (engine_line,) = [line for line in phases if "engine in-memory" in line]
+    assert "), calibrated in " in engine_line and "calibration calibrated" not in engine_line, engine_line
     assert "calibrating:" not in done.stderr  # no progress bar
 
 
@@ -173,12 +177,12 @@ def test_cli_threads(monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
-        assert cli.set_cpu_threads(None, "tiny") == 1 == torch.get_num_threads()
-        assert cli.set_cpu_threads(None, "sdxl-random") == run_report.usable_cpus() == torch.get_num_threads()
-        assert cli.set_cpu_threads(2, "tiny") == 2 == torch.get_num_threads()
+        assert run.set_cpu_threads(None, "tiny") == 1 == torch.get_num_threads()
+        assert run.set_cpu_threads(None, "sdxl-random") == run_report.usable_cpus() == torch.get_num_threads()
+        assert run.set_cpu_threads(2, "tiny") == 2 == torch.get_num_threads()
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(3)
-        assert cli.set_cpu_threads(None, "tiny") == 3
+        assert run.set_cpu_threads(None, "tiny") == 3
     finally:
         torch.set_num_threads(threads)
 
@@ -350,7 +354,7 @@ def _hub_unreachable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     models.hub_reachable.cache_clear()
-    monkeypatch.setattr(models, "hub_reachable", models.hub_reachable.__wrapped__)
+    monkeypatch.setattr(models.hub, "hub_reachable", models.hub_reachable.__wrapped__)
 
 
 # (id, arguments, what the one line says, setup(tmp_path, monkeypatch), refused before any model loads)
@@ -415,13 +419,9 @@ TXT2IMG_ROWS = [
     ("onnx-dir-is-a-file", ["--int8", "--onnx-dir", "{tmp}/a-file"], "--onnx-dir"),
     ("no-build-without-engine-dir", ["--no-build"], "--no-build loads a prebuilt engine: it needs --engine-dir"),
     ("no-build-missing-engine-dir", ["--no-build", "--engine-dir", "{tmp}/none"], "nothing to load with --no-build"),
-    (
-        "no-build-empty-engine-dir",
-        ["--no-build", "--engine-dir", "{tmp}/empty"],
-        "building was not allowed",
-        None,
-        False,
-    ),
+    ("no-build-empty-engine-dir", ["--no-build", "--engine-dir", "{tmp}/empty"], "no xl-1.0-fp16 engine"),
+    ("no-build-other-variant", ["--int8", "--no-build", "--engine-dir", "{tmp}/engines"], "it holds unetxl-fp16"),
+    ("lora-path-dir-without-weights", ["--lora-path", "{tmp}/empty"], "holds no LoRA weights"),
     (
         "sidecar-is-a-list",
         ["--no-build", "--engine-dir", "{tmp}/engines"],
@@ -664,6 +664,8 @@ def test_flags_override_the_named_variant():
         64,
     )
     assert v.calibration_size == TINY_CALIBRATION_SIZE
+    tiny = cli.variant_from_args(cli.build_parser().parse_args(["txt2img", "--model", "tiny"]))
+    assert (tiny.steps, tiny.height, tiny.width) == (TINY_MAX_STEPS, 128, 128)
     int8 = cli.variant_from_args(cli.build_parser().parse_args(["txt2img", "--int8", "--quantization-level", "3"]))
     assert (int8.precision, int8.quant_level, int8.model) == ("int8", 3.0, "stabilityai/stable-diffusion-xl-base-1.0")
     assert int8.calibration_size == 32

@@ -75,9 +75,7 @@ def test_random_lora_for_sdxl_random_covers_every_attention_projection(tmp_path)
     from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
-    from tests.support.lora_utils import make_builtin_lora
-
-    path = make_builtin_lora("sdxl-random", tmp_path)
+    path = models.make_builtin_lora("sdxl-random", tmp_path)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**models.SDXL_UNET_CONFIG)
     targets = {name for name, _ in unet.named_modules() if name.endswith(("to_q", "to_k", "to_v", "to_out.0"))}

@@ -6,8 +6,8 @@ import torch
 
 from sdxl_core import models, pipeline
 from sdxl_core.engines import torch_backend
+from sdxl_core.models import make_lora
 from sdxl_core.variants import SCHEDULERS, VARIANTS
-from tests.support.lora_utils import make_lora
 
 CPU = torch.device("cpu")
 TINY = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=128, width=128, steps=4)
