@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
+from sdxl_core.hardware import device_tag  # noqa: F401 (part of every engine key; backends import it from here)
 
 if TYPE_CHECKING:  # importing torch takes seconds: the CLI checks backend names before it does
     import torch
@@ -29,7 +31,8 @@ class Engines:
     clip2: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # -> (penultimate hidden, pooled)
     unet: Callable[..., torch.Tensor]  # (sample, t, encoder_hidden_states, text_embeds, time_ids) -> noise
     vae: Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> pixels in [-1, 1]
-    info: dict = field(default_factory=dict)  # engine key, artifact path, built or loaded, build seconds
+    info: EngineInfo | None = None  # engine key, artifact path, built or loaded, seconds per phase (None: a
+    # bundle that prepared no engine, as calibration's forward loop)
 
 
 def check_backend(name: str) -> None:
@@ -40,16 +43,6 @@ def check_backend(name: str) -> None:
 def get_backend(name: str):
     check_backend(name)
     return importlib.import_module(BACKENDS[name])
-
-
-def device_tag(device: torch.device) -> str:
-    """Part of every engine key: an engine built for one GPU generation never loads on another."""
-    import torch
-
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"sm{major}{minor}"
-    return device.type
 
 
 def text_stages(components):

@@ -10,11 +10,10 @@ recompiles from cache (loading them runs code: see `compile_unet`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from sdxl_core.engines import unet_stage
+from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
 from sdxl_core.startup import Startup
 
@@ -95,17 +94,17 @@ def compile_unet(
     example_inputs,
     *,
     mode: str,
-    info: dict,
+    info: EngineInfo,
     cache: bytes | None = None,
-    save_cache: Path | None = None,
+    keep_cache: bool = False,
     startup: Startup | None = None,
-):
+) -> tuple[torch.nn.Module, bytes | None]:
     """torch.compile the UNet (by regions or whole) and run one step, so compile time is paid here.
 
     `cache`: PyTorch's portable compile caches to load first. Loading them unpickles Inductor and AOTAutograd
     entries, i.e. runs code: pass only bytes the engine store returned (`store.Engine.read` checks their hash
-    and trust). `save_cache`: a file (inside an engine being built) for the caches this compile made.
-    Loading the caches, compiling (with the first step) and saving are phases of `startup`.
+    and trust). `keep_cache`: also return the caches this compile made (bytes, for an engine being built).
+    Loading the caches, compiling (with the first step) and collecting them are phases of `startup`.
     """
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
@@ -113,17 +112,18 @@ def compile_unet(
     if cache is not None:
         with startup.phase("compile_cache_load"):
             torch.compiler.load_cache_artifacts(cache)
-        info["compile_cache"] = "loaded"
+        info.compile_cache = "loaded"
     note = "from the engine's compile cache" if cache is not None else None
     with startup.phase("compile", example_inputs[0].device, note=note) as timed:
         compiled = torch.compile(unet, dynamic=False) if mode == "full" else compile_regions(unet)
         with torch.inference_mode():
             unet_stage(compiled)(*example_inputs)
-    info["compile_s"] = round(timed.seconds, 2)
-    if save_cache is not None:
+    info.compile_s = round(timed.seconds, 2)
+    kept = None
+    if keep_cache:
         with startup.phase("compile_cache_save"):
             artifacts = torch.compiler.save_cache_artifacts()
             if artifacts is not None:
-                save_cache.write_bytes(artifacts[0])
-                info["compile_cache"] = "saved"
-    return compiled
+                kept = artifacts[0]
+                info.compile_cache = "saved"
+    return compiled, kept

@@ -264,12 +264,14 @@ class Engine:
 
 
 @contextlib.contextmanager
-def lock(engine_dir: str | Path, key: str):
+def lock(engine_dir: str | Path, key: str, timeout: float | None = None):
     """The build lock of `key`, beside the engine in the directory the builder must write anyway.
 
-    Only builders take it. A directory the builder cannot write is one line before any work is spent."""
+    Only builders take it. A directory the builder cannot write is one line before any work is spent.
+    `timeout`: seconds to wait for another builder (None: as long as it takes)."""
     engine_dir = Path(engine_dir)
-    held = build_lock(engine_path(engine_dir, key))
+    path = engine_path(engine_dir, key)
+    held = build_lock(path) if timeout is None else build_lock(path, timeout=timeout)
     try:
         held.__enter__()
         if not os.access(engine_dir, os.W_OK):
@@ -285,6 +287,76 @@ def lock(engine_dir: str | Path, key: str):
         yield held
     finally:
         held.__exit__(None, None, None)
+
+
+def get_or_build(
+    engine_dir: str | Path,
+    key: str,
+    *,
+    load: Callable[[bool], object | None],
+    build: Callable[[], tuple[object, Callable[[Path], dict], dict]],
+    allow_build: bool,
+    knobs: dict | None = None,
+    lock_timeout: float | None = None,
+    phase=None,
+) -> tuple[object, str]:
+    """The engine under `key`, loaded when one is whole, else built and published: (what it is, mode).
+
+    `load(after_wait)` returns the loaded engine, or None when there is none or it was refused and may be
+    rebuilt (it says so itself; `after_wait` is True for the second look, made holding the lock, when another
+    builder may have published it meanwhile). `build()` returns (the engine, write_files, sidecar) for
+    `publish`: all expensive work (calibration, compilation) happens there, outside publish's callback, which
+    only writes files. Loading takes no lock; building takes the key's lock first, so a second builder waits
+    and then loads the first one's engine. `knobs` (what makes the key) names, when building is not allowed,
+    how the engines present differ from the one asked for. `phase(name)`: a context manager timing each step.
+    """
+    phase = phase or (lambda name: contextlib.nullcontext())
+    found = load(False)
+    if found is not None:
+        return found, "loaded"
+    if not allow_build:
+        raise UserError(missing_engine(engine_dir, key, knobs))
+    with contextlib.ExitStack() as held:
+        with phase("build_lock"):
+            held.enter_context(lock(engine_dir, key, lock_timeout))
+        found = load(True)
+        if found is not None:
+            return found, "loaded"
+        built, write_files, sidecar = build()
+        with phase("engine_publish"):
+            publish(engine_dir, key, write_files, {**sidecar, **({"knobs": knobs} if knobs else {})})
+    return built, "built"
+
+
+def missing_engine(engine_dir: str | Path, key: str, knobs: dict | None = None) -> str:
+    """ "No engine": which engines the directory has instead, closest first, and how each differs."""
+    engine_dir = Path(engine_dir)
+    message = f"no engine {key} in {engine_dir}, and building was not allowed"
+    wanted = json.loads(json.dumps(knobs or {}))  # as a sidecar stores them (tuples become lists)
+    present = []
+    for path in sorted(engine_dir.glob("*/" + SIDECAR)) if engine_dir.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or record.get("component") == "timing-cache":
+            continue
+        if not isinstance(record.get("knobs"), dict) or not wanted:
+            present.append((99, path.parent.name, ""))
+            continue
+        stored = record["knobs"]
+        differ = [
+            f"{name}={stored.get(name)!r} (this run: {wanted.get(name)!r})"
+            for name in sorted(set(stored) | set(wanted))
+            if stored.get(name) != wanted.get(name)
+        ]
+        present.append((len(differ), path.parent.name, f": differs in {', '.join(differ)}" if differ else ""))
+    if not present:
+        return f"{message}; that directory has no engines"
+    present.sort()
+    listed = "; ".join(f"{name}{differ}" for _, name, differ in present[:5])
+    more = f"; and {len(present) - 5} more" if len(present) > 5 else ""
+    return f"{message}; it has {len(present)} other engine(s): {listed}{more}"
 
 
 def publish(engine_dir: str | Path, key: str, write_files: Callable[[Path], dict], sidecar: dict) -> Path:

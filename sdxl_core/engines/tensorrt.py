@@ -38,6 +38,7 @@ import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,9 @@ import torch
 from sdxl_core import specs
 from sdxl_core.engines import Engines, device_tag, store
 from sdxl_core.engines import onnx_export as export
+from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
+from sdxl_core.hardware import library_versions
 from sdxl_core.startup import Startup
 from sdxl_core.variants import Variant
 
@@ -402,13 +405,17 @@ def prepare(
     allow_build: bool = True,
     optimization_level: int = OPTIMIZATION_LEVEL,
     workspace_gib: float | None = None,
+    forward_loop: Callable[[torch.nn.Module], None] | None = None,
+    lock_timeout: float | None = None,
     startup: Startup | None = None,
 ) -> Engines:
     """Build (or load) the four TensorRT engines for `variant` and return their callables.
 
     Without `engine_dir` the plans are built in memory and not kept; without `onnx_dir` the ONNX goes
-    to a temp dir removed afterwards. `allow_build=False` only loads from `engine_dir`. Each engine's time
-    (load, or export and build) and the CUDA-graph capture are phases of `startup`.
+    to a temp dir removed afterwards. `allow_build=False` only loads from `engine_dir`. `forward_loop(unet)`
+    calibrates an 8-bit UNet (default: the pipeline over the variant's calibration prompts); `lock_timeout`:
+    seconds to wait for another builder. Each engine's time (load, or export and build) and the CUDA-graph
+    capture are phases of `startup`.
     """
     startup = startup or Startup()
     _import_tensorrt()
@@ -426,13 +433,7 @@ def prepare(
     trt_version, tag = version(), device_tag(device)
     gpu, capability = gpu_facts(device)
     configs = {name: spec.module(components).config for name, spec in specs.SPECS.items()}
-    info = {
-        "backend": NAME,
-        "backend_version": trt_version,
-        "engine_dir": str(engine_dir) if engine_dir else None,
-        "cuda_graph": use_cuda_graph,
-        "engines": {},
-    }
+    records = {}
     workspace = int(workspace_gib * 2**30) if workspace_gib else None
 
     with contextlib.ExitStack() as stack:
@@ -450,6 +451,7 @@ def prepare(
             Path(engine_dir) if engine_dir else None,
             trt_version,
             tag,
+            forward_loop,
         )
         engines = {}
         for component in specs.COMPONENTS:
@@ -458,10 +460,19 @@ def prepare(
             expect = expected_sidecar(variant, component, trt_version=trt_version, device=tag, gpu=gpu, io=io)
             with startup.phase(f"{component}_engine", device):
                 engine, record = _engine_for(
-                    builder, component, key, expect, engine_dir, allow_build, {"capability": capability}, device
+                    builder,
+                    component,
+                    key,
+                    expect,
+                    engine_dir,
+                    allow_build,
+                    {"capability": capability},
+                    device,
+                    knobs=variant.engine_knobs() if component == "unet" else None,
+                    lock_timeout=lock_timeout,
                 )
             engines[component] = engine
-            info["engines"][component] = record
+            records[component] = record
         builder.release()
 
     pool_bytes = shared_memory_bytes(e.device_memory_size for e in engines.values())
@@ -471,15 +482,36 @@ def prepare(
     if use_cuda_graph:
         with startup.phase("cuda_graph", device):
             engines["unet"].capture_graph()
-    unet_record = info["engines"]["unet"]
-    info.update(
-        engine_key=unet_record["key"],
-        engine_path=unet_record.get("path"),
-        mode=unet_record["mode"],
-        device_memory_bytes=pool_bytes,
-        build_s=round(sum(r.get("build_s", 0.0) for r in info["engines"].values()), 2),
+    info = engine_info(
+        variant, records, trt_version=trt_version, engine_dir=engine_dir, cuda_graph=use_cuda_graph, pool=pool_bytes
     )
     return _engines_bundle(engines, device, dtype, info)
+
+
+def engine_info(variant: Variant, records: dict[str, dict], *, trt_version, engine_dir, cuda_graph, pool) -> EngineInfo:
+    """The UNet engine's record (key, mode, plan) as the info every backend gives, the four engines' records
+    beside it. An 8-bit UNet was "calibrated" when this run exported it, "reused" when its Q/DQ ONNX was
+    already in the ONNX dir, and needed no calibration (None) when its plan was loaded."""
+    unet = records["unet"]
+    calibration = None
+    if variant.is_quantized and unet["mode"] != "loaded":
+        calibration = "calibrated" if "calibration_s" in unet else "reused"
+    return EngineInfo(
+        backend=NAME,
+        backend_version=trt_version,
+        engine_key=unet["key"],
+        mode=unet["mode"],
+        cuda_graph=cuda_graph,
+        engine_dir=str(engine_dir) if engine_dir else None,
+        engine_path=unet.get("path"),
+        engine_bytes=unet.get("bytes"),
+        calibration=calibration,
+        calibration_s=unet.get("calibration_s"),
+        load_s=round(sum(r.get("load_s", 0.0) for r in records.values()), 2),
+        build_s=round(sum(r.get("build_s", 0.0) for r in records.values()), 2),
+        engines=records,
+        device_memory_bytes=pool,
+    )
 
 
 def _engines_bundle(engines: dict[str, TRTEngine], device, dtype, info) -> Engines:
@@ -501,7 +533,9 @@ def _engines_bundle(engines: dict[str, TRTEngine], device, dtype, info) -> Engin
     return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet, vae=vae, info=info)
 
 
-def _engine_for(builder: _Builder, component, key, expect, engine_dir, allow_build, extra, device):
+def _engine_for(
+    builder: _Builder, component, key, expect, engine_dir, allow_build, extra, device, *, knobs, lock_timeout
+):
     """Deserialize the plan for `key` and check its I/O; a stored plan that fails either is rebuilt when
     building is allowed (its checksum was fine, so TensorRT itself refused it), else refused."""
 
@@ -512,51 +546,60 @@ def _engine_for(builder: _Builder, component, key, expect, engine_dir, allow_bui
             raise store.EngineRefused(f"engine {key}: {'; '.join(problems[:3])}; delete it to rebuild")
         return engine
 
-    plan, record = _plan_for(builder, component, key, expect, engine_dir, allow_build, extra)
+    where = {"knobs": knobs, "lock_timeout": lock_timeout}
+    plan, record = _plan_for(builder, component, key, expect, engine_dir, allow_build, extra, **where)
     try:
         return load(plan), record
     except store.EngineRefused as refused:
         if not allow_build or record["mode"] != "loaded":
             raise
         print(f"warning: {refused}; rebuilding it", file=sys.stderr)
-    plan, record = _plan_for(builder, component, key, expect, engine_dir, allow_build, extra, rebuild=True)
+    plan, record = _plan_for(builder, component, key, expect, engine_dir, allow_build, extra, **where, rebuild=True)
     return load(plan), record
 
 
 def _plan_for(
-    builder: _Builder, component, key, expect, engine_dir, allow_build, extra, *, rebuild: bool = False
+    builder: _Builder,
+    component,
+    key,
+    expect,
+    engine_dir,
+    allow_build,
+    extra,
+    *,
+    knobs=None,
+    lock_timeout=None,
+    rebuild: bool = False,
 ) -> tuple[bytes, dict]:
-    """The plan bytes for `key`: loaded from `engine_dir` when whole and built for this run, else built.
-
-    Loading takes no lock; building takes the key's lock and looks again, so a second builder reuses the
-    first one's engine."""
+    """The plan bytes for `key`: loaded from `engine_dir` when whole and built for this run, else built and
+    published (`store.get_or_build`)."""
     filename = plan_filename(component, expect["backend_version"])
     record = {"key": key, "component": component}
     if engine_dir is None:
         plan, built = builder.build(component, key)
-        return plan, {**record, **built, "mode": "in-memory"}
+        return plan, {**record, **built, "mode": "in-memory", "bytes": len(plan)}
     path = store.engine_path(engine_dir, key)
-    stored = None if rebuild else _stored_plan(engine_dir, key, expect, filename, allow_build)
-    if stored is None:
-        if not allow_build:
-            raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
-        with store.lock(engine_dir, key):
-            stored = None if rebuild else _stored_plan(engine_dir, key, expect, filename, allow_build, warn=False)
-            if stored is None:
-                plan, built = builder.build(component, key)
 
-                def write_files(tmp: Path) -> dict:
-                    (tmp / filename).write_bytes(plan)
-                    return {}
+    def load(after_wait: bool):
+        if rebuild:
+            return None
+        return _stored_plan(engine_dir, key, expect, filename, allow_build, warn=not after_wait)
 
-                from sdxl_core.reports.run_report import library_versions
+    def build():
+        plan, built = builder.build(component, key)
 
-                store.publish(
-                    engine_dir, key, write_files, {**expect, **extra, **built, "libraries": library_versions()}
-                )
-                return plan, {**record, **built, "mode": "built", "path": str(path / filename), "bytes": len(plan)}
-    plan, load_s = stored
-    return plan, {**record, "mode": "loaded", "path": str(path / filename), "load_s": load_s, "bytes": len(plan)}
+        def write_files(tmp: Path) -> dict:
+            (tmp / filename).write_bytes(plan)
+            return {}
+
+        return (plan, built), write_files, {**expect, **extra, **built, "libraries": library_versions()}
+
+    found, mode = store.get_or_build(
+        engine_dir, key, load=load, build=build, allow_build=allow_build, knobs=knobs, lock_timeout=lock_timeout
+    )
+    plan, detail = found
+    detail = {**detail} if mode == "built" else {"load_s": detail}
+    return plan, {**record, **detail, "mode": mode, "path": str(path / filename), "bytes": len(plan)}
 
 
 def _stored_plan(engine_dir, key, expect, filename, allow_build, warn: bool = True) -> tuple[bytes, float] | None:
@@ -594,8 +637,10 @@ class _Builder:
         engine_dir,
         trt_version,
         tag,
+        forward_loop=None,
     ):
         self.variant, self.components, self.device, self.dtype = variant, components, device, dtype
+        self.forward_loop = forward_loop
         self.onnx_dir, self.progress, self.optimization_level = onnx_dir, progress, optimization_level
         self.workspace, self.engine_dir, self.trt_version, self.tag = workspace, engine_dir, trt_version, tag
         self.moved = False
@@ -634,12 +679,10 @@ class _Builder:
         from sdxl_core.quant import quantize
 
         started = time.perf_counter()
-        unet = quantize.quantize_unet(
-            self.components.unet,
-            self.variant,
-            quantize.calibration_loop(self.components, self.variant, self.device, self.dtype, self.progress),
-            progress=self.progress,
+        forward_loop = self.forward_loop or quantize.calibration_loop(
+            self.components, self.variant, self.device, self.dtype, self.progress
         )
+        unet = quantize.quantize_unet(self.components.unet, self.variant, forward_loop, progress=self.progress)
         self.components.unet = unet
         return unet, {"calibration_s": round(time.perf_counter() - started, 2)}
 

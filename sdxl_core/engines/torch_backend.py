@@ -17,14 +17,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from sdxl_core import specs
 from sdxl_core.engines import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
+from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
+from sdxl_core.files import temp_name
+from sdxl_core.hardware import library_versions
 from sdxl_core.quant import qmodules
 from sdxl_core.startup import Startup
 from sdxl_core.variants import Variant
@@ -64,6 +70,8 @@ def prepare(
     use_cuda_graph: bool | None = None,
     channels_last: bool | None = None,
     reuse_cross_kv: bool | None = None,
+    forward_loop: Callable[[torch.nn.Module], None] | None = None,
+    lock_timeout: float | None = None,
     startup: Startup | None = None,
 ) -> Engines:
     """Move the components to `device` and build or load the UNet engine for `variant`.
@@ -75,8 +83,10 @@ def prepare(
     need it. `channels_last` changes how the UNet runs, not what the engine stores; so does `reuse_cross_kv`
     (default: SDXL_BENCH_CROSS_KV=reuse), which computes the cross-attention K/V once per prompt (`cross_kv`).
     `variant.fused_qkv` is part of the engine (8-bit engines are calibrated on the fused projections).
-    A UNet without weights (`models.load(..., unet_weights=False)`) gets them only if the engine is built.
-    Each step's time lands in `startup` (and, as before, in `info`: `load_s`, `compile_s`, ...).
+    `forward_loop(unet)` runs the calibration prompts through an 8-bit UNet being calibrated (default: the
+    pipeline over the variant's calibration prompts). `lock_timeout`: seconds to wait for another builder
+    of the same engine. A UNet without weights (`models.load(..., unet_weights=False)`) gets them only if
+    the engine is built. Each step's time lands in `startup` (and in `info`: `load_s`, `compile_s`, ...).
     """
     startup = startup or Startup()
     dtype = compute_dtype(device, half)
@@ -88,9 +98,93 @@ def prepare(
         raise UserError("--use-cuda-graph needs a CUDA GPU")
     if compile_mode not in compiled.COMPILE_MODES:
         raise UserError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(compiled.COMPILE_MODES)}")
+    if engine_dir is None and not allow_build:
+        raise UserError("loading a prebuilt engine needs --engine-dir")
     with startup.phase("to_device", device):
         components.to(device, dtype)
     key = variant.engine_key(version(), device_tag(device))
+    info = EngineInfo(
+        backend=NAME,
+        backend_version=version(),
+        engine_key=key,
+        mode="in-memory",
+        cuda_graph=use_cuda_graph,
+        engine_dir=str(engine_dir) if engine_dir else None,
+        compiled=compile,
+        compile_mode=compile_mode if compile else None,
+        channels_last=channels_last,
+        fused_qkv=variant.fused_qkv,
+        cross_kv=cross_kv.MODES[reuse_cross_kv],
+    )
+    reused_kv = []  # the CrossKV of the UNet that runs, with reuse_cross_kv
+
+    def make_runnable(unet, cache=None, keep_cache=False):
+        # After the engine files are written: both change how the UNet runs, not what the engine stores.
+        if channels_last:
+            compiled.channels_last(unet)
+        if not (reuse_cross_kv or compile):
+            return unet, None
+        example = unet_inputs(variant, unet, device, dtype)
+        if reuse_cross_kv:  # filled before compiling, so the compiled blocks read the cached K/V
+            reused_kv.append(cross_kv.CrossKV(unet))
+            reused_kv[-1].fill(example[specs.SPECS["unet"].inputs.index("encoder_hidden_states")])
+        if not compile:
+            return unet, None
+        return compiled.compile_unet(
+            unet, example, mode=compile_mode, cache=cache, keep_cache=keep_cache, info=info, startup=startup
+        )
+
+    def build():
+        return build_unet(
+            variant,
+            components,
+            device,
+            dtype,
+            onnx_dir,
+            key,
+            progress,
+            info,
+            startup,
+            channels_last=channels_last,
+            forward_loop=forward_loop,
+        )
+
+    if engine_dir is None:
+        unet = build()
+        runnable, _ = make_runnable(unet)
+    else:
+        with contextlib.ExitStack() as staged:
+            unet, runnable = _get_or_build(
+                engine_dir,
+                key,
+                variant,
+                device,
+                dtype,
+                info,
+                build,
+                make_runnable,
+                allow_build,
+                lock_timeout,
+                startup,
+                staged,
+            )
+        components.unet = unet  # the components describe what runs, built or loaded
+    info.layers_by_path, info.layers_by_kernel = layer_counts(unet)  # none for an FP16 UNet
+    step = unet_stage(runnable)
+    if use_cuda_graph:
+        with startup.phase("cuda_graph", device) as timed:
+            step = compiled.GraphedStep(step, unet_inputs(variant, unet, device, dtype))
+        info.cuda_graph_s = round(timed.seconds, 2)
+    if reused_kv:  # outside the CUDA graph: a new prompt refills the buffers that the graph's replay reads
+        step = cross_kv.RefillingStep(step, reused_kv[-1])
+    clip, clip2 = text_stages(components)
+    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=step, vae=vae_stage(components), info=info)
+
+
+def _get_or_build(
+    engine_dir, key, variant, device, dtype, info, build, make_runnable, allow_build, lock_timeout, startup, staged
+):
+    """(UNet, runnable UNet) from the store, or built, staged, compiled, then published with its compile cache."""
     expect = {
         "backend": NAME,
         "backend_version": version(),
@@ -101,114 +195,72 @@ def prepare(
         "height": variant.height,
         "width": variant.width,
     }
-    info = {
-        "backend": NAME,
-        "backend_version": version(),
-        "engine_key": key,
-        "compiled": compile,
-        "compile_mode": compile_mode if compile else None,
-        "cuda_graph": use_cuda_graph,
-        "channels_last": channels_last,
-        "fused_qkv": variant.fused_qkv,
-        "cross_kv": cross_kv.MODES[reuse_cross_kv],
-        "engine_dir": str(engine_dir) if engine_dir else None,
-    }
-    reused_kv = []  # the CrossKV of the UNet that runs, with reuse_cross_kv
+    compile = info.compiled
+    refused_on_load = []  # an engine that verified but did not load is rebuilt, not read again
 
-    def make_runnable(unet, cache=None, save_cache=None):
-        # After the engine files are written: both change how the UNet runs, not what the engine stores.
-        if channels_last:
-            compiled.channels_last(unet)
-        if not (reuse_cross_kv or compile):
-            return unet
-        example = unet_inputs(variant, unet, device, dtype)
-        if reuse_cross_kv:  # filled before compiling, so the compiled blocks read the cached K/V
-            reused_kv.append(cross_kv.CrossKV(unet))
-            reused_kv[-1].fill(example[specs.SPECS["unet"].inputs.index("encoder_hidden_states")])
-        if not compile:
-            return unet
-        return compiled.compile_unet(
-            unet, example, mode=compile_mode, cache=cache, save_cache=save_cache, info=info, startup=startup
-        )
-
-    def read_compile_cache(engine):
-        if not compile:
+    def load(after_wait: bool):
+        if refused_on_load:
             return None
-        if COMPILE_CACHE not in engine.files:
-            info["compile_cache"] = "none in the engine"
+        with startup.phase("engine_verify"):  # readers take no lock
+            engine = _verified_or_none(engine_dir, key, expect, allow_build, warn=not after_wait)
+        if engine is None:
             return None
-        with startup.phase("compile_cache_read"):  # an untrusted cache is refused here, before any weights load
-            return engine.read(COMPILE_CACHE)
-
-    def load(engine, loader):
+        cache = None
+        if compile and COMPILE_CACHE not in engine.files:
+            info.compile_cache = "none in the engine"
+        elif compile:
+            with startup.phase("compile_cache_read"):  # an untrusted cache is refused here, before any weights
+                cache = engine.read(COMPILE_CACHE)
         with startup.phase("engine_load", device) as timed:
-            unet = loader(engine.path, device, dtype)
-        info["load_s"] = round(timed.seconds, 2)
-        return unet
-
-    if engine_dir is None:
-        if not allow_build:
-            raise UserError("loading a prebuilt engine needs --engine-dir")
-        unet = build_unet(
-            variant, components, device, dtype, onnx_dir, key, progress, info, startup, channels_last=channels_last
-        )
-        info["mode"] = "in-memory"
-        runnable = make_runnable(unet)
-    else:
-        path = store.engine_path(engine_dir, key)
-        with startup.phase("engine_verify"):
-            engine = _verified_or_none(engine_dir, key, expect, allow_build)  # readers take no lock
-        unet = cache = None
-        if engine is not None:
-            cache = read_compile_cache(engine)
-            unet = load(engine, lambda *a: _load_or_none(*a, allow_build))
+            unet = _load_or_none(engine, device, dtype, allow_build)
         if unet is None:
-            if not allow_build:
-                raise UserError(f"no engine {key} in {engine_dir}, and building was not allowed")
-            with contextlib.ExitStack() as held:
-                with startup.phase("build_lock"):  # a second builder waits here, then finds the first one's engine
-                    held.enter_context(store.lock(engine_dir, key))
-                # An engine that did not load is rebuilt, not read again.
-                found = None
-                if engine is None:
-                    with startup.phase("engine_verify"):
-                        found = _verified_or_none(engine_dir, key, expect, allow_build, warn=False)
-                if found is None:
-                    engine = None
-                    unet = build_unet(
-                        variant,
-                        components,
-                        device,
-                        dtype,
-                        onnx_dir,
-                        key,
-                        progress,
-                        info,
-                        startup,
-                        channels_last=channels_last,
-                    )
-                    runnable = _publish(engine_dir, key, unet, device, expect, info, make_runnable, startup)
-                    info["mode"] = "built"
-                    info.pop("load_s", None)  # a refused engine's load attempt
-                else:  # another builder published it while this one waited
-                    engine = found
-                    cache = read_compile_cache(engine)
-                    unet = load(engine, qmodules.load)
-        if info.get("mode") != "built":
-            info["mode"] = "loaded"
-            runnable = make_runnable(unet, cache)
-        components.unet = unet  # the components describe what runs, built or loaded
-        record = engine.record if engine is not None else store.read_sidecar(path)
-        info.update(engine_path=str(path), engine_bytes=store.engine_bytes(record, ("unet.safetensors",)))
-    step = unet_stage(runnable)
-    if use_cuda_graph:
-        with startup.phase("cuda_graph", device) as timed:
-            step = compiled.GraphedStep(step, unet_inputs(variant, unet, device, dtype))
-        info["cuda_graph_s"] = round(timed.seconds, 2)
-    if reused_kv:  # outside the CUDA graph: a new prompt refills the buffers that the graph's replay reads
-        step = cross_kv.RefillingStep(step, reused_kv[-1])
-    clip, clip2 = text_stages(components)
-    return Engines(device=device, dtype=dtype, clip=clip, clip2=clip2, unet=step, vae=vae_stage(components), info=info)
+            refused_on_load.append(engine.key)
+            return None
+        info.load_s = round(timed.seconds, 2)
+        info.engine_bytes = store.engine_bytes(engine.record, ("unet.safetensors",))
+        return unet, cache
+
+    def build_staged():
+        # The engine's files are written to a staging directory beside it before the UNet is compiled (compiling
+        # changes its layout, not what it stores); publish then only moves them in, with the compile cache.
+        unet = build()
+        staging = Path(engine_dir) / temp_name(key, kind="staging")
+        staging.mkdir(parents=True)
+        staged.callback(shutil.rmtree, staging, ignore_errors=True)
+        with startup.phase("engine_save") as timed:
+            qmodules.save(unet, staging)
+            if info.gemm_timings:  # what the dispatch measured on this card, kept for people to read
+                (staging / "gemm_dispatch.json").write_text(json.dumps(info.gemm_timings, indent=1) + "\n")
+        info.save_s = round(timed.seconds, 2)
+        runnable, compile_cache = make_runnable(unet, keep_cache=True)
+
+        def write_files(tmp: Path) -> dict:
+            for path in staging.iterdir():
+                path.rename(tmp / path.name)
+            if compile_cache is not None:
+                (tmp / COMPILE_CACHE).write_bytes(compile_cache)
+            return {}
+
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        return (unet, runnable), write_files, {**expect, "libraries": library_versions(), "gpu": gpu}
+
+    found, info.mode = store.get_or_build(
+        engine_dir,
+        key,
+        load=load,
+        build=build_staged,
+        allow_build=allow_build,
+        knobs=variant.engine_knobs(),
+        lock_timeout=lock_timeout,
+        phase=startup.phase,
+    )
+    info.engine_path = str(store.engine_path(engine_dir, key))
+    if info.mode == "built":
+        info.engine_bytes = store.engine_bytes(store.read_sidecar(Path(info.engine_path)), ("unet.safetensors",))
+        return found
+    unet, cache = found
+    runnable, _ = make_runnable(unet, cache)
+    return unet, runnable
 
 
 def build_unet(
@@ -219,10 +271,11 @@ def build_unet(
     onnx_dir,
     key,
     progress,
-    info,
+    info: EngineInfo,
     startup: Startup | None = None,
     *,
     channels_last: bool = False,
+    forward_loop: Callable[[torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """FP16: the model's UNet as is. INT8/FP8: calibrate (or reuse the calibration under the ONNX dir),
     convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`) in the
@@ -232,36 +285,48 @@ def build_unet(
     if variant.fused_qkv and not qmodules.has_fused_qkv(unet):
         qmodules.fuse_qkv(unet)
     if not variant.is_quantized:
-        info["calibration"] = None
         return unet
     with startup.phase("modelopt_import"):
         from sdxl_core.quant import quantize
 
+    if forward_loop is None:  # looked up at call time, so a test can replace it
+        forward_loop = quantize.calibration_loop(components, variant, device, dtype, progress)
     calibration_file = Path(onnx_dir) / key / "calibration.pt" if onnx_dir else None
     with startup.phase("calibration", device) as calibration:
-        info["calibration"] = quantize.calibrate_or_reuse(
+        info.calibration = quantize.calibrate_or_reuse(
             unet,
             variant,
-            components,
-            device,
-            dtype,
+            forward_loop,
             calibration_file,
             {"engine_key": key, "precision": variant.precision, "level": variant.quant_level},
             progress,
         )
-    if info["calibration"] == "reused":
+    if info.calibration == "reused":
         startup.note("calibration", f"reused from {calibration_file}")
     with startup.phase("convert", device) as convert:
         unet, conversion = qmodules.convert_to_real(unet)
     components.unet = unet
-    info.update(
-        calibration_s=round(calibration.seconds, 2), convert_s=round(convert.seconds, 2), converted=str(conversion)
-    )
+    info.calibration_s = round(calibration.seconds, 2)
+    info.convert_s = round(convert.seconds, 2)
+    info.converted = str(conversion)
     if dispatches(device):
         with startup.phase("gemm_dispatch", device) as timed:
-            info.update(_dispatch(unet, variant, device, dtype, progress, channels_last))
-        info["gemm_dispatch_s"] = round(timed.seconds, 2)
+            info.gemm_timings = _dispatch(unet, variant, device, dtype, progress, channels_last)
+        info.gemm_dispatch_s = round(timed.seconds, 2)
     return unet
+
+
+def layer_counts(unet: torch.nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """Layers per path ("gemm:8bit", "conv:16bit", ...) and per kernel ("16bit" or the 8-bit kernel), as the
+    UNet runs them (built or loaded): how much of the engine actually runs in 8 bits."""
+    paths, kernels = Counter(), Counter()
+    for module in unet.modules():
+        if isinstance(module, qmodules.QuantizedModule):
+            op = "gemm" if isinstance(module, qmodules.QLinear) or module.as_gemm else "conv"
+            sixteen = module.gemm_path == "16bit"
+            paths[f"{op}:{'16bit' if sixteen else '8bit'}"] += 1
+            kernels["16bit" if sixteen else module.kernel] += 1
+    return dict(paths), dict(kernels)
 
 
 def dispatches(device: torch.device) -> bool:
@@ -269,21 +334,24 @@ def dispatches(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("SDXL_BENCH_GEMM_DISPATCH") != "off"
 
 
-def _dispatch(unet, variant, device, dtype, progress, channels_last) -> dict:
+def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dict]:
     from sdxl_core.quant import gemm_dispatch
 
     inputs = unet_inputs(variant, unet, device, dtype)
     timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs), channels_last=channels_last)
     if progress:
         gemm_dispatch.print_table(timings)
-    return {**gemm_dispatch.summary(timings), "gemm_timings": [t.row() for t in timings]}
+    return [t.row() for t in timings]
 
 
-def _load_or_none(path: Path, device, dtype, allow_build):
+def _load_or_none(engine: store.Engine, device, dtype, allow_build):
     """The stored UNet; files that pass their checksums but do not fit together (an edited config, a foreign
     plan) are refused in one line, or rebuilt (None) where building is allowed."""
+    path = engine.path
     try:
-        return qmodules.load(path, device, dtype)
+        return qmodules.load(engine, device, dtype)  # reads the verified files, never the path again
+    except store.EngineRefused as err:
+        refused = err
     except UserError as err:
         refused = store.EngineRefused(f"engine {path.name} does not load ({err}); delete {path} to rebuild it")
     if not allow_build:
@@ -301,25 +369,3 @@ def _verified_or_none(engine_dir, key, expect, allow_build, warn: bool = True) -
         if warn:
             print(f"warning: {refused}; rebuilding it", file=sys.stderr)
         return None
-
-
-def _publish(engine_dir, key, unet, device, expect, info, make_runnable, startup: Startup):
-    """Write the engine files (and, compiling, the compile caches) into the store; return the runnable UNet."""
-    from sdxl_core.reports.run_report import library_versions
-
-    runnable = unet
-
-    def write_files(tmp: Path) -> dict:
-        nonlocal runnable
-        with startup.phase("engine_save") as timed:
-            qmodules.save(unet, tmp)
-            if info.get("gemm_timings"):  # what the dispatch measured on this card, kept for people to read
-                (tmp / "gemm_dispatch.json").write_text(json.dumps(info["gemm_timings"], indent=1) + "\n")
-        info["save_s"] = round(timed.seconds, 2)
-        runnable = make_runnable(unet, save_cache=tmp / COMPILE_CACHE)
-        return {}
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    with startup.phase("engine_publish"):  # what is left once the files are written: checksums, fsync, rename
-        store.publish(engine_dir, key, write_files, {**expect, "libraries": library_versions(), "gpu": gpu})
-    return runnable

@@ -261,17 +261,23 @@ def calibration_loop(components, variant: Variant, device, dtype, progress: bool
 
 
 def calibrate_or_reuse(
-    unet: torch.nn.Module, variant: Variant, components, device, dtype, calibration_file, meta: dict, progress: bool
+    unet: torch.nn.Module,
+    variant: Variant,
+    forward_loop: Callable[[torch.nn.Module], None],
+    calibration_file,
+    meta: dict,
+    progress: bool,
 ) -> str:
     """Quantize `unet` in place: restore the calibration saved in `calibration_file` when it was made for
-    `meta`, else calibrate with the real pipeline (and save it there). Returns "reused" or "calibrated"."""
+    `meta`, else calibrate by running `forward_loop(unet)` (and save it there). Returns "reused" or
+    "calibrated"."""
     if calibration_file is not None and calibration_file.exists():
         try:
             load_calibration(unet, calibration_file, meta)
             return "reused"
         except CalibrationMismatch as mismatch:
             print(f"warning: {mismatch}; recalibrating", file=sys.stderr)
-    quantize_unet(unet, variant, calibration_loop(components, variant, device, dtype, progress), progress=progress)
+    quantize_unet(unet, variant, forward_loop, progress=progress)
     if calibration_file is not None:
         save_calibration(unet, calibration_file, meta)
     return "calibrated"
@@ -396,11 +402,9 @@ def _reason(exc: Exception) -> str:
 
 @contextlib.contextmanager
 def _modelopt_quiet(verbose: bool):
-    """ModelOpt prints counts and warns once per linear layer it does not smooth (all unquantized ones)."""
+    """ModelOpt prints counts to stdout, where a run prints its table, and warns once per linear layer it does
+    not smooth (all unquantized ones): the counts go to stderr (verbose) or nowhere, the warnings nowhere."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is not calibrated, skip smoothing")
-        if verbose:
+        with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
             yield
-        else:
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield

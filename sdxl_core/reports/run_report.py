@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
 import torch
+
+from sdxl_core.hardware import cpu_model, device_info, library_versions, usable_cpus  # noqa: F401 (callers' names)
 
 REPORT_SCHEMA_VERSION = 3
 # Every report has these, in this order; `quantization` follows `variant` on 8-bit runs only, `model_note`
@@ -39,78 +38,8 @@ REPORT_KEYS = (
     "device",
 )
 QUANTIZATION_FIELDS = ("quant_level", "quant_alpha", "quant_percentile", "calibration_size")
-# What a backend's engine info says about calibration and 8-bit kernels: left out of FP16 reports.
-QUANTIZED_ENGINE_INFO = (
-    "calibration",
-    "calibration_s",
-    "convert_s",
-    "converted",
-    "gemm_paths",
-    "gemm_timings",
-    "gemm_dispatch_s",
-    "int8_kernels",
-)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TIMED_STAGES = ("clip", "clip2", "unet", "vae", "total")
-LIBRARIES = (
-    "torch",
-    "diffusers",
-    "transformers",
-    "nvidia-modelopt",
-    "triton",
-    "tensorrt",
-    "onnx",
-    "onnxruntime",
-    "peft",
-    "open-clip-torch",
-)
-
-
-def library_versions(device: torch.device | None = None) -> dict[str, str | None]:
-    """Installed versions; `cuda` (the CUDA runtime PyTorch was built with) only where CUDA runs: on `device`
-    when one is given, else wherever PyTorch sees a GPU."""
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    if device.type == "cuda" if device is not None else torch.cuda.is_available():
-        versions["cuda"] = torch.version.cuda
-    return versions
-
-
-def cpu_model() -> str:
-    """The CPU's model name ("AMD EPYC 9654"), from /proc/cpuinfo where there is one, else what Python knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), not all the host has."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"type": device.type, "name": cpu_model(), "cpus": usable_cpus(), "threads": torch.get_num_threads()}
-    props = torch.cuda.get_device_properties(device)
-    return {
-        "type": "cuda",
-        "name": props.name,
-        "capability": f"{props.major}.{props.minor}",
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "multiprocessors": props.multi_processor_count,
-    }
 
 
 def make_report(
@@ -154,17 +83,13 @@ def make_report(
             ),
             "calibration_prompts": variant.calibration_size,
             "calibration_steps": variant.steps,
-            "calibration": info.get("calibration"),
-            "calibration_s": info.get("calibration_s"),
+            "calibration": info.calibration,
+            "calibration_s": info.calibration_s,
         }
     report["compute_dtype"] = compute
     if variant.model in MODEL_NOTES:
         report["model_note"] = MODEL_NOTES[variant.model]
-    engine = (
-        engines.info
-        if variant.is_quantized
-        else {k: v for k, v in engines.info.items() if k not in QUANTIZED_ENGINE_INFO}
-    )
+    engine = engines.info.as_dict(quantized=variant.is_quantized)
     report.update(
         {
             "half": half if engines.device.type == "cuda" else None,

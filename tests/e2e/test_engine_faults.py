@@ -142,7 +142,7 @@ def build_in_process(variant, engine_dir: Path, onnx_dir: Path | None = None) ->
     engines = torch_backend.prepare(
         variant, models.load("tiny"), torch.device("cpu"), engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False
     )
-    return engines.info["mode"], time.perf_counter() - started
+    return engines.info.mode, time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- kill -9, then a rerun

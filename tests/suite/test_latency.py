@@ -92,13 +92,13 @@ def _describe(benchmark, engine, device):
         model=engine.variant.model,
         size=f"{engine.variant.height}x{engine.variant.width}",
         unet_batch=engine.variant.unet_batch,
-        engine_key=info.get("engine_key"),
-        engine_bytes=info.get("engine_bytes"),
+        engine_key=info.engine_key,
+        engine_bytes=info.engine_bytes,
         device=str(device),
-        engine_mode=info.get("mode"),
-        compile_mode=info.get("compile_mode"),
-        cuda_graph=info.get("cuda_graph"),
-        gemm_paths=info.get("gemm_paths"),
+        engine_mode=info.mode,
+        compile_mode=info.compile_mode,
+        cuda_graph=info.cuda_graph,
+        layers_by_path=info.layers_by_path,
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     )
@@ -127,8 +127,8 @@ def gpu_equivalent_weight_bytes(engine_path) -> int:
     [pytest.param(p, marks=pytest.mark.needs_variants("xl-1.0-fp16", f"xl-1.0-{p}")) for p in ("int8", "fp8")],
 )
 def test_8bit_engine_weights_fit_in_55_percent_of_fp16(build_engine, suite_model, precision):
-    fp16 = build_engine("xl-1.0-fp16").engines.info["engine_path"]
-    quantized = build_engine(f"xl-1.0-{precision}").engines.info["engine_path"]
+    fp16 = build_engine("xl-1.0-fp16").engines.info.engine_path
+    quantized = build_engine(f"xl-1.0-{precision}").engines.info.engine_path
     fraction = gpu_equivalent_weight_bytes(quantized) / gpu_equivalent_weight_bytes(fp16)
     bound = TINY_MAX_8BIT_WEIGHT_FRACTION if suite_model == "tiny" else MAX_8BIT_WEIGHT_FRACTION
     assert fraction <= bound, (
@@ -154,7 +154,7 @@ def test_8bit_speedup_gate_on_hopper(build_engine, pytestconfig, record_property
     record_property("speedup", speedup)
     record_property("fp16_ms", medians["fp16"])
     record_property("ms", medians[precision])
-    record_property("layers_8bit", engines[precision].engines.info.get("layers_by_path"))
+    record_property("layers_8bit", engines[precision].engines.info.layers_by_path)
     required = pytestconfig.getoption(option)
     assert speedup >= required, (
         f"{precision.upper()} UNet step {medians[precision]:.2f} ms vs FP16 {medians['fp16']:.2f} ms: "

@@ -30,7 +30,7 @@ def test_reused_kv_give_the_same_latents_bit_for_bit(name, fused):
     variant = tiny(name, fused_qkv=fused)
     per_step, plain, _ = images(variant, reuse=False)
     reused, ready, components = images(variant, reuse=True)
-    assert plain.info["cross_kv"] == "per-step" and ready.info["cross_kv"] == "reuse"
+    assert plain.info.cross_kv == "per-step" and ready.info.cross_kv == "reuse"
     assert all(torch.equal(a, b) for a, b in zip(per_step, reused, strict=True))
     assert not torch.equal(reused[0], reused[1])  # the second prompt got its own K/V
     assert isinstance(ready.unet, cross_kv.RefillingStep) and ready.unet.fills == 2  # once per prompt

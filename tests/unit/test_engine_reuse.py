@@ -47,7 +47,7 @@ def built_int8(tmp_path_factory):
     root = tmp_path_factory.mktemp("reuse")
     engine_dir, onnx_dir = root / "engines", root / "onnx"
     components, engines = prepare(INT8, engine_dir, onnx_dir)
-    assert engines.info["mode"] == "built" and engines.info["calibration"] == "calibrated"
+    assert engines.info.mode == "built" and engines.info.calibration == "calibrated"
     return engine_dir, onnx_dir, image_bytes(INT8, components, engines)
 
 
@@ -57,7 +57,7 @@ def test_prebuilt_engine_runs_from_the_engine_dir_alone(built_int8, no_calibrati
     shutil.copytree(engine_dir, copy)  # nothing but the engine dir travels
     # Load-only, as `txt2img --no-build` runs it: not even the random UNet is built, the engine brings it.
     components, engines = prepare(INT8, copy, onnx_dir=None, allow_build=False, unet_weights=False)
-    assert engines.info["mode"] == "loaded"
+    assert engines.info.mode == "loaded"
     # The components hold the loaded engine UNet (on a GPU its CUDA graph also keeps it alive).
     assert qmodules.module_counts(components.unet)["Int8Linear"] > 0
     assert image_bytes(INT8, components, engines) == before
@@ -66,7 +66,7 @@ def test_prebuilt_engine_runs_from_the_engine_dir_alone(built_int8, no_calibrati
 def test_a_second_session_builds_nothing(built_int8, no_calibration):
     engine_dir, onnx_dir, before = built_int8
     components, engines = prepare(INT8, engine_dir, onnx_dir)  # building allowed, but nothing to build
-    assert engines.info["mode"] == "loaded"
+    assert engines.info.mode == "loaded"
     assert image_bytes(INT8, components, engines) == before
 
 
@@ -74,7 +74,7 @@ def test_calibration_state_is_reused_when_only_the_engine_is_gone(built_int8, tm
     _, onnx_dir, before = built_int8
     monkeypatch.setattr(quantize, "quantize_unet", lambda *a, **k: pytest.fail("recalibrated"))
     components, engines = prepare(INT8, tmp_path / "fresh-engines", onnx_dir)
-    assert engines.info["calibration"] == "reused" and engines.info["mode"] == "built"
+    assert engines.info.calibration == "reused" and engines.info.mode == "built"
     assert image_bytes(INT8, components, engines) == before
 
 
@@ -84,14 +84,14 @@ def test_a_corrupt_calibration_file_is_recalibrated_with_a_message(tmp_path, cap
     (state,) = onnx_dir.glob("*/calibration.pt")
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     _, engines = prepare(INT8, tmp_path / "e2", onnx_dir)
-    assert engines.info["calibration"] == "calibrated"
+    assert engines.info.calibration == "calibrated"
     assert "recalibrating" in capfd.readouterr().err
 
 
 @pytest.fixture
 def fp16_engine(tmp_path):
     _, engines = prepare(FP16, tmp_path / "engines")
-    return tmp_path / "engines", Path(engines.info["engine_path"])
+    return tmp_path / "engines", Path(engines.info.engine_path)
 
 
 def _flip_byte(path: Path):
@@ -141,8 +141,8 @@ def test_a_refused_engine_is_rebuilt_when_building_is_allowed(fp16_engine, capfd
     engine_dir, path = fp16_engine
     _truncate(path / "unet.safetensors")
     components, engines = prepare(FP16, engine_dir)
-    assert engines.info["mode"] == "built" and "rebuilding" in capfd.readouterr().err
-    assert store.verify(engine_dir, engines.info["engine_key"], {}) is not None
+    assert engines.info.mode == "built" and "rebuilding" in capfd.readouterr().err
+    assert store.verify(engine_dir, engines.info.engine_key, {}) is not None
 
 
 def test_no_engine_and_no_building_is_one_clear_line(tmp_path):
@@ -153,7 +153,7 @@ def test_no_engine_and_no_building_is_one_clear_line(tmp_path):
 def _build_in_another_process(engine_dir: str, queue):
     components = models.load("tiny")
     engines = torch_backend.prepare(FP16, components, CPU, engine_dir=engine_dir, progress=False)
-    queue.put(engines.info["mode"])
+    queue.put(engines.info.mode)
 
 
 def test_concurrent_builders_leave_one_valid_engine(tmp_path):
@@ -177,7 +177,7 @@ def test_a_build_from_a_shape_only_unet_gets_the_weights_then(tmp_path):
     same weights an eager load has. Components without a way to get the weights say so in one line."""
     eager_components, eager = prepare(FP16, tmp_path / "eager")
     lazy_components, lazy = prepare(FP16, tmp_path / "lazy", unet_weights=False)
-    assert lazy.info["mode"] == "built"
+    assert lazy.info.mode == "built"
     assert image_bytes(FP16, lazy_components, lazy) == image_bytes(FP16, eager_components, eager)
     components = models.load("tiny", unet_weights=False)
     components.unet_loader = None
@@ -198,11 +198,11 @@ def _rel_err(out, ref):
 def test_channels_last_changes_how_it_runs_not_what_is_stored(tmp_path):
     plain_components, plain = prepare(FP16, tmp_path / "plain")
     tuned_components, tuned = prepare(FP16, tmp_path / "tuned", channels_last=True)
-    assert tuned.info["channels_last"] is True
+    assert tuned.info.channels_last is True
     assert tuned_components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     ref, out = _unet_output(plain_components, plain, FP16), _unet_output(tuned_components, tuned, FP16)
     assert _rel_err(out, ref) < 1e-5
-    stored = [Path(e.info["engine_path"]) / "unet.safetensors" for e in (plain, tuned)]
+    stored = [Path(e.info.engine_path) / "unet.safetensors" for e in (plain, tuned)]
     assert stored[0].read_bytes() == stored[1].read_bytes()
 
 
@@ -210,8 +210,8 @@ def test_fused_qkv_engines_store_one_projection_per_attention_and_reload_fused(t
     plain_components, plain = prepare(FP16, tmp_path / "engines")
     fused_variant = FP16.replace(fused_qkv=True)
     fused_components, fused = prepare(fused_variant, tmp_path / "engines")
-    assert fused.info["engine_key"] != plain.info["engine_key"] and ".qkv." in fused.info["engine_key"]
-    names = set(load_file(Path(fused.info["engine_path"]) / "unet.safetensors"))
+    assert fused.info.engine_key != plain.info.engine_key and ".qkv." in fused.info.engine_key
+    names = set(load_file(Path(fused.info.engine_path) / "unet.safetensors"))
     assert any(".to_qkv." in n for n in names) and any(".to_kv." in n for n in names)
     assert not any(n.endswith((".to_k.weight", ".to_v.weight")) for n in names)  # unfused ones are not stored
     processors = {type(m.processor).__name__ for m in fused_components.unet.modules() if hasattr(m, "processor")}
@@ -219,7 +219,7 @@ def test_fused_qkv_engines_store_one_projection_per_attention_and_reload_fused(t
     # The same weights, one GEMM instead of three: FP16 numbers agree to float rounding.
     assert _rel_err(_unet_output(fused_components, fused, FP16), _unet_output(plain_components, plain, FP16)) < 1e-5
     reloaded_components, reloaded = prepare(fused_variant, tmp_path / "engines", allow_build=False, unet_weights=False)
-    assert reloaded.info["mode"] == "loaded" and qmodules.has_fused_qkv(reloaded_components.unet)
+    assert reloaded.info.mode == "loaded" and qmodules.has_fused_qkv(reloaded_components.unet)
     assert torch.equal(_unet_output(reloaded_components, reloaded, FP16), _unet_output(fused_components, fused, FP16))
 
 
@@ -244,7 +244,7 @@ def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path)
     engine_dir, onnx_dir, _ = built_int8
     plain_components, plain = prepare(INT8, engine_dir, onnx_dir)
     tuned_components, tuned = prepare(INT8, engine_dir, onnx_dir, channels_last=True)
-    assert tuned.info["mode"] == "loaded"
+    assert tuned.info.mode == "loaded"
     # Layer by layer the 8-bit convs (all 3x3 in `tiny`) give the plain layout's numbers...
     pairs = [
         (a, b)
@@ -278,11 +278,11 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
     monkeypatch.setattr(gemm_dispatch, "time_candidate", scripted)
     built_components, built = prepare(INT8, tmp_path / "engines", tmp_path / "onnx")
-    path = Path(built.info["engine_path"])
+    path = Path(built.info.engine_path)
     rows = json.loads((path / "gemm_dispatch.json").read_text())
     assert "gemm_dispatch.json" in store.read_sidecar(path)["files"]  # checksummed like the weights
     assert {"16bit", "pointer"} <= {row["choice"] for row in rows}
-    assert sum(built.info["layers_by_kernel"].values()) == sum(qmodules.module_counts(built_components.unet).values())
+    assert sum(built.info.layers_by_kernel.values()) == sum(qmodules.module_counts(built_components.unet).values())
     plan = json.loads((path / "layer_plan.json").read_text())["layers"]
 
     components, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)

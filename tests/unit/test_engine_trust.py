@@ -84,9 +84,9 @@ def built(tmp_path_factory):
         unsigned = prepare(root / "unsigned", allow_build=True, compile=False)
         patch.setenv(store.KEY_ENV, KEY)
         signed = prepare(root / "signed", allow_build=True, compile=False)
-    assert (unsigned.info["mode"], signed.info["mode"]) == ("built", "built")
-    assert COMPILE_CACHE not in store.read_sidecar(Path(signed.info["engine_path"]))["files"]
-    return root, unsigned.info["engine_key"]
+    assert (unsigned.info.mode, signed.info.mode) == ("built", "built")
+    assert COMPILE_CACHE not in store.read_sidecar(Path(signed.info.engine_path))["files"]
+    return root, unsigned.info.engine_key
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_a_compile_cache_in_ones_own_engine_is_loaded(engine, eager_regions, tmp
     engine_dir, path = engine("unsigned")
     plant(path, marker_payload(tmp_path / "marker"), listed=True)  # as the owner's own build would list it
     engines = prepare(engine_dir)
-    assert engines.info["compile_cache"] == "loaded" and (tmp_path / "marker").exists()
+    assert engines.info.compile_cache == "loaded" and (tmp_path / "marker").exists()
 
 
 ATTACKS = {
@@ -184,17 +184,17 @@ def test_a_tampered_signed_engine_is_rebuilt_where_building_is_allowed(
     plant(path, marker_payload(tmp_path / "marker"), listed=True)
     monkeypatch.setenv(store.KEY_ENV, KEY)
     engines = prepare(engine_dir, allow_build=True)
-    assert engines.info["mode"] == "built" and not (tmp_path / "marker").exists()
+    assert engines.info.mode == "built" and not (tmp_path / "marker").exists()
     warning = capfd.readouterr().err
     assert "does not match SDXL_BENCH_ENGINE_KEY" in warning and warning.endswith("; rebuilding it\n")
-    assert store.verify(engine_dir, engines.info["engine_key"], {}).signed
+    assert store.verify(engine_dir, engines.info.engine_key, {}).signed
 
 
 def test_a_dropped_in_compile_cache_is_ignored(engine, eager_regions, tmp_path):
     engine_dir, path = engine("unsigned")
     plant(path, marker_payload(tmp_path / "marker"), listed=False)  # beside a valid sidecar that lacks it
     engines = prepare(engine_dir)
-    assert engines.info["mode"] == "loaded" and engines.info["compile_cache"] == "none in the engine"
+    assert engines.info.mode == "loaded" and engines.info.compile_cache == "none in the engine"
     assert not (tmp_path / "marker").exists()
 
 
@@ -205,7 +205,7 @@ def test_a_signed_compile_cache_loads_from_another_users_dir(engine, eager_regio
     monkeypatch.setattr(store.os, "geteuid", lambda: 4242)
     monkeypatch.setenv(store.KEY_ENV, KEY)
     engines = prepare(engine_dir)
-    assert engines.info["compile_cache"] == "loaded" and (tmp_path / "marker").exists()
+    assert engines.info.compile_cache == "loaded" and (tmp_path / "marker").exists()
 
 
 def test_trusting_a_directory_is_an_explicit_choice(engine, eager_regions, tmp_path, monkeypatch):
@@ -214,7 +214,7 @@ def test_trusting_a_directory_is_an_explicit_choice(engine, eager_regions, tmp_p
     monkeypatch.setattr(store.os, "geteuid", lambda: 4242)
     monkeypatch.setenv(store.TRUST_ENV, "1")
     engines = prepare(engine_dir)
-    assert engines.info["compile_cache"] == "loaded" and (tmp_path / "marker").exists()
+    assert engines.info.compile_cache == "loaded" and (tmp_path / "marker").exists()
 
 
 def test_a_signature_covers_the_sidecar_bytes(tmp_path):

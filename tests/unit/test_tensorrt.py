@@ -342,8 +342,8 @@ def test_tiny_fp16_engines_build_load_and_match_torch(tmp_path, use_cuda_graph):
         use_cuda_graph=use_cuda_graph,
         progress=False,
     )
-    assert {r["mode"] for r in engines.info["engines"].values()} == {"built"}
-    sidecar = store.read_sidecar(store.engine_path(tmp_path / "e", engines.info["engine_key"]))
+    assert {r["mode"] for r in engines.info.engines.values()} == {"built"}
+    sidecar = store.read_sidecar(store.engine_path(tmp_path / "e", engines.info.engine_key))
     assert sidecar["gpu"] == torch.cuda.get_device_name(cuda) and sidecar["builder"]["fp16"] is True
 
     ref_components = models.load("tiny")
@@ -368,7 +368,7 @@ def test_tiny_fp16_engines_build_load_and_match_torch(tmp_path, use_cuda_graph):
         use_cuda_graph=use_cuda_graph,
         progress=False,
     )
-    assert {r["mode"] for r in reloaded.info["engines"].values()} == {"loaded"}
+    assert {r["mode"] for r in reloaded.info.engines.values()} == {"loaded"}
     with torch.inference_mode():
         assert torch.equal(reloaded.unet(*args).clone(), engines.unet(*args).clone())
 
@@ -377,7 +377,7 @@ def test_tiny_fp16_engines_build_load_and_match_torch(tmp_path, use_cuda_graph):
 def test_corrupt_plan_is_refused_on_the_gpu(tmp_path):
     cuda = torch.device("cuda")
     engines = trt_backend.prepare(TINY_GPU, models.load("tiny"), cuda, engine_dir=tmp_path, progress=False)
-    plan = next(store.engine_path(tmp_path, engines.info["engine_key"]).glob("*.plan"))
+    plan = next(store.engine_path(tmp_path, engines.info.engine_key).glob("*.plan"))
     data = plan.read_bytes()
     plan.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
     with pytest.raises(store.EngineRefused, match="checksum"):
@@ -396,7 +396,7 @@ def test_tiny_8bit_engines_build_strongly_typed_and_run(tmp_path, precision, lev
     engines = trt_backend.prepare(
         variant, components, torch.device("cuda"), engine_dir=tmp_path / "e", onnx_dir=tmp_path / "o", progress=False
     )
-    unet = engines.info["engines"]["unet"]
+    unet = engines.info.engines["unet"]
     assert unet["qdq"] is True and unet["builder"]["strongly_typed"] is True
     assert onnx_utils.count_qdq(unet["onnx"])["quantized"]
     result = pipeline.txt2img(engines, components, variant, ["a red fox"], seed=0)
