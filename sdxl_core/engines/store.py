@@ -346,9 +346,9 @@ def missing_engine(engine_dir: str | Path, key: str, knobs: dict | None = None) 
             continue
         stored = record["knobs"]
         differ = [
-            f"{name}={stored.get(name)!r} (this run: {wanted.get(name)!r})"
+            f"{name}={stored.get(name, 'unset')!r} (this run: {wanted.get(name, 'unset')!r})"
             for name in sorted(set(stored) | set(wanted))
-            if stored.get(name) != wanted.get(name)
+            if stored.get(name, "unset") != wanted.get(name, "unset")
         ]
         present.append((len(differ), path.parent.name, f": differs in {', '.join(differ)}" if differ else ""))
     if not present:

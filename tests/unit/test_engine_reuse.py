@@ -294,3 +294,15 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     assert ran == {name: (spec["gemm"], spec["kernel"]) for name, spec in plan.items()}
     assert {path for path, _ in ran.values()} == {"8bit", "16bit"}
     assert image_bytes(INT8, components, loaded) == image_bytes(INT8, built_components, built)
+
+
+def test_no_engine_lists_the_engines_present_and_how_they_differ(tmp_path):
+    engine_dir = tmp_path / "engines"
+    with pytest.raises(UserError, match="that directory has no engines"):
+        prepare(FP16, engine_dir, allow_build=False)
+    _, fused = prepare(FP16.replace(fused_qkv=True), engine_dir)
+    with pytest.raises(UserError) as refused:
+        prepare(FP16, engine_dir, allow_build=False)  # the suite built it fused; txt2img asks without --fused-qkv
+    message = str(refused.value)
+    assert "building was not allowed" in message and "\n" not in message
+    assert f"{fused.info.engine_key}: differs in fused_qkv=True (this run: 'unset')" in message
