@@ -1,4 +1,4 @@
-"""Atomic writes, build locks, and the leftovers of writers that died.
+"""Atomic writes, build locks, the leftovers of writers that died, and JSON read with bounded nesting.
 
 A reader never sees a half-written file: writers write a temp file (or directory) beside the target and
 rename it into place. Every temp name carries its writer's tag, `<host>~<pid namespace>~<pid>`, so a later
@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
+import json
 import os
 import re
 import secrets
 import shutil
 import socket
+import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -182,38 +186,113 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+LOCK_TIMEOUT_S = 1800.0  # how long a builder waits for another one's build by default: longer than any build
+_LOCK_POLL_S = (0.05, 0.5)  # first and longest pause between tries while waiting
+_HOLDER_BYTES = 256
+
+
 class BuildLock:
     """An exclusive inter-process lock on `<path>.lock`: hold it while checking for and building an artifact.
 
-    flock(2) on a descriptor opened read-only: the lock file is created if missing and never written,
-    truncated or removed, so another user's lock file (0644) locks as well as one's own, and the kernel
-    releases the lock when its holder dies, even by SIGKILL.
+    flock(2), so the kernel releases the lock when its holder dies, even by SIGKILL. The lock file is created if
+    missing and never removed; a holder that can write it records who it is (pid, host, since when) and clears
+    that on release, so a waiter can say whom it waits for. Another user's lock file (0644) is opened read-only
+    and locks as well as one's own. A lock file that is not a regular file (a FIFO, a directory, a symlink) is
+    refused in one line, and a waiter gives up after `timeout` seconds in one line (UserError).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, timeout: float | None = None):
         self.file = Path(str(path) + ".lock")
+        self.timeout = LOCK_TIMEOUT_S if timeout is None else float(timeout)
         self.fd: int | None = None
+        self.writable = False
 
     def __enter__(self) -> BuildLock:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = self._open()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._acquire(fd)
+            if self.writable:
+                os.ftruncate(fd, 0)
+                since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
         except BaseException:
             os.close(fd)
             raise
         self.fd = fd
         return self
 
+    def _open(self) -> int:
+        flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block the open
+        try:
+            fd, self.writable = os.open(self.file, os.O_RDWR | flags, 0o644), True
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"build lock {self.file} is a symlink, not a lock file: remove it") from None
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR):
+                raise
+            fd, self.writable = os.open(self.file, os.O_RDONLY | flags, 0o644), False
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise UserError(f"build lock {self.file} is {kind}, not a lock file: remove it")
+        return fd
+
+    def _acquire(self, fd: int) -> None:
+        if self._try(fd):
+            return
+        print(
+            f"waiting for the build lock {self.file}, held by {self.holder(fd)} (at most {self.timeout:g} s, "
+            "see --lock-timeout)",
+            file=sys.stderr,
+            flush=True,
+        )
+        deadline = time.monotonic() + self.timeout
+        pause = _LOCK_POLL_S[0]
+        while not self._try(fd):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(
+                    f"gave up after {self.timeout:g} s waiting for the build lock {self.file}, held by "
+                    f"{self.holder(fd)}: let that build finish, or raise --lock-timeout"
+                )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _LOCK_POLL_S[1])
+
+    @staticmethod
+    def _try(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def holder(self, fd: int | None = None) -> str:
+        """Who holds the lock, as its holder recorded it."""
+        try:
+            if fd is None:
+                with open(self.file, "rb") as handle:
+                    data = handle.read(_HOLDER_BYTES)
+            else:
+                data = os.pread(fd, _HOLDER_BYTES, 0)
+        except OSError:
+            data = b""
+        text = data.decode("ascii", "replace").strip().splitlines()
+        return text[0][:120] if text else "a process that records no holder (another user's, or an older build)"
+
     def __exit__(self, *exc_info) -> None:
         if self.fd is not None:
+            if self.writable:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, 0)  # still held: nobody reads a holder that has gone
             os.close(self.fd)  # releases the lock
             self.fd = None
 
 
-def build_lock(path: str | os.PathLike) -> BuildLock:
-    """The build lock beside `path` (see BuildLock)."""
-    return BuildLock(path)
+def build_lock(path: str | os.PathLike, timeout: float | None = None) -> BuildLock:
+    """The build lock beside `path` (see BuildLock); `timeout` seconds of waiting, None: LOCK_TIMEOUT_S."""
+    return BuildLock(path, timeout)
 
 
 def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
@@ -241,3 +320,29 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
         for directory in created:
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+JSON_MAX_DEPTH = 64  # deeper than any file this tool writes or reads; the parser recurses once per level
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def json_depth(data: bytes | str) -> int:
+    """How deeply JSON text nests arrays and objects, counted without recursing (strings are skipped)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(1 if c in b"[{" else -1 for c in brackets), default=0)
+
+
+def parse_json(data: bytes | str, max_depth: int = JSON_MAX_DEPTH):
+    """json.loads, refusing text nested deeper than `max_depth` before the parser recurses into it: ValueError
+    with a one-line reason for anything that is not such JSON."""
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep, more than {max_depth}")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply to parse (more than {max_depth} levels)") from None
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {str(exc).splitlines()[0][:120]}") from None

@@ -14,7 +14,11 @@ Checksums: every file's sha256, and for a file larger than CHUNK_BYTES also the 
 which readers hash in parallel (a 4.9 GB FP16 UNet took 2.5-5 s to hash whole, on one core, on every load).
 Engines published before chunks were listed are checked whole.
 
-Trust: the engine directory is a trust boundary. Safetensors and JSON carry no code and are loaded from
+Trust: the engine directory is a trust boundary. `verify` opens `<key>` once, as a directory handle that
+follows no symlink (the entry itself must be a real directory), and every later read goes through that handle:
+swapping the directory or its files after the check changes nothing that is read. The sidecar's size is
+bounded and its HMAC checked on the raw bytes before they are parsed; every JSON file is parsed from the bytes
+that were hashed, with its size and nesting bounded. Safetensors and JSON carry no code and are loaded from
 anywhere once their checksums match. Every other file (PyTorch compile caches, TensorRT plans and timing
 caches) is executable and is read only through `Engine.read`, which hashes the very bytes it returns, and
 only when the sidecar is signed with SDXL_BENCH_ENGINE_KEY, or (without a key) when the directory, sidecar
@@ -37,11 +41,11 @@ import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdxl_core.errors import UserError
-from sdxl_core.files import build_lock, sweep, temp_name, write_failure
+from sdxl_core.files import build_lock, parse_json, sweep, temp_name, write_failure
 
 SIDECAR = "sidecar.json"
 SIGNATURE = "sidecar.sig"
@@ -52,6 +56,13 @@ MIN_KEY_CHARS = 16
 DATA_SUFFIXES = (".safetensors", ".json")  # formats that carry no code; every other file counts as executable
 CHUNK_BYTES = 64 << 20  # files larger than this are also hashed piece by piece (see the module doc)
 _READ_BYTES = 4 << 20
+# Bounds checked before a byte is read: a sidecar lists a few dozen files (with chunk digests, a few KB), a
+# signature is one line, and the JSON an engine holds (UNet config, layer plan) is well under a megabyte.
+SIDECAR_MAX_BYTES = 4 << 20
+SIGNATURE_MAX_BYTES = 256
+JSON_MAX_BYTES = 16 << 20
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: a planted FIFO never blocks
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SIGNATURE_PREFIX = "hmac-sha256:"
 
@@ -64,8 +75,15 @@ class EngineUntrusted(UserError):
     """An executable artifact whose origin cannot be established: refused, never rebuilt over."""
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path | int) -> str:
+    """The sha256 of a file, by path or of an open descriptor (read from its start, left open)."""
     digest = hashlib.sha256()
+    if isinstance(path, int):
+        offset = 0
+        while data := os.pread(path, _READ_BYTES, offset):
+            digest.update(data)
+            offset += len(data)
+        return digest.hexdigest()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
@@ -79,9 +97,10 @@ def _hash_workers() -> int:
         return os.cpu_count() or 1
 
 
-def chunk_digests(path: Path, size: int, chunk: int = CHUNK_BYTES) -> list[str]:
-    """The sha256 of each `chunk`-byte piece of the file, hashed in parallel (hashlib releases the GIL)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def chunk_digests(path: Path | int, size: int, chunk: int = CHUNK_BYTES) -> list[str]:
+    """The sha256 of each `chunk`-byte piece of the file (a path, or an open descriptor left open), hashed in
+    parallel (hashlib releases the GIL)."""
+    fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def one(start: int) -> str:
         digest, end = hashlib.sha256(), min(start + chunk, size)
@@ -97,7 +116,8 @@ def chunk_digests(path: Path, size: int, chunk: int = CHUNK_BYTES) -> list[str]:
         with ThreadPoolExecutor(_hash_workers()) as pool:
             return list(pool.map(one, range(0, size, chunk)))
     finally:
-        os.close(fd)
+        if not isinstance(path, int):
+            os.close(fd)
 
 
 def _bytes_chunk_digests(data: bytes, chunk: int) -> list[str]:
@@ -136,7 +156,7 @@ def _chunks(meta: dict) -> dict | None:
     return chunks
 
 
-def file_matches(path: Path, meta: dict) -> bool:
+def file_matches(path: Path | int, meta: dict) -> bool:
     """Whether the file's content is what its (checked) sidecar entry says: by chunks in parallel, else whole."""
     chunks = _chunks(meta)
     if chunks is None:
@@ -161,16 +181,17 @@ def engine_path(engine_dir: str | Path, key: str) -> Path:
 
 
 def signing_key() -> bytes | None:
-    """SDXL_BENCH_ENGINE_KEY as bytes, or None when unset."""
+    """SDXL_BENCH_ENGINE_KEY as bytes (exactly the environment's bytes, whatever the locale), or None when unset."""
     value = os.environ.get(KEY_ENV, "")
     if not value:
         return None
-    if len(value) < MIN_KEY_CHARS:
+    key = os.fsencode(value)  # undecodable bytes came in as surrogates: any byte string is a valid HMAC key
+    if len(key) < MIN_KEY_CHARS:
         raise UserError(
-            f"{KEY_ENV} is {len(value)} characters: use at least {MIN_KEY_CHARS} random ones "
+            f"{KEY_ENV} is {len(key)} characters: use at least {MIN_KEY_CHARS} random ones "
             "(python -c 'import secrets; print(secrets.token_hex(32))')"
         )
-    return value.encode()
+    return key
 
 
 def signature(sidecar_bytes: bytes, key: bytes) -> str:
@@ -194,30 +215,55 @@ def _owner_problem(what: str, info: os.stat_result) -> str | None:
     return None
 
 
-def _open_regular(path: Path):
-    """A regular file opened for reading (never through a symlink) and the stat of that descriptor."""
-    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
-    info = os.fstat(handle.fileno())
-    if not stat.S_ISREG(info.st_mode):
-        handle.close()
-        raise OSError(f"{path.name} is not a regular file")
-    return handle, info
+def _open_at(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
+    """A regular file in the directory `dir_fd` opened for reading, never through a symlink, and its stat."""
+    fd = os.open(name, _OPEN_FILE, dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
 
 
-def _read_fd(path: Path) -> tuple[bytes, os.stat_result]:
-    handle, info = _open_regular(path)
-    with handle:
-        return handle.read(), info
+def _read_open(fd: int, size: int) -> bytes:
+    """Up to `size` + 1 bytes from the start of a just-opened `fd` (one more than expected shows a file that grew)."""
+    with open(fd, "rb", closefd=False) as handle:
+        return handle.read(size + 1)
 
 
-@dataclass(frozen=True)
+class _TooLarge(ValueError):
+    pass
+
+
+def _read_bounded(dir_fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes, refused (_TooLarge) before any is read when it holds more than `max_bytes`."""
+    fd, info = _open_at(dir_fd, name)
+    try:
+        if info.st_size > max_bytes:
+            raise _TooLarge(f"{name} is {info.st_size} bytes, more than the {max_bytes} it may hold")
+        data = _read_open(fd, max_bytes)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise _TooLarge(f"{name} grew past the {max_bytes} bytes it may hold while it was read")
+    return data, info
+
+
+@dataclass(frozen=True, eq=False)
 class Engine:
-    """A published engine whose sidecar was read once and checked (what `verify` returns)."""
+    """A published engine whose sidecar was read once and checked (what `verify` returns).
+
+    `dir_fd` is the engine directory as `verify` opened it: every read goes through it, so what is read is
+    what was verified, whatever happens to the path meanwhile. It is closed with the Engine."""
 
     path: Path
     record: dict  # the sidecar, parsed from the bytes that were checked (and signed)
     signed: bool  # sidecar.sig matched SDXL_BENCH_ENGINE_KEY
     owner_problem: str | None  # None when the directory and its sidecar are this user's alone
+    dir_fd: int = field(default=-1, repr=False)
 
     @property
     def key(self) -> str:
@@ -227,28 +273,52 @@ class Engine:
     def files(self) -> dict:
         return self.record["files"]
 
+    def _refuse(self, what: str) -> EngineRefused:
+        return EngineRefused(f"engine {self.key}: {what}; delete {self.path} to rebuild it")
+
     def read(self, name: str) -> bytes:
         """The bytes of a listed file, hashed as read: no other bytes can be substituted after the check.
 
         An executable file (not `is_data`) is returned only from a trusted engine (see the module doc)."""
         if name not in self.files:
-            raise EngineRefused(
-                f"engine {self.key}: {name} is not listed in its sidecar; delete {self.path} to rebuild it"
-            )
+            raise self._refuse(f"{name} is not listed in its sidecar")
+        meta = self.files[name]
         try:
-            handle, info = _open_regular(self.path / name)
+            fd, info = _open_at(self.dir_fd, name)
         except OSError as exc:
-            raise EngineRefused(
-                f"engine {self.key}: cannot read {name} ({exc.strerror or exc}); delete {self.path} to rebuild it"
-            ) from None
-        with handle:
+            raise self._refuse(f"cannot read {name} ({exc.strerror or exc})") from None
+        try:
             if not is_data(name):
                 self._check_trust(name, info)  # before reading: an untrusted plan may be gigabytes
-            data = handle.read()
-        meta = self.files[name]
+            if info.st_size != meta["bytes"]:
+                raise self._refuse(f"{name} is {info.st_size} bytes, its sidecar says {meta['bytes']}")
+            data = _read_open(fd, meta["bytes"])
+        except OSError as exc:
+            raise self._refuse(f"cannot read {name} ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)
         if len(data) != meta["bytes"] or not bytes_match(data, meta):
-            raise EngineRefused(f"engine {self.key}: {name} fails its checksum; delete {self.path} to rebuild it")
+            raise self._refuse(f"{name} fails its checksum")
         return data
+
+    def read_json(self, name: str, max_bytes: int = JSON_MAX_BYTES):
+        """A listed JSON file, parsed from the bytes `read` hashed, its size and nesting bounded first."""
+        if name in self.files and self.files[name]["bytes"] > max_bytes:
+            raise self._refuse(f"{name} is {self.files[name]['bytes']} bytes, more than the {max_bytes} it may hold")
+        data = self.read(name)
+        try:
+            return parse_json(data)
+        except ValueError as exc:
+            raise self._refuse(f"{name} is not valid JSON ({exc})") from None
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.dir_fd)
+            object.__setattr__(self, "dir_fd", -1)
+
+    def __del__(self):
+        self.close()
 
     def _check_trust(self, name: str, info: os.stat_result) -> None:
         if self.signed:
@@ -268,10 +338,9 @@ def lock(engine_dir: str | Path, key: str, timeout: float | None = None):
     """The build lock of `key`, beside the engine in the directory the builder must write anyway.
 
     Only builders take it. A directory the builder cannot write is one line before any work is spent.
-    `timeout`: seconds to wait for another builder (None: as long as it takes)."""
+    `timeout`: seconds to wait for another builder (None: `files.LOCK_TIMEOUT_S`), then one line."""
     engine_dir = Path(engine_dir)
-    path = engine_path(engine_dir, key)
-    held = build_lock(path) if timeout is None else build_lock(path, timeout=timeout)
+    held = build_lock(engine_path(engine_dir, key), timeout)
     try:
         held.__enter__()
         if not os.access(engine_dir, os.W_OK):
@@ -425,23 +494,73 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def read_sidecar(path: Path) -> dict:
-    """The sidecar of the engine at `path`, parsed (no checks: for reports and tests)."""
-    try:
-        record = json.loads((path / SIDECAR).read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineRefused(f"engine {path.name}: unreadable sidecar ({type(exc).__name__})") from None
-    files = record.get("files") if isinstance(record, dict) else None
-    if (
-        not isinstance(files, dict)
-        or not files
-        or not all(
-            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
-            for m in files.values()
-        )
-    ):
-        raise EngineRefused(f"engine {path.name}: its sidecar is malformed (no file list with sizes and checksums)")
+def _parse_sidecar(data: bytes, name: str) -> dict:
+    """The sidecar's record, checked against its schema (ValueError says what is wrong)."""
+    record = parse_json(data)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ValueError("it lists no files")
+    for file, meta in files.items():
+        if (
+            not _FILE_NAME.fullmatch(file)
+            or file in (SIDECAR, SIGNATURE)
+            or not isinstance(meta, dict)
+            or not isinstance(meta.get("bytes"), int)
+            or isinstance(meta["bytes"], bool)
+            or meta["bytes"] < 0
+            or not isinstance(meta.get("sha256"), str)
+        ):
+            raise ValueError(f"a malformed entry {file[:60]!r}")
+        try:
+            _chunks(meta)
+        except ValueError:
+            raise ValueError(f"a malformed entry {file[:60]!r} (its chunk list)") from None
     return record
+
+
+def read_sidecar(path: Path) -> dict:
+    """The sidecar of the engine at `path`, parsed (bounded, schema-checked; no signature or file checks: for
+    reports and tests)."""
+    try:
+        fd = os.open(path, _OPEN_DIR | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise EngineRefused(f"engine {path.name}: unreadable sidecar ({exc.strerror or exc})") from None
+    try:
+        data, _ = _read_bounded(fd, SIDECAR, SIDECAR_MAX_BYTES)
+        return _parse_sidecar(data, SIDECAR)
+    except _TooLarge as exc:
+        raise EngineRefused(f"engine {path.name}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise EngineRefused(f"engine {path.name}: its sidecar is malformed ({exc})") from None
+    finally:
+        os.close(fd)
+
+
+def _open_engine_dir(engine_dir: str | Path, key: str) -> int | None:
+    """`<engine-dir>/<key>` opened as a directory handle, or None when there is none. The engine dir may be a
+    symlink (the user named it); `<key>` must be a real directory inside it."""
+    path = engine_path(engine_dir, key)
+    if not _FILE_NAME.fullmatch(key):
+        raise EngineRefused(f"engine key {key[:80]!r} is not a file name")
+    try:
+        parent = os.open(engine_dir, _OPEN_DIR)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise EngineRefused(f"cannot read the engine dir {engine_dir} ({exc.strerror or exc})") from None
+    try:
+        return os.open(key, _OPEN_DIR | os.O_NOFOLLOW, dir_fd=parent)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        kind = "a symlink" if os.path.islink(path) else "not a directory"
+        raise EngineRefused(
+            f"engine {key}: {path} is {kind} ({exc.strerror}), not an engine; delete it to rebuild the engine"
+        ) from None
+    finally:
+        os.close(parent)
 
 
 def verify(
@@ -451,70 +570,74 @@ def verify(
 
     `expect` holds sidecar fields that must match exactly (backend version, device, shapes, ...);
     `required` the files the backend will read, which the sidecar must list. Every listed file must exist
-    with its size and (with `checksums`) its sha256; executables are hashed again when read (`Engine.read`).
+    with its size and (with `checksums`) its sha256; every file is hashed again as it is read (`Engine.read`).
     Takes no lock and writes nothing: a published engine is immutable.
     """
-    path = engine_path(engine_dir, key)
-    if not path.exists():
+    dir_fd = _open_engine_dir(engine_dir, key)
+    if dir_fd is None:
         return None
+    try:
+        engine = _verify_open(dir_fd, engine_path(engine_dir, key), key, expect, required, checksums)
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return engine
+
+
+def _verify_open(dir_fd: int, path: Path, key: str, expect: dict, required, checksums: bool) -> Engine:
     refuse = f"delete {path} to rebuild it"
     try:
-        data, sidecar_stat = _read_fd(path / SIDECAR)
-        record = json.loads(data)
-    except (OSError, ValueError) as exc:
-        raise EngineRefused(f"engine {path.name}: unreadable sidecar ({type(exc).__name__})") from None
-    signed = _check_signature(path, key, data)
-    if not isinstance(record, dict):
-        raise EngineRefused(f"engine {key}: its sidecar is malformed (not a JSON object); {refuse}")
+        data, sidecar_stat = _read_bounded(dir_fd, SIDECAR, SIDECAR_MAX_BYTES)
+    except _TooLarge as exc:
+        raise EngineRefused(f"engine {key}: {exc}; {refuse}") from None
+    except OSError as exc:
+        raise EngineRefused(f"engine {key}: unreadable sidecar ({exc.strerror or exc}); {refuse}") from None
+    signed = _check_signature(dir_fd, path, key, data)  # on the raw bytes, before any parse
+    try:
+        record = _parse_sidecar(data, SIDECAR)
+    except ValueError as exc:
+        raise EngineRefused(f"engine {key}: its sidecar is malformed ({exc}); {refuse}") from None
     if record.get("key") != key:
-        raise EngineRefused(f"engine {key}: its sidecar names another engine ({record.get('key')})")
-    for field, wanted in expect.items():
-        if record.get(field) != wanted:
+        raise EngineRefused(f"engine {key}: its sidecar names another engine ({str(record.get('key'))[:80]})")
+    for field_name, wanted in expect.items():
+        if record.get(field_name) != wanted:
             raise EngineRefused(
-                f"engine {key} was built for {field}={record.get(field)!r}, this run needs "
+                f"engine {key} was built for {field_name}={str(record.get(field_name))[:200]!r}, this run needs "
                 f"{wanted!r}; delete {path} or use another --engine-dir"
             )
-    files = record.get("files")
-    if not isinstance(files, dict) or not files:
-        raise EngineRefused(f"engine {key}: its sidecar is malformed (it lists no files); {refuse}")
+    files = record["files"]
     for name in required:
         if name not in files:
             raise EngineRefused(f"engine {key}: its sidecar does not list {name}; {refuse}")
     for name, meta in files.items():
-        if (
-            not _FILE_NAME.fullmatch(name)
-            or name in (SIDECAR, SIGNATURE)
-            or not isinstance(meta, dict)
-            or not isinstance(meta.get("bytes"), int)
-            or not isinstance(meta.get("sha256"), str)
-        ):
-            raise EngineRefused(f"engine {key}: its sidecar has a malformed entry {name[:60]!r}; {refuse}")
         try:
-            _chunks(meta)
-        except ValueError:
-            raise EngineRefused(
-                f"engine {key}: its sidecar has a malformed entry {name[:60]!r} (its chunk list); {refuse}"
-            ) from None
-        file = path / name
-        if file.is_symlink() or not file.is_file():
-            raise EngineRefused(f"engine {key}: {name} is missing; {refuse}")
-        if file.stat().st_size != meta["bytes"]:
-            raise EngineRefused(
-                f"engine {key}: {name} is truncated ({file.stat().st_size} of {meta['bytes']} bytes); {refuse}"
-            )
-        if checksums and not file_matches(file, meta):
-            raise EngineRefused(f"engine {key}: {name} fails its checksum; {refuse}")
-    owner = _owner_problem(f"directory {path}", path.stat()) or _owner_problem(SIDECAR, sidecar_stat)
-    return Engine(path=path, record=record, signed=signed, owner_problem=owner)
+            fd, info = _open_at(dir_fd, name)
+        except OSError:
+            raise EngineRefused(f"engine {key}: {name} is missing; {refuse}") from None
+        try:
+            if info.st_size != meta["bytes"]:
+                raise EngineRefused(
+                    f"engine {key}: {name} is truncated ({info.st_size} of {meta['bytes']} bytes); {refuse}"
+                )
+            if checksums and not file_matches(fd, meta):
+                raise EngineRefused(f"engine {key}: {name} fails its checksum; {refuse}")
+        except OSError as exc:
+            raise EngineRefused(f"engine {key}: cannot read {name} ({exc.strerror or exc}); {refuse}") from None
+        finally:
+            os.close(fd)
+    owner = _owner_problem(f"directory {path}", os.fstat(dir_fd)) or _owner_problem(SIDECAR, sidecar_stat)
+    return Engine(path=path, record=record, signed=signed, owner_problem=owner, dir_fd=dir_fd)
 
 
-def _check_signature(path: Path, key: str, sidecar_bytes: bytes) -> bool:
+def _check_signature(dir_fd: int, path: Path, key: str, sidecar_bytes: bytes) -> bool:
     """With SDXL_BENCH_ENGINE_KEY set, the sidecar must carry its HMAC; without it, signatures are not read."""
     key_bytes = signing_key()
     if key_bytes is None:
         return False
     try:
-        found, _ = _read_fd(path / SIGNATURE)
+        found, _ = _read_bounded(dir_fd, SIGNATURE, SIGNATURE_MAX_BYTES)
+    except _TooLarge as exc:
+        raise EngineRefused(f"engine {key}: {exc}; delete {path} to rebuild it") from None
     except OSError:
         raise EngineRefused(
             f"engine {key} is not signed with {KEY_ENV} (no {SIGNATURE}): rebuild it with the "

@@ -17,8 +17,10 @@
   per distinct shape and records the choice in the layer plan: a reloaded engine runs what was measured.
 
 A UNet (FP16 or converted) is saved by `save(unet, dir)` as its config, its layer plan (JSON; empty for FP16)
-and its tensors as they run (safetensors); `load(dir, device, dtype)` (through `load_real`) rebuilds it on
-the meta device and assigns the tensors, with neither ModelOpt nor calibration.
+and its tensors as they run (safetensors); `load(engine, device, dtype)` (through `load_real`) rebuilds it on
+the meta device and assigns the tensors, with neither ModelOpt nor calibration. It reads a verified engine
+(`engines.store.Engine`), never a path: every file through `engine.read`, which hashes the bytes it returns,
+and the config and plan checked against their schemas (`plan`) before anything is built from them.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from sdxl_core.errors import UserError
+from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import ops
 from sdxl_core.quant.kernels.fp8_gemm import quantize_fp8
 from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor
 
-PLAN_FORMAT = "sdxl-bench-layer-plan/1"
-UNET_FILES = ("unet_config.json", "layer_plan.json", "unet.safetensors")  # what `save` writes
-GEMM_PATHS = ("8bit", "16bit")
+PLAN_FORMAT = plan_schema.PLAN_FORMAT
+UNET_FILES = (plan_schema.CONFIG_FILE, plan_schema.PLAN_FILE, "unet.safetensors")  # what `save` writes
+GEMM_PATHS = plan_schema.GEMM_PATHS
 # The 8-bit kernel a layer runs until the dispatch picks another: the Triton INT8 GEMM, cuBLAS FP8 (through
 # torch._scaled_mm), and for 3x3 convs the emulation (8-bit numerics, 16-bit compute; what runs on the CPU).
 # The dispatch may pick "cutlass:<config>" for all three (the Hopper CUTLASS GEMM and conv kernels), and
@@ -255,7 +258,8 @@ class QConv2d(QuantizedModule):
             return
         from sdxl_core.quant.kernels import conv_cutlass
 
-        self.conv_config = conv_cutlass.configs(self.FMT).index(self.kernel.removeprefix(CUTLASS))
+        # The index from the names this build knows: loading the library is left to the GPU that runs it.
+        self.conv_config = conv_cutlass.CONFIG_NAMES[self.FMT].index(self.kernel.removeprefix(CUTLASS))
         self.w_krsc = conv_cutlass.weight_krsc(self.weight)
         self.w_scale_k = self.w_scale.reshape(-1).expand(self.out_channels).contiguous()
 
@@ -426,9 +430,9 @@ def has_fused_qkv(unet: torch.nn.Module) -> bool:
 
 def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module:
     """Replace the planned modules of a plain UNet (any device, meta included) with empty 8-bit modules of
-    the right shapes, in place, so that the converted state dict loads with `strict=True`."""
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
-        raise UserError(f"not a {PLAN_FORMAT} layer plan: rebuild the engine")
+    the right shapes, in place, so that the converted state dict loads with `strict=True`. The whole plan is
+    checked first (`plan.check_layer_plan`): a plan this build would not write changes nothing."""
+    plan_schema.check_layer_plan(plan)
     if plan.get("fused_qkv") and not has_fused_qkv(plain_unet):
         fuse_qkv(plain_unet)
     for name, spec in plan["layers"].items():
@@ -444,13 +448,10 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
                 f"{type(module).__name__}): rebuild the engine"
             )
         quantized = cls.empty_like(module, smooth=spec["smooth"], per_channel=spec["per_channel"])
-        gemm_path = spec.get("gemm", "8bit")
-        if gemm_path not in GEMM_PATHS:
-            raise UserError(f"layer plan has GEMM path {gemm_path!r} at {name!r}: rebuild the engine")
-        quantized.gemm_path = gemm_path
+        quantized.gemm_path = spec.get("gemm", "8bit")
         quantized.kernel = spec.get("kernel", quantized.kernel)
-        if not isinstance(quantized.kernel, str):
-            raise UserError(f"layer plan has kernel {quantized.kernel!r} at {name!r}: rebuild the engine")
+        as_gemm = not isinstance(quantized, QConv2d) or quantized.as_gemm
+        plan_schema.check_layer_kernel(name, quantized.kernel, quantized.FMT, as_gemm)
         plain_unet.set_submodule(name, quantized)
     return plain_unet
 
@@ -491,19 +492,26 @@ def save(unet: torch.nn.Module, directory: Path) -> None:
     save_file(real_state_dict(unet), str(directory / "unet.safetensors"))
 
 
-def load(directory: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The UNet `save` wrote, on `device`, with 16-bit-path weights dequantized once in `dtype`."""
-    from safetensors.torch import load_file
+def load(engine, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The UNet `save` wrote, from a verified engine (`engines.store.Engine`: each file read once through
+    `engine.read`, hashed as read, and parsed from those bytes), on `device`, with 16-bit-path weights dequantized
+    once in `dtype`. The config and the plan pass their schemas before anything is built or loaded."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load as load_tensors
 
-    directory = Path(directory)
+    config = engine.read_json(plan_schema.CONFIG_FILE)
+    plan_schema.check_unet_config(config, UNet2DConditionModel)
+    plan = engine.read_json(plan_schema.PLAN_FILE)
+    plan_schema.check_layer_plan(plan, torch.device(device).type)
+    data = engine.read("unet.safetensors")
     try:
-        config = json.loads((directory / "unet_config.json").read_text())
-        plan = json.loads((directory / "layer_plan.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"engine {directory.name}: unreadable UNet config or layer plan ({type(exc).__name__}): rebuild the engine"
-        ) from None
-    unet = load_real(config, plan, load_file(str(directory / "unet.safetensors"), device=str(device)))
+        tensors = load_tensors(data)
+    except Exception as exc:  # safetensors' own error types; a header that does not parse
+        raise UserError(f"unet.safetensors is not a safetensors file ({str(exc).strip()[:120]})") from None
+    del data
+    if torch.device(device).type != "cpu":
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+    unet = load_real(config, plan, tensors, unet_cls=UNet2DConditionModel)
     dequantize_weights(unet, dtype)
     return unet
 

@@ -16,7 +16,9 @@ measured, at its end).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -105,9 +107,71 @@ def pytest_configure(config):
             f"the sdxl-bench suite needs the project installed in this Python (No module named 'torch'): {INSTALL}"
         )
     try:
+        check_options(config)
         config.stash[PROMPTS] = sweep.load_prompts(config.getoption("--prompts"))
     except sweep.UserError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def check_options(config) -> None:
+    """Refuse, before any test is collected, an option value that would fail only inside a test or at the end of
+    the session: one line (UserError) each."""
+    from sdxl_core.engines import BACKENDS
+    from sdxl_core.errors import UserError
+    from sdxl_core.variants import check_range, did_you_mean
+
+    option = config.getoption
+    if option("--backend") not in BACKENDS:
+        raise UserError(f"--backend {option('--backend')!r} is not a backend: choose one of {', '.join(BACKENDS)}")
+    if option("--variants") is not None:
+        names = [n for n in selected_variants(config) if n]
+        if not names:
+            raise UserError(f"--variants {option('--variants')!r} names no variant: choose from {', '.join(VARIANTS)}")
+        for name in names:
+            if name not in VARIANTS:
+                raise UserError(
+                    f"--variants: unknown variant {name!r}{did_you_mean(name, VARIANTS)}; choose from "
+                    f"{', '.join(VARIANTS)}"
+                )
+    for flag in ("--min-int8-speedup", "--min-fp8-speedup"):
+        value = option(flag)
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"{flag} must be a finite ratio above 0 (FP16 median / 8-bit median), got {value}")
+    if option("--gpus") is not None and option("--gpus") < 1:
+        raise UserError(f"--gpus must be at least 1, got {option('--gpus')}")
+    if option("--calibration-size") is not None:
+        check_range("--calibration-size", option("--calibration-size"))
+    for flag in ("--engine-dir", "--onnx-dir", "--baseline-dir"):
+        if option(flag) is not None:
+            _check_dir_path(flag, Path(option(flag)))
+    if option("--quality-report") is not None:
+        report = Path(option("--quality-report"))
+        if report.is_dir():
+            raise UserError(f"--quality-report {report} is a directory: name a file (.md or .json)")
+        _check_dir_path("--quality-report", report, writable=True)
+    if option("--model") is not None:
+        from sdxl_core.models import check_model_name
+
+        try:
+            check_model_name(option("--model"))
+        except UserError as exc:
+            raise UserError(f"--model: {exc}") from None
+
+
+def _check_dir_path(flag: str, path: Path, writable: bool = False) -> None:
+    """`path` is a directory, or could be made one (`writable`: a file that could be written): its nearest
+    existing ancestor is a directory, and with `writable` one this user may write."""
+    existing = path.parent if writable else path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        from sdxl_core.errors import UserError
+
+        raise UserError(f"{flag} {path}: {existing} is not a directory")
+    if writable and not os.access(existing, os.W_OK):
+        from sdxl_core.errors import UserError
+
+        raise UserError(f"{flag} {path}: {existing} is not writable")
 
 
 PROMPTS = pytest.StashKey[list]()  # the quality sweep's (index, prompt) pairs

@@ -35,6 +35,10 @@ LIBRARY = "conv_sm90"
 UNSUPPORTED = 2  # the library's status for a problem its kernels cannot run (any other nonzero: an error)
 FORMATS = {"int8": 0, "fp8": 1}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+# The tile configs per format, in index order, as `csrc/conv_sm90.cu` names them (the last one is FP8 only): what a
+# layer plan may name ("cutlass:<config>"), known without loading the library.
+_CONFIGS = ("128x128x128_1x1", "128x128x64_1x1", "128x128x128_2x1", "128x128x128_1x2", "64x128x128_1x1_s4")
+CONFIG_NAMES = {"int8": _CONFIGS, "fp8": (*_CONFIGS, "64x128x128_1x1_f32acc")}
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 FP8_MMA_K = 32  # K depth of one Hopper FP8 warp-group MMA: one reduced-precision accumulator add each
 PROMOTED_TILE_K = 128  # the promoted FP8 config adds each 128-channel K tile into a full float32 accumulator
@@ -133,7 +137,10 @@ def _fmt(fmt: str) -> int:
 def configs(fmt: str) -> list[str]:
     """Names of the kernel's tile configs for 'int8' or 'fp8'; `conv2d(config=i)` runs the i-th."""
     lib, code = library(), _fmt(fmt)
-    return [lib.sdxl_conv8_config_name(code, i).decode() for i in range(lib.sdxl_conv8_num_configs(code))]
+    names = [lib.sdxl_conv8_config_name(code, i).decode() for i in range(lib.sdxl_conv8_num_configs(code))]
+    if tuple(names) != CONFIG_NAMES[fmt]:  # a stale library: an index would run another config than the plan names
+        raise KernelUnavailable(f"the conv library holds {fmt} configs {names}, not {CONFIG_NAMES[fmt]}")
+    return names
 
 
 def format_of(dtype: torch.dtype) -> str:

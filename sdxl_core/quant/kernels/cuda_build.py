@@ -6,7 +6,10 @@ take raw device pointers, sizes and a `cudaStream_t`, so Python calls them throu
 does not depend on the torch version it runs beside (the CUDA runtime is linked statically).
 
 A shared library is executable code, so the cache must be the user's own: a cache directory owned by
-another user, or writable by group or others, is refused, and nothing is ever loaded from an engine dir.
+another user, or writable by group or others, is refused; a library file is loaded only if it is a regular file
+(not a symlink) owned by this user and writable by nobody else, checked on the open descriptor that is then
+loaded (through /proc/self/fd), and is rebuilt otherwise. Nothing is ever loaded from an engine dir. nvcc runs in
+a process group of its own that dies with this process, even under SIGKILL: a killed run leaves no compiler.
 
 Where nvcc or the CUTLASS headers (the `nvidia-cutlass` package) are missing, `library` raises
 `KernelUnavailable` and callers fall back to the Triton kernels.
@@ -14,12 +17,15 @@ Where nvcc or the CUTLASS headers (the `nvidia-cutlass` package) are missing, `l
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import re
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -122,21 +128,65 @@ def library(name: str, *, extra_flags: tuple[str, ...] = (), progress: bool = Tr
     root.mkdir(parents=True, exist_ok=True, mode=0o755)
     _check_owned(root)
     target = root / f"{name}-{_key(sources, flags, cutlass_version)}.so"
-    if not target.exists():
+    return load_cached(target, lambda: _compile(source, include, flags, target, progress))
+
+
+def load_cached(target: Path, build) -> ctypes.CDLL:
+    """The library at `target` if it is one this user may load (`trusted_library`), else `build()` it (which
+    replaces whatever is there) under the target's lock, then load it."""
+    if trusted_library(target)[0] is None:
         from filelock import FileLock
 
         with FileLock(str(target) + ".lock"):
-            if not target.exists():
-                _compile(source, include, flags, target, progress)
-    return _load(str(target))
-
-
-@functools.cache
-def _load(path: str) -> ctypes.CDLL:
+            if trusted_library(target)[0] is None:
+                build()
+    fd, problem = trusted_library(target)
+    if fd is None:
+        raise KernelUnavailable(f"refusing to load {target}: {problem}")
     try:
-        return ctypes.CDLL(path)
-    except OSError as err:
-        raise KernelUnavailable(f"cannot load {path}: {err}") from None
+        return _load(target, fd)
+    finally:
+        os.close(fd)
+
+
+def trusted_library(path: Path) -> tuple[int | None, str]:
+    """(an open descriptor of `path`, "") when it is a regular file, not a symlink, owned by this user and writable
+    by nobody else; else (None, why not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, "it does not exist"
+    except OSError as exc:
+        return None, f"it cannot be opened without following a link ({exc.strerror})"
+    info = os.fstat(fd)
+    problem = ""
+    if not stat.S_ISREG(info.st_mode):
+        problem = "it is not a regular file"
+    elif info.st_uid != os.geteuid():
+        problem = f"it belongs to uid {info.st_uid}, not to this user"
+    elif info.st_mode & 0o022:
+        problem = "it is writable by group or others"
+    if problem:
+        os.close(fd)
+        return None, problem
+    return fd, ""
+
+
+_LOADED: dict[tuple[int, int, int], ctypes.CDLL] = {}  # by file identity: (device, inode, mtime)
+
+
+def _load(path: Path | str, fd: int) -> ctypes.CDLL:
+    """Load the file open as `fd` (checked) through /proc/self/fd: the very file that was checked, whatever `path`
+    names meanwhile. Once per file."""
+    info = os.fstat(fd)
+    identity = (info.st_dev, info.st_ino, info.st_mtime_ns)
+    if identity not in _LOADED:
+        try:
+            handle = ctypes.CDLL(f"/proc/self/fd/{fd}")._handle
+            _LOADED[identity] = ctypes.CDLL(str(path), handle=handle)  # named by its path, loaded from the fd
+        except OSError as err:
+            raise KernelUnavailable(f"cannot load {path}: {err}") from None
+    return _LOADED[identity]
 
 
 def _compile(source: Path, include: Path, flags: tuple[str, ...], target: Path, progress: bool) -> None:
@@ -149,9 +199,47 @@ def _compile(source: Path, include: Path, flags: tuple[str, ...], target: Path, 
                 f"compiling {source.name} with nvcc {nvcc_release()} for sm_90a (once; cached in {target.parent})",
                 file=sys.stderr,
             )
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-20:]
+        returncode, output = run_compiler(cmd)
+        if returncode != 0:
+            tail = output.strip().splitlines()[-20:]
             raise KernelUnavailable(f"nvcc failed on {source.name}:\n" + "\n".join(tail))
         os.chmod(out, 0o755)
         os.replace(out, target)
+
+
+# Runs the compiler in a process group of its own and takes the whole group down when its parent dies: the
+# shell gets SIGTERM from the kernel when the process that started it dies (PR_SET_PDEATHSIG, even under SIGKILL)
+# and kills its group, nvcc's own children (cicc, ptxas, the host compiler) included.
+_GROUP_GUARD = 'trap "kill -KILL 0" TERM INT HUP; "$@" & wait $!'
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int):
+    def setup() -> None:  # in the child, before exec
+        os.setpgid(0, 0)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the death signal was armed
+            os._exit(1)
+
+    return setup
+
+
+def run_compiler(cmd: list[str]) -> tuple[int, str]:
+    """(exit status, output) of `cmd`, run so that no part of it outlives this process: killed with its group
+    when this process dies (any signal) or is interrupted."""
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", _GROUP_GUARD, "sh", *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_die_with(os.getpid()),
+    )
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc.returncode, output

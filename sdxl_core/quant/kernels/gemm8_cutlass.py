@@ -32,6 +32,16 @@ BUILD_FLAGS = {
     "fp8": ("-Xcompiler=-fvisibility=hidden", "-DSDXL_GEMM8_FP8=1"),
 }
 FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
+# The configurations the library holds, in index order, as `csrc/gemm8_sm90.cu` names them (both formats): what
+# a layer plan may name ("cutlass:<config>"), known without loading the library.
+CONFIG_NAMES = (
+    "coop_128x128x128",
+    "coop_128x160x128",
+    "coop_128x256x128",
+    "coop_128x128x128_streamk",
+    "pingpong_64x128x128",
+    "pingpong_128x128x128_cluster2x1",
+)
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -84,7 +94,10 @@ def configs(fmt: str = "int8") -> tuple[str, ...]:
     """The configuration names the `fmt` library holds, in index order. Loads (building if need be) the
     library; raises `cuda_build.KernelUnavailable` where it cannot."""
     lib = _library(fmt)
-    return tuple(lib.sdxl_gemm8_config_name(i).decode() for i in range(lib.sdxl_gemm8_num_configs()))
+    names = tuple(lib.sdxl_gemm8_config_name(i).decode() for i in range(lib.sdxl_gemm8_num_configs()))
+    if names != CONFIG_NAMES:  # a stale library: an index would run another config than the plan names
+        raise cuda_build.KernelUnavailable(f"the {fmt} GEMM library holds configs {names}, not {CONFIG_NAMES}")
+    return names
 
 
 @functools.cache
