@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdxl_core import settings
 from sdxl_core.errors import UserError
 from sdxl_core.files import build_lock, parse_json, sweep, temp_name, write_failure
 
@@ -182,16 +183,7 @@ def engine_path(engine_dir: str | Path, key: str) -> Path:
 
 def signing_key() -> bytes | None:
     """SDXL_BENCH_ENGINE_KEY as bytes (exactly the environment's bytes, whatever the locale), or None when unset."""
-    value = os.environ.get(KEY_ENV, "")
-    if not value:
-        return None
-    key = os.fsencode(value)  # undecodable bytes came in as surrogates: any byte string is a valid HMAC key
-    if len(key) < MIN_KEY_CHARS:
-        raise UserError(
-            f"{KEY_ENV} is {len(key)} characters: use at least {MIN_KEY_CHARS} random ones "
-            "(python -c 'import secrets; print(secrets.token_hex(32))')"
-        )
-    return key
+    return settings.engine_key()
 
 
 def signature(sidecar_bytes: bytes, key: bytes) -> str:
@@ -200,10 +192,7 @@ def signature(sidecar_bytes: bytes, key: bytes) -> str:
 
 
 def trust_override() -> bool:
-    value = os.environ.get(TRUST_ENV, "")
-    if value not in ("", "0", "1"):
-        raise UserError(f"{TRUST_ENV} must be 1 (trust unsigned engine dirs of other users) or 0, got {value!r}")
-    return value == "1"
+    return settings.trust_engine_dir()
 
 
 def _owner_problem(what: str, info: os.stat_result) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sdxl_core import settings
 from sdxl_core.models.configs import builtin_configs
 from sdxl_core.startup import Startup
 
@@ -48,12 +48,7 @@ class ModelCache:
 
     @staticmethod
     def root() -> Path | None:
-        value = os.environ.get(MODEL_CACHE_ENV, "")
-        if value.lower() == "off":
-            return None
-        if value:
-            return Path(value).expanduser()
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdxl-bench" / "models"
+        return settings.model_cache()
 
     @classmethod
     def entry(cls, name: str, seed: int) -> ModelCache | None:

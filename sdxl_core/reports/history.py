@@ -9,12 +9,12 @@ per run, one column per benchmark: median in ms) and `OUT/history.png` (median p
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdxl_core.errors import UserError
+from sdxl_core.files import parse_json
 
 HOW_TO_RECORD = "record runs with pytest --benchmark-autosave --benchmark-storage DIR"
 
@@ -51,7 +51,7 @@ def _parse_time(text) -> datetime.datetime | None:
 
 def _read_run(path: Path) -> tuple[Run, list[dict]]:
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_bytes())  # nesting bounded: deep JSON is a ValueError, not a crash
         benchmarks = data["benchmarks"]
         if not isinstance(benchmarks, list):
             raise TypeError("'benchmarks' is not a list")

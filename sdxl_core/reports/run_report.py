@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import statistics
 from pathlib import Path
 
@@ -139,11 +138,12 @@ def startup_table(report: dict, until: str) -> str:
 def markdown_summary(paths: list[Path]) -> str:
     """Markdown for people reading CI artifacts: one table of txt2img reports, one per pytest-benchmark run."""
     from sdxl_core.errors import UserError
+    from sdxl_core.files import parse_json
 
     txt2img, sections = [], []
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text())
+            data = parse_json(Path(path).read_bytes())  # nesting bounded: deep JSON is a ValueError
         except (OSError, ValueError) as exc:
             raise UserError(f"{path} is not a txt2img report ({type(exc).__name__}: {exc})") from None
         try:

@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sdxl_core import settings
+
 CSRC = Path(__file__).with_name("csrc")
 CACHE_ENV = "SDXL_BENCH_KERNEL_CACHE"
 # Hopper's warp-group MMA (wgmma) and TMA need the arch-specific sm_90a target; written in -gencode form
@@ -55,7 +57,7 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sdxl-bench" / "kernels")
+    return settings.kernel_cache()
 
 
 def nvcc() -> str:
