@@ -7,12 +7,13 @@ The package's parts, by job: `configs` (the built-in architectures), `components
 
 from __future__ import annotations
 
-from sdxl_core.models.builtin import build_builtin, builtin_tokenizer, make_builtin_lora, make_lora
+from sdxl_core.models.builtin import build_builtin, builtin_tokenizer, make_builtin_lora, make_lora, make_reactive
 from sdxl_core.models.cache import BEFORE_UNET, CACHED_BUILTINS, MODEL_CACHE_ENV, MODEL_CACHE_FORMAT, ModelCache
 from sdxl_core.models.components import Components, count_parameters, import_libraries
 from sdxl_core.models.configs import (
     BUILTIN_MODELS,
     MODEL_NOTES,
+    REACTIVE_GAINS,
     SDXL_SCHEDULER_CONFIG,
     SDXL_TEXT_ENCODER_2_CONFIG,
     SDXL_TEXT_ENCODER_CONFIG,
@@ -40,6 +41,7 @@ __all__ = [
     "MODEL_CACHE_ENV",
     "MODEL_CACHE_FORMAT",
     "MODEL_NOTES",
+    "REACTIVE_GAINS",
     "SDXL_SCHEDULER_CONFIG",
     "SDXL_TEXT_ENCODER_2_CONFIG",
     "SDXL_TEXT_ENCODER_CONFIG",
@@ -64,6 +66,7 @@ __all__ = [
     "load",
     "make_builtin_lora",
     "make_lora",
+    "make_reactive",
 ]
 
 

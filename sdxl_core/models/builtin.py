@@ -27,7 +27,7 @@ import torch
 from sdxl_core.errors import UserError
 from sdxl_core.models.cache import BEFORE_UNET, CACHED_BUILTINS, ModelCache
 from sdxl_core.models.components import Components
-from sdxl_core.models.configs import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG, builtin_configs
+from sdxl_core.models.configs import REACTIVE_GAINS, SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG, builtin_configs
 from sdxl_core.startup import Startup
 
 
@@ -100,6 +100,7 @@ def build_builtin(
         with startup.phase("unet", note="generated"), torch.random.fork_rng(devices=[]), torch.device(device):
             torch.set_rng_state(unet_rng)
             unet = makers["unet"]()
+            make_reactive(unet)
         if entry is not None:
             entry.save({"unet": unet}, startup)
         return unet
@@ -120,6 +121,37 @@ def build_builtin(
         scheduler_config=dict(SDXL_SCHEDULER_CONFIG),
         unet_loader=load_unet,
     )
+
+
+@torch.no_grad()
+def make_reactive(unet: torch.nn.Module) -> dict[str, int]:
+    """Scale a freshly initialised built-in UNet's weights by REACTIVE_GAINS, in place (meta tensors too); how
+    many modules of each kind were scaled. Real models never pass here."""
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    gains, scaled = REACTIVE_GAINS, dict.fromkeys(("attention", "feed_forward", "transformer", "resnet"), 0)
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            qk = gains["cross_attention_qk"] if module.is_cross_attention else gains["self_attention_qk"]
+            module.to_q.weight.mul_(qk)
+            module.to_k.weight.mul_(qk)
+            module.to_out[0].weight.mul_(gains["attention_out"])
+            scaled["attention"] += 1
+        elif isinstance(module, FeedForward):
+            [*(m for m in module.net if isinstance(m, torch.nn.Linear))][-1].weight.mul_(gains["feed_forward_out"])
+            scaled["feed_forward"] += 1
+        elif isinstance(module, Transformer2DModel):
+            module.proj_out.weight.mul_(gains["transformer_proj_out"])
+            scaled["transformer"] += 1
+        elif isinstance(module, ResnetBlock2D):
+            module.time_emb_proj.weight.mul_(gains["resnet_time_emb_proj"])
+            scaled["resnet"] += 1
+    unet.add_embedding.linear_2.weight.mul_(gains["add_embedding_out"])
+    unet.conv_out.weight.mul_(gains["conv_out"])
+    return scaled
 
 
 @contextlib.contextmanager

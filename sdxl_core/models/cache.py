@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from sdxl_core import settings
-from sdxl_core.models.configs import builtin_configs
+from sdxl_core.models.configs import REACTIVE_GAINS, builtin_configs
 from sdxl_core.startup import Startup
 
 # Built-ins whose generated weights are kept in the model cache: generating them costs more than reading them.
 CACHED_BUILTINS = ("sdxl-random",)
 MODEL_CACHE_ENV = "SDXL_BENCH_MODEL_CACHE"  # the cache's directory, or "off"
-MODEL_CACHE_FORMAT = 1
+MODEL_CACHE_FORMAT = 2  # 2: the UNet's weights scaled by builtin.REACTIVE_GAINS
 
 
 BEFORE_UNET = ("text_encoder", "text_encoder_2", "vae")  # generated in this order, then the UNet
@@ -63,6 +63,7 @@ class ModelCache:
             "model": name,
             "seed": seed,
             "configs": builtin_configs(name),
+            "gains": REACTIVE_GAINS,
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "transformers": transformers.__version__,

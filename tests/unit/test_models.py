@@ -209,3 +209,182 @@ def test_which_builtins_are_cached(model_cache, monkeypatch):
     assert models.ModelCache.entry("sdxl-random", 0).path.parent == model_cache
     monkeypatch.setenv(models.MODEL_CACHE_ENV, "off")
     assert models.ModelCache.entry("sdxl-random", 0) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in models react: each path the pipeline feeds moves what comes out.
+
+# How far a path switched off must move tiny's final latents (relative L2) and image (SSIM): 10x past the
+# regression tolerances. Latents: tolerance 1e-3, an assumption until the suite pins its own (measured here:
+# a rerun is bit-identical, 1 vs 2 threads moves them 3e-6, the UNet's weights rounded to fp16 2.8e-3).
+# Image: the regression threshold SSIM 0.995 (baselines.THRESHOLDS), so a move of 10 x 0.005.
+LATENT_TOLERANCE = 1e-3
+IMAGE_SSIM_THRESHOLD = 0.995
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def _bypass_residuals(block: torch.nn.Module) -> list:
+    """Hooks that make each resnet and transformer in `block` pass its input through (resnets keep their channel
+    shortcut): the block then only resamples, its own computation is off."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    def resnet(module, args, kwargs, out):
+        shortcut = module.conv_shortcut(args[0]) if module.conv_shortcut is not None else args[0]
+        return shortcut / module.output_scale_factor
+
+    def transformer(module, args, kwargs, out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if isinstance(out, tuple) else type(out)(sample=hidden)
+
+    hooks = [m.register_forward_hook(resnet, with_kwargs=True) for m in block.modules() if isinstance(m, ResnetBlock2D)]
+    hooks += [
+        m.register_forward_hook(transformer, with_kwargs=True)
+        for m in block.modules()
+        if isinstance(m, Transformer2DModel)
+    ]
+    return hooks
+
+
+def _zero_cross_attention(unet) -> list:
+    return [
+        m.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+        for name, m in unet.named_modules()
+        if name.endswith("attn2")
+    ]
+
+
+def _without_text_encoder(f):
+    return lambda ids: torch.zeros_like(f(ids))
+
+
+def _without_text_encoder_2(f):
+    return lambda ids: (torch.zeros_like(f(ids)[0]), f(ids)[1])
+
+
+def _without_pooled(f):
+    return lambda ids: (f(ids)[0], torch.zeros_like(f(ids)[1]))
+
+
+def _without_time_ids(f):
+    return lambda sample, t, hidden, pooled, time_ids: f(sample, t, hidden, pooled, torch.zeros_like(time_ids))
+
+
+# path -> (stage wrappers for the engines, hooks(components) -> removable hooks, variant change, with the LoRA)
+PATHS = {
+    "text_encoder": ({"clip": _without_text_encoder}, None, {}),
+    "text_encoder_2": ({"clip2": _without_text_encoder_2}, None, {}),
+    "pooled_text_embedding": ({"clip2": _without_pooled}, None, {}),
+    "time_ids": ({"unet": _without_time_ids}, None, {}),
+    "guidance_1.0": ({}, None, {"guidance_scale": 1.0}),
+    "cross_attention": ({}, lambda c: _zero_cross_attention(c.unet), {}),
+    **{
+        f"down_blocks.{i}": ({}, lambda c, i=i: _bypass_residuals(c.unet.down_blocks[i]), {})
+        for i in range(len(models.TINY_UNET_CONFIG["down_block_types"]))
+    },
+    "mid_block": ({}, lambda c: _bypass_residuals(c.unet.mid_block), {}),
+    **{
+        f"up_blocks.{i}": ({}, lambda c, i=i: _bypass_residuals(c.unet.up_blocks[i]), {})
+        for i in range(len(models.TINY_UNET_CONFIG["up_block_types"]))
+    },
+    # The VAE's scaling factor left out (latents decoded as they come): the VAE must see what it is handed.
+    "vae_scaling_factor": (
+        {"vae": lambda f, factor=models.SDXL_VAE_CONFIG["scaling_factor"]: lambda x: f(x * factor)},
+        None,
+        {},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_render(tmp_path_factory):
+    """(components, wrappers, variant changes) -> (final latents, image), as the suite renders tiny."""
+    import numpy as np
+
+    from sdxl_core import pipeline
+    from sdxl_core.engines import Engines, text_stages, unet_stage, vae_stage
+    from sdxl_core.variants import TINY_SIZE, VARIANTS
+
+    variant = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=TINY_SIZE, width=TINY_SIZE, steps=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suite's CPU setting, and no contention with the other xdist worker
+
+    def render(components, wrappers=None, **changes):
+        clip, clip2 = text_stages(components)
+        stages = {"clip": clip, "clip2": clip2, "unet": unet_stage(components.unet), "vae": vae_stage(components)}
+        stages = {k: (wrappers or {}).get(k, lambda f: f)(f) for k, f in stages.items()}
+        engines = Engines(torch.device("cpu"), torch.float32, **stages)
+        result = pipeline.txt2img(engines, components, variant.replace(**changes), [PROMPT], seed=0)
+        return result.latents, np.asarray(result.images[0])
+
+    yield render
+    torch.set_num_threads(threads)
+
+
+def _moved(reference, candidate) -> tuple[float, float]:
+    from sdxl_core import metrics
+
+    latents = ((candidate[0] - reference[0]).norm() / reference[0].norm()).item()
+    return latents, metrics.compare(reference[1], candidate[1])["ssim"]
+
+
+def _assert_moves(path: str, reference, candidate, *, latents_too: bool = True) -> None:
+    latents, ssim = _moved(reference, candidate)
+    print(f"{path} off: latents moved {latents:.3f} (relative L2), image SSIM {ssim:.4f}")
+    if latents_too:
+        assert latents >= 10 * LATENT_TOLERANCE, f"{path} off moves tiny's latents by only {latents:.2e}"
+    assert 1 - ssim >= 10 * (1 - IMAGE_SSIM_THRESHOLD), f"{path} off leaves tiny's image at SSIM {ssim:.5f}"
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(eager_tiny, tiny_render):
+    return tiny_render(eager_tiny)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_of_tiny_moves_its_output(path, eager_tiny, tiny_render, tiny_reference):
+    """Each path switched off in turn moves tiny's final latents and image 10x past the regression tolerance: a
+    bug that breaks one of them cannot hide inside the tolerance."""
+    wrappers, hooks, changes = PATHS[path]
+    handles = hooks(eager_tiny) if hooks else []
+    try:
+        candidate = tiny_render(eager_tiny, wrappers, **changes)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _assert_moves(path, tiny_reference, candidate, latents_too=not path.startswith("vae"))  # after the latents
+
+
+@pytest.mark.slow
+def test_a_lora_moves_tinys_output(tmp_path, tiny_render, tiny_reference):
+    """The suite's random LoRA at scale 1 against scale 0 (which is the plain model)."""
+    lora = models.make_builtin_lora("tiny", tmp_path)
+    _assert_moves("the LoRA", tiny_reference, tiny_render(models.load("tiny", lora_path=str(lora), lora_scale=1.0)))
+
+
+def test_the_reactive_gains_reach_every_block_of_sdxl_random():
+    """The gains are applied after generation, on tiny and sdxl-random alike: on sdxl-random's shapes (meta
+    device, nothing generated) they reach its 70 transformer blocks (a self- and a cross-attention and a
+    feed-forward each), 11 transformers and 17 resnets."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**models.SDXL_UNET_CONFIG)
+    assert models.make_reactive(unet) == {"attention": 140, "feed_forward": 70, "transformer": 11, "resnet": 17}
+
+
+def test_tiny_is_built_with_the_reactive_gains(monkeypatch, eager_tiny):
+    """The built UNet is the seeded one times the gains; the text encoders and the VAE are left as drawn."""
+    from sdxl_core.models import builtin
+
+    monkeypatch.setattr(builtin, "make_reactive", lambda unet: None)
+    plain = models.build_builtin("tiny")
+    gains = models.REACTIVE_GAINS
+    assert torch.equal(eager_tiny.unet.conv_out.weight, plain.unet.conv_out.weight * gains["conv_out"])
+    attn2 = eager_tiny.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight
+    plain_attn2 = plain.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight
+    assert torch.equal(attn2, plain_attn2 * gains["cross_attention_qk"])
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(eager_tiny, name).state_dict(), getattr(plain, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
