@@ -17,22 +17,18 @@ the UNet as it is.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from sdxl_core import settings
 from sdxl_core.errors import UserError
 
 ENV = "SDXL_BENCH_CROSS_KV"
-MODES = ("per-step", "reuse")
+MODES = settings.CROSS_KV_MODES
 
 
 def mode() -> str:
     """SDXL_BENCH_CROSS_KV's value (default per-step); anything else is one line for the user."""
-    value = os.environ.get(ENV, "per-step").strip() or "per-step"
-    if value not in MODES:
-        raise UserError(f"{ENV}={value!r}: choose one of {', '.join(MODES)}")
-    return value
+    return settings.cross_kv()
 
 
 class CachedProjection(torch.nn.Module):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 from collections import Counter
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl_core import specs
+from sdxl_core import settings, specs
 from sdxl_core.engines import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
 from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
@@ -331,7 +330,7 @@ def layer_counts(unet: torch.nn.Module) -> tuple[dict[str, int], dict[str, int]]
 
 def dispatches(device: torch.device) -> bool:
     """Kernels are timed per shape on a GPU (SDXL_BENCH_GEMM_DISPATCH=off keeps every layer's default)."""
-    return device.type == "cuda" and os.environ.get("SDXL_BENCH_GEMM_DISPATCH") != "off"
+    return device.type == "cuda" and settings.gemm_dispatch()
 
 
 def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dict]:

@@ -20,7 +20,6 @@ module's `gemm_path` / `kernel`, hence in `layer_plan.json`: a reload runs exact
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sdxl_core import settings
 from sdxl_core.quant import qmodules
 from sdxl_core.quant.kernels import ops
 from sdxl_core.timing import graph_ms
@@ -180,7 +180,7 @@ def relative_error(layer, fn, x: torch.Tensor, candidate: str) -> float:
 
 def allowed(candidate: str) -> bool:
     """Whether `SDXL_BENCH_KERNELS` (unset: every kernel) lets this candidate be timed."""
-    wanted = [w.strip() for w in os.environ.get(KERNELS_ENV, "").split(",") if w.strip()]
+    wanted = settings.kernels()
     return candidate == SIXTEEN_BIT or not wanted or any(candidate.startswith(w) for w in wanted)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 from modelopt.torch.quantization import utils as quant_utils
 from modelopt.torch.quantization.calib.max import MaxCalibrator
 
+from sdxl_core import settings
 from sdxl_core.errors import UserError
 from sdxl_core.files import atomic_path
 from sdxl_core.variants import Variant
@@ -290,7 +290,7 @@ def _skip_modelopt_cuda_extension() -> None:
     (docs/perf). Calibration only collects amax statistics, and ModelOpt falls back to the torch kernels
     (same rounding) when the extension is absent. SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps the extension.
     """
-    if os.environ.get("SDXL_BENCH_MODELOPT_CUDA_EXT") == "1":
+    if settings.modelopt_cuda_ext():
         return
     from modelopt.torch.quantization import extensions
 

@@ -26,9 +26,11 @@ import sys
 
 import torch
 
+from sdxl_core import settings
+
 # Triton decides between compiling and interpreting when a function is decorated, and triton.language
 # decorates its own helpers (tl.cdiv, ...) on import, so the opt-in must become TRITON_INTERPRET first.
-if os.environ.get("SDXL_BENCH_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") != "1":
+if settings.triton_on_cpu() and os.environ.get("TRITON_INTERPRET") != "1":
     if "triton" in sys.modules:
         raise ImportError("SDXL_BENCH_TRITON_ON_CPU=1 needs TRITON_INTERPRET=1 set before triton is imported")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -79,7 +81,7 @@ else:
         gemm_config(64, 64, 128, 4, 4),
     ]
 
-_QUICK = os.environ.get("SDXL_BENCH_AUTOTUNE") == "quick"
+_QUICK = settings.autotune_quick()
 if _QUICK:
     # Each new (M, N, K) autotunes every config; GPU tests over many ragged shapes take one config only.
     # The fused kernel's quick config must fit float32 A tiles too: 128x256x128 over 3 stages needed 245760
