@@ -25,9 +25,14 @@ HUB_IDS = {
     "xl-turbo": "stabilityai/sdxl-turbo",
 }
 LCM_LORA_HUB_ID = "latent-consistency/lcm-lora-sdxl"
-TINY_SIZE = 128  # the built-in tiny model runs at this size unless one is asked for: CPU runs take seconds
-# The built-in tiny model calibrates 8-bit engines on 2 prompts unless asked for more (the variants' 32 cost
-# minutes on a small CPU and say nothing more about random weights): INT8/FP8 runs finish in well under a minute.
+# How the built-in `tiny` model runs unless a flag says otherwise, for every caller (txt2img, build, the demo,
+# the GPU measurement commands, the suite): its weights are random, so more pixels, steps or prompts only cost
+# time. 128x128 keeps a CPU run to seconds. At most 4 denoising steps: the LCM-LoRA variant's count, so every
+# scheduler still takes several steps (Turbo keeps its 1), and the suite's committed tiny quality baselines were
+# rendered at it. 2 calibration prompts instead of the variants' 32 (minutes on a small CPU, and nothing more
+# to learn from random weights): INT8/FP8 runs on tiny finish in well under a minute.
+TINY_SIZE = 128
+TINY_MAX_STEPS = 4
 TINY_CALIBRATION_SIZE = 2
 
 # Every bound on a number people type, in one place: flag -> (lowest, highest). They follow the reference
@@ -173,13 +178,7 @@ class Variant:
             )
         return knobs
 
-    def engine_key(self, backend_version: str, device_tag: str) -> str:
-        """A file-name-safe key in the demo's style plus what the demo left out.
-
-        e.g. `unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.sdxl-random.torch2.11.0.sm90`.
-        Readable parts come first; a digest of all knobs at the end guarantees that different
-        knobs never share a key even where the readable parts would be ambiguous.
-        """
+    def _key_parts(self) -> list[str]:
         parts = [f"unetxl-{self.precision}"]
         if self.precision == "int8":
             parts += [
@@ -197,20 +196,38 @@ class Variant:
         parts.append(f"h{self.height}w{self.width}")
         if self.fused_qkv:
             parts.append("qkv")
-        return make_key(parts, self.engine_knobs(), self, backend_version, device_tag)
+        return parts
+
+    def engine_key(self, backend_version: str, device_tag: str) -> str:
+        """A file-name-safe key in the demo's style plus what the demo left out.
+
+        e.g. `unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.sdxl-random.torch2.11.0.sm90`.
+        Readable parts come first; a digest of all knobs at the end guarantees that different
+        knobs never share a key even where the readable parts would be ambiguous.
+        """
+        return make_key(self._key_parts(), self.engine_knobs(), self, backend_version, device_tag)
+
+    def engine_key_prefix(self) -> str:
+        """How every key of this variant's UNet engine starts, whatever the backend's version and the device:
+        what can be looked for in an engine dir before torch, which tells both, is imported."""
+        return ".".join([*_readable_parts(self._key_parts(), self), _slug(self.backend)])
 
 
 def make_key(readable: list[str], knobs: dict, variant: Variant, backend_version: str, device_tag: str) -> str:
     """`<readable parts>.<model>[.lora<scale>].<backend+version>.<device>.<digest of every knob>`: the form
     of every engine key (the UNet's and the other components')."""
-    parts = [*readable, _slug(variant.model)]
-    if variant.lora_path:
-        parts.append(f"lora{variant.lora_scale:g}")
-    parts += [_slug(f"{variant.backend}{backend_version}"), _slug(device_tag)]
+    parts = _readable_parts(readable, variant) + [_slug(f"{variant.backend}{backend_version}"), _slug(device_tag)]
     digest = hashlib.sha256(
         repr(sorted(knobs.items())).encode() + device_tag.encode() + backend_version.encode()
     ).hexdigest()[:10]
     return ".".join(parts + [digest])
+
+
+def _readable_parts(readable: list[str], variant: Variant) -> list[str]:
+    parts = [*readable, _slug(variant.model)]
+    if variant.lora_path:
+        parts.append(f"lora{variant.lora_scale:g}")
+    return parts
 
 
 def _levels(levels) -> str:
@@ -257,8 +274,22 @@ def get_variant(name: str) -> Variant:
         ) from None
 
 
-def builtin_defaults(model: str | None) -> dict:
-    """Variant fields a built-in model changes unless a flag sets them: `tiny` runs small and calibrates briefly."""
-    if model == "tiny":
-        return {"height": TINY_SIZE, "width": TINY_SIZE, "calibration_size": TINY_CALIBRATION_SIZE}
+def builtin_defaults(variant: Variant) -> dict:
+    """Variant fields a built-in model changes unless a flag sets them: `tiny` runs small, in at most
+    TINY_MAX_STEPS steps, and calibrates briefly (the table above says why)."""
+    if variant.model == "tiny":
+        return {
+            "height": TINY_SIZE,
+            "width": TINY_SIZE,
+            "steps": min(variant.steps, TINY_MAX_STEPS),
+            "calibration_size": TINY_CALIBRATION_SIZE,
+        }
     return {}
+
+
+def on_model(variant: Variant, model: str | None = None, **flags) -> Variant:
+    """`variant` run on `model` (default: its own): the built-in model's defaults first (`builtin_defaults`),
+    then every flag given over them (None: not given)."""
+    moved = variant.replace(model=model) if model else variant
+    given = {name: value for name, value in flags.items() if value is not None}
+    return moved.replace(**{**builtin_defaults(moved), **given})

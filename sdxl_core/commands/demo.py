@@ -2,10 +2,11 @@
 
     python -m sdxl_core.commands.demo [--model tiny] [--output-dir demo-out] [--engine-dir DIR]
 
-On the built-in `tiny` model (CPU, random weights) it runs at 128x128 with 10 steps and calibrates INT8 on
-2 prompts, well under two minutes on two idle CPU cores; a second run loads both engines from the engine
-dir and skips calibration. Each variant gets one 1-step warm-up (one-time kernel and allocator costs stay
-out of the table), then one timed run. Writes into --output-dir:
+On the built-in `tiny` model (CPU, random weights) it runs as every command runs `tiny` (variants.py's
+builtin_defaults: 128x128, 4 steps, INT8 calibrated on 2 prompts), well under two minutes on two idle CPU
+cores; a second run loads both engines from the engine dir and skips calibration. Each variant gets one
+1-step warm-up (one-time kernel and allocator costs stay out of the table), then one timed run. It writes
+into --output-dir:
 
     xl-1.0-fp16.png, xl-1.0-int8.png   the two images (same prompt, same seed)
     side_by_side.png                   FP16 | INT8 | SSIM heat map of INT8 vs FP16
@@ -22,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+from sdxl_core import run
 from sdxl_core.errors import UserError
-from sdxl_core.variants import TINY_SIZE
+from sdxl_core.run import DEFAULT_PROMPT
+from sdxl_core.variants import TINY_CALIBRATION_SIZE, TINY_MAX_STEPS, get_variant, on_model
 
-DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 VARIANT_NAMES = ("xl-1.0-fp16", "xl-1.0-int8")
-TINY = {"height": TINY_SIZE, "width": TINY_SIZE, "steps": 10, "calibration_size": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--denoising-steps", type=int, default=None, help=f"default: {TINY['steps']} on tiny, else the variant's 30"
+        "--denoising-steps", type=int, default=None, help=f"default: {TINY_MAX_STEPS} on tiny, else the variant's 30"
     )
     p.add_argument(
         "--calibration-size",
         type=int,
         default=None,
-        help=f"INT8 calibration prompts; default: {TINY['calibration_size']} on tiny, else 32",
+        help=f"INT8 calibration prompts; default: {TINY_CALIBRATION_SIZE} on tiny, else 32",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--no-warmup", action="store_true", help="skip the 1-step warm-up run per variant")
@@ -56,24 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo_variants(model: str, steps: int | None = None, calibration_size: int | None = None) -> list:
-    from sdxl_core.variants import get_variant
-
-    variants = []
-    for name in VARIANT_NAMES:
-        variant = get_variant(name).replace(model=model)
-        if model == "tiny":
-            variant = variant.replace(
-                height=TINY["height"],
-                width=TINY["width"],
-                steps=TINY["steps"],
-                calibration_size=TINY["calibration_size"],
-            )
-        if steps is not None:
-            variant = variant.replace(steps=steps)
-        if calibration_size is not None:
-            variant = variant.replace(calibration_size=calibration_size)
-        variants.append(variant)
-    return variants
+    return [
+        on_model(get_variant(name), model, steps=steps, calibration_size=calibration_size) for name in VARIANT_NAMES
+    ]
 
 
 def run_demo(
@@ -91,9 +77,7 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Build (or load) both engines, render `prompt` with each, write the files; returns what was written."""
-    from sdxl_core import metrics, models, pipeline
-    from sdxl_core.commands.cli import resolve_device, set_cpu_threads
-    from sdxl_core.engines import torch_backend
+    from sdxl_core import metrics
     from sdxl_core.files import atomic_path, atomic_write_text
     from sdxl_core.reports import images as report
     from sdxl_core.reports import run_report
@@ -101,36 +85,32 @@ def run_demo(
     started = time.perf_counter()
     out = Path(output_dir)
     engine_dir = Path(engine_dir) if engine_dir else out / "engines"
-    torch_device = resolve_device(device)
-    if torch_device.type == "cpu":
-        set_cpu_threads(None, model)
     variants = demo_variants(model, steps, calibration_size)
+    options = run.Options(
+        engine_dir=str(engine_dir),
+        onnx_dir=str(onnx_dir) if onnx_dir else None,
+        output_dir=str(out),
+        device=device,
+        progress=progress,
+        phase_lines=progress,
+    )
+    torch_device = [run.check(variant, options) for variant in variants][0]
 
     images, rows, details = {}, [], []
     for variant in variants:
-        if progress:
-            print(f"{variant.name}: preparing the engine in {engine_dir}", file=sys.stderr)
         build_started = time.perf_counter()
-        components = models.load(variant.model)
-        engines = torch_backend.prepare(
-            variant,
-            components,
-            torch_device,
-            engine_dir=str(engine_dir),
-            onnx_dir=str(onnx_dir) if onnx_dir else None,
-            progress=progress,
-        )
+        ready = run.prepare(variant, options, device=torch_device)
         prepare_s = time.perf_counter() - build_started
         if warmup:
-            pipeline.txt2img(engines, components, variant.replace(steps=1), [prompt], seed=seed)
-        result = pipeline.txt2img(engines, components, variant, [prompt], seed=seed, progress=progress)
+            ready.generate(prompt, seed=seed, steps=1)
+        result = ready.generate(prompt, seed=seed)
         image = result.images[0]
         images[variant.name] = image
         t = result.timings
         rows.append(
             {
                 "variant": variant.name,
-                "engine": engines.info.get("mode"),
+                "engine": ready.info.mode,
                 "steps": result.unet_calls,
                 "clip ms": t["clip"],
                 "clip2 ms": t["clip2"],
@@ -145,7 +125,7 @@ def run_demo(
                 "timings_ms": {k: round(v, 3) for k, v in t.items()},
                 "unet_steps": result.unet_calls,
                 "prepare_s": round(prepare_s, 2),
-                "engine": engines.info,
+                "engine": ready.info_dict(),
             }
         )
 

@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from sdxl_core import models, timing
+from sdxl_core import models, run, timing
 from sdxl_core.engines import torch_backend
 from sdxl_core.errors import UserError
 from sdxl_core.reports.results import ResultFile, fmt, table
-from sdxl_core.variants import TINY_SIZE, VARIANTS
+from sdxl_core.run import DEFAULT_PROMPT
+from sdxl_core.variants import VARIANTS, on_model
 
-PROMPT = "a photo of an astronaut riding a horse on mars"
 FLOPS_PER_STEP_1024 = 13.52e12  # SDXL UNet, CFG batch 2 at 1024x1024 (torch.utils.flop_counter on the meta device)
 FP16_TUNINGS = {"full": ("full", None), "nchw": ("regional", False)}  # row suffix -> (compile mode, channels-last)
 PRECISIONS = ("fp16", "int8", "fp8")
@@ -48,7 +48,9 @@ def add_arguments(p) -> None:
         default=2,
         help="calibration prompts of the 8-bit engines (timing does not depend on it; the demo uses 32)",
     )
-    p.add_argument("--size", type=int, default=None, help="image height and width (default: 1024, tiny 128)")
+    p.add_argument(
+        "--size", type=int, default=None, help="image height and width (default: the variant's; tiny's on tiny)"
+    )
     p.add_argument("--engine-dir", required=True, help="where the engines are built, or reloaded from")
     p.add_argument("--onnx-dir", default=None, help="calibration state (reused when present)")
     p.add_argument("--reload", action="store_true", help="load engines only: no ONNX dir, no calibration")
@@ -79,11 +81,22 @@ def main(args) -> int:
     precisions = [p for p in args.precisions.split(",") if p]
     if not precisions or any(p.removesuffix("+qkv") not in PRECISIONS for p in precisions):
         raise UserError(f"--precisions takes fp16, int8 and fp8 (each optionally +qkv), got {args.precisions!r}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile = {"auto": None, "regional": True, "full": True, "off": False}[args.compile]
     compile_mode = "full" if args.compile == "full" else "regional"
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
-    size = args.size or (TINY_SIZE if args.model == "tiny" else 1024)
+    layout = {"auto": None, "channels-last": True, "nchw": False}[args.layout]
+    names = precisions + [f"fp16-{t}" for t in dict.fromkeys(tunings)]
+    variants = {name: _variant(name, args) for name in names}
+    options = run.Options(
+        engine_dir=args.engine_dir,
+        onnx_dir=None if args.reload else args.onnx_dir,
+        allow_build=not args.reload,
+        progress=False,
+        use_cuda_graph=cuda_graph,
+        backend_options={"compile": compile, "compile_mode": compile_mode, "channels_last": layout},
+    )
+    device = run.check(variants[names[0]], options)
+    size = variants[names[0]].height
     result = ResultFile(
         args.out,
         "engines",
@@ -95,40 +108,21 @@ def main(args) -> int:
     )
     # A reload needs no UNet weights: the engine brings them. Tuned FP16 rows start from the seeded UNet.
     master = models.load(args.model, unet_weights=not args.reload or bool(tunings))
-    engines, rows, kept = {}, {}, {}
-    for name in precisions + [f"fp16-{t}" for t in dict.fromkeys(tunings)]:
+    runs, rows = {}, {}
+    for name, variant in variants.items():
         tuned = name.startswith("fp16-")
-        layout = {"auto": None, "channels-last": True, "nchw": False}[args.layout]
-        mode, channels_last = FP16_TUNINGS[name.removeprefix("fp16-")] if tuned else (compile_mode, layout)
-        precision = "fp16" if tuned else name.removesuffix("+qkv")
-        variant = VARIANTS[f"xl-1.0-{precision}"].replace(
-            model=args.model,
-            height=size,
-            width=size,
-            calibration_size=args.calibration_size,
-            fused_qkv=name.endswith("+qkv"),
-        )
         fresh = not args.reload or tuned  # tunings change the module: never share it between rows
         components = dataclasses.replace(master, unet=copy.deepcopy(master.unet) if fresh else master.unet)
         started = time.perf_counter()
-        engines[name] = torch_backend.prepare(
-            variant,
-            components,
-            device,
-            engine_dir=None if tuned else args.engine_dir,
-            onnx_dir=None if args.reload else args.onnx_dir,
-            allow_build=tuned or not args.reload,
-            compile=True if tuned and device.type == "cuda" else compile,
-            compile_mode=mode,
-            use_cuda_graph=cuda_graph,
-            channels_last=channels_last,
+        runs[name] = run.prepare(
+            variant, _tuned(options, name, device) if tuned else options, device=device, components=components
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
-        info = {k: v for k, v in engines[name].info.items() if k != "gemm_timings"}
+        info = runs[name].info_dict()
         rows[name] = result.add({"engine": name, "prepare_s": round(time.perf_counter() - started, 2), **info})
-        print(f"{name}: prepared in {rows[name]['prepare_s']} s ({info.get('mode')})", flush=True)
-        kept[name] = (variant, components)
+        print(f"{name}: prepared in {rows[name]['prepare_s']} s ({runs[name].info.mode})", flush=True)
+    engines = {name: ready.engines for name, ready in runs.items()}
     inputs = torch_backend.unet_inputs(variant, master.unet, device, engines[precisions[0]].dtype)
     del master
     outputs = {}
@@ -157,26 +151,44 @@ def main(args) -> int:
         if best_fp16 is not None:
             row["speedup_vs_best_fp16"] = round(best_fp16 / medians[name], 3)
     result.save()
-    _images(engines, kept, rows, result, size, fp16 or precisions[0])
+    _images(runs, rows, result, size, fp16 or precisions[0])
     print(render(result.data))
     return 0
 
 
-def _images(engines, kept, rows, result, size, reference: str) -> None:
+def _variant(name: str, args):
+    """An engine row's variant: `fp16`, `int8+qkv`, ... on --model; a tuning row (`fp16-full`) is FP16's."""
+    precision = "fp16" if name.startswith("fp16-") else name.removesuffix("+qkv")
+    return on_model(
+        VARIANTS[f"xl-1.0-{precision}"],
+        args.model,
+        height=args.size,
+        width=args.size,
+        calibration_size=args.calibration_size,
+        fused_qkv=name.endswith("+qkv"),
+    )
+
+
+def _tuned(options: run.Options, name: str, device) -> run.Options:
+    """A tuning row is built in memory (never stored) with its own compile mode and layout."""
+    mode, channels_last = FP16_TUNINGS[name.removeprefix("fp16-")]
+    compile = True if device.type == "cuda" else options.backend_options["compile"]
+    tuning = {"compile": compile, "compile_mode": mode, "channels_last": channels_last}
+    return dataclasses.replace(options, engine_dir=None, allow_build=True, backend_options=tuning)
+
+
+def _images(runs, rows, result, size, reference: str) -> None:
     """One image per engine from the same prompt and seed; SSIM/PSNR against the reference engine's image."""
     from PIL import Image
 
-    from sdxl_core import metrics, pipeline
+    from sdxl_core import metrics
     from sdxl_core.reports.images import side_by_side
 
-    images = {}
-    for name, engine in engines.items():
-        variant, components = kept[name]
-        images[name] = pipeline.txt2img(engine, components, variant, [PROMPT], seed=0).images[0]
+    images = {name: ready.generate(DEFAULT_PROMPT, seed=0).images[0] for name, ready in runs.items()}
     for name, image in images.items():
         values = metrics.compare(images[reference], image)
         rows[name].update(ssim_vs_fp16=round(values["ssim"], 5), psnr_vs_fp16=round(values["psnr"], 2))
-    result.update(image_prompt=PROMPT, image_reference=reference)
+    result.update(image_prompt=DEFAULT_PROMPT, image_reference=reference)
     grid = side_by_side(images, reference)
     if size > 512:  # keep the result file small: the heat maps read as well at half size
         grid = grid.resize((grid.width // 2, grid.height // 2), Image.BICUBIC)

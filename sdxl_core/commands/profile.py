@@ -22,10 +22,10 @@ import re
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sdxl_core import models
+from sdxl_core import models, run
 from sdxl_core.engines import torch_backend
 from sdxl_core.reports.results import ResultFile, table
-from sdxl_core.variants import TINY_SIZE, VARIANTS
+from sdxl_core.variants import VARIANTS, on_model
 
 GROUPS = [  # (group, pattern over the lower-cased kernel or op name); the first match wins
     ("Inductor norm/pointwise", r"^triton_(poi|per|red)_"),
@@ -92,30 +92,25 @@ def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], li
 
 
 def main(args) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = TINY_SIZE if args.model == "tiny" else 1024
-    result = ResultFile(args.out, "profile", device, model=args.model, size=size, steps=args.steps)
-    master = models.load(args.model)
-    for precision in [p for p in args.precisions.split(",") if p]:
-        variant = VARIANTS[f"xl-1.0-{precision.removesuffix('+qkv')}"].replace(
-            model=args.model,
-            height=size,
-            width=size,
+    precisions = [p for p in args.precisions.split(",") if p]
+    variants = {
+        precision: on_model(
+            VARIANTS[f"xl-1.0-{precision.removesuffix('+qkv')}"],
+            args.model,
             calibration_size=args.calibration_size,
             fused_qkv=precision.endswith("+qkv"),
         )
-        if args.model == "tiny":
-            variant = variant.replace(steps=2)  # calibration steps only: the CPU smoke test stays short
+        for precision in precisions
+    }
+    # No CUDA graph: the profiler must see each kernel.
+    options = run.Options(engine_dir=args.engine_dir, onnx_dir=args.onnx_dir, progress=False, use_cuda_graph=False)
+    device = run.check(variants[precisions[0]], options)
+    size = variants[precisions[0]].height
+    result = ResultFile(args.out, "profile", device, model=args.model, size=size, steps=args.steps)
+    master = models.load(args.model)
+    for precision, variant in variants.items():
         components = dataclasses.replace(master, unet=copy.deepcopy(master.unet))
-        engines = torch_backend.prepare(
-            variant,
-            components,
-            device,
-            engine_dir=args.engine_dir,
-            onnx_dir=args.onnx_dir,
-            use_cuda_graph=False,
-            progress=False,
-        )
+        engines = run.prepare(variant, options, device=device, components=components).engines
         inputs = torch_backend.unet_inputs(variant, components.unet, device, engines.dtype)
         groups, top = profile_step(engines.unet, inputs, args.steps, device)
         result.add(
@@ -124,7 +119,7 @@ def main(args) -> int:
                 "ms_by_group": groups,
                 "total_ms": sum(groups.values()),
                 "top_kernels_ms": top,
-                "layers_by_kernel": engines.info.get("layers_by_kernel"),
+                "layers_by_kernel": engines.info.layers_by_kernel,
             }
         )
         print(f"{precision}: {sum(groups.values()):.2f} ms per step profiled", flush=True)

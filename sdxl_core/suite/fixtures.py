@@ -145,7 +145,7 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
             ENGINE_RECORDS.append(
                 {
                     "variant": name,
-                    "mode": ready.info_dict()["mode"],
+                    "mode": ready.info.mode,
                     "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
                     "seconds": round(time.perf_counter() - started, 1),
                 }

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdxl_core import files, run
 from sdxl_core.commands import cli
+from sdxl_core.engines.info import QUANTIZED_FIELDS
 from sdxl_core.reports import run_report
 from sdxl_core.variants import TINY_CALIBRATION_SIZE, TINY_MAX_STEPS, VARIANTS
 
@@ -107,7 +108,7 @@ def test_report_on_the_cpu_tells_what_ran(fp16_run):
     assert report["half"] is None
     assert "quantization" not in report
     assert not {"quant_level", "quant_alpha", "quant_percentile", "calibration_size"} & set(report["variant"])
-    assert not set(run_report.QUANTIZED_ENGINE_INFO) & set(report["engine"])
+    assert not set(QUANTIZED_FIELDS) & set(report["engine"])
     assert "cuda" not in report["libraries"] and report["libraries"]["torch"]
     device = report["device"]
     assert device["type"] == "cpu" and device["name"] == run_report.cpu_model() and device["threads"] == 1

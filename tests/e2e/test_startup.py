@@ -11,12 +11,13 @@ from sdxl_core import startup
 from sdxl_core.commands import cli
 from tests.e2e.test_cli import FAST, run_cli
 
-# What every txt2img reports, in this order when nothing is built: process start, imports, checks, the
-# components, the engine, the warm-up and the first image. A reused engine adds its verify and load.
+# What every txt2img reports, in this order when nothing is built: process start, checks (those that need no
+# torch come first), imports, the components, the engine, the warm-up and the first image. A reused engine adds
+# its verify and load.
 TXT2IMG_PHASES = (
     "python",
-    "imports",
     "checks",
+    "imports",
     "tokenizers",
     "text_encoder",
     "text_encoder_2",
@@ -122,11 +123,10 @@ def test_txt2img_with_a_reused_engine_prints_and_reports_where_the_time_went(eng
 
 
 def test_a_load_only_run_never_imports_modelopt(engines, tmp_path):
-    """`--no-build` with an INT8 engine: ModelOpt (seconds to import) is not needed and not imported. The
-    engine was calibrated for the variant's 30 steps, so the run takes them (its key holds the step count)."""
+    """`--no-build` with an INT8 engine: ModelOpt (seconds to import) is not needed and not imported."""
     engine_dir, _ = engines
     code = (
-        "import sys; from sdxl_core import cli; "
+        "import sys; from sdxl_core.commands import cli; "
         f"sys.argv = ['sdxl-bench', 'txt2img', 'x', '--int8', '--model', 'tiny', '--no-build', '--engine-dir', "
         f"{str(engine_dir)!r}, '--output-dir', {str(tmp_path)!r}, '--num-warmup-runs', '0', '--no-progress']; "
         "status = cli.main(); "
