@@ -190,18 +190,13 @@ def _add_variant_flags(p: argparse.ArgumentParser) -> None:
             *LIMITS["--guidance-scale"], _by_variant("guidance_scale", "{:g}".format)
         ),
     )
-    p.add_argument(
-        "--height",
-        type=int,
-        default=None,
-        help=f"image height, a multiple of 8, {size[0]}-{size[1]} ({_by_variant('height', tiny=tiny_size)})",
-    )
-    p.add_argument(
-        "--width",
-        type=int,
-        default=None,
-        help=f"image width, a multiple of 8, {size[0]}-{size[1]} ({_by_variant('width', tiny=tiny_size)})",
-    )
+    for side in ("height", "width"):
+        p.add_argument(
+            f"--{side}",
+            type=int,
+            default=None,
+            help=f"image {side}, a multiple of 8, {size[0]}-{size[1]} ({_by_variant(side, tiny=tiny_size)})",
+        )
     p.add_argument(
         "--batch-size",
         type=int,

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from sdxl_core.commands import demo
+from sdxl_core.variants import TINY_MAX_STEPS
 
 ROWS = list(demo.VARIANT_NAMES)
 STAGES = ("clip ms", "clip2 ms", "unet ms/step", "vae ms", "total ms")
@@ -13,8 +14,8 @@ STAGES = ("clip ms", "clip2 ms", "unet ms/step", "vae ms", "total ms")
 
 @pytest.mark.slow
 def test_demo_writes_images_grid_and_table(tmp_path, engine_dir, capsys):
-    # 4 steps and 2 calibration prompts at 128x128: the INT8 engine then has the key of the one the quality
-    # tests build, so a session that runs both calibrates once (the session's engine dir is shared).
+    # tiny's defaults are every command's (variants.builtin_defaults), the suite's too: the INT8 engine has the
+    # key of the one the quality tests build, so a session that runs both calibrates once (a shared engine dir).
     out = tmp_path / "demo-out"
     assert (
         demo.main(
@@ -27,10 +28,6 @@ def test_demo_writes_images_grid_and_table(tmp_path, engine_dir, capsys):
                 engine_dir,
                 "--device",
                 "cpu",
-                "--denoising-steps",
-                "4",
-                "--calibration-size",
-                "2",
                 "--no-progress",
             ]
         )
@@ -53,7 +50,7 @@ def test_demo_writes_images_grid_and_table(tmp_path, engine_dir, capsys):
     rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
     assert [r["variant"] for r in rows] == ROWS
     for row in rows:
-        assert row["steps"] == "4"
+        assert row["steps"] == str(TINY_MAX_STEPS)
         assert all(float(row[stage]) > 0 for stage in STAGES), row
     assert 0.0 <= float(rows[1]["SSIM vs fp16"]) <= 1.0
     assert lines[0] in printed  # the table is printed too
