@@ -265,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         "history": cmd_history,
     }
     try:
-        return (commands.get(args.command) or bench_module(args.command).main)(args)
+        code = (commands.get(args.command) or bench_module(args.command).main)(args)
+        sys.stdout.flush()  # a reader that went away shows here, in the handler below, not at exit
+        return code
+    except BrokenPipeError:  # the reader stopped reading (`| head`): not an error of this run, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+        return 141  # 128 + SIGPIPE: what a shell reports for a writer that a closed pipe stopped
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ import torch
 from sdxl_core import models, run, timing
 from sdxl_core.engines import torch_backend
 from sdxl_core.errors import UserError
-from sdxl_core.reports.results import ResultFile, fmt, table
+from sdxl_core.reports.measurements import render_engines
+from sdxl_core.reports.results import ResultFile
 from sdxl_core.run import DEFAULT_PROMPT
 from sdxl_core.variants import VARIANTS, on_model
 
@@ -152,7 +153,7 @@ def main(args) -> int:
             row["speedup_vs_best_fp16"] = round(best_fp16 / medians[name], 3)
     result.save()
     _images(runs, rows, result, size, fp16 or precisions[0])
-    print(render(result.data))
+    print(render_engines(result.data))
     return 0
 
 
@@ -193,50 +194,3 @@ def _images(runs, rows, result, size, reference: str) -> None:
     if size > 512:  # keep the result file small: the heat maps read as well at half size
         grid = grid.resize((grid.width // 2, grid.height // 2), Image.BICUBIC)
     grid.save(result.path.with_suffix(".png"))
-
-
-def render(data: dict) -> str:
-    columns = [
-        "engine",
-        "run",
-        "ms/step",
-        "TFLOP/s",
-        "vs FP16",
-        "vs best FP16",
-        "rel. err vs FP16",
-        "image SSIM",
-        "8-bit layers",
-        "calibrate s",
-        "compile s",
-        "graph s",
-        "load s",
-        "prepare s",
-        "engine MiB",
-    ]
-    rows = []
-    for r in data["rows"]:
-        paths = r.get("layers_by_path") or {}
-        eight = sum(n for p, n in paths.items() if p.endswith("8bit"))
-        rows.append(
-            [
-                r["engine"],
-                data.get("mode"),
-                fmt(r.get("ms_per_step")),
-                fmt(r.get("tflops"), "{:.0f}"),
-                fmt(r.get("speedup_vs_fp16"), "{:.3f}x"),
-                fmt(r.get("speedup_vs_best_fp16"), "{:.3f}x"),
-                fmt(r.get("rel_err_vs_fp16"), "{:.4f}"),
-                fmt(r.get("ssim_vs_fp16"), "{:.4f}"),
-                f"{eight}/{sum(paths.values())}" if paths else None,
-                r.get("calibration_s"),
-                r.get("compile_s"),
-                r.get("cuda_graph_s"),
-                r.get("load_s"),
-                r.get("prepare_s"),
-                fmt(r["engine_bytes"] / 2**20 if r.get("engine_bytes") else None, "{:.0f}"),
-            ]
-        )
-    return (
-        f"`{data.get('model')}` {data.get('size')}x{data.get('size')}, calibration prompts "
-        f"{data.get('calibration_size')}\n\n" + table(columns, rows) + "\n"
-    )

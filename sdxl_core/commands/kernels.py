@@ -20,7 +20,8 @@ from sdxl_core.quant import gemm_dispatch, qmodules
 from sdxl_core.quant.gemm_dispatch import ShapeTiming
 from sdxl_core.quant.kernels import shapes
 from sdxl_core.quant.kernels.conv_cutlass import SDXL_CONV3X3
-from sdxl_core.reports.results import ResultFile, table
+from sdxl_core.reports.measurements import render_kernels
+from sdxl_core.reports.results import ResultFile
 from sdxl_core.timing import graph_ms
 
 # How many layers of the unfused SDXL UNet run each shape of `shapes.SDXL_LINEAR_SHAPES` (the rest appear
@@ -88,7 +89,7 @@ def main(args) -> int:
                 f"{', rejected ' + str(row['rejected']) if row['rejected'] else ''}",
                 flush=True,
             )
-    print(render(result.data))
+    print(render_kernels(result.data))
     return 0
 
 
@@ -120,35 +121,3 @@ def measure(op: str, fmt: str, shape: tuple, layers, device) -> dict:
         "rel_err": errors,
         "rejected": rejected,
     }
-
-
-def render(data: dict) -> str:
-    rows = []
-    for r in data["rows"]:
-        eight = {name: t for name, t in r["ms"].items() if not name.startswith("16bit")}
-        best = min(eight, key=eight.get) if eight else None
-        rows.append(
-            [
-                r["fmt"],
-                r["op"],
-                " x ".join(map(str, r["shape"])),
-                r.get("layers"),
-                f"{r['ms']['16bit'] * 1e3:.1f} ({r['tflops']['16bit']:.0f})",
-                f"{best}: {eight[best] * 1e3:.1f} ({r['tflops'][best]:.0f})" if best else None,
-                f"{r['speedup'][best]:.2f}x" if best else None,
-                ", ".join(f"{name} {r['speedup'][name]:.2f}x" for name in eight),
-                ", ".join(f"{name} {err:.1e}" for name, err in r.get("rejected", {}).items()) or None,
-            ]
-        )
-    columns = [
-        "fmt",
-        "op",
-        "shape",
-        "layers",
-        "16-bit us (TFLOP/s)",
-        "best 8-bit us (TOPS)",
-        "speed-up",
-        "every 8-bit candidate",
-        "rejected (rel. err)",
-    ]
-    return table(columns, rows) + "\n"

@@ -17,35 +17,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sdxl_core import models, run
 from sdxl_core.engines import torch_backend
-from sdxl_core.reports.results import ResultFile, table
+from sdxl_core.reports.measurements import group_of, render_profile
+from sdxl_core.reports.results import ResultFile
 from sdxl_core.variants import VARIANTS, on_model
-
-GROUPS = [  # (group, pattern over the lower-cased kernel or op name); the first match wins
-    ("Inductor norm/pointwise", r"^triton_(poi|per|red)_"),
-    ("Inductor GEMM template", r"^triton_tem_"),
-    ("8-bit GEMM (Triton, ours)", r"_w8a8|sdxl_bench::int8_mm"),  # the op name is what a CPU profile sees
-    ("8-bit conv (CUTLASS, ours)", r"cutlass.*conv|conv.*cutlass"),
-    ("8-bit GEMM (CUTLASS, ours)", r"cutlass"),
-    ("attention", r"sdpa|flash|fmha|attention|softmax"),
-    ("convolution (cuDNN)", r"fprop|implicit_convolve|conv|winograd|dgrad"),
-    ("8-bit GEMM (cuBLAS FP8)", r"e4m3|f8f8|_scaled_mm|qgmma|sdxl_bench::fp8_mm"),
-    ("16-bit GEMM (cuBLAS)", r"gemm|nvjet|xmma|cublas|sm90_|\bmm\b|addmm|aten::linear|aten::matmul"),
-    ("norm (eager)", r"norm"),
-    ("copy/cast", r"copy|cast|contiguous|\bcat\b|catarray"),
-    ("pointwise (eager)", r"elementwise|vectorized|unrolled|reduce_kernel|aten::(add|mul|div|sub|round|clamp|silu)"),
-]
-
-
-def group_of(name: str) -> str:
-    lowered = name.lower()
-    return next((group for group, pattern in GROUPS if re.search(pattern, lowered)), "other")
 
 
 def add_arguments(p) -> None:
@@ -124,29 +104,5 @@ def main(args) -> int:
         )
         print(f"{precision}: {sum(groups.values()):.2f} ms per step profiled", flush=True)
         del components, engines
-    print(render(result.data))
+    print(render_profile(result.data))
     return 0
-
-
-def render(data: dict) -> str:
-    engines = [r["engine"] for r in data["rows"]]
-    groups = [g for g, _ in GROUPS] + ["other"]
-    rows = [
-        [g, *[f"{r['ms_by_group'].get(g, 0.0):.2f}" for r in data["rows"]]]
-        for g in groups
-        if any(r["ms_by_group"].get(g) for r in data["rows"])
-    ]
-    rows.append(["total", *[f"{r['total_ms']:.2f}" for r in data["rows"]]])
-    text = [
-        f"ms per UNet step (profiler, no CUDA graph), `{data.get('model')}` {data.get('size')}px",
-        "",
-        table(["kernel group", *engines], rows),
-    ]
-    for r in data["rows"]:
-        text += [
-            "",
-            f"{r['engine']}: top kernels (ms per step)",
-            "",
-            table(["ms", "kernel"], [[f"{ms:.3f}", f"`{name[:100]}`"] for name, ms in r["top_kernels_ms"]]),
-        ]
-    return "\n".join(text) + "\n"

@@ -6,7 +6,6 @@ the process-wide backend.
 
 from __future__ import annotations
 
-import numbers
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdxl_core import metrics
 from sdxl_core.errors import UserError
 from sdxl_core.files import atomic_path
+from sdxl_core.reports.tables import markdown_table
 
 LABEL_HEIGHT = 16  # caption strip above each labelled row or image, in pixels
 HEATMAP_CMAP = "inferno"
@@ -101,17 +101,6 @@ def side_by_side(images: dict[str, Image.Image], reference_label: str) -> Image.
     return image_grid([cells])
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool) or isinstance(value, numbers.Integral):
-        return str(value)
-    if isinstance(value, numbers.Real):
-        return f"{float(value):.2f}"
-    # A literal "|" would end the cell early.
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def latency_table(rows: list[dict]) -> str:
     """A markdown table: columns are the union of the rows' keys in first-seen order, floats to 2 decimals."""
     columns: list[str] = []
@@ -119,12 +108,7 @@ def latency_table(rows: list[dict]) -> str:
         columns.extend(key for key in row if key not in columns)
     if not columns:
         return ""
-    lines = [
-        "| " + " | ".join(_cell(c) for c in columns) + " |",
-        "|" + "|".join(" --- " for _ in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(columns, [[row.get(c) for c in columns] for row in rows]) + "\n"
 
 
 def plot_history(

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from sdxl_core.errors import UserError
 from sdxl_core.hardware import cpu_model, device_info, library_versions, usable_cpus  # noqa: F401 (callers' names)
+from sdxl_core.reports.tables import markdown_table
 
 REPORT_SCHEMA_VERSION = 3
 # Every report has these, in this order; `quantization` follows `variant` on 8-bit runs only, `model_note`
@@ -135,29 +137,34 @@ def startup_table(report: dict, until: str) -> str:
     return table(seconds, report.get("startup_notes"), total_label=f"{since} to {until}")
 
 
-def markdown_summary(paths: list[Path]) -> str:
-    """Markdown for people reading CI artifacts: one table of txt2img reports, one per pytest-benchmark run."""
-    from sdxl_core.errors import UserError
-    from sdxl_core.files import parse_json
+KNOWN_REPORTS = "a txt2img report, a build report, a pytest-benchmark run or a result file of engines|kernels|profile"
 
+
+def markdown_summary(paths: list[Path]) -> str:
+    """Markdown for people reading CI artifacts: one table of txt2img reports, then one section per build
+    report, pytest-benchmark run and result file, in the order given."""
     txt2img, sections = [], []
     for path in paths:
+        data = _read_report(Path(path))
+        kind = _kind(data)
         try:
-            data = parse_json(Path(path).read_bytes())  # nesting bounded: deep JSON is a ValueError
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path} is not a txt2img report ({type(exc).__name__}: {exc})") from None
-        try:
-            if isinstance(data, dict) and "benchmarks" in data:
+            if kind == "txt2img report":
+                txt2img.append(_txt2img_row(data))
+            elif kind == "build report":
+                sections.append(_build_table(path, data))
+            elif kind == "pytest-benchmark run":
                 sections.append(_benchmark_run_table(path, data))
-            elif isinstance(data, dict) and "kind" in data:  # a result file of `sdxl-bench engines|kernels|profile`
-                from sdxl_core.reports.results import render
+            elif kind == "result file":
+                from sdxl_core.reports.measurements import render
 
                 sections.append(render(data))
             else:
-                txt2img.append(_txt2img_row(data))
+                raise UserError(f"{path} is not a txt2img report, nor any report sdxl-bench writes ({KNOWN_REPORTS})")
         except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as exc:
-            kind = "pytest-benchmark run" if isinstance(data, dict) and "benchmarks" in data else "txt2img report"
-            raise UserError(f"{path} is not a {kind} ({type(exc).__name__}: {exc})") from None
+            why = (
+                f"it has no {exc.args[0]!r} field" if isinstance(exc, KeyError) else str(exc) or "a field is malformed"
+            )
+            raise UserError(f"{path} is not a {kind}: {why}") from None
     if txt2img:
         columns = (
             "variant",
@@ -172,18 +179,78 @@ def markdown_summary(paths: list[Path]) -> str:
             "total ms",
             "img/s",
         )
-        sections.insert(0, "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *txt2img]))
+        sections.insert(0, markdown_table(columns, txt2img))
     return "\n\n".join(sections) + "\n"
 
 
-def _txt2img_row(report) -> str:
+def _read_report(path: Path):
+    """The report's JSON; a missing file, a directory, a file that is not JSON: each its own line."""
+    from sdxl_core.files import parse_json
+
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: give report files ({KNOWN_REPORTS})")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return parse_json(data)  # nesting bounded: deep JSON is a ValueError
+    except ValueError:
+        what = "a PNG image" if data.startswith(b"\x89PNG") else "not JSON"
+        raise UserError(f"{path} is {what}, not a report ({KNOWN_REPORTS})") from None
+
+
+def _kind(data) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    if "benchmarks" in data:
+        return "pytest-benchmark run"
+    if "kind" in data:
+        return "result file"
+    if "built" in data:
+        return "build report"
+    if "timings_ms" in data or "variant" in data:
+        return "txt2img report"
+    return None
+
+
+def _txt2img_row(report) -> list:
     t, v = report["timings_ms"], report["variant"]
-    return (
-        f"| {v['name']} | {v['model']} | {report['device']['name']} | {v['height']}x{v['width']} | "
-        f"{report['unet_steps']} | {t['clip']:.1f} | {t['clip2']:.1f} | "
-        f"{t['unet'] / report['unet_steps']:.2f} | {t['vae']:.1f} | {t['total']:.1f} | "
-        f"{report['images_per_second']:.3f} |"
-    )
+    return [
+        v["name"],
+        v["model"],
+        report["device"]["name"],
+        f"{v['height']}x{v['width']}",
+        report["unet_steps"],
+        f"{t['clip']:.1f}",
+        f"{t['clip2']:.1f}",
+        f"{t['unet'] / report['unet_steps']:.2f}",
+        f"{t['vae']:.1f}",
+        f"{t['total']:.1f}",
+        f"{report['images_per_second']:.3f}",
+    ]
+
+
+def _build_table(path, data: dict) -> str:
+    """A `build --report`: per variant, built or loaded, where, how large, and how long until it was ready."""
+    device = data.get("device") or {}
+    rows = []
+    for record in data["built"]:
+        engine = record["engine"]
+        size = engine.get("engine_bytes")
+        rows.append(
+            [
+                record["variant"],
+                engine.get("mode"),
+                _or_dash(size and size / 2**20, 1),
+                _or_dash(record.get("startup_s", {}).get("total"), 1),
+                engine.get("engine_path"),
+            ]
+        )
+    head = f"### {Path(path).name}\n\nbuild on {device.get('name', '?')}\n\n    {data.get('command', '')}"
+    return head + "\n\n" + markdown_table(("variant", "engine", "MiB", "ready after s", "path"), rows)
 
 
 def _benchmark_run_table(path, data: dict) -> str:
@@ -212,19 +279,26 @@ def _benchmark_run_table(path, data: dict) -> str:
         "engine MiB",
         "peak GPU GiB (process so far)",
     )
-    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = []
     for bench in benchmarks:
         stats, extra = bench["stats"], bench.get("extra_info", {})
         stages = extra.get("stages_ms", {})
         engine = extra.get("engine_bytes")
         peak = extra.get("peak_memory_bytes")
-        lines.append(
-            f"| {bench['name']} | {extra.get('variant', '')} | {stats['median'] * 1e3:.2f} | "
-            f"{stats['min'] * 1e3:.2f} | {stats['max'] * 1e3:.2f} | {stats['rounds']} | "
-            f"{_or_dash(stages.get('unet'), 1)} | {_or_dash(engine and engine / 2**20, 0)} | "
-            f"{_or_dash(peak and peak / 2**30, 1)} |"
+        rows.append(
+            [
+                bench["name"],
+                extra.get("variant", ""),
+                f"{stats['median'] * 1e3:.2f}",
+                f"{stats['min'] * 1e3:.2f}",
+                f"{stats['max'] * 1e3:.2f}",
+                stats["rounds"],
+                _or_dash(stages.get("unet"), 1),
+                _or_dash(engine and engine / 2**20, 0),
+                _or_dash(peak and peak / 2**30, 1),
+            ]
         )
-    return "\n".join(lines)
+    return head + "\n\n" + markdown_table(columns, rows)
 
 
 def _or_dash(value, digits: int) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sdxl_core.commands import profile
-from sdxl_core.reports import results
+from sdxl_core.reports import measurements, results
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
@@ -146,7 +146,7 @@ def test_a_result_file_is_written_before_the_first_row_and_after_each(tmp_path):
     )
     data = json.loads(result.path.read_text())
     assert len(data["rows"]) == 1
-    text = results.render(data)
+    text = measurements.render(data)
     assert "| int8 | gemm | 2048 x 1280 x 10240 | 60 | 81.4 (660) | tma: 64.8 (829) | 1.26x |" in text
 
 

@@ -125,3 +125,58 @@ def test_report_renders_a_saved_benchmark_run(storage):
         row = rows[bench["name"]]
         assert float(row["median ms"]) == pytest.approx(bench["stats"]["median"] * 1e3, rel=1e-2, abs=0.01)
         assert int(row["rounds"]) == bench["stats"]["rounds"]
+
+
+def sdxl_bench(*args, stdout=subprocess.PIPE):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "sdxl_core.commands.cli", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_report_renders_what_build_report_writes(tmp_path):
+    built = sdxl_bench(
+        "build", "--model", "tiny", "--variants", "xl-1.0-fp16", "--engine-dir", str(tmp_path / "e"),
+        "--report", str(tmp_path / "build.json"),
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    done = sdxl_bench("report", str(tmp_path / "build.json"))
+    assert done.returncode == 0, done.stderr
+    rows = _table_rows(done.stdout)
+    assert [(r["variant"], r["engine"]) for r in rows] == [("xl-1.0-fp16", "built")]
+    assert rows[0]["path"].startswith(str(tmp_path / "e"))
+
+
+@pytest.mark.parametrize(
+    "make, line",
+    [
+        (lambda tmp: tmp / "absent.json", "absent.json: no such file"),
+        (lambda tmp: tmp, "is a directory: give report files"),
+        (lambda tmp: _write(tmp / "a.png", b"\x89PNG\r\n\x1a\n" + bytes(64)), "a.png is a PNG image, not a report"),
+        (lambda tmp: _write(tmp / "notes.json", b'{"hello": 1}'), "notes.json is not a txt2img report, nor any"),
+    ],
+    ids=["missing", "directory", "png", "other-json"],
+)
+def test_report_says_what_a_path_is_in_one_line(tmp_path, make, line):
+    done = sdxl_bench("report", str(make(tmp_path)))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and line in done.stderr and "Error" not in done.stderr
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_report_into_a_pipe_closed_early_says_nothing(storage):
+    runs = sorted(storage.glob("*/*.json")) * 400  # far more than a pipe holds, so the writer meets the closed end
+    reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = sdxl_bench("report", *map(str, runs), stdout=reader.stdin)
+    reader.stdin.close()
+    reader.wait()
+    assert done.returncode in (0, 141) and done.stderr == ""

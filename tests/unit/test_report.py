@@ -105,8 +105,8 @@ def test_latency_table_columns_and_formatting():
     lines = report.latency_table(rows).splitlines()
     assert lines[0] == "| variant | unet ms | steps | vae ms | ok |"
     assert lines[1] == "| --- | --- | --- | --- | --- |"
-    assert lines[2] == "| fp16 | 812.35 | 30 |  |  |"
-    assert lines[3] == "| int8 \\| smooth | 401.00 |  | 41.00 | True |"
+    assert lines[2] == "| fp16 | 812.35 | 30 | - | - |"
+    assert lines[3] == "| int8 \\| smooth | 401.00 | - | 41.00 | True |"
     assert len(lines) == 4
 
 
