@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,8 +64,13 @@ def _read_run(path: Path) -> tuple[Run, list[dict]]:
         commit = data.get("commit_info") or {}
         if not isinstance(commit, dict):
             raise TypeError("'commit_info' is not an object")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path} is not a pytest-benchmark run ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise UserError(f"{path} is not a pytest-benchmark run (it cannot be read: {exc.strerror or exc})") from None
+    except ValueError:
+        raise UserError(f"{path} is not a pytest-benchmark run (it is not JSON)") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        why = f"it has no {exc.args[0]!r} field" if isinstance(exc, KeyError) else str(exc) or "a field is malformed"
+        raise UserError(f"{path} is not a pytest-benchmark run ({why})") from None
     commit_id = str(commit.get("id") or "")
     commit_id = (commit_id[:8] if len(commit_id) == 40 else commit_id) + ("*" if commit.get("dirty") else "")
     run = Run(
@@ -88,7 +94,17 @@ def _benchmark_names(parsed: list[tuple[Run, list[dict]]]) -> dict[tuple[str, st
 
 def load_runs(storage_dir: str | os.PathLike) -> list[Run]:
     """Every saved run under `storage_dir`, oldest first, each with its benchmarks' medians in ms."""
-    parsed = [_read_run(path) for path in _history_files(Path(storage_dir))]
+    parsed, skipped = [], 0
+    for path in _history_files(Path(storage_dir)):
+        try:
+            parsed.append(_read_run(path))
+        except UserError as exc:  # another tool's JSON beside the runs: the runs still make a history
+            print(f"note: skipped {exc}", file=sys.stderr)
+            skipped += 1
+    if not parsed:
+        raise UserError(
+            f"no pytest-benchmark runs in {storage_dir} ({skipped} other JSON file(s) skipped); {HOW_TO_RECORD}"
+        )
     columns = _benchmark_names(parsed)
     runs = []
     for run, benchmarks in parsed:

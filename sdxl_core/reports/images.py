@@ -114,33 +114,46 @@ def latency_table(rows: list[dict]) -> str:
 def plot_history(
     series: dict[str, list[tuple[str, float]]], path: str | os.PathLike, ylabel: str = "ms", title: str | None = None
 ) -> Path:
-    """Write a PNG line plot of each variant's value over runs (x: run labels in first-seen order)."""
+    """Write `history_figure` as a PNG."""
+    fig = history_figure(series, ylabel, title)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def history_figure(series: dict[str, list[tuple[str, float]]], ylabel: str = "ms", title: str | None = None):
+    """Each series' value over runs (x: run labels in first-seen order), one small plot per
+    series with its own y axis: a 30 ms step and a 1200 ms pipeline each fill their plot, and each plot is
+    titled with its series, so no legend covers the data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if not any(series.values()):
+    series = {name: points for name, points in series.items() if points}
+    if not series:
         raise UserError("plot_history needs at least one (run label, value) point")
     runs: list[str] = []
     for points in series.values():
         runs.extend(run for run, _ in points if run not in runs)
     position = {run: i for i, run in enumerate(runs)}
 
-    fig = Figure(figsize=(max(6.0, 0.6 * len(runs)), 4.0), layout="constrained")
+    columns = min(3, len(series))
+    rows = -(-len(series) // columns)
+    width = max(4.0, 0.45 * len(runs) + 1.5)
+    fig = Figure(figsize=(width * columns, 2.8 * rows + (0.5 if title else 0)), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for variant, points in series.items():
-        if points:
-            ax.plot([position[run] for run, _ in points], [value for _, value in points], marker="o", label=variant)
+    axes = fig.subplots(rows, columns, squeeze=False)
     crowded = len(runs) > 6
-    ax.set_xticks(range(len(runs)), runs, rotation=45 if crowded else 0, ha="right" if crowded else "center")
-    ax.set_xlabel("run")
-    ax.set_ylabel(ylabel)
+    for ax, (name, points) in zip(axes.flat, series.items(), strict=False):
+        ax.plot([position[run] for run, _ in points], [value for _, value in points], marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_ylim(bottom=0, top=max(value for _, value in points) * 1.15)  # from zero: changes keep their size
+        ax.grid(True, alpha=0.3)
+        ax.set_xlim(-0.5, len(runs) - 0.5)
+        ax.set_xticks(range(len(runs)), runs, rotation=45 if crowded else 0, ha="right" if crowded else "center")
+    for ax in axes.flat[len(series) :]:
+        ax.set_visible(False)
     if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+        fig.suptitle(title)
+    return fig

@@ -105,10 +105,39 @@ def test_missing_or_empty_dir_is_one_line(tmp_path, make, message):
     assert "\n" not in str(info.value) and "--benchmark-autosave" in str(info.value)
 
 
-def test_not_a_history_file(tmp_path):
+def test_a_folder_of_nothing_but_other_json_is_one_line(tmp_path, capsys):
     (tmp_path / "0001_x.json").write_text('{"benchmarks": [{"name": "a"}]}')
-    with pytest.raises(UserError, match="0001_x.json is not a pytest-benchmark run"):
+    with pytest.raises(UserError, match="no pytest-benchmark runs in .* \\(1 other JSON file\\(s\\) skipped\\)"):
         history_report(tmp_path, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert err.startswith("note: skipped ") and "0001_x.json is not a pytest-benchmark run" in err
+
+
+def test_history_skips_another_tools_json_with_a_note(storage, tmp_path):
+    import shutil
+
+    folder = tmp_path / "runs"
+    shutil.copytree(storage, folder)
+    (next(folder.iterdir()) / "coverage.json").write_text('{"meta": {"version": "7"}, "files": {}}')
+    done = sdxl_bench("history", str(folder), "--output-dir", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "note: skipped " in done.stderr and "coverage.json is not a pytest-benchmark run" in done.stderr
+    assert [row["run"] for row in _table_rows((tmp_path / "out" / "history.md").read_text())] == ["0001", "0002"]
+
+
+def test_history_plots_each_benchmark_on_its_own_scale_with_no_legend_over_it():
+    from sdxl_core.reports.images import history_figure
+
+    runs = ["0001", "0002", "0003"]
+    series = {
+        "pipeline": [(r, 1200.0 + i) for i, r in enumerate(runs)],
+        "step": [(r, 30.0 + i) for i, r in enumerate(runs)],
+    }
+    axes = [ax for ax in history_figure(series).axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["pipeline", "step"]
+    for ax, points in zip(axes, series.values(), strict=True):
+        top = max(v for _, v in points)
+        assert ax.get_legend() is None and top < ax.get_ylim()[1] <= 1.2 * top  # the line fills its own plot
 
 
 def test_report_renders_a_saved_benchmark_run(storage):
