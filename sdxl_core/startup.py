@@ -1,9 +1,10 @@
-"""Where a run's start-up time goes: wall time per phase, from process start to the first image.
+"""Where a run's start-up time goes: wall time per phase, from program start to the first image.
 
-The CLI makes one `Startup` per run: from the process's own start when it is the process's command (the
-`sdxl-bench` entry point, `python -m sdxl_core.commands.cli`), else from the call. Everything that does start-up work
-records it as a phase (`with startup.phase("compile", device): ...`): the model loader per component, the
-backend per engine step, the CLI for imports, checks, warm-up and the first image. A phase that launches GPU
+The CLI makes one `Startup` per run: from the program's start (the first import of sdxl_core) when it is the
+process's command (the `sdxl-bench` entry point, `python -m sdxl_core.commands.cli`), else from the call.
+Everything that does start-up work records it as a phase (`with startup.phase("compile", device): ...`): the
+model loader per component, the backend per engine step, the CLI for imports, checks, warm-up and the first
+image. A phase that launches GPU
 work synchronizes the device at both ends, so queued kernels are charged to the phase that queued them.
 
 Phases may nest; each is charged only its own time (a nested phase's time is taken out of the enclosing one),
@@ -14,13 +15,12 @@ what they measured in their `info` too (`compile_s`, `load_s`, ...): the same me
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 
 # What each phase is, for the table; a phase not listed here prints under its own name.
 LABELS = {
-    "python": "Python start, sdxl_core import",
+    "python": "sdxl_core imported, command parsed",
     "imports": "imports (torch, diffusers, transformers, backend)",
     "checks": "argument, device and directory checks",
     "tokenizers": "tokenizers",
@@ -53,16 +53,6 @@ OTHER = "other"  # time between phases that no phase claimed
 TOTAL = "total"
 
 
-def process_age() -> float | None:
-    """Seconds since this process started, from /proc (10 ms resolution), or None where there is no /proc."""
-    try:
-        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, clock ticks after boot
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
 @dataclass
 class Startup:
     """Start-up phases of one run, in the order they first ran, each with its own (exclusive) seconds.
@@ -78,12 +68,18 @@ class Startup:
 
     @classmethod
     def from_process_start(cls) -> Startup:
-        """Counting from the process's start: the time before this call is the phase "python"."""
-        now, age = time.perf_counter(), process_age()
-        if age is None:
-            return cls(origin=now)
-        startup = cls(origin=now - age)
-        startup.seconds["python"] = age
+        """Counting from this program's start, the first import of sdxl_core (`sdxl_core.IMPORTED_AT`): the time
+        until this call is the phase "python".
+
+        Not from the process's start in /proc: that is when the process was forked, which can be long before
+        this program ran in it (`bash -c 'sleep 6 && sdxl-bench ...'` runs sdxl-bench in the shell's own
+        process, which /proc dates 6 s earlier). No clock records the exec, so the interpreter's own start
+        before sdxl_core is imported (tens of ms) is left out rather than guessed.
+        """
+        import sdxl_core
+
+        startup = cls(origin=sdxl_core.IMPORTED_AT)
+        startup.seconds["python"] = time.perf_counter() - sdxl_core.IMPORTED_AT
         return startup
 
     @contextlib.contextmanager

@@ -133,7 +133,7 @@ def startup_table(report: dict, until: str) -> str:
     from sdxl_core.startup import table
 
     seconds = report["startup_s"]
-    since = "process start" if "python" in seconds else "start"
+    since = "program start" if "python" in seconds else "start"
     return table(seconds, report.get("startup_notes"), total_label=f"{since} to {until}")
 
 
