@@ -185,7 +185,7 @@ def set_cpu_threads(requested: int | None, model: str) -> int:
     this process may use."""
     import torch
 
-    from sdxl_core.reports.run_report import usable_cpus
+    from sdxl_core.hardware import usable_cpus
 
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()

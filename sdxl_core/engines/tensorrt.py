@@ -413,7 +413,7 @@ def prepare(
 
     Without `engine_dir` the plans are built in memory and not kept; without `onnx_dir` the ONNX goes
     to a temp dir removed afterwards. `allow_build=False` only loads from `engine_dir`. `forward_loop(unet)`
-    calibrates an 8-bit UNet (default: the pipeline over the variant's calibration prompts); `lock_timeout`:
+    calibrates an 8-bit UNet (`sdxl_core.run.calibration_loop`; needed only if it calibrates); `lock_timeout`:
     seconds to wait for another builder. Each engine's time (load, or export and build) and the CUDA-graph
     capture are phases of `startup`.
     """
@@ -679,10 +679,9 @@ class _Builder:
         from sdxl_core.quant import quantize
 
         started = time.perf_counter()
-        forward_loop = self.forward_loop or quantize.calibration_loop(
-            self.components, self.variant, self.device, self.dtype, self.progress
-        )
-        unet = quantize.quantize_unet(self.components.unet, self.variant, forward_loop, progress=self.progress)
+        if self.forward_loop is None:
+            raise ValueError(f"{self.variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
+        unet = quantize.quantize_unet(self.components.unet, self.variant, self.forward_loop, progress=self.progress)
         self.components.unet = unet
         return unet, {"calibration_s": round(time.perf_counter() - started, 2)}
 

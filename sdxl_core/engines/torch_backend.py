@@ -82,10 +82,10 @@ def prepare(
     need it. `channels_last` changes how the UNet runs, not what the engine stores; so does `reuse_cross_kv`
     (default: SDXL_BENCH_CROSS_KV=reuse), which computes the cross-attention K/V once per prompt (`cross_kv`).
     `variant.fused_qkv` is part of the engine (8-bit engines are calibrated on the fused projections).
-    `forward_loop(unet)` runs the calibration prompts through an 8-bit UNet being calibrated (default: the
-    pipeline over the variant's calibration prompts). `lock_timeout`: seconds to wait for another builder
-    of the same engine. A UNet without weights (`models.load(..., unet_weights=False)`) gets them only if
-    the engine is built. Each step's time lands in `startup` (and in `info`: `load_s`, `compile_s`, ...).
+    `forward_loop(unet)` runs the calibration prompts through an 8-bit UNet being calibrated
+    (`sdxl_core.run.calibration_loop`; needed only if calibration runs). `lock_timeout`: seconds to wait for
+    another builder of the same engine. A UNet without weights (`models.load(..., unet_weights=False)`) gets
+    them only if the engine is built. Each step's time lands in `startup` (and in `info`: `load_s`, `compile_s`, ...).
     """
     startup = startup or Startup()
     dtype = compute_dtype(device, half)
@@ -288,8 +288,6 @@ def build_unet(
     with startup.phase("modelopt_import"):
         from sdxl_core.quant import quantize
 
-    if forward_loop is None:  # looked up at call time, so a test can replace it
-        forward_loop = quantize.calibration_loop(components, variant, device, dtype, progress)
     calibration_file = Path(onnx_dir) / key / "calibration.pt" if onnx_dir else None
     with startup.phase("calibration", device) as calibration:
         info.calibration = quantize.calibrate_or_reuse(

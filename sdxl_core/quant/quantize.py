@@ -237,29 +237,6 @@ def quantize_unet(
     return unet
 
 
-def calibration_loop(components, variant: Variant, device, dtype, progress: bool) -> Callable[[torch.nn.Module], None]:
-    """ModelOpt's forward_loop: the real pipeline on the packaged prompts at the variant's step count, in
-    batches of CALIBRATION_BATCH prompts (as the reference demo), decoding nothing (calibration needs no
-    pixels). Both backends calibrate through it."""
-    from tqdm.auto import tqdm
-
-    from sdxl_core import pipeline
-    from sdxl_core.engines import Engines, text_stages, unet_stage
-
-    prompts = calibration_prompts(variant.calibration_size)
-    clip, clip2 = text_stages(components)
-    batches = [prompts[i : i + CALIBRATION_BATCH] for i in range(0, len(prompts), CALIBRATION_BATCH)]
-
-    def forward_loop(unet):
-        engines = Engines(
-            device=device, dtype=dtype, clip=clip, clip2=clip2, unet=unet_stage(unet), vae=lambda latents: latents
-        )
-        for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
-            pipeline.txt2img(engines, components, variant.replace(batch_size=len(batch)), batch, seed=i)
-
-    return forward_loop
-
-
 def calibrate_or_reuse(
     unet: torch.nn.Module,
     variant: Variant,
@@ -277,6 +254,8 @@ def calibrate_or_reuse(
             return "reused"
         except CalibrationMismatch as mismatch:
             print(f"warning: {mismatch}; recalibrating", file=sys.stderr)
+    if forward_loop is None:
+        raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
     quantize_unet(unet, variant, forward_loop, progress=progress)
     if calibration_file is not None:
         save_calibration(unet, calibration_file, meta)

@@ -136,11 +136,13 @@ def assert_whole(engine_dir: Path, variant) -> None:
 
 def build_in_process(variant, engine_dir: Path, onnx_dir: Path | None = None) -> tuple[str, float]:
     """Build (or load) the engine in this process, as a rerun does: (built or loaded, seconds)."""
-    from sdxl_core import models
+    from sdxl_core import models, run
 
     started = time.perf_counter()
+    components, cpu = models.load("tiny"), torch.device("cpu")
+    loop = run.calibration_loop(components, variant, cpu, torch.float32, False)
     engines = torch_backend.prepare(
-        variant, models.load("tiny"), torch.device("cpu"), engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False
+        variant, components, cpu, engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False, forward_loop=loop
     )
     return engines.info.mode, time.perf_counter() - started
 

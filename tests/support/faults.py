@@ -58,18 +58,19 @@ def install(fault: str) -> None:
     import torch
 
     from sdxl_core.engines import compiled, torch_backend
-    from sdxl_core.quant import quantize
 
     if fault == "kill:locked":
         torch_backend.build_unet = lambda *args, **kwargs: die()
     elif fault == "kill:calibrating":
-        make_loop = quantize.calibration_loop
+        from sdxl_core import run
+
+        make_loop = run.calibration_loop
 
         def calibration_loop(*args, **kwargs):
             loop = make_loop(*args, **kwargs)
             return lambda unet: (loop(unet), die())
 
-        quantize.calibration_loop = calibration_loop
+        run.calibration_loop = calibration_loop
     elif fault == "kill:saving-calibration":
         torch.save = _half_then(torch.save, die)
     elif fault == "kill:writing-engine":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_core import engines, models, pipeline
+from sdxl_core import engines, models, pipeline, run
 from sdxl_core.engines import compiled, cross_kv, torch_backend
 from sdxl_core.errors import UserError
 from sdxl_core.quant import qmodules
@@ -20,7 +20,8 @@ def tiny(name: str = "xl-1.0-fp16", **changes):
 
 def images(variant, reuse: bool, prompts=("a red cube", "a blue sphere")):
     components = models.load("tiny")
-    ready = torch_backend.prepare(variant, components, CPU, progress=False, reuse_cross_kv=reuse)
+    loop = run.calibration_loop(components, variant, CPU, torch.float32, False)
+    ready = torch_backend.prepare(variant, components, CPU, progress=False, reuse_cross_kv=reuse, forward_loop=loop)
     out = [pipeline.txt2img(ready, components, variant, [prompt], seed=1).latents for prompt in prompts]
     return out, ready, components
 

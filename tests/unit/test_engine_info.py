@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl_core import models
+from sdxl_core import models, run
 from sdxl_core.engines import tensorrt as trt_backend
 from sdxl_core.engines import torch_backend
 from sdxl_core.engines.info import QUANTIZED_FIELDS, EngineInfo
@@ -87,8 +87,10 @@ def unwritten(info: EngineInfo, quantized: bool) -> list[str]:
 @pytest.mark.parametrize("variant", [TINY_FP16, TINY_INT8], ids=["fp16", "int8"])
 def test_the_torch_backend_writes_every_field_readers_use(tmp_path, variant):
     for mode in ("built", "loaded"):
+        components, cpu = models.load("tiny"), torch.device("cpu")
+        loop = run.calibration_loop(components, variant, cpu, torch.float32, False)
         engines = torch_backend.prepare(
-            variant, models.load("tiny"), torch.device("cpu"), engine_dir=tmp_path, progress=False
+            variant, components, cpu, engine_dir=tmp_path, progress=False, forward_loop=loop
         )
         assert engines.info.mode == mode
         assert unwritten(engines.info, variant.is_quantized) == [], mode

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdxl_core import models, pipeline
+from sdxl_core import models, pipeline, run
 from sdxl_core.engines import store, torch_backend
 from sdxl_core.errors import UserError
 from sdxl_core.quant import qmodules, quantize
@@ -22,8 +22,9 @@ FP16 = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64, steps=
 
 def prepare(variant, engine_dir, onnx_dir=None, unet_weights=True, **kw):
     components = models.load("tiny", unet_weights=unet_weights)
+    loop = run.calibration_loop(components, variant, CPU, torch.float32, False)
     return components, torch_backend.prepare(
-        variant, components, CPU, engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False, **kw
+        variant, components, CPU, engine_dir=engine_dir, onnx_dir=onnx_dir, progress=False, forward_loop=loop, **kw
     )
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from sdxl_core.errors import UserError
 from sdxl_core.models import build_builtin
 from sdxl_core.quant import qmodules, quantize
+from sdxl_core.run import calibration_loop
 from sdxl_core.variants import Variant
 
 LEVELS = [("int8", 1.0), ("int8", 2.0), ("int8", 2.5), ("int8", 3.0), ("fp8", 3.0), ("fp8", 4.0)]
@@ -494,7 +495,7 @@ def calibrate_through_the_pipeline(components, variant, monkeypatch, max_calibra
     quantize.quantize_unet(
         unet,
         variant,
-        quantize.calibration_loop(loop_components, variant, torch.device("cpu"), torch.float32, False),
+        calibration_loop(loop_components, variant, torch.device("cpu"), torch.float32, False),
         progress=False,
     )
     monkeypatch.undo()
