@@ -7,6 +7,7 @@ or TensorRT UNets plug in without touching this file.
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ def txt2img(
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     batch = len(prompts)
     texts = ([negative_prompt] * batch + list(prompts)) if variant.do_cfg else list(prompts)
+    warn_truncated(components.tokenizer, texts)  # outside the timed stages: it tokenizes once more
 
     timer = StageTimer(device)
     with timer.stage("total"):
@@ -164,6 +166,31 @@ def run(
         )
         for _ in range(batch_count)
     ]
+
+
+_CHECKED: set[str] = set()  # texts already checked for length: each is warned about once per process
+
+
+def warn_truncated(tokenizer, texts: list[str]) -> None:
+    """Say on stderr, once per text, what the text encoders will not see: they read `model_max_length` tokens
+    (77 for SDXL's CLIPs) and the rest is cut, as diffusers warns too."""
+    limit = tokenizer.model_max_length
+    for text in dict.fromkeys(texts):
+        if not text or text in _CHECKED:
+            continue
+        _CHECKED.add(text)
+        ids = tokenizer(text, truncation=False, verbose=False).input_ids
+        if len(ids) > limit:
+            cut = tokenizer.decode(ids[limit - 1 : -1])  # the tokens past the limit, less the end token
+            print(
+                f"warning: a prompt of {len(ids)} tokens is cut to the {limit} the text encoders read; "
+                f"they do not see {_shorten(cut)!r}",
+                file=sys.stderr,
+            )
+
+
+def _shorten(text: str, chars: int = 60) -> str:
+    return text if len(text) <= chars else f"{text[:chars]}... ({len(text.split())} words)"
 
 
 def _token_ids(tokenizer, texts: list[str], device) -> torch.Tensor:
