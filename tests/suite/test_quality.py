@@ -1,36 +1,39 @@
-"""Do the images still look right? Current images against the stored FP16 baselines (SSIM, PSNR, CLIP score).
+"""Is every variant still right? Each variant's renders against its own stored references, 8-bit against FP16.
 
-Baselines live in `--baseline-dir`/<model>/<hardware>/ (see sdxl_core/suite/baselines.py); on CPU CI that is the
-committed `baselines/tiny/cpu/`. `--update-baselines` first rewrites them for this model and hardware from
-the images this run renders, then every test still compares (the regression tests then pass trivially; the
-8-bit tests still compare against the fresh FP16 images). A missing baseline fails, naming the command.
+Baselines live in `--baseline-dir`/<model>/<hardware>/ (sdxl_core/suite/baselines.py); on CPU CI that is the
+committed `baselines/tiny/cpu/`. Per variant (FP16, INT8, FP8, LCM-LoRA, Turbo) they hold the final latents of
+each case, the UNet output for fixed inputs and an image copy; sdxl_core/suite/references.py says how each is
+compared and how its tolerance was measured (written into the manifest beside the value, with its factor). A
+failure writes stored | current | SSIM heat map to a PNG and says whether library versions or the device changed
+since the baseline was made (drift after an upgrade) or not (a regression). 8-bit vs FP16 (the quantization gap)
+is SSIM against limits set from measured values.
 
-Thresholds come from the manifest; how they were chosen (measured values, margins) is written beside
-THRESHOLDS in sdxl_core/suite/baselines.py and in the manifest's "measured" section.
+`--update-baselines` first rewrites the variants this run selects (`--variants`; the others' stored entries stay),
+measuring the tolerances, then every test still compares. A missing baseline fails, naming the command.
 """
 
 from __future__ import annotations
 
 import re
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdxl_core import metrics
 from sdxl_core.errors import UserError
-from sdxl_core.suite import baselines, sweep
-from sdxl_core.suite.baselines import CASES
+from sdxl_core.suite import baselines, references, sweep
+from sdxl_core.suite.baselines import CASES, QUANTIZED, VARIANTS
 
-# Under xdist each test runs on its variant's worker (conftest.py groups them by `needs_variants`); with
-# --update-baselines they all run on one worker, which renders every variant and writes the baseline.
+# Under xdist each test runs on its variant's worker (the plugin groups them by `needs_variants`); with
+# --update-baselines they all run on one worker, which renders every selected variant and writes the baseline.
 pytestmark = [pytest.mark.quality]
 
 FP16 = "xl-1.0-fp16"
-OWN_BASELINE = (FP16, "xl-1.0-lcm-lora", "xl-turbo")  # compared with their own stored images
-QUANTIZED = ("xl-1.0-int8", "xl-1.0-fp8")  # compared with the stored FP16 images
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 
 
@@ -43,22 +46,39 @@ def each_variant(names, *also):
 # Fixtures: render each variant's cases once per module; open (or first rewrite) the stored baseline.
 
 
+@dataclass
+class Rendered:
+    engine: object
+    results: list  # pipeline.Result per case
+    _probe: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [result.images[0] for result in self.results]
+
+    @property
+    def probe(self) -> dict:
+        if not self._probe:
+            self._probe.update(references.unet_probe(self.engine))
+        return self._probe
+
+
 @pytest.fixture(scope="module")
 def rendered(build_engine):
-    """name -> the variant's images for CASES, rendered once."""
-    cache: dict[str, list[Image.Image]] = {}
+    """name -> the variant's renders of CASES (and its UNet probe, on first use), made once."""
+    cache: dict[str, Rendered] = {}
 
-    def render(name: str) -> list[Image.Image]:
+    def render(name: str) -> Rendered:
         if name not in cache:
             engine = build_engine(name)
-            cache[name] = [engine.generate(prompt, seed=seed).images[0] for prompt, seed in CASES]
+            cache[name] = Rendered(engine, [references.render(engine, prompt, seed) for prompt, seed in CASES])
         return cache[name]
 
     return render
 
 
 class Stored:
-    """A baseline folder: its manifest, and its images checked against what the suite renders now.
+    """A baseline folder: its manifest, images and tensors, checked against what the suite renders now.
 
     The manifest is opened on first use inside a test, so a missing baseline makes each test FAIL (with the
     command that creates it), rather than error in setup or skip.
@@ -73,31 +93,53 @@ class Stored:
             self._manifest = open_baseline(self.directory)
         return self._manifest
 
-    @property
-    def thresholds(self) -> dict:
-        return self.manifest["thresholds"]
+    def _or_fail(self, read):
+        try:
+            return read()
+        except UserError as exc:
+            pytest.fail(f"{self.directory}: {exc}", pytrace=False)
 
-    def threshold(self, name: str) -> float:
-        value = self.thresholds.get("ssim", {}).get(name)
+    def record(self, name: str) -> dict:
+        return self._or_fail(lambda: baselines.variant_record(self.manifest, name))
+
+    def tolerance(self, name: str, kind: str, this_run: dict) -> float:
+        """The tolerance check_own applies to `kind` of `name` in this run."""
+        record = self.record(name)
+        return record["tolerances"][kind]["value" if same_device(record, this_run) else "other_device"]
+
+    def gap(self, name: str) -> float:
+        value = self.manifest["thresholds"].get("ssim", {}).get(name)
         if value is None:
             pytest.fail(
-                f"{self.directory / baselines.MANIFEST} has no SSIM threshold for {name}; regenerate it "
-                f"with {baselines.CREATE_HINT}",
+                f"{self.directory / baselines.MANIFEST} has no SSIM threshold for {name} vs {FP16}; regenerate it "
+                f"with {baselines.CREATE_HINT} --variants={FP16},{name}",
                 pytrace=False,
             )
-        return value
+        return baselines.limit(value)
 
-    def image(self, name: str, case: int) -> Image.Image:
+    def entry(self, name: str, case: int) -> dict:
         prompt, seed = CASES[case]
         wanted = baselines.entry_for(self._suite_variant(name), prompt, seed)
-        try:
+
+        def read():
             entry = baselines.find_entry(self.manifest, name, prompt, seed)
             problem = baselines.mismatch(entry, wanted)
             if problem:
                 raise UserError(problem)
-            return baselines.load_image(self.directory, entry)
-        except UserError as exc:
-            pytest.fail(f"{self.directory}: {exc}", pytrace=False)
+            return entry
+
+        return self._or_fail(read)
+
+    def image(self, name: str, case: int) -> Image.Image:
+        return self._or_fail(lambda: baselines.load_image(self.directory, self.entry(name, case)))
+
+    def tensors(self, name: str, case: int) -> dict:
+        entry = self.entry(name, case)
+        return self._or_fail(lambda: baselines.load_tensors(self.directory, entry["tensors"], entry["tensors_sha256"]))
+
+    def probe(self, name: str) -> dict:
+        probe = self.record(name)["probe"]
+        return self._or_fail(lambda: baselines.load_tensors(self.directory, probe["file"], probe["sha256"]))
 
 
 def open_baseline(directory: Path) -> dict:
@@ -115,52 +157,112 @@ def baseline_root(pytestconfig) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stored(pytestconfig, baseline_root, suite_model, hardware, suite_variant, suite_device, rendered) -> Stored:
+def this_run(suite_device) -> dict:
+    """The library versions and device of this run, as a manifest records them."""
+    from sdxl_core.reports.run_report import device_info, library_versions
+
+    device = device_info(suite_device)
+    if suite_device.type == "cpu":  # which vector kernels ran: AVX-512 and AVX2 round differently
+        device["isa"] = torch.backends.cpu.get_cpu_capability()
+    return {"libraries": library_versions(suite_device), "device": device}
+
+
+@pytest.fixture(scope="module")
+def stored(pytestconfig, baseline_root, suite_model, hardware, suite_variant, this_run, rendered) -> Stored:
     directory = baselines.baseline_dir(baseline_root, suite_model, hardware)
     if pytestconfig.getoption("--update-baselines"):
-        update_baselines(directory, suite_model, hardware, suite_variant, suite_device, rendered)
+        from sdxl_core.suite.plugin import selected_variants
+
+        names = [name for name in VARIANTS if name in selected_variants(pytestconfig)]
+        command = " ".join(["pytest", *pytestconfig.invocation_params.args])
+        update_baselines(directory, suite_model, hardware, suite_variant, this_run, rendered, names, command)
     return Stored(directory, suite_variant)
 
 
-def update_baselines(directory, model, hardware, suite_variant, device, rendered) -> None:
-    """Render every variant, store the FP16 / LCM-LoRA / Turbo images, record 8-bit vs FP16 as measured."""
-    from sdxl_core.reports.run_report import device_info
-
-    entries, images = [], []
-    for name in OWN_BASELINE:
-        for (prompt, seed), image in zip(CASES, rendered(name), strict=True):
-            entries.append(baselines.entry_for(suite_variant(name), prompt, seed))
-            images.append(image)
-    measured = {
+def update_baselines(directory, model, hardware, suite_variant, this_run, rendered, names, command) -> None:
+    """Store each of `names`: image copies, tensors and the UNet probe, with tolerances measured here (floors
+    of an unchanged code path, references.measure_floor); 8-bit vs FP16 measured where both are rendered."""
+    device = {**this_run["device"], "slug": baselines.hardware_slug(hardware)}
+    records = {}
+    for name in names:
+        done = rendered(name)
+        floor = references.measure_floor(done.engine, CASES, done.results, done.probe)
+        dtype = done.engine.engines.dtype
+        tolerances = {kind: references.tolerance(floor[kind], references.epsilon(kind, dtype)) for kind in floor}
+        renders = [
+            (
+                baselines.entry_for(suite_variant(name), prompt, seed),
+                references.image_copy(result.images[0]),
+                references.case_tensors(result),
+            )
+            for (prompt, seed), result in zip(CASES, done.results, strict=True)
+        ]
+        records[name] = baselines.write_variant(
+            directory,
+            name,
+            renders,
+            done.probe,
+            tolerances,
+            device=device,
+            libraries=this_run["libraries"],
+            command=command,
+        )
+    gaps = {
         name: [
-            {"prompt": prompt, "seed": seed, **_rounded(metrics.compare(ref, img))}
-            for (prompt, seed), ref, img in zip(CASES, rendered(FP16), rendered(name), strict=True)
+            metrics.ssim(fp16, image) for fp16, image in zip(rendered(FP16).images, rendered(name).images, strict=True)
         ]
         for name in QUANTIZED
+        if name in names and FP16 in names
     }
-    device_facts = {**device_info(device), "slug": baselines.hardware_slug(hardware)}
-    baselines.write_baseline(
-        directory,
-        entries,
-        images,
-        baselines.default_thresholds(model),
-        device=device_facts,
-        measured=measured,
-        model=model,
+    baselines.write_manifest(
+        directory, model, baselines.hardware_slug(hardware), records, baselines.gap_thresholds(gaps)
     )
 
 
-def _rounded(values: dict) -> dict:
-    return {k: round(v, 5) if np.isfinite(v) else None for k, v in values.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# The comparison every image test makes; on failure it leaves a side-by-side PNG behind and names it.
+# The comparisons; a failure leaves stored | current | SSIM heat map behind, names it, and says what changed.
+
+
+def grid(stored_image, current, label: str, out_dir: Path) -> Path:
+    from sdxl_core.reports.images import side_by_side
+
+    path = Path(out_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
+    side_by_side({"stored": stored_image, "current": references.image_copy(current)}, "stored").save(path)
+    return path
+
+
+def same_device(record: dict, this_run: dict) -> bool:
+    was, now = record.get("device") or {}, this_run["device"]
+    return (was.get("name"), was.get("isa")) == (now.get("name"), now.get("isa"))
+
+
+def check_own(label: str, differences: dict, record: dict, this_run: dict, picture, out_dir: Path) -> None:
+    """`differences`: kind -> this render's difference from the stored one; each within its tolerance (the one for
+    the device that made the baseline, or for another device of its hardware class), or a failure naming every
+    check over, what changed since the baseline, and the grid (`picture` = (stored image, current image))."""
+    tier = "value" if same_device(record, this_run) else "other_device"
+    over = [
+        f"{kind} differ by {value:.3g} > tolerance {tol[tier]:.3g} (measured floor "
+        f"{max(tol['measured'].values()):.3g}, epsilon {tol['epsilon']:.3g}, x{tol['factor']:g}"
+        f"{'' if tier == 'value' else ', for another device'})"
+        for kind, value in differences.items()
+        if not value <= (tol := record["tolerances"][kind])[tier]
+    ]
+    if not over:
+        return
+    changed = baselines.drift(record, this_run["libraries"], this_run["device"])
+    cause = (
+        f"changed since the baseline: {changed}; drift after an upgrade: review the images, then regenerate it"
+        if changed
+        else "same library versions and device as the baseline: a regression"
+    )
+    path = grid(*picture, label, out_dir)
+    pytest.fail(f"{label}: {'; '.join(over)}. {cause}. stored | current | SSIM heat map: {path}", pytrace=False)
 
 
 def check_similar(reference, candidate, threshold: float, label: str, out_dir: Path) -> dict:
     values = metrics.compare(reference, candidate)
-    if values["ssim"] < threshold:
+    if not values["ssim"] >= threshold:
         from sdxl_core.reports.images import side_by_side
 
         path = Path(out_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
@@ -174,68 +276,137 @@ def check_similar(reference, candidate, threshold: float, label: str, out_dir: P
     return values
 
 
-def _report(record_property, label: str, values: dict, threshold: float) -> None:
-    record_property("ssim", round(values["ssim"], 5))
-    record_property("psnr_db", round(values["psnr"], 2))
-    record_property("ssim_threshold", threshold)
-    print(f"{label}: SSIM {values['ssim']:.5f} (>= {threshold}), PSNR {values['psnr']:.2f} dB")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Image tests.
+# Each variant against its own stored references.
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
-@pytest.mark.parametrize("name", each_variant(OWN_BASELINE))
-def test_matches_own_baseline(name, case, stored, rendered, tmp_path, record_property):
-    """FP16, LCM-LoRA and Turbo: today's image against the one stored for this model and hardware."""
-    threshold = stored.thresholds["regression_ssim"]
-    reference = stored.image(name, case)
-    values = check_similar(
-        reference, rendered(name)[case], threshold, f"{name} {CASE_IDS[case]} vs stored {name}", tmp_path
-    )
-    _report(record_property, f"{name} {CASE_IDS[case]}", values, threshold)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
-@pytest.mark.parametrize("name", each_variant(QUANTIZED))
-def test_8bit_close_to_fp16(name, case, stored, rendered, tmp_path, record_property):
-    """INT8 and FP8 against the stored FP16 image of the same prompt and seed."""
-    threshold = stored.threshold(name)
-    reference = stored.image(FP16, case)
-    values = check_similar(
-        reference, rendered(name)[case], threshold, f"{name} {CASE_IDS[case]} vs stored {FP16}", tmp_path
-    )
-    _report(record_property, f"{name} {CASE_IDS[case]} vs {FP16}", values, threshold)
-
-
-def test_wrong_images_fail(stored, tmp_path):
-    """The thresholds can fail: clearly wrong candidates score below every one of them, and the failure
-    message names a side-by-side PNG that exists."""
-    reference = np.asarray(stored.image(FP16, 0))
-    rng = np.random.default_rng(0)
-    wrong = {
-        "another seed": np.asarray(stored.image(FP16, 1)),
-        "uniform noise": rng.integers(0, 256, reference.shape, dtype=np.uint8),
-        "shifted 1 px": np.roll(reference, 1, axis=1),
-        "pixel noise sigma 8": np.clip(reference + rng.normal(0, 8, reference.shape), 0, 255).round().astype(np.uint8),
+@pytest.mark.parametrize("name", each_variant(VARIANTS))
+def test_matches_own_baseline(name, case, stored, rendered, this_run, tmp_path, record_property):
+    """Final latents (relative L2) and the image (mean 8-bit levels) against this variant's stored render."""
+    result = rendered(name).results[case]
+    stored_image = stored.image(name, case)
+    differences = {
+        "latents": references.relative_difference(result.latents, stored.tensors(name, case)["latents"]),
+        "image": references.image_difference(result.images[0], stored_image),
     }
-    assert CASES[0][1] != CASES[1][1], "'another seed' needs the two cases to use different seeds"
-    thresholds = [stored.thresholds["regression_ssim"], *(stored.threshold(n) for n in QUANTIZED)]
-    for label, candidate in wrong.items():
+    for kind, value in differences.items():
+        record_property(f"{kind}_difference", value)
+    label = f"{name} {CASE_IDS[case]} vs stored {name}"
+    check_own(label, differences, stored.record(name), this_run, (stored_image, result.images[0]), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", each_variant(VARIANTS))
+def test_unet_matches_own_baseline(name, stored, rendered, this_run, tmp_path, record_property):
+    """The UNet stage's output for fixed inputs at a few timesteps against this variant's stored output; for an
+    8-bit variant also its calibrated numbers (scales, weights, SmoothQuant factors, per layer)."""
+    current, reference = rendered(name).probe, stored.probe(name)
+    differences = {"unet": references.tensors_difference(*map(references.probe_outputs, (current, reference)))}
+    if references.probe_state(reference) or references.probe_state(current):
+        differences["quant"] = references.tensors_difference(*map(references.probe_state, (current, reference)))
+    for kind, value in differences.items():
+        record_property(f"{kind}_difference", value)
+    picture = (stored.image(name, 0), rendered(name).results[0].images[0])
+    check_own(f"{name} UNet vs stored {name}", differences, stored.record(name), this_run, picture, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
+@pytest.mark.parametrize("name", each_variant(QUANTIZED, FP16))
+def test_8bit_close_to_fp16(name, case, stored, rendered, tmp_path, record_property):
+    """The quantization gap: INT8 and FP8 against FP16's image of the same prompt and seed (FP16 itself is held
+    to its stored render above)."""
+    threshold = stored.gap(name)
+    reference, candidate = rendered(FP16).images[case], rendered(name).images[case]
+    values = check_similar(reference, candidate, threshold, f"{name} {CASE_IDS[case]} vs {FP16}", tmp_path)
+    record_property("ssim", round(values["ssim"], 5))
+    record_property("ssim_threshold", threshold)
+    print(f"{name} {CASE_IDS[case]} vs {FP16}: SSIM {values['ssim']:.5f} (>= {threshold}), PSNR {values['psnr']:.2f}")
+
+
+def _damaged_below(reference: np.ndarray, damage, target: float) -> np.ndarray:
+    """`damage(strength)` at the smallest strength in [0, 1] (bisected) whose SSIM against `reference` is below
+    `target`, or at full strength where none is."""
+    low, high = 0.0, 1.0
+    for _ in range(24):
+        middle = (low + high) / 2
+        low, high = (middle, high) if metrics.ssim(reference, damage(middle)) >= target else (low, middle)
+    return damage(high)
+
+
+def test_wrong_renders_fail(stored, this_run, tmp_path):
+    """Every check can fail: a damage sized from each stored tolerance and limit (twice past it) fails it, the
+    failure names a grid PNG that exists, and the undamaged stored render passes."""
+    record, image = stored.record(FP16), stored.image(FP16, 0)
+    latents = stored.tensors(FP16, 0)["latents"]
+    picture = (image, image)
+
+    def fails(kind, difference):
         with pytest.raises(pytest.fail.Exception) as failure:
-            check_similar(reference, candidate, min(thresholds), label, tmp_path)
+            check_own(f"damaged {kind}", {kind: difference}, record, this_run, picture, tmp_path)
         path = Path(str(failure.value.msg).rsplit(": ", 1)[-1])
         assert path.is_file() and path.parent == tmp_path, failure.value.msg
-        assert Image.open(path).width > 3 * reference.shape[1]  # reference, candidate, heat map
+
+    check_own(
+        "undamaged", {"latents": references.relative_difference(latents, latents)}, record, this_run, picture, tmp_path
+    )
+    # Latents: seeded noise scaled to twice the tolerance in relative L2; a uniform scale by 1 + 2 x tolerance.
+    tol = stored.tolerance(FP16, "latents", this_run)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    noisy = latents.double() + noise * (2 * tol * latents.double().norm() / noise.norm())
+    fails("latents", references.relative_difference(noisy, latents))
+    fails("latents", references.relative_difference(latents.double() * (1 + 2 * tol), latents))
+    # UNet probe: every stored output scaled by 1 + 2 x tolerance.
+    probe, tol = stored.probe(FP16), stored.tolerance(FP16, "unet", this_run)
+    fails("unet", references.tensors_difference({k: v.double() * (1 + 2 * tol) for k, v in probe.items()}, probe))
+    # Calibrated numbers (8-bit variants): one activation scale off by twice the tolerance.
+    for name in QUANTIZED:
+        state = references.probe_state(stored.probe(name))
+        damaged = {k: v.clone() for k, v in state.items()}
+        damaged["quant.state"][0, 0] *= 1 + 2 * stored.tolerance(name, "quant", this_run)
+        with pytest.raises(pytest.fail.Exception):
+            check_own(
+                "damaged quant",
+                {"quant": references.tensors_difference(damaged, state)},
+                stored.record(name),
+                this_run,
+                picture,
+                tmp_path,
+            )
+    # Image: one 8-bit level on enough values for twice the tolerance; and another seed's render.
+    pixels = np.asarray(image).astype(np.int16)
+    count = min(pixels.size, int(np.ceil(2 * stored.tolerance(FP16, "image", this_run) * pixels.size)) + 1)
+    flat = pixels.reshape(-1).copy()
+    chosen = np.random.default_rng(0).permutation(flat.size)[:count]
+    flat[chosen] += np.where(flat[chosen] < 255, 1, -1)
+    damaged = Image.fromarray(flat.reshape(pixels.shape).clip(0, 255).astype(np.uint8))
+    fails("image", references.image_difference(damaged, image))
+    fails("image", references.image_difference(stored.image(FP16, 1), image))
+    # The quantization gap: pixel noise, and a blend towards another seed's image, each as strong as it takes to
+    # open twice the gap each limit allows (1 - SSIM = 2 x (1 - limit)).
+    reference = np.asarray(image).astype(np.float64)
+    other = np.asarray(stored.image(FP16, 1)).astype(np.float64)
+    noise = np.random.default_rng(0).normal(0, 255, reference.shape)
+    to_image = lambda x: np.clip(x, 0, 255).round().astype(np.uint8)  # noqa: E731
+    damages = {
+        "pixel noise": lambda strength: to_image(reference + strength * noise),
+        "blend with another seed": lambda strength: to_image((1 - strength) * reference + strength * other),
+    }
+    for name in QUANTIZED:
+        limit = stored.gap(name)
+        for label, damage in damages.items():
+            candidate = _damaged_below(to_image(reference), damage, 1 - 2 * (1 - limit))
+            with pytest.raises(pytest.fail.Exception) as failure:
+                check_similar(to_image(reference), candidate, limit, f"{name} {label}", tmp_path)
+            assert Path(str(failure.value.msg).rsplit(": ", 1)[-1]).is_file(), failure.value.msg
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", each_variant(QUANTIZED))
+@pytest.mark.parametrize("name", each_variant(QUANTIZED, FP16))
 def test_clip_score_drop(name, stored, rendered, suite_model, suite_device, record_property):
-    """Mean CLIP score of the 8-bit images may fall at most `clip_drop` below the stored FP16 images'."""
+    """Mean CLIP score of the 8-bit images may fall at most `clip_drop` below FP16's."""
     from sdxl_core.models import BUILTIN_MODELS
 
     if baselines.model_slug(suite_model) in BUILTIN_MODELS:
@@ -249,9 +420,9 @@ def test_clip_score_drop(name, stored, rendered, suite_model, suite_device, reco
     except metrics.MissingWeights as exc:
         pytest.skip(str(exc))
     prompts = [prompt for prompt, _ in CASES]
-    reference = statistics.fmean(scorer.score([stored.image(FP16, i) for i in range(len(CASES))], prompts))
-    candidate = statistics.fmean(scorer.score(rendered(name), prompts))
-    limit = stored.thresholds["clip_drop"]
+    reference = statistics.fmean(scorer.score(rendered(FP16).images, prompts))
+    candidate = statistics.fmean(scorer.score(rendered(name).images, prompts))
+    limit = baselines.sweep_thresholds(suite_model, stored.manifest["thresholds"], name)["clip_drop"]
     record_property("clip_fp16", round(reference, 3))
     record_property(f"clip_{name}", round(candidate, 3))
     print(f"CLIP score: {FP16} {reference:.3f}, {name} {candidate:.3f}, drop {reference - candidate:.3f}")
@@ -341,37 +512,92 @@ def test_sweep_8bit_close_to_fp16(
 
 
 def test_missing_baseline_fails_with_the_command(tmp_path):
-    with pytest.raises(UserError, match=re.escape("pytest -m quality --update-baselines")) as info:
+    with pytest.raises(UserError, match=re.escape(baselines.CREATE_COMMAND)) as info:
         baselines.load_manifest(tmp_path / "tiny" / "cpu")
     assert "nox -s baselines" in str(info.value)
     with pytest.raises(pytest.fail.Exception, match="--update-baselines"):  # a failure, not a skip
         open_baseline(tmp_path / "tiny" / "cpu")
 
 
-def test_baseline_round_trip_and_checksum(tmp_path):
+def _write(directory, name, value, *, libraries=None, thresholds=None):
+    """A one-variant baseline whose image, latents and probe are filled with `value`."""
     from sdxl_core.variants import get_variant
 
-    variant = get_variant(FP16).replace(model="tiny", height=16, width=16, steps=2)
-    images = [Image.fromarray(np.full((16, 16, 3), v, dtype=np.uint8)) for v in (10, 200)]
-    entries = [baselines.entry_for(variant, prompt, seed) for prompt, seed in CASES]
+    variant = get_variant(name).replace(model="tiny", height=16, width=16, steps=2)
+    renders = [
+        (
+            baselines.entry_for(variant, prompt, seed),
+            Image.fromarray(np.full((16, 16, 3), value + seed, dtype=np.uint8)),
+            {"latents": torch.full((1, 4, 2, 2), float(value + seed))},
+        )
+        for prompt, seed in CASES
+    ]
+    probe = {"unet.t999": torch.full((2, 4, 2, 2), float(value))}
+    tol = references.tolerance({"rerun": 0.0}, 1e-7)
+    record = baselines.write_variant(
+        directory,
+        name,
+        renders,
+        probe,
+        dict.fromkeys(references.KINDS, tol),
+        device={"name": "cpu"},
+        libraries=libraries or {"torch": "1.0"},
+        command="test",
+    )
+    baselines.write_manifest(directory, "tiny", "cpu", {name: record}, thresholds or {})
+    return variant
+
+
+def test_baseline_round_trip_checksum_and_merge(tmp_path):
+    """Files round-trip; a subset write keeps the other variants' entries and their files; a stale file goes."""
     directory = baselines.baseline_dir(tmp_path, "tiny", "cpu")
-    (directory).mkdir(parents=True)
+    directory.mkdir(parents=True)
     (directory / "stale.png").write_bytes(b"old")
-    baselines.write_baseline(directory, entries, images, baselines.default_thresholds("tiny"), libraries={})
+    variant = _write(directory, FP16, 10, thresholds=baselines.gap_thresholds({"xl-1.0-int8": [0.999, 0.998]}))
+    _write(directory, "xl-1.0-int8", 100)  # a subset: INT8 only
 
     manifest = baselines.load_manifest(directory)
-    assert manifest["thresholds"]["regression_ssim"] == baselines.THRESHOLDS["tiny"]["regression_ssim"]
-    assert sorted(p.name for p in directory.iterdir()) == sorted(
-        [baselines.MANIFEST] + [e["file"] for e in manifest["entries"]]
-    )
+    assert sorted(manifest["variants"]) == sorted([FP16, "xl-1.0-int8"])
+    ssim = manifest["thresholds"]["ssim"]["xl-1.0-int8"]
+    assert ssim == {"value": 0.994, "measured": 0.998, "factor": 3.0, "rule": ssim["rule"]}
+    named = {baselines.MANIFEST}
+    for record in manifest["variants"].values():
+        named |= {record["probe"]["file"]} | {c[k] for c in record["cases"] for k in ("file", "tensors")}
+    assert sorted(p.name for p in directory.iterdir()) == sorted(named)
+
     entry = baselines.find_entry(manifest, FP16, *CASES[1])
-    assert np.array_equal(np.asarray(baselines.load_image(directory, entry)), np.asarray(images[1]))
+    assert np.asarray(baselines.load_image(directory, entry))[0, 0, 0] == 11
+    assert baselines.load_tensors(directory, entry["tensors"], entry["tensors_sha256"])["latents"][0, 0, 0, 0] == 11
     assert baselines.mismatch(entry, baselines.entry_for(variant, *CASES[1])) is None
     assert "steps=2 (now 4)" in baselines.mismatch(entry, baselines.entry_for(variant.replace(steps=4), *CASES[1]))
+    with pytest.raises(UserError, match="no xl-turbo; .*--variants=xl-turbo"):
+        baselines.variant_record(manifest, "xl-turbo")
 
-    (directory / entry["file"]).write_bytes(baselines._png_bytes(images[0]))
+    (directory / entry["file"]).write_bytes(baselines._png_bytes(Image.new("RGB", (16, 16))))
     with pytest.raises(UserError, match="sha256"):
         baselines.load_image(directory, entry)
+
+
+def test_failure_names_the_library_that_changed(tmp_path):
+    record = {"libraries": {"torch": "2.14.1", "diffusers": "0.42.1"}, "device": {"name": "cpu"}}
+    assert baselines.drift(record, {"torch": "2.14.1", "diffusers": "0.42.1"}, {"name": "cpu"}) == ""
+    assert baselines.drift(record, {"torch": "2.15.0", "diffusers": "0.42.1"}, {"name": "cpu"}) == (
+        "torch 2.14.1 -> 2.15.0"
+    )
+    record["tolerances"] = {"latents": references.tolerance({"rerun": 0.0}, 1e-7)}
+    image = Image.new("RGB", (16, 16))
+    now = {"libraries": {"torch": "2.15.0", "diffusers": "0.42.1"}, "device": {"name": "cpu"}}
+    with pytest.raises(pytest.fail.Exception, match=r"changed since the baseline: torch 2.14.1 -> 2.15.0; drift"):
+        check_own("x", {"latents": 1e-3}, record, now, (image, image), tmp_path)
+    now["libraries"]["torch"] = "2.14.1"
+    with pytest.raises(pytest.fail.Exception, match="same library versions and device as the baseline: a regression"):
+        check_own("x", {"latents": 1e-3}, record, now, (image, image), tmp_path)
+
+
+def test_gap_limits_come_from_the_stored_thresholds():
+    stored = baselines.gap_thresholds({"xl-1.0-fp8": [0.995, 0.996]})
+    limits = baselines.sweep_thresholds("sdxl-random", stored, "xl-1.0-fp8")
+    assert limits == {"worst_ssim": 0.985, "mean_ssim": 0.991, "clip_drop": baselines.CLIP_DROP}
 
 
 @pytest.mark.parametrize(
