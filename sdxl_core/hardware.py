@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,3 +103,56 @@ def device_info(device: torch.device) -> dict:
         "memory_gib": round(props.total_memory / 2**30, 1),
         "multiprocessors": props.multi_processor_count,
     }
+
+
+_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "radeon", "instinct"}
+ARCHITECTURES = {
+    (8, 0): "ampere",
+    (8, 6): "ampere",
+    (8, 7): "ampere",
+    (8, 9): "ada",
+    HOPPER: "hopper",
+    (10, 0): "blackwell",
+    (12, 0): "blackwell",
+}
+# Cards known by name alone (a device name string carries no compute capability).
+_ARCHITECTURE_BY_FAMILY = {
+    "h100": "hopper",
+    "h200": "hopper",
+    "h800": "hopper",
+    "h20": "hopper",
+    "gh200": "hopper",
+    "a100": "ampere",
+    "a800": "ampere",
+    "a10": "ampere",
+    "a30": "ampere",
+    "a40": "ampere",
+    "l4": "ada",
+    "l40": "ada",
+    "l40s": "ada",
+    "rtx4090": "ada",
+    "b200": "blackwell",
+}
+
+
+def hardware_slug(device) -> str:
+    """`cpu`, or a GPU architecture (or family) slug from a device name or the suite's `hardware` dict: the
+    folder the quality baselines of this kind of machine live in (see suite/baselines.py)."""
+    if isinstance(device, dict):
+        if not device.get("cuda"):
+            return "cpu"
+        name, capability = device.get("name") or "", device.get("capability")
+    else:
+        name, capability = str(device), None
+    if name.strip().lower() in ("", "cpu") and capability is None:
+        return "cpu"
+    if capability is not None and tuple(capability) in ARCHITECTURES:
+        return ARCHITECTURES[tuple(capability)]
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in _VENDOR_WORDS]
+    for i, word in enumerate(words):
+        if re.search(r"\d", word) and not re.fullmatch(r"\d+gb", word):
+            prefix = words[i - 1] if i and words[i - 1] in ("rtx", "gtx") else ""
+            return _ARCHITECTURE_BY_FAMILY.get(prefix + word, prefix + word)
+    if capability:
+        return f"sm{capability[0]}{capability[1]}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"

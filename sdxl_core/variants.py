@@ -210,13 +210,13 @@ class Variant:
     def engine_key_prefix(self) -> str:
         """How every key of this variant's UNet engine starts, whatever the backend's version and the device:
         what can be looked for in an engine dir before torch, which tells both, is imported."""
-        return ".".join([*_readable_parts(self._key_parts(), self), _slug(self.backend)])
+        return ".".join([*_readable_parts(self._key_parts(), self), slug(self.backend)])
 
 
 def make_key(readable: list[str], knobs: dict, variant: Variant, backend_version: str, device_tag: str) -> str:
     """`<readable parts>.<model>[.lora<scale>].<backend+version>.<device>.<digest of every knob>`: the form
     of every engine key (the UNet's and the other components')."""
-    parts = _readable_parts(readable, variant) + [_slug(f"{variant.backend}{backend_version}"), _slug(device_tag)]
+    parts = _readable_parts(readable, variant) + [slug(f"{variant.backend}{backend_version}"), slug(device_tag)]
     digest = hashlib.sha256(
         repr(sorted(knobs.items())).encode() + device_tag.encode() + backend_version.encode()
     ).hexdigest()[:10]
@@ -224,7 +224,7 @@ def make_key(readable: list[str], knobs: dict, variant: Variant, backend_version
 
 
 def _readable_parts(readable: list[str], variant: Variant) -> list[str]:
-    parts = [*readable, _slug(variant.model)]
+    parts = [*readable, slug(variant.model)]
     if variant.lora_path:
         parts.append(f"lora{variant.lora_scale:g}")
     return parts
@@ -234,10 +234,14 @@ def _levels(levels) -> str:
     return ", ".join(f"{level:g}" for level in levels)
 
 
-def _slug(text: str) -> str:
-    """The last path component of a model id or dir, reduced to file-name-safe characters."""
+def slug(text: str, *, keep_dots: bool = False, max_chars: int | None = 40, empty: str = "x") -> str:
+    """The last path component of a model id or dir, reduced to file-name-safe characters: the one slug of
+    engine keys (dots separate a key's parts, so none inside one; at most 40 characters) and of the baselines'
+    folders (`keep_dots`, whole)."""
     tail = re.split(r"[\\/]", str(text).rstrip("/\\"))[-1] or "model"
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", tail).strip("-")[:40] or "x"
+    allowed = "A-Za-z0-9_.-" if keep_dots else "A-Za-z0-9_-"
+    cleaned = re.sub(f"[^{allowed}]+", "-", tail).strip("-." if keep_dots else "-")
+    return (cleaned[:max_chars] if max_chars else cleaned) or empty
 
 
 _BASE = Variant(name="xl-1.0-fp16")

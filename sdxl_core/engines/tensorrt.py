@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl_core import specs
+from sdxl_core import hardware, specs
 from sdxl_core.engines import Engines, device_tag, store
 from sdxl_core.engines import onnx_export as export
 from sdxl_core.engines.info import EngineInfo
@@ -203,7 +203,7 @@ def shared_memory_bytes(sizes) -> int:
 
 def gpu_facts(device: torch.device) -> tuple[str, str]:
     """(GPU name, compute capability "9.0") for sidecars."""
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = hardware.capability(device)
     return torch.cuda.get_device_name(device), f"{major}.{minor}"
 
 

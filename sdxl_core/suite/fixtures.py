@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from sdxl_core.hardware import is_hopper
 from sdxl_core.suite.plugin import HARDWARE, probe_hardware, selected_variants
 from sdxl_core.suite.summary import ENGINE_RECORDS
 
@@ -136,7 +137,7 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
             except Exception as exc:
                 # Every Hopper card has 80 GB or more, where every variant fits: an OOM there is a failure.
                 # A smaller card lacks the hardware, and the skip names it.
-                if type(exc).__name__ == "OutOfMemoryError" and hardware["capability"] != (9, 0):
+                if type(exc).__name__ == "OutOfMemoryError" and not is_hopper(hardware["capability"]):
                     pytest.skip(
                         f"GPU out of memory building {name} on {hardware['name']}: needs a card with more "
                         f"free memory (a Hopper GPU)"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from sdxl_core.hardware import capability as capability_of
+from sdxl_core.hardware import is_hopper
 from sdxl_core.suite import sweep
 from sdxl_core.variants import VARIANTS
 
@@ -194,7 +196,7 @@ def probe_hardware() -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    capability = torch.cuda.get_device_capability() if cuda else None
+    capability = capability_of() if cuda else None
     return {
         "cuda": cuda,
         "name": torch.cuda.get_device_name() if cuda else "cpu",
@@ -210,7 +212,7 @@ def pytest_collection_modifyitems(config, items):
     reasons = {
         "gpu": None if hw["cuda"] else "needs a CUDA GPU (PyTorch sees none)",
         "hopper": (
-            None if hw["capability"] == (9, 0) else f"needs a Hopper GPU (sm_90: H100, H200); this is {hw['name']}"
+            None if is_hopper(hw["capability"]) else f"needs a Hopper GPU (sm_90: H100, H200); this is {hw['name']}"
         ),
         "tensorrt": None if hw["tensorrt"] else "needs TensorRT (pip install 'sdxl-bench[trt]')",
     }

@@ -29,6 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from sdxl_core import hardware
 from sdxl_core.quant.kernels.cuda_build import KernelUnavailable
 
 LIBRARY = "conv_sm90"
@@ -95,13 +96,13 @@ def library() -> ctypes.CDLL:
 
 
 def is_hopper(device: torch.device | str | int | None = None) -> bool:
-    """A CUDA device of compute capability 9.x (the sm_90a code runs on Hopper only)."""
+    """A Hopper GPU (compute capability 9.0: the sm_90a code runs there only)."""
     if not torch.cuda.is_available():
         return False
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] == 9
+    return hardware.is_hopper(device)
 
 
 def available(device: torch.device | str | int | None = None) -> bool:

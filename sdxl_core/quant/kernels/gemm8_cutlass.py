@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from sdxl_core import hardware
 from sdxl_core.quant.kernels import cuda_build
 
 LIBRARY = "gemm8_sm90"
@@ -102,7 +103,7 @@ def configs(fmt: str = "int8") -> tuple[str, ...]:
 
 @functools.cache
 def _available(index: int, fmt: str) -> bool:
-    if torch.cuda.get_device_capability(index) != (9, 0):  # the library holds sm_90a code only
+    if not hardware.is_hopper(index):  # the library holds sm_90a code only
         return False
     try:
         configs(fmt)
@@ -126,8 +127,8 @@ def unavailable_reason(device: torch.device | str | None = None, fmt: str = "int
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"needs a CUDA Hopper GPU (sm_90), not {device}"
     index = torch.cuda.current_device() if device.index is None else device.index
-    capability = torch.cuda.get_device_capability(index)
-    if capability != (9, 0):
+    capability = hardware.capability(index)
+    if not hardware.is_hopper(capability):
         return f"needs compute capability 9.0 (Hopper), cuda:{index} is {capability[0]}.{capability[1]}"
     try:
         configs(fmt)
