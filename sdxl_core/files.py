@@ -243,8 +243,8 @@ class BuildLock:
         if self._try(fd):
             return
         print(
-            f"waiting for the build lock {self.file}, held by {self.holder(fd)} (at most {self.timeout:g} s, "
-            "see --lock-timeout)",
+            f"sdxl-bench: waiting for the build lock {self.file}, held by {self.holder(fd)} "
+            f"(at most {self.timeout:g} s, see --lock-timeout)",
             file=sys.stderr,
             flush=True,
         )
