@@ -127,7 +127,7 @@ def _other_version(path: Path):
         (lambda p: (p / "layer_plan.json").unlink(), "layer_plan.json is missing"),
         (_foreign, "its sidecar names another engine"),
         (_other_version, "was built for backend_version='1.0.0'"),
-        (lambda p: (p / store.SIDECAR).write_text("{not json"), "unreadable sidecar"),
+        (lambda p: (p / store.SIDECAR).write_text("{not json"), "its sidecar is malformed \\(not JSON"),
     ],
 )
 def test_damaged_or_foreign_engines_are_refused_in_one_line(fp16_engine, damage, message):
