@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from sdxl_core.errors import UserError
+from sdxl_core.reports.tables import markdown_table
 
 PROPERTY = "quality_sweep"
 DEFAULT_PROMPTS = "2"
@@ -143,21 +144,36 @@ def summary_lines(summary: dict) -> list[str]:
 
 def markdown(summary: dict) -> str:
     """The report for people: a table of the variants, then each variant's prompts."""
-    out = [
-        "# Quality sweep: 8-bit images against FP16, prompt by prompt",
-        "",
-        "| variant | prompts | SSIM mean | SSIM worst | worst prompt | PSNR mean dB | PSNR worst dB | CLIP 8-bit | "
-        "CLIP FP16 | result |",
-        "|" + " --- |" * 10,
-    ]
+    columns = (
+        "variant",
+        "prompts",
+        "SSIM mean",
+        "SSIM worst",
+        "worst prompt",
+        "PSNR mean dB",
+        "PSNR worst dB",
+        "CLIP 8-bit",
+        "CLIP FP16",
+        "result",
+    )
+    rows = []
     for variant, s in summary.items():
         clip = s["clip"] or {}
-        out.append(
-            f"| {variant} | {s['prompts']} | {_number(s['ssim']['mean'], 5)} | {_number(s['ssim']['worst'], 5)} "
-            f"| {prompt_id(s['ssim']['worst_prompt'])} | {_number(s['psnr']['mean'], 2)} | "
-            f"{_number(s['psnr']['worst'], 2)} | {_number(clip.get('mean_8bit'), 2)} | "
-            f"{_number(clip.get('mean_fp16'), 2)} | {'; '.join(s['failures']) or 'passed'} |"
+        rows.append(
+            [
+                variant,
+                s["prompts"],
+                _number(s["ssim"]["mean"], 5),
+                _number(s["ssim"]["worst"], 5),
+                prompt_id(s["ssim"]["worst_prompt"]),
+                _number(s["psnr"]["mean"], 2),
+                _number(s["psnr"]["worst"], 2),
+                _number(clip.get("mean_8bit"), 2),
+                _number(clip.get("mean_fp16"), 2),
+                "; ".join(s["failures"]) or "passed",
+            ]
         )
+    out = ["# Quality sweep: 8-bit images against FP16, prompt by prompt", "", markdown_table(columns, rows)]
     for variant, s in summary.items():
         out += [
             "",
@@ -167,15 +183,22 @@ def markdown(summary: dict) -> str:
             f"{s['thresholds']['mean_ssim']}, CLIP drop <= {s['thresholds']['clip_drop']}."
             + (f" CLIP: {s['clip_note']}" if s["clip_note"] else ""),
             "",
-            "| prompt | seed | SSIM | PSNR dB | CLIP 8-bit | CLIP FP16 | text |",
-            "|" + " --- |" * 7,
+            markdown_table(
+                ("prompt", "seed", "SSIM", "PSNR dB", "CLIP 8-bit", "CLIP FP16", "text"),
+                [
+                    [
+                        prompt_id(r["index"]),
+                        r["seed"],
+                        _number(r["ssim"], 5),
+                        _number(r["psnr"], 2),
+                        _number(r["clip_8bit"], 2),
+                        _number(r["clip_fp16"], 2),
+                        r["prompt"],
+                    ]
+                    for r in s["per_prompt"]
+                ],
+            ),
         ]
-        for r in s["per_prompt"]:
-            text = r["prompt"].replace("|", "\\|")
-            out.append(
-                f"| {prompt_id(r['index'])} | {r['seed']} | {_number(r['ssim'], 5)} | {_number(r['psnr'], 2)} | "
-                f"{_number(r['clip_8bit'], 2)} | {_number(r['clip_fp16'], 2)} | {text} |"
-            )
     return "\n".join(out) + "\n"
 
 
