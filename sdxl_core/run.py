@@ -158,9 +158,9 @@ def _check_with_torch(variant: Variant, options: Options) -> torch.device:
         )
     if options.use_cuda_graph and device.type != "cuda":
         raise UserError("--use-cuda-graph needs a CUDA GPU")
-    from sdxl_core.engines import cross_kv
+    from sdxl_core import settings
 
-    cross_kv.mode()  # a bad SDXL_BENCH_CROSS_KV is one line here, before any model loads
+    settings.check()  # a bad SDXL_BENCH_* value is one line here, before any model loads
     return device
 
 

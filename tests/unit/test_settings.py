@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -70,3 +71,18 @@ def test_defaults_and_good_values(monkeypatch, tmp_path):
 def test_importing_settings_imports_no_torch():
     code = "import sys, sdxl_core.settings; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_cli_refuses_a_bad_setting_before_any_model_loads(tmp_path):
+    env = {**os.environ, "SDXL_BENCH_GEMM_DISPATCH": "maybe", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sdxl_core.commands.cli", "txt2img", "x", "--model", "tiny"]
+        + ["--output-dir", str(tmp_path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1] == "error: SDXL_BENCH_GEMM_DISPATCH='maybe': choose one of on, off"
+    assert not any(tmp_path.iterdir())
