@@ -153,6 +153,7 @@ def cmd_build(args, startup: Startup) -> int:
         check_writable_dir(Path(args.report).parent, "--report")
     options = run_options(args)
     device = [run.check(variant, options, startup) for variant in variants][0]
+    from sdxl_core import hardware
     from sdxl_core.reports import run_report
 
     built = []
@@ -177,8 +178,8 @@ def cmd_build(args, startup: Startup) -> int:
             "schema": run_report.REPORT_SCHEMA_VERSION,
             "command": shlex.join(sys.argv),
             "built": built,
-            "libraries": run_report.library_versions(device),
-            "device": run_report.device_info(device),
+            "libraries": hardware.library_versions(device),
+            "device": hardware.device_info(device),
         }
         atomic_write_text(args.report, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.report}")

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_core import run
+from sdxl_core import hardware, run
 from sdxl_core.errors import UserError
 from sdxl_core.run import DEFAULT_PROMPT
 from sdxl_core.variants import TINY_CALIBRATION_SIZE, TINY_MAX_STEPS, get_variant, on_model
@@ -80,7 +80,6 @@ def run_demo(
     from sdxl_core import metrics
     from sdxl_core.files import atomic_path, atomic_write_text
     from sdxl_core.reports import images as report
-    from sdxl_core.reports import run_report
 
     started = time.perf_counter()
     out = Path(output_dir)
@@ -146,7 +145,7 @@ def run_demo(
         report.side_by_side(images, VARIANT_NAMES[0]).save(tmp, format="PNG")
 
     first = variants[0]
-    facts = run_report.device_info(torch_device)
+    facts = hardware.device_info(torch_device)
     table = report.latency_table(rows)
     heading = (
         f"# sdxl-bench demo: {first.model}, {first.height}x{first.width}, {first.steps} steps, "
@@ -167,7 +166,7 @@ def run_demo(
         "seed": seed,
         "variants": details,
         "quality_vs_fp16": quality,
-        "libraries": run_report.library_versions(),
+        "libraries": hardware.library_versions(),
         "device": facts,
         "engine_dir": str(engine_dir),
         "wall_s": round(time.perf_counter() - started, 2),

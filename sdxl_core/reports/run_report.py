@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sdxl_core.errors import UserError
-from sdxl_core.hardware import cpu_model, device_info, library_versions, usable_cpus  # noqa: F401 (callers' names)
+from sdxl_core.hardware import device_info, library_versions
 from sdxl_core.reports.tables import markdown_table
 
 REPORT_SCHEMA_VERSION = 3

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdxl_core import files, run
+from sdxl_core import files, hardware, run
 from sdxl_core.commands import cli
 from sdxl_core.engines.info import QUANTIZED_FIELDS
 from sdxl_core.reports import run_report
@@ -111,7 +111,7 @@ def test_report_on_the_cpu_tells_what_ran(fp16_run):
     assert not set(QUANTIZED_FIELDS) & set(report["engine"])
     assert "cuda" not in report["libraries"] and report["libraries"]["torch"]
     device = report["device"]
-    assert device["type"] == "cpu" and device["name"] == run_report.cpu_model() and device["threads"] == 1
+    assert device["type"] == "cpu" and device["name"] == hardware.cpu_model() and device["threads"] == 1
     assert device["name"] in done.stdout
     assert "noise by design" in report["model_note"]
 
@@ -179,7 +179,7 @@ def test_cli_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         assert run.set_cpu_threads(None, "tiny") == 1 == torch.get_num_threads()
-        assert run.set_cpu_threads(None, "sdxl-random") == run_report.usable_cpus() == torch.get_num_threads()
+        assert run.set_cpu_threads(None, "sdxl-random") == hardware.usable_cpus() == torch.get_num_threads()
         assert run.set_cpu_threads(2, "tiny") == 2 == torch.get_num_threads()
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(3)

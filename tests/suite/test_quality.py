@@ -159,7 +159,7 @@ def baseline_root(pytestconfig) -> Path:
 @pytest.fixture(scope="module")
 def this_run(suite_device) -> dict:
     """The library versions and device of this run, as a manifest records them."""
-    from sdxl_core.reports.run_report import device_info, library_versions
+    from sdxl_core.hardware import device_info, library_versions
 
     device = device_info(suite_device)
     if suite_device.type == "cpu":  # which vector kernels ran: AVX-512 and AVX2 round differently
