@@ -394,10 +394,10 @@ def missing_engine(engine_dir: str | Path, key: str, knobs: dict | None = None) 
     present = []
     for path in sorted(engine_dir.glob("*/" + SIDECAR)) if engine_dir.is_dir() else []:
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            record = read_sidecar(path.parent)  # bounded: another engine's sidecar may be hostile too
+        except EngineRefused:
             continue
-        if not isinstance(record, dict) or record.get("component") == "timing-cache":
+        if record.get("component") == "timing-cache":
             continue
         if not isinstance(record.get("knobs"), dict) or not wanted:
             present.append((99, path.parent.name, ""))
