@@ -1,5 +1,5 @@
-"""Sessions: tests (CPU, what CI runs), demo, gpu_bench (the suite on a Hopper GPU), gpu_engines, gpu_kernels,
-gpu_profile (GPU measurements), quality, baselines, compare.
+"""Sessions: tests and battery (CPU, what CI runs), demo, gpu_bench (the suite on a Hopper GPU), gpu_engines,
+gpu_kernels, gpu_profile (GPU measurements), quality, baselines, compare.
 
 `tests` and `demo` make their own virtualenv and install the project from pyproject.toml. On a GPU runner
 whose Python already has a CUDA build of torch, pass `--no-venv` (nox >= 2024) or set
@@ -150,6 +150,20 @@ def gpu_bench(session: nox.Session) -> None:
         ),
         *posargs,
     )
+
+
+@nox.session(python=False)
+def battery(session: nox.Session) -> None:
+    """The bug battery (tests/battery): each plausible bug applied alone to a copy of the code, where the quality
+    tests on `tiny` must fail; the kill rate must be 100 %. It runs in the `tests` session's virtualenv where
+    there is one (CI runs `nox -s tests battery`), else in the Python that runs nox. Options after `--`, e.g.
+    `-- --only guidance_off_by_one --jobs 1`."""
+    python = os.path.join(".nox", "tests", "bin", "python")
+    if not os.path.isfile(python):
+        _require_project(session)
+        python = sys.executable
+    session.env["HF_HUB_OFFLINE"] = "1"
+    session.run(python, "-m", "tests.battery", *session.posargs, external=True)
 
 
 @nox.session(python=False)

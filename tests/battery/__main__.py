@@ -1,0 +1,5 @@
+import sys
+
+from tests.battery.harness import main
+
+sys.exit(main())
