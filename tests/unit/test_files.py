@@ -138,10 +138,20 @@ def test_the_build_lock_is_released_when_its_holder_is_killed(tmp_path):
     assert (tmp_path / "e.lock").read_bytes() == b""  # created, never written
 
 
-def test_the_build_lock_opens_an_existing_lock_file_read_only(tmp_path):
+def test_the_build_lock_opens_a_lock_file_it_cannot_write_read_only(tmp_path, monkeypatch):
+    """Another user's lock file (0644) locks as well as one's own: opened read-only, with no holder recorded."""
     lock_file = tmp_path / "e.lock"
     lock_file.write_bytes(b"")
-    lock_file.chmod(0o444)  # another user's lock file, as this user sees it
+    lock_file.chmod(0o444)
+    real_open = os.open
+
+    def as_another_user(path, flags, *args, **kwargs):  # root writes through file modes; a user does not
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", as_another_user)
     with files.build_lock(tmp_path / "e") as held:
         assert os.fstat(held.fd).st_ino == lock_file.stat().st_ino
         assert fcntl.fcntl(held.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY  # so it needs no write access
+        assert not held.writable and lock_file.read_bytes() == b""
