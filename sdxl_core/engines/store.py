@@ -483,7 +483,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _parse_sidecar(data: bytes, name: str) -> dict:
+def _parse_sidecar(data: bytes) -> dict:
     """The sidecar's record, checked against its schema (ValueError says what is wrong)."""
     record = parse_json(data)
     if not isinstance(record, dict):
@@ -518,7 +518,7 @@ def read_sidecar(path: Path) -> dict:
         raise EngineRefused(f"engine {path.name}: unreadable sidecar ({exc.strerror or exc})") from None
     try:
         data, _ = _read_bounded(fd, SIDECAR, SIDECAR_MAX_BYTES)
-        return _parse_sidecar(data, SIDECAR)
+        return _parse_sidecar(data)
     except _TooLarge as exc:
         raise EngineRefused(f"engine {path.name}: {exc}") from None
     except (OSError, ValueError) as exc:
@@ -583,7 +583,7 @@ def _verify_open(dir_fd: int, path: Path, key: str, expect: dict, required, chec
         raise EngineRefused(f"engine {key}: unreadable sidecar ({exc.strerror or exc}); {refuse}") from None
     signed = _check_signature(dir_fd, path, key, data)  # on the raw bytes, before any parse
     try:
-        record = _parse_sidecar(data, SIDECAR)
+        record = _parse_sidecar(data)
     except ValueError as exc:
         raise EngineRefused(f"engine {key}: its sidecar is malformed ({exc}); {refuse}") from None
     if record.get("key") != key:
