@@ -232,11 +232,15 @@ class BuildLock:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR):
                 raise
             fd, self.writable = os.open(self.file, os.O_RDONLY | flags, 0o644), False
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
             raise UserError(f"build lock {self.file} is {kind}, not a lock file: remove it")
+        # The holder line is written only into a lock file of one's own with no other name: a hard link planted
+        # as the lock must not let a build truncate another of this user's files.
+        self.writable = self.writable and info.st_uid == os.geteuid() and info.st_nlink == 1
         return fd
 
     def _acquire(self, fd: int) -> None:

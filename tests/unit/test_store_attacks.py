@@ -182,3 +182,14 @@ def test_no_engine_lists_the_others_without_parsing_hostile_sidecars(tmp_path):
     publish(tmp_path, "fine")
     message = store.missing_engine(tmp_path, "wanted")
     assert "it has 1 other engine(s): fine" in message and "\n" not in message
+
+
+def test_a_hard_link_planted_as_the_lock_is_never_written(tmp_path):
+    """The lock records its holder, but only in a file of its own: a planted hard link to another of this user's
+    files keeps its content."""
+    precious = tmp_path / "precious"
+    precious.write_text("this user's data\n")
+    os.link(precious, tmp_path / "e.lock")
+    with store.lock(tmp_path, "e", timeout=1):
+        assert precious.read_text() == "this user's data\n"
+    assert precious.read_text() == "this user's data\n"
