@@ -43,8 +43,9 @@ def run_cli(*args, cwd=None, umask=0o022, limits=None):
 
 
 def error_lines(stderr: str) -> list[str]:
-    """stderr without the phase lines (`sdxl-bench: ...`), which long work prints before it fails."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("sdxl-bench: ")]
+    """stderr without the phase lines (`sdxl-bench: ...`), which long work prints before it fails, and the notes
+    (`note: ...`) on what was passed over, e.g. a JSON file in a history dir that is no benchmark run."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("sdxl-bench: ", "note: "))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,9 +494,9 @@ OTHER_ROWS = [
     ("report-machine-info-list", ["report", "{tmp}/machine-list.json"], "is not a pytest-benchmark run"),
     ("report-output-under-a-file", ["report", "{tmp}/run.json", "--output", "{tmp}/a-file/x.md"], "is not a directory"),
     (
-        "history-commit-info-list",
+        "history-commit-info-list",  # skipped with a note; then no run is left
         ["history", "{tmp}/history", "--output-dir", "{tmp}/h"],
-        "is not a pytest-benchmark run",
+        "no pytest-benchmark runs in",
     ),
     ("history-missing", ["history", "{tmp}/none", "--output-dir", "{tmp}/h"], "does not exist"),
     (
