@@ -181,3 +181,18 @@ def test_known_config_names_are_the_libraries_own():
     names = tuple(re.findall(r'X\(\d+, "(\w+)"', conv))
     int8 = int(re.search(r"kNumInt8Configs = (\d+)", conv).group(1))
     assert conv_cutlass.CONFIG_NAMES == {"int8": names[:int8], "fp8": names}
+
+
+def test_two_libraries_built_one_after_the_other_are_each_their_own(tmp_path):
+    """The GEMM library and then the conv library, each built on first use: each is loaded through a
+    descriptor, and the loader knows a library by the name it was opened under, so a descriptor number freed and
+    reused would hand the second caller the first library ('undefined symbol' at the conv kernels' first call)."""
+    marker, cache = tmp_path / "marker", tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    built = {who: gcc_library(tmp_path, who, which, marker) for who, which in (("first", 1), ("second", 2))}
+    loaded = {}
+    for who, library in built.items():
+        target = cache / f"{who}.so"
+        loaded[who] = cuda_build.load_cached(target, build=lambda src=library, dst=target: shutil.copy(src, dst))
+    assert loaded["first"].sdxl_test_which() == 1
+    assert loaded["second"].sdxl_test_which() == 2

@@ -136,11 +136,11 @@ def library(name: str, *, extra_flags: tuple[str, ...] = (), progress: bool = Tr
 def load_cached(target: Path, build) -> ctypes.CDLL:
     """The library at `target` if it is one this user may load (`trusted_library`), else `build()` it (which
     replaces whatever is there) under the target's lock, then load it."""
-    if trusted_library(target)[0] is None:
+    if not _is_trusted(target):
         from filelock import FileLock
 
         with FileLock(str(target) + ".lock"):
-            if trusted_library(target)[0] is None:
+            if not _is_trusted(target):
                 build()
     fd, problem = trusted_library(target)
     if fd is None:
@@ -149,6 +149,14 @@ def load_cached(target: Path, build) -> ctypes.CDLL:
         return _load(target, fd)
     finally:
         os.close(fd)
+
+
+def _is_trusted(path: Path) -> bool:
+    fd, _ = trusted_library(path)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 def trusted_library(path: Path) -> tuple[int | None, str]:
@@ -183,10 +191,15 @@ def _load(path: Path | str, fd: int) -> ctypes.CDLL:
     info = os.fstat(fd)
     identity = (info.st_dev, info.st_ino, info.st_mtime_ns)
     if identity not in _LOADED:
+        # The loader knows a library by the name it was opened under and hands back the one already loaded
+        # under that name: a descriptor number freed and reused for another library would get the first one.
+        # So each library is opened through a duplicate descriptor that stays open for the life of the process.
+        kept = os.dup(fd)
         try:
-            handle = ctypes.CDLL(f"/proc/self/fd/{fd}")._handle
+            handle = ctypes.CDLL(f"/proc/self/fd/{kept}")._handle
             _LOADED[identity] = ctypes.CDLL(str(path), handle=handle)  # named by its path, loaded from the fd
         except OSError as err:
+            os.close(kept)
             raise KernelUnavailable(f"cannot load {path}: {err}") from None
     return _LOADED[identity]
 
