@@ -182,8 +182,9 @@ def find_entry(manifest: dict, variant: str, prompt: str, seed: int) -> dict:
 
 
 def entry_for(variant, prompt: str, seed: int) -> dict:
-    """The manifest entry (without files and checksums) describing one render of `variant`."""
-    return {
+    """The manifest entry (without files and checksums) describing one render of `variant`; an 8-bit variant's
+    also names its calibration size (another one calibrates other scales: a new baseline, not a regression)."""
+    entry = {
         "variant": variant.name,
         "prompt": prompt,
         "seed": seed,
@@ -192,11 +193,14 @@ def entry_for(variant, prompt: str, seed: int) -> dict:
         "scheduler": variant.scheduler,
         "guidance": variant.guidance_scale,
     }
+    if variant.is_quantized:
+        entry["calibration_size"] = variant.calibration_size
+    return entry
 
 
 def mismatch(entry: dict, wanted: dict) -> str | None:
     """A one-line description of how a stored entry differs from what the suite now renders, or None."""
-    diffs = [f"{k}={entry.get(k)!r} (now {wanted[k]!r})" for k in ENTRY_KEYS if entry.get(k) != wanted[k]]
+    diffs = [f"{k}={entry.get(k)!r} (now {wanted[k]!r})" for k in wanted if entry.get(k) != wanted[k]]
     if not diffs:
         return None
     name = wanted["variant"]
@@ -253,7 +257,7 @@ def write_variant(directory, name: str, renders: list, probe: dict, tolerances: 
                 f"a {name} baseline got a wrong or repeated case: seed {entry['seed']}, {entry['prompt']!r}"
             )
         png, tensor_file = file_name(entry), file_name(entry, ".safetensors")
-        case = {k: entry[k] for k in ENTRY_KEYS}
+        case = dict(entry)
         case["file"], case["sha256"] = png, _write(directory, png, _png_bytes(image))
         case["tensors"], case["tensors_sha256"] = tensor_file, _write(directory, tensor_file, save(tensors))
         cases.append(case)

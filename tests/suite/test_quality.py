@@ -554,7 +554,7 @@ def test_baseline_round_trip_checksum_and_merge(tmp_path):
     directory.mkdir(parents=True)
     (directory / "stale.png").write_bytes(b"old")
     variant = _write(directory, FP16, 10, thresholds=baselines.gap_thresholds({"xl-1.0-int8": [0.999, 0.998]}))
-    _write(directory, "xl-1.0-int8", 100)  # a subset: INT8 only
+    int8 = _write(directory, "xl-1.0-int8", 100)  # a subset: INT8 only
 
     manifest = baselines.load_manifest(directory)
     assert sorted(manifest["variants"]) == sorted([FP16, "xl-1.0-int8"])
@@ -570,6 +570,10 @@ def test_baseline_round_trip_checksum_and_merge(tmp_path):
     assert baselines.load_tensors(directory, entry["tensors"], entry["tensors_sha256"])["latents"][0, 0, 0, 0] == 11
     assert baselines.mismatch(entry, baselines.entry_for(variant, *CASES[1])) is None
     assert "steps=2 (now 4)" in baselines.mismatch(entry, baselines.entry_for(variant.replace(steps=4), *CASES[1]))
+    stored_int8 = baselines.find_entry(manifest, "xl-1.0-int8", *CASES[0])
+    assert baselines.mismatch(stored_int8, baselines.entry_for(int8, *CASES[0])) is None
+    other_calibration = baselines.entry_for(int8.replace(calibration_size=3), *CASES[0])
+    assert "calibration_size=32 (now 3)" in baselines.mismatch(stored_int8, other_calibration)
     with pytest.raises(UserError, match="no xl-turbo; .*--variants=xl-turbo"):
         baselines.variant_record(manifest, "xl-turbo")
 
