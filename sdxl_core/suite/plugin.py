@@ -35,7 +35,7 @@ MARKERS = {
     "hopper": "needs a Hopper GPU (compute capability 9.0: H100, H200) for its speed gates",
     "h100": "alias of hopper",
     "tensorrt": "needs the TensorRT Python package with its builder libraries",
-    "quality": "compares images against stored FP16 baselines (SSIM, PSNR, CLIP score)",
+    "quality": "compares every variant with its stored baseline (latents, UNet output, image) and 8-bit with FP16",
     "bench": "latency benchmarks (pytest-benchmark); meaningful on a GPU",
     "slow": "takes more than a few seconds on CPU",
     "needs_variants": "needs_variants(*names): builds these engines; deselected when --variants leaves one out",
@@ -54,7 +54,11 @@ def pytest_addoption(parser):
     group.addoption("--engine-dir", default=None, help="engine dir shared by the session (default: a temp dir)")
     group.addoption("--onnx-dir", default=None, help="ONNX/calibration dir (default: a temp dir)")
     group.addoption("--variants", default=None, help="comma-separated variant names for engine fixtures")
-    group.addoption("--update-baselines", action="store_true", help="regenerate stored FP16 baselines")
+    group.addoption(
+        "--update-baselines",
+        action="store_true",
+        help="rewrite the stored baselines of the variants this run selects (--variants; the others' entries stay)",
+    )
     group.addoption("--baseline-dir", default="baselines", help="root of the stored baselines")
     group.addoption(
         "--calibration-size",

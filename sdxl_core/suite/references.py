@@ -104,12 +104,12 @@ def probe_state(probe: dict) -> dict:
     return {k: v for k, v in probe.items() if k.startswith("quant.")}
 
 
-def quantized_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def quantized_state(unet: torch.nn.Module | None) -> dict[str, torch.Tensor]:
     """The calibrated numbers of an 8-bit UNet, one row per quantized layer (in module order): activation scale,
     mean weight scale, mean |8-bit weight|, mean SmoothQuant factor (1 without). Empty for a UNet without
     quantized torch layers (FP16, or a backend that keeps them elsewhere)."""
     rows = []
-    for module in unet.modules():
+    for module in unet.modules() if unet is not None else ():
         if not isinstance(getattr(module, "a_scale", None), torch.Tensor):
             continue
         smooth = getattr(module, "smooth", None)
