@@ -224,7 +224,7 @@ def test_fused_qkv_engines_store_one_projection_per_attention_and_reload_fused(t
     assert torch.equal(_unet_output(reloaded_components, reloaded, FP16), _unet_output(fused_components, fused, FP16))
 
 
-def test_an_int8_engine_calibrates_its_fused_projections(tmp_path):
+def test_an_int8_engine_calibrates_its_fused_projections(built_int8, tmp_path):
     fused_variant = INT8.replace(fused_qkv=True)
     components, engines = prepare(fused_variant, tmp_path / "engines", tmp_path / "onnx")
     fused_8bit = {
@@ -237,8 +237,12 @@ def test_an_int8_engine_calibrates_its_fused_projections(tmp_path):
     reloaded_components, reloaded = prepare(fused_variant, tmp_path / "engines", allow_build=False, unet_weights=False)
     assert torch.equal(_unet_output(reloaded_components, reloaded, INT8), _unet_output(components, engines, INT8))
     fp16_components, fp16 = prepare(FP16, tmp_path / "fp16")
-    # As close to FP16 as an unfused INT8 engine is (the quantization noise; see tests/unit/test_quantize.py).
-    assert _rel_err(_unet_output(components, engines, INT8), _unet_output(fp16_components, fp16, INT8)) < 0.1
+    unfused_components, unfused = prepare(INT8, *built_int8[:2], allow_build=False)
+    # As close to FP16 as the unfused INT8 engine is: the same quantization noise (tiny's reactive weights
+    # make it large, ~0.23), not a projection calibrated on the wrong inputs (see tests/unit/test_quantize.py).
+    reference = _unet_output(fp16_components, fp16, INT8)
+    noise = _rel_err(_unet_output(unfused_components, unfused, INT8), reference)
+    assert _rel_err(_unet_output(components, engines, INT8), reference) < 1.2 * noise
 
 
 def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path):
