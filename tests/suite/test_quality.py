@@ -236,15 +236,19 @@ def same_device(record: dict, this_run: dict) -> bool:
     return (was.get("name"), was.get("isa")) == (now.get("name"), now.get("isa"))
 
 
+def _floor(tolerance: dict, tier: str) -> float:
+    """The measured floor behind `tier`: the `scales` source (another device's calibration) only for other_device."""
+    return max(v for source, v in tolerance["measured"].items() if tier == "other_device" or source != "scales")
+
+
 def check_own(label: str, differences: dict, record: dict, this_run: dict, picture, out_dir: Path) -> None:
     """`differences`: kind -> this render's difference from the stored one; each within its tolerance (the one for
     the device that made the baseline, or for another device of its hardware class), or a failure naming every
     check over, what changed since the baseline, and the grid (`picture` = (stored image, current image))."""
     tier = "value" if same_device(record, this_run) else "other_device"
     over = [
-        f"{kind} differ by {value:.3g} > tolerance {tol[tier]:.3g} (measured floor "
-        f"{max(tol['measured'].values()):.3g}, epsilon {tol['epsilon']:.3g}, x{tol['factor']:g}"
-        f"{'' if tier == 'value' else ', for another device'})"
+        f"{kind} differ by {value:.3g} > tolerance {tol[tier]:.3g} (measured floor {_floor(tol, tier):.3g}, "
+        f"epsilon {tol['epsilon']:.3g}, x{tol['factor']:g}{'' if tier == 'value' else ', for another device'})"
         for kind, value in differences.items()
         if not value <= (tol := record["tolerances"][kind])[tier]
     ]
@@ -252,7 +256,8 @@ def check_own(label: str, differences: dict, record: dict, this_run: dict, pictu
         return
     changed = baselines.drift(record, this_run["libraries"], this_run["device"])
     cause = (
-        f"changed since the baseline: {changed}; drift after an upgrade: review the images, then regenerate it"
+        f"changed since the baseline: {changed}; drift (an upgrade or another device): review the images, "
+        f"then regenerate it"
         if changed
         else "same library versions and device as the baseline: a regression"
     )
@@ -591,7 +596,9 @@ def test_failure_names_the_library_that_changed(tmp_path):
     record["tolerances"] = {"latents": references.tolerance({"rerun": 0.0}, 1e-7)}
     image = Image.new("RGB", (16, 16))
     now = {"libraries": {"torch": "2.15.0", "diffusers": "0.42.1"}, "device": {"name": "cpu"}}
-    with pytest.raises(pytest.fail.Exception, match=r"changed since the baseline: torch 2.14.1 -> 2.15.0; drift"):
+    with pytest.raises(
+        pytest.fail.Exception, match=r"changed since the baseline: torch 2.14.1 -> 2.15.0; drift \(an upgrade"
+    ):
         check_own("x", {"latents": 1e-3}, record, now, (image, image), tmp_path)
     now["libraries"]["torch"] = "2.14.1"
     with pytest.raises(pytest.fail.Exception, match="same library versions and device as the baseline: a regression"):
