@@ -135,10 +135,11 @@ def _check_engine_present(variant: Variant, engine_dir: str | None) -> None:
     prefix = variant.engine_key_prefix()
     present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not any(name.startswith(prefix) for name in present):
-        there = f"; it holds {', '.join(present)}" if present else "; it holds no engine"
+        from sdxl_core.engines.store import engines_instead  # sidecars only: no torch
+
         raise UserError(
-            f"--no-build: no {variant.name} engine ({prefix}...) in {engine_dir}{there}: build it first "
-            "(sdxl-bench build) or drop --no-build"
+            f"--no-build: no {variant.name} engine ({prefix}...) in {engine_dir}; "
+            f"{engines_instead(root, variant.engine_knobs())}: build it first (sdxl-bench build) or drop --no-build"
         )
 
 

@@ -388,33 +388,50 @@ def get_or_build(
 
 def missing_engine(engine_dir: str | Path, key: str, knobs: dict | None = None) -> str:
     """ "No engine": which engines the directory has instead, closest first, and how each differs."""
+    return f"no engine {key} in {engine_dir}, and building was not allowed; {engines_instead(engine_dir, knobs)}"
+
+
+def engines_instead(engine_dir: str | Path, knobs: dict | None = None) -> str:
+    """What `engine_dir` holds, closest to `knobs` (what makes the key wanted) first: "it holds KEY (differs in
+    fused_qkv=True, this run: unset); KEY2". Reads sidecars only: no torch, so the CLI can say it before
+    importing any. An entry without a readable sidecar is named as it is."""
     engine_dir = Path(engine_dir)
-    message = f"no engine {key} in {engine_dir}, and building was not allowed"
     wanted = json.loads(json.dumps(knobs or {}))  # as a sidecar stores them (tuples become lists)
+    unset = object()
+
+    def shown(value) -> str:
+        return "unset" if value is unset else repr(value)
+
     present = []
-    for path in sorted(engine_dir.glob("*/" + SIDECAR)) if engine_dir.is_dir() else []:
+    entries = (
+        sorted(p for p in engine_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if engine_dir.is_dir()
+        else []
+    )
+    for path in entries:
         try:
-            record = read_sidecar(path.parent)  # bounded: another engine's sidecar may be hostile too
+            record = read_sidecar(path)  # bounded: another engine's sidecar may be hostile too
         except EngineRefused:
+            present.append((99, path.name, ""))
             continue
         if record.get("component") == "timing-cache":
             continue
         if not isinstance(record.get("knobs"), dict) or not wanted:
-            present.append((99, path.parent.name, ""))
+            present.append((99, path.name, ""))
             continue
         stored = record["knobs"]
         differ = [
-            f"{name}={stored.get(name, 'unset')!r} (this run: {wanted.get(name, 'unset')!r})"
+            f"{name}={shown(stored.get(name, unset))}, this run: {shown(wanted.get(name, unset))}"
             for name in sorted(set(stored) | set(wanted))
-            if stored.get(name, "unset") != wanted.get(name, "unset")
+            if stored.get(name, unset) != wanted.get(name, unset)
         ]
-        present.append((len(differ), path.parent.name, f": differs in {', '.join(differ)}" if differ else ""))
+        present.append((len(differ), path.name, f" (differs in {'; '.join(differ)})" if differ else ""))
     if not present:
-        return f"{message}; that directory has no engines"
+        return "it holds no engine"
     present.sort()
     listed = "; ".join(f"{name}{differ}" for _, name, differ in present[:5])
     more = f"; and {len(present) - 5} more" if len(present) > 5 else ""
-    return f"{message}; it has {len(present)} other engine(s): {listed}{more}"
+    return f"it holds {listed}{more}"
 
 
 def publish(engine_dir: str | Path, key: str, write_files: Callable[[Path], dict], sidecar: dict) -> Path:

@@ -303,11 +303,11 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
 
 def test_no_engine_lists_the_engines_present_and_how_they_differ(tmp_path):
     engine_dir = tmp_path / "engines"
-    with pytest.raises(UserError, match="that directory has no engines"):
+    with pytest.raises(UserError, match="it holds no engine"):
         prepare(FP16, engine_dir, allow_build=False)
     _, fused = prepare(FP16.replace(fused_qkv=True), engine_dir)
     with pytest.raises(UserError) as refused:
         prepare(FP16, engine_dir, allow_build=False)  # the suite built it fused; txt2img asks without --fused-qkv
     message = str(refused.value)
     assert "building was not allowed" in message and "\n" not in message
-    assert f"{fused.info.engine_key}: differs in fused_qkv=True (this run: 'unset')" in message
+    assert f"it holds {fused.info.engine_key} (differs in fused_qkv=True, this run: unset)" in message
