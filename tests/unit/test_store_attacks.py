@@ -174,14 +174,15 @@ def test_a_waiting_builder_says_who_holds_the_lock_and_gives_up_after_its_timeou
 
 def test_no_engine_lists_the_others_without_parsing_hostile_sidecars(tmp_path):
     """--no-build without the engine lists the engines present: another engine's sidecar, huge or nested
-    100,000 deep, is skipped, not parsed."""
+    100,000 deep, is named as it is, not read whole or parsed."""
     publish(tmp_path, "deep")
     (tmp_path / "deep" / store.SIDECAR).write_text("[" * 100_000 + "]" * 100_000)
     publish(tmp_path, "huge")
     os.truncate(tmp_path / "huge" / store.SIDECAR, SPARSE_BYTES)
     publish(tmp_path, "fine")
+    started = time.perf_counter()
     message = store.missing_engine(tmp_path, "wanted")
-    assert "it has 1 other engine(s): fine" in message and "\n" not in message
+    assert message.endswith("it holds deep; fine; huge") and time.perf_counter() - started < 5
 
 
 def test_a_hard_link_planted_as_the_lock_is_never_written(tmp_path):
