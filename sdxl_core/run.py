@@ -67,7 +67,7 @@ def check(variant: Variant, options: Options, startup: Startup | None = None) ->
     """Refuse bad input in one line (UserError) before any model loads; returns the device.
 
     The checks that need no torch come first, so a typo costs no import of torch (seconds on a fresh host):
-    threads, the device's spelling, the backend, the LoRA path and the directories.
+    the SDXL_BENCH_* settings, threads, the device's spelling, the backend, the LoRA path and the directories.
     """
     startup = startup or Startup()
     with startup.phase("checks"):
@@ -80,7 +80,10 @@ def check(variant: Variant, options: Options, startup: Startup | None = None) ->
 
 
 def check_before_imports(variant: Variant, options: Options) -> None:
+    from sdxl_core import settings
     from sdxl_core.engines import check_backend
+
+    settings.check()  # a bad SDXL_BENCH_* value is one line here
 
     if options.threads is not None:
         check_range("--threads", options.threads)
@@ -159,9 +162,6 @@ def _check_with_torch(variant: Variant, options: Options) -> torch.device:
         )
     if options.use_cuda_graph and device.type != "cuda":
         raise UserError("--use-cuda-graph needs a CUDA GPU")
-    from sdxl_core import settings
-
-    settings.check()  # a bad SDXL_BENCH_* value is one line here, before any model loads
     return device
 
 

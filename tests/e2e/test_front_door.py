@@ -2,6 +2,7 @@
 a full disk halfway through a batch, `--version`."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -34,6 +35,7 @@ def imported_modules(importtime_log: str) -> set[str]:
             id="no-build-other-variant",
         ),
         pytest.param(["--lora-path", "{tmp}/empty"], "holds no LoRA weights", id="lora-dir-without-weights"),
+        pytest.param(["SDXL_BENCH_CROSS_KV=always"], "SDXL_BENCH_CROSS_KV='always'", id="bad-setting"),
         pytest.param(
             ["--backend", "tensorrt"],
             "--backend tensorrt needs TensorRT",
@@ -50,12 +52,14 @@ def test_bad_input_is_refused_before_torch_is_imported(tmp_path, args, message):
     (tmp_path / "a-file").write_text("a file, not a directory")
     (tmp_path / "empty").mkdir()
     (tmp_path / "engines" / FP16_KEY).mkdir(parents=True)
-    words = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    words = [a.replace("{tmp}", str(tmp_path)) for a in args if "=" not in a]
+    env = {**os.environ, **dict(a.split("=", 1) for a in args if "=" in a)}  # NAME=value: the environment's
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "sdxl_core.commands.cli", "txt2img", "x", "--model", "tiny", *words],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     lines = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
     assert done.returncode == 2, done.stderr[-2000:]
