@@ -28,7 +28,7 @@ from sdxl_core import settings, specs
 from sdxl_core.engines import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
 from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
-from sdxl_core.files import temp_name
+from sdxl_core.files import temp_name, write_failure
 from sdxl_core.hardware import library_versions
 from sdxl_core.quant import qmodules
 from sdxl_core.startup import Startup
@@ -223,13 +223,19 @@ def _get_or_build(
         # The engine's files are written to a staging directory beside it before the UNet is compiled (compiling
         # changes its layout, not what it stores); publish then only moves them in, with the compile cache.
         unet = build()
-        staging = Path(engine_dir) / temp_name(key, kind="staging")
+        staging = Path(engine_dir) / temp_name(key)  # a builder's temp dir: swept like publish's if it dies
         staging.mkdir(parents=True)
         staged.callback(shutil.rmtree, staging, ignore_errors=True)
         with startup.phase("engine_save") as timed:
-            qmodules.save(unet, staging)
-            if info.gemm_timings:  # what the dispatch measured on this card, kept for people to read
-                (staging / "gemm_dispatch.json").write_text(json.dumps(info.gemm_timings, indent=1) + "\n")
+            try:
+                qmodules.save(unet, staging)
+                if info.gemm_timings:  # what the dispatch measured on this card, kept for people to read
+                    (staging / "gemm_dispatch.json").write_text(json.dumps(info.gemm_timings, indent=1) + "\n")
+            except Exception as exc:  # a full disk or a read-only dir is one line, as publish says it
+                failure = write_failure(store.engine_path(engine_dir, key), exc)
+                if failure is None:
+                    raise
+                raise UserError(f"engine {key} not written: {failure}") from None
         info.save_s = round(timed.seconds, 2)
         runnable, compile_cache = make_runnable(unet, keep_cache=True)
 
