@@ -201,20 +201,17 @@ def tolerance(measured: dict[str, float], eps: float, factor: float = FACTOR) ->
 
 
 def render(engine, prompt: str, seed: int, *, perturb: float = 0.0):
-    """One render through the pipeline; `perturb` multiplies every UNet output by (1 +- perturb) per element."""
-    from sdxl_core import pipeline
-
-    engines = engine.engines
+    """One render as the suite makes it (`engine.generate`: a run.Run); `perturb` multiplies every UNet output by
+    (1 +- perturb) per element."""
     if perturb:
-        unet = engines.unet
+        unet = engine.engines.unet
 
         def rounded_differently(*args):
             out = unet(*args)
             return out * (1 + perturb * _signs(out.shape, out.device, out.dtype))
 
-        engines = dataclasses.replace(engines, unet=rounded_differently)
-    prompts = [prompt] * engine.variant.batch_size
-    return pipeline.txt2img(engines, engine.components, engine.variant, prompts, seed=seed)
+        engine = dataclasses.replace(engine, engines=dataclasses.replace(engine.engines, unet=rounded_differently))
+    return engine.generate(prompt, seed=seed)
 
 
 def measure_floor(engine, cases, results, probe) -> dict[str, dict[str, float]]:
