@@ -7,7 +7,8 @@ output too large to keep (SDXL: 2x4x128x128 per timestep) is kept as its average
 smallest factor that leaves at most POOLED_SIDE a side, plus four statistics of the full tensor (`unet.t<T>.stats`:
 mean, standard deviation, mean |x|, max |x|, float64). Tensors of up to FULL_PRECISION_NUMEL elements keep
 float32, larger ones float16 (SDXL's 128x128x4 latents: 128 KiB); a current tensor is rounded to the stored
-dtype before it is compared, so an unchanged render compares equal bit for bit.
+dtype before it is compared, so an unchanged render compares equal bit for bit. An 8-bit UNet's probe also holds
+its calibrated numbers (`quant.state`, one row per quantized layer), compared number by number.
 
 Each comparison is one number (`difference`): the relative L2 distance |a - b| / |b| for latents and pooled UNet
 outputs (the worst over timesteps, statistics included), the mean absolute difference in 8-bit levels for the
@@ -17,7 +18,12 @@ the code unchanged, measured when the baseline is written (`measure_floor`):
   - threads (CPU only): the render with two BLAS threads instead of one, i.e. another reduction order in every
     GEMM and conv, the kind of difference another CPU's vector kernels make;
   - rounding: every UNet output (for the probe: its input) multiplied by (1 +- one rounding unit of the compute
-    dtype) with a seeded random sign per element, the size of the difference another GPU kernel makes.
+    dtype) with a seeded random sign per element, the size of the difference another GPU kernel makes;
+  - scales (8-bit only): every activation scale off by what another device's calibration moves it. An 8-bit
+    render is chaotic in its scales: on tiny, scales moved by 1e-6 (AVX2 instead of AVX-512 kernels) move its
+    latents 4-9 %, as much as a 5 % scale bug does. So `value` (the device that made the baseline: bit-identical
+    up to the other sources) leaves `scales` out and `other_device` takes it in; on another device the
+    calibrated numbers (`quant`, tolerance from CALIBRATION_NOISE_CPU) are what holds an 8-bit variant tight.
 """
 
 from __future__ import annotations
