@@ -289,11 +289,7 @@ def write_manifest(directory, model: str, hardware: str, variants: dict, thresho
         "schema": SCHEMA,
         "model": model,
         "hardware": hardware,
-        "command": (
-            f"{CREATE_COMMAND} -n 0 -p no:cacheprovider tests/suite/test_quality.py --model {model} "
-            f"--variants={','.join(sorted({**manifest['variants'], **variants}, key=_variant_order))}"
-            f"  (on a {hardware} machine)"
-        ),
+        "command": _remake_command(model, hardware, {**manifest["variants"], **variants}),
         "thresholds": merged_thresholds,
         "variants": dict(sorted({**manifest["variants"], **variants}.items())),
     }
@@ -305,6 +301,17 @@ def write_manifest(directory, model: str, hardware: str, variants: dict, thresho
         if stale.name not in keep:
             os.unlink(stale)
     return directory / MANIFEST
+
+
+def _remake_command(model: str, hardware: str, records: dict) -> str:
+    """The command that remakes the whole folder, with the calibration size its 8-bit renders were made at."""
+    sizes = {case["calibration_size"] for r in records.values() for case in r["cases"] if "calibration_size" in case}
+    calibration = f" --calibration-size={sizes.pop()}" if len(sizes) == 1 else ""
+    names = ",".join(sorted(records, key=_variant_order))
+    return (
+        f"{CREATE_COMMAND} -n 0 -p no:cacheprovider tests/suite/test_quality.py --model {model} --variants={names}"
+        f"{calibration}  (on a {hardware} machine)"
+    )
 
 
 def _variant_order(name: str):
