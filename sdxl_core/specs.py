@@ -117,11 +117,11 @@ class ComponentSpec:
                 out.append(torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype))
         return tuple(out)
 
-    def key(self, variant: Variant, backend_version: str, device_tag: str) -> str:
+    def key(self, variant: Variant, backend_version: str, device_tag: str, identity: dict | None = None) -> str:
         """The UNet's is `Variant.engine_key`; the others are keys in the same style, e.g.
         `clip2.bs2.sdxl-random.tensorrt10-8-0-43.sm90.<digest>`, `vae.bs1.h1024w1024.sdxl-random...`."""
         if self.name == "unet":
-            return variant.engine_key(backend_version, device_tag)
+            return variant.engine_key(backend_version, device_tag, identity)
         batch = self.batch(variant)
         knobs = {
             "component": self.name,
@@ -134,7 +134,7 @@ class ComponentSpec:
         if self.name == "vae":
             knobs.update(height=variant.height, width=variant.width)
             readable.append(f"h{variant.height}w{variant.width}")
-        return make_key(readable, knobs, variant, backend_version, device_tag)
+        return make_key(readable, knobs, variant, backend_version, device_tag, identity)
 
 
 SPECS = {

@@ -198,14 +198,15 @@ class Variant:
             parts.append("qkv")
         return parts
 
-    def engine_key(self, backend_version: str, device_tag: str) -> str:
+    def engine_key(self, backend_version: str, device_tag: str, identity: dict | None = None) -> str:
         """A file-name-safe key in the demo's style plus what the demo left out.
 
         e.g. `unetxl-int8.l2.5.bs2.s30.c32.p1.0.a0.8.h1024w1024.sdxl-random.torch2.11.0.sm90`.
         Readable parts come first; a digest of all knobs at the end guarantees that different
-        knobs never share a key even where the readable parts would be ambiguous.
+        knobs never share a key even where the readable parts would be ambiguous. `identity`: what else the
+        engine depends on (`engines.build_identity`), in the digest only.
         """
-        return make_key(self._key_parts(), self.engine_knobs(), self, backend_version, device_tag)
+        return make_key(self._key_parts(), self.engine_knobs(), self, backend_version, device_tag, identity)
 
     def engine_key_prefix(self) -> str:
         """How every key of this variant's UNet engine starts, whatever the backend's version and the device:
@@ -213,13 +214,21 @@ class Variant:
         return ".".join([*_readable_parts(self._key_parts(), self), slug(self.backend)])
 
 
-def make_key(readable: list[str], knobs: dict, variant: Variant, backend_version: str, device_tag: str) -> str:
+def make_key(
+    readable: list[str],
+    knobs: dict,
+    variant: Variant,
+    backend_version: str,
+    device_tag: str,
+    identity: dict | None = None,
+) -> str:
     """`<readable parts>.<model>[.lora<scale>].<backend+version>.<device>.<digest of every knob>`: the form
     of every engine key (the UNet's and the other components')."""
     parts = _readable_parts(readable, variant) + [slug(f"{variant.backend}{backend_version}"), slug(device_tag)]
-    digest = hashlib.sha256(
-        repr(sorted(knobs.items())).encode() + device_tag.encode() + backend_version.encode()
-    ).hexdigest()[:10]
+    text = repr(sorted(knobs.items())).encode() + device_tag.encode() + backend_version.encode()
+    if identity:
+        text += repr(sorted(identity.items())).encode()
+    digest = hashlib.sha256(text).hexdigest()[:10]
     return ".".join(parts + [digest])
 
 

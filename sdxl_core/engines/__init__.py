@@ -8,9 +8,12 @@ backend's engines and calibration use them), so no backend needs the pipeline.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdxl_core.engines.info import EngineInfo
@@ -33,6 +36,43 @@ class Engines:
     vae: Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> pixels in [-1, 1]
     info: EngineInfo | None = None  # engine key, artifact path, built or loaded, seconds per phase (None: a
     # bundle that prepared no engine, as calibration's forward loop)
+
+
+BUILD_CODE = ("quant", "engines")  # the package folders whose code makes an engine's bytes
+
+
+def build_identity(variant) -> dict:
+    """What an engine depends on beyond the variant's knobs, the backend's version and the GPU, folded into its
+    key: the libraries whose code builds it (diffusers' UNet; ModelOpt's calibration for 8-bit), this package's
+    build code, and for a built-in model the recipe its weights are drawn with. The suite is run to learn whether
+    an upgrade still gives the right images: an engine built by other code must never answer for this code."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    identity = {"diffusers": installed("diffusers"), "code": _build_code_digest()}
+    if variant.is_quantized:
+        identity["modelopt"] = installed("nvidia-modelopt")
+    from sdxl_core.models.configs import BUILTIN_MODELS, REACTIVE_GAINS, builtin_configs
+
+    if variant.model in BUILTIN_MODELS:
+        identity["model"] = {"configs": builtin_configs(variant.model), "gains": REACTIVE_GAINS}
+    return identity
+
+
+@functools.cache
+def _build_code_digest() -> str:
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in BUILD_CODE:
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix in (".py", ".cu", ".cuh"):
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def check_backend(name: str) -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from sdxl_core import hardware, specs
-from sdxl_core.engines import Engines, device_tag, store
+from sdxl_core.engines import Engines, build_identity, device_tag, store
 from sdxl_core.engines import onnx_export as export
 from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
@@ -455,7 +455,7 @@ def prepare(
         )
         engines = {}
         for component in specs.COMPONENTS:
-            key = specs.get(component).key(variant, trt_version, tag)
+            key = specs.get(component).key(variant, trt_version, tag, build_identity(variant))
             io = io_spec(variant, component, configs[component], dtype)
             expect = expected_sidecar(variant, component, trt_version=trt_version, device=tag, gpu=gpu, io=io)
             with startup.phase(f"{component}_engine", device):

@@ -25,7 +25,17 @@ from pathlib import Path
 import torch
 
 from sdxl_core import settings, specs
-from sdxl_core.engines import Engines, compiled, cross_kv, device_tag, store, text_stages, unet_stage, vae_stage
+from sdxl_core.engines import (
+    Engines,
+    build_identity,
+    compiled,
+    cross_kv,
+    device_tag,
+    store,
+    text_stages,
+    unet_stage,
+    vae_stage,
+)
 from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
 from sdxl_core.files import temp_name, write_failure
@@ -101,7 +111,7 @@ def prepare(
         raise UserError("loading a prebuilt engine needs --engine-dir")
     with startup.phase("to_device", device):
         components.to(device, dtype)
-    key = variant.engine_key(version(), device_tag(device))
+    key = variant.engine_key(version(), device_tag(device), build_identity(variant))
     info = EngineInfo(
         backend=NAME,
         backend_version=version(),
