@@ -27,7 +27,8 @@ from sdxl_core.hardware import is_hopper
 from sdxl_core.suite import sweep
 from sdxl_core.variants import VARIANTS
 
-pytest_plugins = ["sdxl_core.suite.gpus", "sdxl_core.suite.fixtures", "sdxl_core.suite.summary"]
+# `summary` before `fixtures`, which imports it: a plugin module imported first is not assertion-rewritten.
+pytest_plugins = ["sdxl_core.suite.gpus", "sdxl_core.suite.summary", "sdxl_core.suite.fixtures"]
 
 INSTALL = "pip install -e '.[dev]'"
 MARKERS = {
