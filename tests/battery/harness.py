@@ -104,11 +104,12 @@ def run_quality(tree: Path, extra: tuple[str, ...] = ()) -> tuple[int, str, floa
 
 
 def _first_failure(output: str) -> str:
-    for pattern in (r"^(?:FAILED|ERROR) (\S+)", r"^E\s+(.+)$"):
-        found = re.search(pattern, output, re.MULTILINE)
-        if found:
-            return found.group(1)[:160]
-    return output.strip().splitlines()[-1][:160] if output.strip() else "no output"
+    """The first failing test and the first line of what it said (how far the output moved, against what)."""
+    found = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    if not found:
+        return output.strip().splitlines()[-1][:160] if output.strip() else "no output"
+    said = re.search(r"^_{3,} .+ _{3,}\n+(?:E\s+)?(.+)$", output, re.MULTILINE)
+    return found.group(1).split("::")[-1] + (f": {said.group(1)[:240]}" if said else "")
 
 
 def run_one(bug: Bug | None, workdir: Path, extra: tuple[str, ...] = (), root: Path = ROOT) -> Outcome:
@@ -118,7 +119,8 @@ def run_one(bug: Bug | None, workdir: Path, extra: tuple[str, ...] = (), root: P
     try:
         if bug:
             apply(bug, tree)
-        check_imports_copy(tree)
+        else:  # every copy is made and run the same way: checking one is enough
+            check_imports_copy(tree)
     except (PatchMissing, RuntimeError) as exc:
         return Outcome(name, area, "error", 0.0, str(exc))
     selects = (f"--variants={','.join(bug.variants)}",) if bug else ()
