@@ -52,6 +52,11 @@ def version() -> str:
     return torch.__version__.split("+")[0]
 
 
+def engine_key(variant: Variant, device: torch.device) -> str:
+    """The UNet engine's key for `variant` on `device`: its knobs, this torch, the GPU, and what builds it."""
+    return variant.engine_key(version(), device_tag(device), build_identity(variant))
+
+
 def compute_dtype(device: torch.device, half: str = "fp16") -> torch.dtype:
     """What stays unquantized runs in fp16 (or bf16) on a GPU and in fp32 on the CPU."""
     if device.type == "cpu":
@@ -111,7 +116,7 @@ def prepare(
         raise UserError("loading a prebuilt engine needs --engine-dir")
     with startup.phase("to_device", device):
         components.to(device, dtype)
-    key = variant.engine_key(version(), device_tag(device), build_identity(variant))
+    key = engine_key(variant, device)
     info = EngineInfo(
         backend=NAME,
         backend_version=version(),

@@ -121,7 +121,7 @@ def mode_of(out: Path, variant) -> str:
 
 
 def key_of(variant) -> str:
-    return variant.engine_key(torch_backend.version(), "cpu")
+    return torch_backend.engine_key(variant, torch.device("cpu"))
 
 
 def leftovers(*dirs: Path) -> list[str]:
