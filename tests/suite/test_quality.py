@@ -341,9 +341,14 @@ def _damaged_below(reference: np.ndarray, damage, target: float) -> np.ndarray:
     return damage(high)
 
 
-def test_wrong_renders_fail(stored, this_run, tmp_path):
+@pytest.mark.needs_variants(FP16)
+def test_wrong_renders_fail(stored, this_run, tmp_path, pytestconfig):
     """Every check can fail: a damage sized from each stored tolerance and limit (twice past it) fails it, the
-    failure names a grid PNG that exists, and the undamaged stored render passes."""
+    failure names a grid PNG that exists, and the undamaged stored render passes. The 8-bit checks are damaged
+    for the 8-bit variants this run selects (--variants)."""
+    from sdxl_core.suite.plugin import selected_variants
+
+    quantized = [name for name in QUANTIZED if name in selected_variants(pytestconfig)]
     record, image = stored.record(FP16), stored.image(FP16, 0)
     latents = stored.tensors(FP16, 0)["latents"]
     picture = (image, image)
@@ -367,7 +372,7 @@ def test_wrong_renders_fail(stored, this_run, tmp_path):
     probe, tol = stored.probe(FP16), stored.tolerance(FP16, "unet", this_run)
     fails("unet", references.tensors_difference({k: v.double() * (1 + 2 * tol) for k, v in probe.items()}, probe))
     # Calibrated numbers (8-bit variants): one activation scale off by twice the tolerance.
-    for name in QUANTIZED:
+    for name in quantized:
         state = references.probe_state(stored.probe(name))
         damaged = {k: v.clone() for k, v in state.items()}
         damaged["quant.state"][0, 0] *= 1 + 2 * stored.tolerance(name, "quant", this_run)
@@ -399,7 +404,7 @@ def test_wrong_renders_fail(stored, this_run, tmp_path):
         "pixel noise": lambda strength: to_image(reference + strength * noise),
         "blend with another seed": lambda strength: to_image((1 - strength) * reference + strength * other),
     }
-    for name in QUANTIZED:
+    for name in quantized:
         limit = stored.gap(name)
         for label, damage in damages.items():
             candidate = _damaged_below(to_image(reference), damage, 1 - 2 * (1 - limit))
