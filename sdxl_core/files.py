@@ -327,7 +327,10 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
 
 
 JSON_MAX_DEPTH = 64  # deeper than any file this tool writes or reads; the parser recurses once per level
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# A string runs to its closing quote or, unterminated, to the end of the text. The atomic group never gives back
+# what it took, so every match attempt succeeds and the scan stays linear: a pattern that must find a closing quote
+# retries from every quote of an unterminated `"\\"\\"...` and takes quadratic time (minutes for 100 KB).
+_JSON_STRING = re.compile(rb'"(?>(?:[^"\\]+|\\.)*)(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 

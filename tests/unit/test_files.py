@@ -155,3 +155,19 @@ def test_the_build_lock_opens_a_lock_file_it_cannot_write_read_only(tmp_path, mo
         assert os.fstat(held.fd).st_ino == lock_file.stat().st_ino
         assert fcntl.fcntl(held.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY  # so it needs no write access
         assert not held.writable and lock_file.read_bytes() == b""
+
+
+@pytest.mark.parametrize("size", [200_000, 4 << 20])
+def test_an_unterminated_json_string_is_refused_without_a_quadratic_scan(size):
+    """A planted sidecar of `"\\"\\"...` (a string that never closes) hung a --no-build run: the nesting pre-scan
+    retried a string pattern from every quote. Now it is one pass, and the text is refused as not JSON. The alarm
+    only turns a hang into a failure (what took minutes at 100 KB now takes well under a second at 4 MB)."""
+    data = b'"' + b'\\"' * (size // 2)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the JSON pre-scan hung", pytrace=False))
+    signal.alarm(60)
+    try:
+        with pytest.raises(ValueError, match="not JSON: Unterminated string"):
+            files.parse_json(data)
+    finally:
+        signal.alarm(0)
+    assert files.json_depth(b'{"a": "[[[", "b": [1, {"c": "x\\"]"}]}') == 3  # brackets inside strings do not count
