@@ -57,7 +57,7 @@ def kernel_cache(tmp_path, monkeypatch):
     cache.mkdir(mode=0o755)
     builds = []
 
-    def compile_(source, include, flags, target, progress):
+    def compile_(source, include, flags, target, progress, threads=None):
         builds.append(target)
         tmp = target.with_suffix(".tmp")
         shutil.copy(good, tmp)
@@ -66,9 +66,11 @@ def kernel_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cuda_build, "CSRC", csrc)
     monkeypatch.setattr(cuda_build, "cutlass_include", lambda: (tmp_path, "0"))
+    monkeypatch.setattr(cuda_build, "nvcc_release", lambda: "12.4")
     monkeypatch.setattr(cuda_build, "_compile", compile_)
     monkeypatch.setenv(cuda_build.CACHE_ENV, str(cache))
-    target = cache / f"k-{cuda_build._key([csrc / 'k.cu'], cuda_build.NVCC_FLAGS + cuda_build.ARCH_FLAGS, '0')}.so"
+    target = cuda_build.library_path("k")
+    assert target.parent == cache and target.name.endswith("-nvcc12.4.so")
     return target, marker, evil, builds
 
 
@@ -104,7 +106,7 @@ def test_a_planted_library_that_cannot_be_rebuilt_is_refused_in_one_line(kernel_
     target, marker, evil, _ = kernel_cache
     shutil.copy(evil, target)
     os.chmod(target, 0o777)
-    monkeypatch.setattr(cuda_build, "_compile", lambda *args: None)  # the build leaves the file as it is
+    monkeypatch.setattr(cuda_build, "_compile", lambda *args, **kwargs: None)  # the build leaves the file as it is
     with pytest.raises(cuda_build.KernelUnavailable, match="it is writable by group or others") as info:
         cuda_build.library("k")
     assert "\n" not in str(info.value) and not marker.exists()
@@ -196,3 +198,158 @@ def test_two_libraries_built_one_after_the_other_are_each_their_own(tmp_path):
         loaded[who] = cuda_build.load_cached(target, build=lambda src=library, dst=target: shutil.copy(src, dst))
     assert loaded["first"].sdxl_test_which() == 1
     assert loaded["second"].sdxl_test_which() == 2
+
+
+# --------------------------------------------------------------------------- what a cached library is keyed by
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """A kernel source `k.cu` in a checkout's csrc, CUTLASS 3.9 and nvcc 12.4; returns the csrc dir."""
+    csrc = tmp_path / "checkout" / "csrc"
+    csrc.mkdir(parents=True)
+    (csrc / "k.cu").write_text('#include "common.cuh"\n// a kernel\n')
+    (csrc / "common.cuh").write_text("// a header of ours\n")
+    monkeypatch.setattr(cuda_build, "CSRC", csrc)
+    monkeypatch.setattr(cuda_build, "cutlass_include", lambda: (tmp_path, "3.9.0"))
+    monkeypatch.setattr(cuda_build, "nvcc_release", lambda: "12.4")
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path / "cache"))
+    return csrc
+
+
+def test_the_key_survives_another_checkout_and_another_torch(sources, tmp_path, monkeypatch):
+    import torch
+
+    import sdxl_core
+
+    before = cuda_build.library_path("k")
+    moved = shutil.copytree(sources, tmp_path / "elsewhere" / "csrc")
+    monkeypatch.setattr(cuda_build, "CSRC", moved)
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    monkeypatch.setattr(sdxl_core, "__version__", "9.9.9", raising=False)
+    monkeypatch.setattr(sys, "version", "3.99.0")
+    assert cuda_build.library_path("k") == before
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["source bytes", "header bytes", "a new header", "flags", "CUTLASS version", "nvcc release"],
+)
+def test_what_the_binary_depends_on_changes_the_key(change, sources, tmp_path, monkeypatch):
+    before = cuda_build.library_path("k")
+    extra = ()
+    if change == "source bytes":
+        (sources / "k.cu").write_text('#include "common.cuh"\n// another kernel\n')
+    elif change == "header bytes":
+        (sources / "common.cuh").write_text("// another header\n")
+    elif change == "a new header":
+        (sources / "more.cuh").write_text("// one more header\n")
+    elif change == "flags":
+        extra = ("-DSDXL_GEMM8_FP8=1",)
+    elif change == "CUTLASS version":
+        monkeypatch.setattr(cuda_build, "cutlass_include", lambda: (tmp_path, "4.0.0"))
+    else:
+        monkeypatch.setattr(cuda_build, "nvcc_release", lambda: "13.0")
+    assert cuda_build.library_path("k", extra) != before
+
+
+def test_nvcc_threads_share_out_the_cpus_and_need_cuda_11_5(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert cuda_build.nvcc_threads(1) == cuda_build.MAX_NVCC_THREADS
+    assert cuda_build.nvcc_threads(3) == 5 and cuda_build.nvcc_threads(64) == 1
+    assert cuda_build._threads_flags("11.4", 4) == ()
+    assert cuda_build._threads_flags("11.5", 4) == ("--threads", "4")
+
+
+# --------------------------------------------------------------------------- several libraries side by side
+
+# Each run waits (up to about 10 s) until `want` compiles are running at once; one that gave up notes it.
+BARRIER_NVCC = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 12.4, V12.4.99"; exit 0; fi
+out=""; src=""; prev=""
+for a in "$@"; do
+  [ "$prev" = "-o" ] && out="$a"
+  case "$a" in *.cu) src="$a";; esac
+  prev="$a"
+done
+name=$(basename "$src" .cu)
+echo "$*" > "{log}/$name.$$.args"
+touch "{log}/$name.$$.started"
+i=0
+while [ "$(ls "{log}" | grep -c '[.]started$')" -lt {want} ]; do
+  i=$((i+1)); if [ $i -gt 200 ]; then touch "{log}/$name.$$.alone"; break; fi
+  sleep 0.05
+done
+if [ "$name" = bad ]; then echo half > "$out"; echo "bad.cu(1): error: it does not compile"; exit 1; fi
+cp "{lib}" "$out"
+"""
+
+
+@pytest.fixture
+def fake_nvcc(tmp_path, monkeypatch):
+    """A CUDA_HOME whose nvcc "compiles" by copying a benign library once `want` compiles run at once; returns
+    a function (want) -> (the log dir of its runs, the kernel cache)."""
+    lib = gcc_library(tmp_path, "built", 7, tmp_path / "marker")
+    csrc, cache, log = tmp_path / "csrc", tmp_path / "cache", tmp_path / "log"
+    for path in (csrc, log, tmp_path / "cuda" / "bin"):
+        path.mkdir(parents=True)
+    cache.mkdir(mode=0o755)
+    for name in ("a", "b", "bad"):
+        (csrc / f"{name}.cu").write_text(f"// {name}\n")
+    monkeypatch.setattr(cuda_build, "CSRC", csrc)
+    monkeypatch.setattr(cuda_build, "cutlass_include", lambda: (tmp_path, "0"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(cache))
+
+    def make(want: int):
+        nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+        nvcc.write_text(BARRIER_NVCC.format(log=log, want=want, lib=lib))
+        nvcc.chmod(0o755)
+        return log, cache
+
+    return make
+
+
+def test_libraries_compile_side_by_side_with_nvcc_threads(fake_nvcc):
+    log, cache = fake_nvcc(want=3)
+    builds = [("a", ()), ("a", ("-DSDXL_GEMM8_FP8=1",)), ("b", ())]
+    assert cuda_build.build_all(builds, progress=False) == dict.fromkeys(builds)
+    assert len(list(log.glob("*.started"))) == 3
+    assert not list(log.glob("*.alone")), "a compile ran alone: the builds did not overlap"
+    threads = str(cuda_build.nvcc_threads(3))
+    for args in log.glob("*.args"):
+        assert f"--threads {threads} " in args.read_text()
+    assert len(list(cache.glob("*.so"))) == 3
+    assert cuda_build.library("b", progress=False).sdxl_test_which() == 7
+    assert len(list(log.glob("*.started"))) == 3  # cached: no compile
+
+
+def test_a_failing_build_leaves_no_half_written_library(fake_nvcc):
+    log, cache = fake_nvcc(want=2)
+    result = cuda_build.build_all([("bad", ()), ("a", ())], progress=False)
+    assert result[("a", ())] is None
+    assert result[("bad", ())] == "nvcc failed on bad.cu:"
+    assert not list(log.glob("*.alone"))
+    assert [p.name for p in cache.glob("*.so")] == [cuda_build.library_path("a").name]
+    assert not [p for p in cache.iterdir() if p.is_dir()], "a compile's temp dir was left behind"
+    with pytest.raises(cuda_build.KernelUnavailable, match="it does not compile"):
+        cuda_build.library("bad", progress=False)  # still unavailable, in library()'s own words
+
+
+def test_without_nvcc_the_newest_cached_build_loads(fake_nvcc, monkeypatch):
+    _, cache = fake_nvcc(want=1)
+    cuda_build.library("a", progress=False)
+    built = cuda_build.library_path("a")
+    older = built.with_name(built.name.replace("nvcc12.4", "nvcc11.8"))
+    shutil.copy(built, older)
+    monkeypatch.setattr(cuda_build, "nvcc_release", _no_nvcc)
+    loaded = cuda_build.library("a", progress=False)
+    assert loaded._name == str(built)
+    built.unlink()
+    older.chmod(0o777)  # not one this user may load
+    with pytest.raises(cuda_build.KernelUnavailable, match="nvcc not found"):
+        cuda_build.library("a", progress=False)
+
+
+def _no_nvcc():
+    raise cuda_build.KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")

@@ -1,9 +1,12 @@
 """Build CUDA C++ kernels (CUTLASS) with nvcc into plain C-ABI shared libraries, cached per source.
 
-A library is compiled once per (source, CUTLASS version, flags) and kept in the kernel cache
-(`SDXL_BENCH_KERNEL_CACHE`, default `~/.cache/sdxl-bench/kernels`). It exports `extern "C"` functions that
-take raw device pointers, sizes and a `cudaStream_t`, so Python calls them through ctypes and the library
-does not depend on the torch version it runs beside (the CUDA runtime is linked statically).
+A library is compiled once per (source and our headers, flags, CUTLASS version, nvcc release) and kept in the
+kernel cache (`SDXL_BENCH_KERNEL_CACHE`, default `~/.cache/sdxl-bench/kernels`); nothing else (paths, the Python
+or torch version) is in its name, so another checkout or another torch reuses it. A machine without nvcc loads
+the newest cached build of the same source. `build_all` compiles several libraries side by side. A library
+exports `extern "C"` functions that take raw device pointers, sizes and a `cudaStream_t`, so Python calls them
+through ctypes and it does not depend on the torch version it runs beside (the CUDA runtime is linked
+statically).
 
 A shared library is executable code, so the cache must be the user's own: a cache directory owned by
 another user, or writable by group or others, is refused; a library file is loaded only if it is a regular file
@@ -29,6 +32,9 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sdxl_core import settings
@@ -50,6 +56,10 @@ NVCC_FLAGS = (
     "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
     "-lineinfo",
 )
+# nvcc's `--threads` (CUDA 11.5 on) runs its compilation steps in parallel; it changes how fast a library builds,
+# not what it holds, so it is no part of the cache key. Capped: nvcc gains little beyond a few threads.
+THREADS_SINCE = (11, 5)
+MAX_NVCC_THREADS = 8
 
 
 class KernelUnavailable(RuntimeError):
@@ -71,14 +81,30 @@ def nvcc() -> str:
     raise KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 
 
-@functools.cache
 def nvcc_release() -> str:
     """'13.0' from `nvcc --version`: part of the cache key (a different compiler is a different library)."""
-    out = subprocess.run([nvcc(), "--version"], capture_output=True, text=True, check=False).stdout
+    return _release(nvcc())
+
+
+@functools.cache
+def _release(compiler: str) -> str:
+    out = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     found = re.search(r"release (\d+\.\d+)", out)
     if not found:
         raise KernelUnavailable(f"cannot read the nvcc release from {out.strip()[-120:]!r}")
     return found.group(1)
+
+
+def nvcc_threads(builds: int = 1) -> int:
+    """Threads for each of `builds` nvcc runs at once: this machine's CPUs shared out, at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_NVCC_THREADS, cpus // max(1, builds)))
+
+
+def _threads_flags(release: str, threads: int) -> tuple[str, ...]:
+    if tuple(int(p) for p in release.split(".")) < THREADS_SINCE:
+        return ()
+    return ("--threads", str(threads))
 
 
 def cutlass_include() -> tuple[Path, str]:
@@ -96,14 +122,49 @@ def cutlass_include() -> tuple[Path, str]:
 
 
 def _key(sources: list[Path], flags: tuple[str, ...], cutlass_version: str) -> str:
-    """What the binary depends on. Not the compiler: any nvcc that builds sm_90a gives a valid library, and a
-    machine with a built cache needs no nvcc at all."""
+    """What the binary depends on but the compiler: the sources' names (relative: `#include "x.cuh"`) and bytes,
+    the flags and the CUTLASS version. The nvcc release is added beside it in the file name (`library_path`), so
+    a machine without nvcc can still find a build of the same source."""
     digest = hashlib.sha256()
     for part in (cutlass_version, *flags):
         digest.update(part.encode() + b"\0")
     for source in sources:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _sources(name: str) -> list[Path]:
+    """`csrc/<name>.cu` and every header of ours it may include (all of `csrc/*.cuh`)."""
+    source = CSRC / f"{name}.cu"
+    if not source.is_file():
+        raise KernelUnavailable(f"no kernel source {source}")
+    return [source, *sorted(CSRC.glob("*.cuh"))]
+
+
+def _flags(extra_flags: tuple[str, ...]) -> tuple[str, ...]:
+    return (*NVCC_FLAGS, *ARCH_FLAGS, *extra_flags)
+
+
+def _stem(name: str, extra_flags: tuple[str, ...]) -> str:
+    _, cutlass_version = cutlass_include()
+    return f"{name}-{_key(_sources(name), _flags(extra_flags), cutlass_version)}-nvcc"
+
+
+def library_path(name: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Where the kernel cache keeps library `name` built with `extra_flags` by this machine's nvcc:
+    `<name>-<key of sources, flags, CUTLASS>-nvcc<release>.so`. Raises `KernelUnavailable` without nvcc or
+    CUTLASS."""
+    return cache_dir() / f"{_stem(name, extra_flags)}{nvcc_release()}.so"
+
+
+def _newest_cached(stem: str) -> Path | None:
+    """Without nvcc: the trusted cached build of this source by the newest nvcc release, if any."""
+    found = []
+    for path in cache_dir().glob(stem + "*.so"):
+        release = re.fullmatch(r"(\d+)\.(\d+)\.so", path.name[len(stem) :])
+        if release and _is_trusted(path):
+            found.append(((int(release[1]), int(release[2])), path))
+    return max(found)[1] if found else None
 
 
 def _check_owned(path: Path) -> None:
@@ -115,22 +176,58 @@ def _check_owned(path: Path) -> None:
         raise KernelUnavailable(f"kernel cache {path} is writable by group or others: chmod go-w it")
 
 
-def library(name: str, *, extra_flags: tuple[str, ...] = (), progress: bool = True) -> ctypes.CDLL:
+def library(
+    name: str, *, extra_flags: tuple[str, ...] = (), progress: bool = True, threads: int | None = None
+) -> ctypes.CDLL:
     """`csrc/<name>.cu` (plus every `csrc/*.cuh` it may include) built for sm_90a and loaded.
 
     Compiles on first use (minutes for CUTLASS kernels) under a file lock, publishes by rename, then loads
-    the cached file on every later call in any process."""
-    source = CSRC / f"{name}.cu"
-    if not source.is_file():
-        raise KernelUnavailable(f"no kernel source {source}")
-    include, cutlass_version = cutlass_include()
-    flags = (*NVCC_FLAGS, *ARCH_FLAGS, *extra_flags)
-    sources = [source, *sorted(CSRC.glob("*.cuh"))]
+    the cached file on every later call in any process. Without nvcc, loads the newest cached build of the same
+    source and flags. `threads`: nvcc's `--threads` (default: this machine's CPUs, capped)."""
+    source = _sources(name)[0]
+    include, _ = cutlass_include()
+    stem = _stem(name, extra_flags)
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True, mode=0o755)
     _check_owned(root)
-    target = root / f"{name}-{_key(sources, flags, cutlass_version)}.so"
-    return load_cached(target, lambda: _compile(source, include, flags, target, progress))
+    try:
+        release = nvcc_release()
+    except KernelUnavailable:
+        cached = _newest_cached(stem)
+        if cached is None:
+            raise
+        return load_cached(cached, lambda: None)  # checked on load like any other
+    target = root / f"{stem}{release}.so"
+    flags = _flags(extra_flags)
+    threads = nvcc_threads() if threads is None else threads
+    return load_cached(target, lambda: _compile(source, include, flags, target, progress, threads=threads))
+
+
+def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool = True) -> dict[tuple, str | None]:
+    """Build (or find in the cache) and load each (name, extra_flags) library side by side, one nvcc each, the
+    CPUs shared out among them: {build: None, or why it is unavailable in one line}. Each build is `library`'s
+    (locked, published by rename, nvcc in a process group that dies with this process); an interrupt kills them
+    all."""
+    builds = list(dict.fromkeys((name, tuple(flags)) for name, flags in builds))
+    if not builds:
+        return {}
+    threads = nvcc_threads(len(builds))
+
+    def build(spec: tuple[str, tuple[str, ...]]) -> str | None:
+        try:
+            library(spec[0], extra_flags=spec[1], progress=progress, threads=threads)
+        except KernelUnavailable as err:
+            return str(err).splitlines()[0]
+        return None
+
+    pool = ThreadPoolExecutor(max_workers=len(builds), thread_name_prefix="nvcc")
+    try:
+        return dict(zip(builds, pool.map(build, builds), strict=True))
+    except BaseException:
+        _kill_compilers()  # else the pool's shutdown would wait minutes for them
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def load_cached(target: Path, build) -> ctypes.CDLL:
@@ -204,11 +301,14 @@ def _load(path: Path | str, fd: int) -> ctypes.CDLL:
     return _LOADED[identity]
 
 
-def _compile(source: Path, include: Path, flags: tuple[str, ...], target: Path, progress: bool) -> None:
+def _compile(
+    source: Path, include: Path, flags: tuple[str, ...], target: Path, progress: bool, *, threads: int | None = None
+) -> None:
     tools = include.parent / "tools" / "util" / "include"
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [nvcc(), *flags, f"-I{include}", f"-I{tools}", f"-I{CSRC}", str(source), "-o", str(out)]
+        parallel = () if threads is None else _threads_flags(nvcc_release(), threads)
+        cmd = [nvcc(), *flags, *parallel, f"-I{include}", f"-I{tools}", f"-I{CSRC}", str(source), "-o", str(out)]
         if progress:
             print(
                 f"compiling {source.name} with nvcc {nvcc_release()} for sm_90a (once; cached in {target.parent})",
@@ -225,19 +325,43 @@ def _compile(source: Path, include: Path, flags: tuple[str, ...], target: Path, 
 # Runs the compiler in a process group of its own and takes the whole group down when its parent dies: the
 # shell gets SIGTERM from the kernel when the process that started it dies (PR_SET_PDEATHSIG, even under SIGKILL)
 # and kills its group, nvcc's own children (cicc, ptxas, the host compiler) included.
+# The death signal comes when the *thread* that started the shell ends, so a compile's thread waits for it (as
+# `run_compiler` does). prctl is looked up here, before the fork: the child of a threaded process must not
+# dlopen (another thread may have held the loader's lock at the fork).
 _GROUP_GUARD = 'trap "kill -KILL 0" TERM INT HUP; "$@" & wait $!'
 _PR_SET_PDEATHSIG = 1
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+@functools.cache
+def _prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def _die_with(parent: int):
+    prctl = _prctl()
+
     def setup() -> None:  # in the child, before exec
         os.setpgid(0, 0)
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the death signal was armed
             os._exit(1)
 
     return setup
+
+
+def _kill_compilers() -> None:
+    """Kill the process group of every compiler this process runs (an interrupted `build_all`)."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_compiler(cmd: list[str]) -> tuple[int, str]:
@@ -250,6 +374,8 @@ def run_compiler(cmd: list[str]) -> tuple[int, str]:
         text=True,
         preexec_fn=_die_with(os.getpid()),
     )
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
     try:
         output, _ = proc.communicate()
     except BaseException:
@@ -257,4 +383,7 @@ def run_compiler(cmd: list[str]) -> tuple[int, str]:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
     return proc.returncode, output
