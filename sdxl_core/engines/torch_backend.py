@@ -306,6 +306,9 @@ def build_unet(
         qmodules.fuse_qkv(unet)
     if not variant.is_quantized:
         return unet
+    from sdxl_core.quant.kernels import cuda_build
+
+    cuda_build.build_8bit(device, progress=progress)  # the CUTLASS libraries side by side, not one by one later
     with startup.phase("modelopt_import"):
         from sdxl_core.quant import quantize
 

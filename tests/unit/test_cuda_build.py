@@ -353,3 +353,20 @@ def test_without_nvcc_the_newest_cached_build_loads(fake_nvcc, monkeypatch):
 
 def _no_nvcc():
     raise cuda_build.KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+
+def test_an_8bit_build_asks_for_every_cutlass_library_at_once_on_hopper_only(monkeypatch):
+    import torch
+
+    from sdxl_core import hardware
+    from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
+
+    asked = []
+    monkeypatch.setattr(cuda_build, "build_all", lambda builds, progress: asked.append(builds) or {})
+    monkeypatch.setattr(hardware, "is_hopper", lambda device: device.index == 0)
+    cuda_build.build_8bit(torch.device("cuda", 0), progress=False)
+    assert asked == [[gemm8_cutlass.build("int8"), gemm8_cutlass.build("fp8"), conv_cutlass.BUILD]]
+    assert len({flags for _, flags in asked[0]}) == 3  # three distinct libraries
+    cuda_build.build_8bit(torch.device("cuda", 1), progress=False)
+    cuda_build.build_8bit(torch.device("cpu"), progress=False)
+    assert len(asked) == 1

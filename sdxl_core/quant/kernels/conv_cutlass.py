@@ -33,6 +33,7 @@ from sdxl_core import hardware
 from sdxl_core.quant.kernels.cuda_build import KernelUnavailable
 
 LIBRARY = "conv_sm90"
+BUILD = (LIBRARY, ())  # one library for both formats, as `cuda_build.build_all` takes it
 UNSUPPORTED = 2  # the library's status for a problem its kernels cannot run (any other nonzero: an error)
 FORMATS = {"int8": 0, "fp8": 1}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -76,7 +77,7 @@ def library() -> ctypes.CDLL:
     """The compiled kernel library (built on first use, cached), with its C signatures declared."""
     from sdxl_core.quant.kernels import cuda_build
 
-    lib = cuda_build.library(LIBRARY)
+    lib = cuda_build.library(BUILD[0], extra_flags=BUILD[1])
     size_t, ptr, c_int = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
     lib.sdxl_conv8_fprop.restype = c_int
     lib.sdxl_conv8_fprop.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, ptr, *[c_int] * 11, c_int, c_int, ptr, size_t, ptr]

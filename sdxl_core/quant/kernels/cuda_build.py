@@ -14,8 +14,8 @@ another user, or writable by group or others, is refused; a library file is load
 loaded (through /proc/self/fd), and is rebuilt otherwise. Nothing is ever loaded from an engine dir. nvcc runs in
 a process group of its own that dies with this process, even under SIGKILL: a killed run leaves no compiler.
 
-Where nvcc or the CUTLASS headers (the `nvidia-cutlass` package) are missing, `library` raises
-`KernelUnavailable` and callers fall back to the Triton kernels.
+Where the CUTLASS headers (the `nvidia-cutlass` package) are missing, or nvcc and a cached build, `library`
+raises `KernelUnavailable` and callers fall back to the Triton kernels.
 """
 
 from __future__ import annotations
@@ -228,6 +228,20 @@ def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool =
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def build_8bit(device, formats: Sequence[str] | None = None, *, progress: bool = True) -> dict[tuple, str | None]:
+    """Before an 8-bit engine build on `device`: the CUTLASS libraries 8-bit layers may run (the GEMM of each
+    format, default all, and the conv library) built side by side, not one after another as each is first used:
+    a run that builds INT8 and FP8 engines waits for one compile, not three. Nothing on a GPU that cannot run
+    them (sm_90a only); what cannot be built is left for `library` to report when it is asked for."""
+    from sdxl_core import hardware
+    from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
+
+    if getattr(device, "type", device) != "cuda" or not hardware.is_hopper(device):
+        return {}
+    builds = [gemm8_cutlass.build(fmt) for fmt in formats or gemm8_cutlass.BUILD_FLAGS]
+    return build_all([*builds, conv_cutlass.BUILD], progress=progress)
 
 
 def load_cached(target: Path, build) -> ctypes.CDLL:

@@ -50,9 +50,15 @@ class CutlassError(RuntimeError):
     """The library refused or failed a GEMM; the message is the library's own one-line reason."""
 
 
+def build(fmt: str = "int8") -> tuple[str, tuple[str, ...]]:
+    """The `fmt` library as `cuda_build.build_all` takes it: (source name, extra nvcc flags)."""
+    return LIBRARY, BUILD_FLAGS[fmt]
+
+
 @functools.cache
 def _library(fmt: str = "int8") -> ctypes.CDLL:
-    lib = cuda_build.library(LIBRARY, extra_flags=BUILD_FLAGS[fmt])
+    name, flags = build(fmt)
+    lib = cuda_build.library(name, extra_flags=flags)
     lib.sdxl_gemm8_format.restype = ctypes.c_char_p
     lib.sdxl_gemm8_format.argtypes = []
     if lib.sdxl_gemm8_format().decode() != fmt:  # one source, two builds: never run one format's on the other
