@@ -356,13 +356,23 @@ def dispatches(device: torch.device) -> bool:
 
 
 def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dict]:
-    from sdxl_core.quant import gemm_dispatch
+    from sdxl_core.quant import geglu, gemm_dispatch
 
     inputs = unet_inputs(variant, unet, device, dtype)
     timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs), channels_last=channels_last)
     if progress:
         gemm_dispatch.print_table(timings)
-    return [t.row() for t in timings]
+    # Then whether each GEGLU projection runs fused with what follows it, against the kernels just chosen.
+    fused = geglu.choose(
+        unet,
+        lambda: unet_stage(unet)(*inputs),
+        gemm_dispatch.time_candidate,
+        max_error=gemm_dispatch.MAX_RELATIVE_ERROR,
+        allowed=gemm_dispatch.allowed,
+    )
+    if progress:
+        geglu.print_table(fused)
+    return [t.row() for t in timings] + fused
 
 
 def _load_or_none(engine: store.Engine, device, dtype, allow_build):

@@ -15,6 +15,7 @@ import re
 
 from sdxl_core.errors import UserError
 from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
+from sdxl_core.quant.kernels.geglu8 import KERNEL as GEGLU_KERNEL
 
 PLAN_FILE = "layer_plan.json"
 CONFIG_FILE = "unet_config.json"
@@ -28,8 +29,10 @@ LAYER_TYPES = {
     "Int8Conv2d": ("int8", True),
     "Fp8Conv2d": ("fp8", True),
 }
-# The GEMM kernels besides the CUTLASS configs: the Triton INT8 kernels, cuBLAS FP8 (float32 or fast accumulation).
-_GEMM_KERNELS = {"int8": ("pointer", "tma"), "fp8": ("scaled_mm", "scaled_mm_fast")}
+# The GEMM kernels besides the CUTLASS configs: the Triton INT8 kernels, cuBLAS FP8 (float32 or fast accumulation),
+# and for a feed-forward's GEGLU projection the Triton kernel with the GEGLU in its epilogue (`quant.geglu` checks
+# that a layer naming it is one).
+_GEMM_KERNELS = {"int8": ("pointer", "tma", GEGLU_KERNEL), "fp8": ("scaled_mm", "scaled_mm_fast", GEGLU_KERNEL)}
 _SPEC_FIELDS = ("type", "smooth", "per_channel", "gemm", "kernel")
 _PLAN_FIELDS = ("format", "fused_qkv", "layers")
 _LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")

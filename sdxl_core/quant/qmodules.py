@@ -67,11 +67,14 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tenso
 def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str, kernel: str) -> torch.Tensor:
     """Quantize x with plain torch ops (Inductor fuses them into the producer), then the 8-bit GEMM op."""
     x_q = quantize(x.reshape(-1, x.shape[-1]), a_scale, fmt)
+    return mm(x_q, w, a_scale, w_scale, bias, fmt, kernel, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def mm(x_q: torch.Tensor, w, a_scale, w_scale, bias, fmt: str, kernel: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """The 8-bit GEMM op on an already quantized 2-D input; the result in `out_dtype`."""
     if fmt == "int8":
-        out = ops.int8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
-    else:
-        out = ops.fp8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+        return ops.int8_mm(x_q, w, a_scale, w_scale, bias, out_dtype, kernel)
+    return ops.fp8_mm(x_q, w, a_scale, w_scale, bias, out_dtype, kernel)
 
 
 class QuantizedModule(torch.nn.Module):
@@ -79,7 +82,7 @@ class QuantizedModule(torch.nn.Module):
     through `.to(dtype)` / `.half()`: only bias, smooth and cached weights follow the activation dtype."""
 
     FMT = ""
-    _FIXED = ("weight", "w_scale", "a_scale")
+    _FIXED = ("weight", "w_scale", "a_scale", "w_scale_n")
     _KEEP_LAYOUT = ()
     gemm_path = "8bit"  # or "16bit": chosen per shape by `gemm_dispatch`
     kernel = ""  # which 8-bit kernel the "8bit" path runs (DEFAULT_KERNELS until the dispatch picks one)
@@ -92,6 +95,9 @@ class QuantizedModule(torch.nn.Module):
         self.register_buffer("a_scale", torch.empty((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("w_dq", None, persistent=False)  # the dequantized weight of the 16-bit path
+        # A per-tensor FP8 weight scale expanded to one per output channel, once, for the CUTLASS GEMM (which takes
+        # a vector): expanding it inside every call cost a copy kernel per layer and step.
+        self.register_buffer("w_scale_n", None, persistent=False)
         self.register_load_state_dict_post_hook(_after_load)
 
     @property
@@ -113,10 +119,21 @@ class QuantizedModule(torch.nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None):
         """Cache the float weight the 16-bit path (and the conv emulation) computes with, once after loading.
         A SmoothQuant scale is folded in: (x * s) @ (W / s)^T = x @ ((W / s) * s)^T."""
+        expand = self.runs_8bit_gemm and not self.per_channel and self.kernel.startswith(CUTLASS)
+        self.w_scale_n = (
+            self.w_scale.reshape(-1).expand(self.weight.shape[0]).contiguous()
+            if expand and not self.weight.is_meta
+            else None
+        )
         if not self.needs_float_weight or self.weight.is_meta:
             self.w_dq = None
             return
         self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+
+    @property
+    def gemm_w_scale(self) -> torch.Tensor:
+        """The weight scale the 8-bit GEMM op takes (per tensor, or already expanded for the CUTLASS kernels)."""
+        return self.w_scale if self.w_scale_n is None else self.w_scale_n
 
     def float_weight(self, dtype: torch.dtype, *, fold_smooth: bool = True) -> torch.Tensor:
         """The dequantized weight in `dtype`, any SmoothQuant scale folded in (what 16-bit compute multiplies),
@@ -194,7 +211,12 @@ class QLinear(QuantizedModule):
             return F.linear(x, self._float_weight(x.dtype), self.bias)
         if self.smooth is not None:
             x = x * self.smooth
-        return gemm(x, self.weight, self.a_scale, self.w_scale, self.bias, self.FMT, self.kernel)
+        return gemm(x, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel)
+
+    def forward_quantized(self, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """This layer on an input [M, K] that another kernel has already multiplied by `smooth` and quantized with
+        `a_scale` (the fused GEGLU projection does, for the feed-forward's second layer)."""
+        return mm(x_q, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel, out_dtype)
 
     def extra_repr(self):
         return (
@@ -314,7 +336,7 @@ class QConv2d(QuantizedModule):
                 rows,
                 self.weight.view(self.out_channels, -1),
                 self.a_scale,
-                self.w_scale,
+                self.gemm_w_scale,
                 self.bias,
                 self.FMT,
                 self.kernel,
@@ -453,6 +475,9 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
         as_gemm = not isinstance(quantized, QConv2d) or quantized.as_gemm
         plan_schema.check_layer_kernel(name, quantized.kernel, quantized.FMT, as_gemm)
         plain_unet.set_submodule(name, quantized)
+    from sdxl_core.quant import geglu
+
+    geglu.apply_fusions(plain_unet)
     return plain_unet
 
 

@@ -83,8 +83,8 @@ BUGS = (
         (INT8,),
         "epilogue bias",
         "sdxl_core/quant/qmodules.py",
-        "out = ops.int8_mm(x_q, w, a_scale, w_scale, bias, x.dtype, kernel)",
-        "out = ops.int8_mm(x_q, w, a_scale, w_scale, None, x.dtype, kernel)",
+        "return ops.int8_mm(x_q, w, a_scale, w_scale, bias, out_dtype, kernel)",
+        "return ops.int8_mm(x_q, w, a_scale, w_scale, None, out_dtype, kernel)",
         "the INT8 GEMM epilogue drops the bias",
     ),
     Bug(

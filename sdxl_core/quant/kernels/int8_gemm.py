@@ -22,24 +22,14 @@ interpreter when SDXL_BENCH_TRITON_ON_CPU=1 or TRITON_INTERPRET=1 is set before 
 """
 
 import os
-import sys
 
 import torch
+import triton
+import triton.language as tl
 
 from sdxl_core import settings
-
-# Triton decides between compiling and interpreting when a function is decorated, and triton.language
-# decorates its own helpers (tl.cdiv, ...) on import, so the opt-in must become TRITON_INTERPRET first.
-if settings.triton_on_cpu() and os.environ.get("TRITON_INTERPRET") != "1":
-    if "triton" in sys.modules:
-        raise ImportError("SDXL_BENCH_TRITON_ON_CPU=1 needs TRITON_INTERPRET=1 set before triton is imported")
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from sdxl_core.quant.kernels import gemm8_cutlass, int8_tma  # noqa: E402
-from sdxl_core.quant.kernels.tiles import gemm_config, grouped_tile  # noqa: E402
+from sdxl_core.quant.kernels import gemm8_cutlass, int8_tma
+from sdxl_core.quant.kernels.tiles import gemm_config, grouped_tile
 
 try:
     from triton.language.extra import libdevice

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_core.quant.kernels import conv_cutlass, fp8_gemm, gemm8_cutlass, int8_gemm
+from sdxl_core.quant.kernels import conv_cutlass, fp8_gemm, geglu8, gemm8_cutlass, int8_gemm
 
 CUTLASS_PREFIX = "cutlass:"
 # The FP8 GEMM kernels a layer can name: cuBLAS through torch._scaled_mm with float32 accumulation or with
@@ -113,3 +113,24 @@ def _conv8_shape(x_q, w_krsc, a_scale, w_scale, bias, stride, padding, out_dtype
     k, r, s, _ = w_krsc.shape
     p, q = conv_cutlass.output_hw(h, w, r, s, stride, padding)
     return x_q.new_empty_strided((n, k, p, q), (p * q * k, 1, q * k, k), dtype=out_dtype)
+
+
+@torch.library.custom_op("sdxl_bench::geglu8", mutates_args=())
+def geglu8_mm(
+    x_q: torch.Tensor,
+    w_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    out_scale: torch.Tensor,
+    act_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The GEGLU projection with the GEGLU and the next layer's input quantization in the epilogue
+    (`geglu8.geglu8`): [M, K] and [2F, K] 8-bit in, [M, F] 8-bit out."""
+    return geglu8.geglu8(x_q, w_q, a_scale, w_scale, bias, smooth, out_scale, act_dtype)
+
+
+@geglu8_mm.register_fake
+def _geglu8_shape(x_q, w_q, a_scale, w_scale, bias, smooth, out_scale, act_dtype):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0] // 2))

@@ -1,0 +1,205 @@
+"""Feed-forwards whose GEGLU runs in the epilogue of their first 8-bit GEMM (`kernels.geglu8`).
+
+A diffusers `FeedForward` with a GEGLU activation is  net = [GEGLU(proj), Dropout, Linear]. When both linears are
+8-bit layers of one format and the second runs an 8-bit GEMM, one kernel can compute the projection, the GEGLU,
+the second layer's SmoothQuant scale and its input quantization, and hand the second GEMM its 8-bit input
+directly: the 16-bit [M, 2F] intermediate is never written. Whether that is faster than the best GEMM for the
+projection plus the pointwise kernel Inductor makes of the rest is measured per shape at build time (`choose`);
+a fused projection names the kernel `geglu8.KERNEL` in the layer plan, and `apply_fusions` fuses its feed-forward
+again when the engine is loaded. The fused forward is for inference: the dropout between the two (identity in
+eval mode) is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+import torch
+
+from sdxl_core.errors import UserError
+from sdxl_core.quant import qmodules
+from sdxl_core.quant.kernels import geglu8, ops
+
+KERNEL = geglu8.KERNEL
+UNFUSED = "unfused"
+
+
+class _FusedGegluForward:
+    """Mixed into a FeedForward's own class (see `fuse`), so its modules and state dict stay exactly as they are."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        proj, out = self.net[0].proj, self.net[2]
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if proj.smooth is not None:
+            x = x * proj.smooth
+        x_q = qmodules.quantize(x, proj.a_scale, proj.FMT)
+        y_q = ops.geglu8_mm(
+            x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, hidden_states.dtype
+        )
+        y = out.forward_quantized(y_q, hidden_states.dtype)
+        return y.reshape(*hidden_states.shape[:-1], out.out_features)
+
+
+@functools.cache
+def _fused_class(cls: type) -> type:
+    return type(f"GegluFused{cls.__name__}", (_FusedGegluForward, cls), {})
+
+
+def _unfused_class(cls: type) -> type:
+    return cls.__mro__[2] if issubclass(cls, _FusedGegluForward) else cls
+
+
+def fusable(ff: torch.nn.Module) -> bool:
+    """A FeedForward whose GEGLU (exact gelu) projection and output layer are 8-bit linears of one format, the
+    output layer on an 8-bit GEMM."""
+    from diffusers.models.activations import GEGLU
+
+    net = getattr(ff, "net", None)
+    if not isinstance(net, torch.nn.ModuleList) or len(net) != 3:
+        return False
+    act, out = net[0], net[2]
+    if type(act) is not GEGLU or not isinstance(net[1], torch.nn.Dropout):
+        return False
+    proj = act.proj
+    return (
+        isinstance(proj, qmodules.QLinear)
+        and isinstance(out, qmodules.QLinear)
+        and proj.FMT == out.FMT
+        and out.runs_8bit_gemm
+        and proj.out_features == 2 * out.in_features
+    )
+
+
+def feed_forwards(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{name: feed-forward} of every fusable feed-forward in the UNet."""
+    return {name: m for name, m in unet.named_modules() if hasattr(m, "net") and fusable(m)}
+
+
+def fuse(ff: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Run this feed-forward through the fused kernel (its projection names `KERNEL`)."""
+    ff.net[0].proj.set_gemm_path("8bit", dtype, kernel=KERNEL)
+    ff.__class__ = _fused_class(_unfused_class(type(ff)))
+
+
+def apply_fusions(unet: torch.nn.Module) -> int:
+    """Fuse every feed-forward whose projection a loaded layer plan names `KERNEL`; refuse the plan if such a layer
+    is anything but the projection of a fusable feed-forward. Returns how many were fused."""
+    named = [(name, m) for name, m in unet.named_modules() if isinstance(m, qmodules.QLinear) and m.kernel == KERNEL]
+    if not named:
+        return 0
+    owners = {f"{name}.net.0.proj": ff for name, ff in unet.named_modules() if hasattr(ff, "net")}
+    for name, _ in named:
+        ff = owners.get(name)
+        if ff is None or not fusable(ff):
+            raise UserError(
+                f"layer plan runs {name!r} on {KERNEL}, which only a GEGLU feed-forward can: rebuild the engine"
+            )
+        ff.__class__ = _fused_class(_unfused_class(type(ff)))
+    return len(named)
+
+
+def choose(
+    unet: torch.nn.Module, run_step: Callable[[], object], timer: Callable, *, max_error: float, allowed=lambda _: True
+) -> list[dict]:
+    """Per distinct GEGLU projection shape: the unfused cost (the projection's chosen kernel on a quantized input,
+    then the GEGLU and quantization as one compiled pointwise kernel) against the fused kernel; fuse every
+    feed-forward of that shape where the fused kernel is faster and its output matches the reference. Returns
+    one JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per call."""
+    from sdxl_core.quant import gemm_dispatch
+
+    ffs = feed_forwards(unet)
+    if not ffs or not allowed(KERNEL):
+        return []
+    shapes: dict[tuple, list[torch.nn.Module]] = {}
+
+    def record(ff, args):
+        x = args[0]
+        proj = ff.net[0].proj
+        key = (proj.FMT, (x.numel() // proj.in_features, proj.in_features, proj.out_features), x.dtype)
+        shapes.setdefault(key, []).append(ff)
+
+    hooks = [ff.register_forward_pre_hook(record) for ff in ffs.values()]
+    try:
+        with torch.inference_mode():
+            run_step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for (fmt, shape, dtype), modules in sorted(shapes.items(), key=lambda item: item[0][:2]):
+        unique = list(dict.fromkeys(modules))
+        ff = unique[0]
+        with torch.inference_mode():
+            ms, rejected = _time_shape(ff, shape, dtype, timer, max_error, gemm_dispatch)
+        fused = KERNEL in ms and ms[KERNEL] < ms[UNFUSED]
+        if fused:
+            for module in unique:
+                fuse(module, dtype)
+        if rejected:
+            print(f"warning: {fmt} geglu {shape}: not using {KERNEL} ({rejected})", file=sys.stderr)
+        rows.append(
+            {
+                "fmt": fmt,
+                "op": "geglu",
+                "shape": list(shape),
+                "layers": len(unique),
+                "ms": {name: round(value, 5) for name, value in ms.items()},
+                "choice": KERNEL if fused else UNFUSED,
+                "rejected": {KERNEL: rejected} if rejected else {},
+            }
+        )
+    return rows
+
+
+def _time_shape(ff, shape, dtype, timer, max_error, gemm_dispatch) -> tuple[dict[str, float], str]:
+    proj, out = ff.net[0].proj, ff.net[2]
+    m, k, n = shape
+    calls, x = gemm_dispatch.candidates(proj, "gemm", shape, dtype)
+    chosen = gemm_dispatch.SIXTEEN_BIT if proj.gemm_path == gemm_dispatch.SIXTEEN_BIT else proj.kernel
+    h = calls[chosen]()
+    pointwise = _compiled_pointwise(x.is_cuda)
+    ms = {
+        UNFUSED: timer(calls[chosen], chosen, shape)
+        + timer(lambda: pointwise(h, out.smooth, out.a_scale, out.FMT), "geglu_pointwise", shape)
+    }
+    x_q = qmodules.quantize(x, proj.a_scale, proj.FMT)
+
+    def fused():
+        return ops.geglu8_mm(x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, dtype)
+
+    if not geglu8.supports(x_q, proj.weight):
+        return ms, ""
+    error = _relative_error(fused(), x_q, proj, out, dtype)
+    if not error <= max_error:
+        return ms, f"relative error {error:.2e}"
+    ms[KERNEL] = timer(fused, KERNEL, shape)
+    return ms, ""
+
+
+def _relative_error(got, x_q, proj, out, dtype) -> float:
+    """The fused kernel's dequantized output against the torch reference of the same computation."""
+    ref = geglu8.geglu8_reference(
+        x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, dtype
+    )
+    scale = out.a_scale.float()
+    ref_f, got_f = ref.float() * scale, got.float() * scale
+    return float((got_f - ref_f).norm() / ref_f.norm().clamp(min=1e-30))
+
+
+@functools.cache
+def _compiled_pointwise(on_gpu: bool):
+    """The GEGLU, smoothing and quantization as the unfused engine runs them: one Inductor kernel on a GPU."""
+    return torch.compile(geglu8.geglu_quantize_reference, dynamic=False) if on_gpu else geglu8.geglu_quantize_reference
+
+
+def print_table(rows: list[dict], file=sys.stderr) -> None:
+    for row in rows:
+        ms = row["ms"]
+        fused = f"{ms[KERNEL]:.4f}" if KERNEL in ms else "-"
+        print(
+            f"{row['fmt']:>4} geglu {'x'.join(map(str, row['shape'])):>28} {row['layers']:>6} "
+            f"unfused {ms[UNFUSED]:.4f} ms, fused {fused} ms  choice {row['choice']}",
+            file=file,
+        )
