@@ -29,6 +29,7 @@ SETTINGS = {
     "TRITON_ON_CPU": ("0 (default), 1", "run the Triton kernels in Triton's CPU interpreter (tests)"),
     "MODELOPT_CUDA_EXT": ("0 (default), 1", "calibrate with ModelOpt's CUDA extension (nvcc JIT, ~67 s)"),
     "KERNEL_CACHE": ("a directory", "where the CUTLASS kernels are built (default ~/.cache/sdxl-bench/kernels)"),
+    "DISPATCH_CACHE": ("1 (default), 0", "reuse each GPU's kernel timings per layer shape (kept in the kernel cache)"),
     "MODEL_CACHE": ("a directory, off", "where built-in models are cached (default ~/.cache/sdxl-bench/models)"),
     "ENGINE_KEY": (f"at least {MIN_ENGINE_KEY_CHARS} characters", "sign engines; trust only signed ones"),
     "TRUST_ENGINE_DIR": ("0 (default), 1", "trust executable engine files without a key or ownership check"),
@@ -98,6 +99,10 @@ def trust_engine_dir() -> bool:
     return value == "1"
 
 
+def dispatch_cache() -> bool:
+    return _choice("DISPATCH_CACHE", ("0", "1"), "1") == "1"
+
+
 def kernel_cache() -> Path:
     return Path(raw("KERNEL_CACHE") or Path.home() / ".cache" / "sdxl-bench" / "kernels").expanduser()
 
@@ -127,7 +132,16 @@ def engine_key() -> bytes | None:
     return key
 
 
-_CHECKS = (cross_kv, gemm_dispatch, kernels, autotune_quick, triton_on_cpu, modelopt_cuda_ext, trust_engine_dir)
+_CHECKS = (
+    cross_kv,
+    gemm_dispatch,
+    kernels,
+    autotune_quick,
+    triton_on_cpu,
+    modelopt_cuda_ext,
+    trust_engine_dir,
+    dispatch_cache,
+)
 
 
 def check() -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sdxl_core import settings
-from sdxl_core.quant import qmodules
+from sdxl_core.quant import dispatch_cache, qmodules
 from sdxl_core.quant.kernels import ops
 from sdxl_core.timing import graph_ms
 
@@ -48,6 +48,7 @@ class ShapeTiming:
     layers: int  # how many layers of the UNet have this shape
     ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per call
     rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not timed (a wrong result)
+    cached: tuple[str, ...] = ()  # the candidates whose ms came from the timing cache, not a timing now
 
     @property
     def choice(self) -> str:
@@ -75,6 +76,7 @@ class ShapeTiming:
             "ms": {name: round(ms, 5) for name, ms in self.ms.items()},
             "choice": self.choice,
             "rejected": self.rejected,
+            "cached": list(self.cached),
             "speedup_8bit": round(self.speedup, 3),
             "gflop": round(self.flops() / 1e9, 3),
         }
@@ -86,9 +88,11 @@ def choose(
     """Time every distinct shape of the UNet's 8-bit layers per candidate; set each layer to the fastest.
 
     `run_step()` runs one eager UNet step so the shapes can be recorded. `timer(fn, candidate, shape)` returns
-    ms per call of `fn` (default: `time_candidate`). `channels_last`: the layout the engine will run in; the
-    8-bit conv kernels are NHWC only, so they are candidates only then.
+    ms per call of `fn` (default: `time_candidate`, whose timings are kept in `dispatch_cache` and reused; a
+    caller's own timer is not). `channels_last`: the layout the engine will run in; the 8-bit conv kernels are
+    NHWC only, so they are candidates only then.
     """
+    cache = None if timer is not None else dispatch_cache.open_for(_device(unet))
     timer = timer or time_candidate
     shapes: dict[tuple, list[qmodules.QuantizedModule]] = {}
 
@@ -116,8 +120,9 @@ def choose(
                 for name, err in errors.items()
                 if not err <= MAX_RELATIVE_ERROR and name != SIXTEEN_BIT
             }
-            ms = {name: timer(fn, name, shape) for name, fn in calls.items() if name not in rejected}
-        timing = ShapeTiming(fmt, op, shape, len(unique), ms, rejected)
+            timed = {name: fn for name, fn in calls.items() if name not in rejected}
+            ms, cached = dispatch_cache.measure(cache, timed, timer, (fmt, op, shape, dtype, channels_last))
+        timing = ShapeTiming(fmt, op, shape, len(unique), ms, rejected, cached)
         if rejected:
             print(
                 f"warning: {fmt} {op} {shape}: not using {', '.join(f'{k} ({v})' for k, v in rejected.items())}",
@@ -127,7 +132,13 @@ def choose(
         for module in unique:
             module.set_gemm_path(path, dtype, kernel=None if path == SIXTEEN_BIT else timing.choice)
         timings.append(timing)
+    if cache is not None:
+        cache.save()
     return timings
+
+
+def _device(unet: torch.nn.Module) -> torch.device:
+    return next((p.device for p in unet.parameters()), torch.device("cpu"))
 
 
 def _conv_candidates(layer, shape: tuple, dtype: torch.dtype, channels_last: bool):
