@@ -366,7 +366,6 @@ def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dic
     fused = geglu.choose(
         unet,
         lambda: unet_stage(unet)(*inputs),
-        gemm_dispatch.time_candidate,
         max_error=gemm_dispatch.MAX_RELATIVE_ERROR,
         allowed=gemm_dispatch.allowed,
     )

@@ -101,17 +101,27 @@ def apply_fusions(unet: torch.nn.Module) -> int:
 
 
 def choose(
-    unet: torch.nn.Module, run_step: Callable[[], object], timer: Callable, *, max_error: float, allowed=lambda _: True
+    unet: torch.nn.Module,
+    run_step: Callable[[], object],
+    timer: Callable | None = None,
+    *,
+    max_error: float,
+    allowed=lambda _: True,
 ) -> list[dict]:
     """Per distinct GEGLU projection shape: the unfused cost (the projection's chosen kernel on a quantized input,
     then the GEGLU and quantization as one compiled pointwise kernel) against the fused kernel; fuse every
     feed-forward of that shape where the fused kernel is faster and its output matches the reference. Returns
-    one JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per call."""
-    from sdxl_core.quant import gemm_dispatch
+    one JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own
+    (`gemm_dispatch.time_candidate`), whose timings the kernel timing cache keeps (`dispatch_cache`)."""
+    from sdxl_core.quant import dispatch_cache, gemm_dispatch
 
     ffs = feed_forwards(unet)
     if not ffs or not allowed(KERNEL):
         return []
+    cache = None
+    if timer is None:
+        cache = dispatch_cache.open_for(next(unet.parameters()).device)
+        timer = gemm_dispatch.time_candidate
     shapes: dict[tuple, list[torch.nn.Module]] = {}
 
     def record(ff, args):
@@ -132,7 +142,7 @@ def choose(
         unique = list(dict.fromkeys(modules))
         ff = unique[0]
         with torch.inference_mode():
-            ms, rejected = _time_shape(ff, shape, dtype, timer, max_error, gemm_dispatch)
+            ms, rejected = _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch)
         fused = KERNEL in ms and ms[KERNEL] < ms[UNFUSED]
         if fused:
             for module in unique:
@@ -150,32 +160,37 @@ def choose(
                 "rejected": {KERNEL: rejected} if rejected else {},
             }
         )
+    if cache is not None:
+        cache.save()
     return rows
 
 
-def _time_shape(ff, shape, dtype, timer, max_error, gemm_dispatch) -> tuple[dict[str, float], str]:
+def _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch) -> tuple[dict[str, float], str]:
+    """({UNFUSED: the projection's chosen GEMM + the pointwise kernel, each part, KERNEL: the fused kernel}, why
+    the fused kernel was not timed, or "")."""
+    from sdxl_core.quant import dispatch_cache
+
     proj, out = ff.net[0].proj, ff.net[2]
-    m, k, n = shape
     calls, x = gemm_dispatch.candidates(proj, "gemm", shape, dtype)
     chosen = gemm_dispatch.SIXTEEN_BIT if proj.gemm_path == gemm_dispatch.SIXTEEN_BIT else proj.kernel
     h = calls[chosen]()
     pointwise = _compiled_pointwise(x.is_cuda)
-    ms = {
-        UNFUSED: timer(calls[chosen], chosen, shape)
-        + timer(lambda: pointwise(h, out.smooth, out.a_scale, out.FMT), "geglu_pointwise", shape)
-    }
+    timed = {f"gemm:{chosen}": calls[chosen], "pointwise": lambda: pointwise(h, out.smooth, out.a_scale, out.FMT)}
     x_q = qmodules.quantize(x, proj.a_scale, proj.FMT)
 
     def fused():
         return ops.geglu8_mm(x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, dtype)
 
-    if not geglu8.supports(x_q, proj.weight):
-        return ms, ""
-    error = _relative_error(fused(), x_q, proj, out, dtype)
-    if not error <= max_error:
-        return ms, f"relative error {error:.2e}"
-    ms[KERNEL] = timer(fused, KERNEL, shape)
-    return ms, ""
+    rejected = ""
+    if geglu8.supports(x_q, proj.weight):
+        error = _relative_error(fused(), x_q, proj, out, dtype)
+        if error <= max_error:
+            timed[KERNEL] = fused
+        else:
+            rejected = f"relative error {error:.2e}"
+    ms, _ = dispatch_cache.measure(cache, timed, timer, (proj.FMT, "geglu", shape, dtype, False))
+    ms[UNFUSED] = ms[f"gemm:{chosen}"] + ms["pointwise"]
+    return ms, rejected
 
 
 def _relative_error(got, x_q, proj, out, dtype) -> float:

@@ -131,6 +131,7 @@ def test_dispatch_fuses_where_faster_and_the_plan_carries_it(converted, data, pr
     expected = run(unet, data["eval"])
     rows = geglu.choose(unet, lambda: run(unet, data["eval"]), timer_preferring(False), max_error=2e-2)
     assert rows and all(r["choice"] == geglu.UNFUSED and r["ms"][geglu.UNFUSED] == 3.0 for r in rows)
+    assert all(r["ms"]["pointwise"] == 1.5 and r["ms"][geglu.KERNEL] == 5.0 for r in rows)
     assert sum(r["layers"] for r in rows) == 17
     assert not any(type(m).__name__.startswith("GegluFused") for m in unet.modules())
 
