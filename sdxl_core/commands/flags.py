@@ -70,12 +70,28 @@ def _by_variant(field: str, fmt=str, tiny: str = "") -> str:
     return f"default: the variant's, {'; '.join(parts)}{tiny}"
 
 
+def project_version() -> str:
+    """The installed package's version; run from a source tree that is not installed (a GPU host's copy on
+    PYTHONPATH), the one pyproject.toml names, said so: every command builds this parser, so it must not fail."""
+    try:
+        return metadata.version("sdxl-bench")
+    except metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        try:
+            project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+            return f"{project['version']} (source tree, not installed)"
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown (not installed)"
+
+
 def build_parser(bench_flags=tuple(BENCH_COMMANDS)) -> argparse.ArgumentParser:
     """The whole command line. `bench_flags`: the GPU measurement subcommands whose own flags are added; their
     modules import torch and the backend, so `main` adds only the one it runs (their names and help are
     always there)."""
     parser = _Parser(prog="sdxl-bench", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"sdxl-bench {metadata.version('sdxl-bench')}")
+    parser.add_argument("--version", action="version", version=f"sdxl-bench {project_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     txt2img = commands.add_parser(

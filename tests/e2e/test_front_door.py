@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,24 @@ def test_version_names_the_installed_package():
     done = run_cli("--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"sdxl-bench {metadata.version('sdxl-bench')}\n"
+
+
+def test_every_command_works_from_a_source_tree_that_is_not_installed(monkeypatch, capsys):
+    """A GPU host runs the checkout from PYTHONPATH with no package metadata: the parser (which every command
+    builds) must not fail, and --version says where it comes from."""
+    from sdxl_core.commands import flags
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(flags.metadata, "version", not_installed)
+    parser = flags.build_parser()
+    assert parser.parse_args(["txt2img", "--model", "tiny"]).command == "txt2img"
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args(["--version"])
+    assert done.value.code == 0
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    version = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert capsys.readouterr().out == f"sdxl-bench {version} (source tree, not installed)\n"

@@ -222,7 +222,11 @@ def test_geglu8_matches_reference_on_gpu(fmt, shape):
     scale = args[-1].float()
     err = (((got.float() - ref.float()) * scale).norm() / (ref.float() * scale).norm()).item()
     print(f"{fmt} {shape}: {differs:.3%} differ, at most {steps} steps, relative error {err:.2e}")
-    assert err < 1e-2
-    assert steps <= 2
+    # Bounds from an H200 run (torch 2.11, Triton 3.6), with their margins: INT8 matched the reference but for a
+    # handful of one-step neighbours (relative error <= 8.4e-6: x12); FP8's fast accumulation gave relative errors
+    # of 4.9e-3 to 8.2e-3 (x1.5), and a sign flip of a value near zero crosses many e4m3 values, so the FP8 bound is
+    # on the error alone.
     if fmt == "int8":
-        assert differs < 2e-3, f"{differs:.2%} of outputs differ"
+        assert steps <= 1 and differs < 1e-4 and err < 1e-4
+    else:
+        assert err < 1.25e-2
