@@ -8,6 +8,7 @@ import time
 import pytest
 
 from sdxl_core.hardware import is_hopper
+from sdxl_core.startup import Startup
 from sdxl_core.suite.plugin import HARDWARE, probe_hardware, selected_variants
 from sdxl_core.suite.summary import ENGINE_RECORDS
 
@@ -132,8 +133,9 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
         if name not in engine_cache:
             variant = suite_variant(name).replace(backend=pytestconfig.getoption("--backend"))
             started = time.perf_counter()
+            startup = Startup()
             try:
-                ready = run.prepare(variant, options, device=suite_device)
+                ready = run.prepare(variant, options, device=suite_device, startup=startup)
             except Exception as exc:
                 # Every Hopper card has 80 GB or more, where every variant fits: an OOM there is a failure.
                 # A smaller card lacks the hardware, and the skip names it.
@@ -149,6 +151,7 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
                     "mode": ready.info.mode,
                     "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
                     "seconds": round(time.perf_counter() - started, 1),
+                    "phases": {phase: round(t, 1) for phase, t in startup.seconds.items()},
                 }
             )
             engine_cache[name] = ready

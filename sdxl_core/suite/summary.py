@@ -68,10 +68,8 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(f"{outcome:<6} {name:<60} {values}")
     if ENGINE_RECORDS:
         terminalreporter.section("sdxl-bench engines")
-        for record in sorted(ENGINE_RECORDS, key=lambda r: (r["variant"], r["mode"] != "built", r["worker"])):
-            terminalreporter.write_line(
-                f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} {record['seconds']:.1f} s"
-            )
+        for line in engine_lines(ENGINE_RECORDS):
+            terminalreporter.write_line(line)
     summary = config.stash.get(SWEEP_SUMMARY, None)
     if summary:
         from sdxl_core.suite import sweep
@@ -83,3 +81,21 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(
             f"per-prompt values: {path}" if path else "per-prompt values: --quality-report PATH (.md or .json)"
         )
+
+
+def engine_lines(records: list[dict], min_seconds: float = 0.5) -> list[str]:
+    """One line per engine this run prepared (built or loaded, where, how long), then its phases from the
+    largest down (those of `min_seconds` or more): where a build's minutes went, per variant."""
+    lines = []
+    for record in sorted(records, key=lambda r: (r["variant"], r["mode"] != "built", r["worker"])):
+        lines.append(
+            f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} {record['seconds']:.1f} s"
+        )
+        phases = sorted(record.get("phases", {}).items(), key=lambda item: -item[1])
+        shown = [f"{name} {seconds:.1f} s" for name, seconds in phases if seconds >= min_seconds]
+        if shown:
+            lines.append(f"{'':<18} phases: {', '.join(shown)}")
+    built = sum(r["seconds"] for r in records if r["mode"] == "built")
+    if built:
+        lines.append(f"building took {built:.1f} s of this run")
+    return lines
