@@ -3,7 +3,8 @@
 Layout, one folder per model and hardware:
 
     baselines/<model>/<hardware>/
-        manifest.json                         per variant: what made it, versions, device, tolerances, files
+        manifest.json                         per variant: what made it, versions, device, tolerances, files;
+                                              8-bit: which path and kernel its layers ran (references.py)
         xl-1.0-fp16-s0-1a2b3c4d.png           <variant>-s<seed>-<sha256 of the prompt, 8 hex digits>.png
         xl-1.0-fp16-s0-1a2b3c4d.safetensors   that render's final latents
         xl-1.0-fp16-unet.safetensors          the variant's UNet output for fixed inputs (references.py)
@@ -31,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -47,6 +49,7 @@ CREATE_HINT = f"`{CREATE_COMMAND}` (or `nox -s baselines`)"
 ENTRY_KEYS = ("variant", "prompt", "seed", "steps", "size", "scheduler", "guidance")
 CASE_FILES = ("file", "sha256", "tensors", "tensors_sha256")
 VARIANT_KEYS = ("created", "command", "device", "libraries", "tolerances", "probe", "cases")
+PATHS_KEYS = ("layers_by_path", "layers_by_kernel", "paths_digest", "kernels_digest", "16bit_groups")  # 8-bit only
 
 # Prompts the quality tests render, one seed each. On `tiny` (random weights) the prompt barely moves the
 # image (SSIM 0.9988 between these two prompts at one seed), so the second case uses another seed: that is
@@ -158,6 +161,7 @@ def load_manifest(directory) -> dict:
         for name, record in manifest["variants"].items():
             missing = [k for k in VARIANT_KEYS if k not in record]
             missing += [k for case in record["cases"] for k in (*ENTRY_KEYS, *CASE_FILES) if k not in case]
+            missing += [f"paths.{k}" for k in PATHS_KEYS if k not in record.get("paths", dict.fromkeys(PATHS_KEYS))]
             if missing:
                 raise KeyError(f"{name}: {', '.join(sorted(set(missing)))}")
         manifest["thresholds"]
@@ -221,6 +225,76 @@ def drift(record: dict, libraries: dict, device: dict) -> str:
     return ", ".join(changed)
 
 
+def _short(group: str) -> str:
+    """`...attn2.to_kv` for `down_blocks.*.attentions.*.transformer_blocks.*.attn2.to_kv`: what follows the last
+    block index (the manifest keeps the whole group)."""
+    return "..." + group.rpartition("*.")[2] if "*." in group else group
+
+
+def _listed(counts: Counter) -> str:
+    return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
+
+
+def path_change(stored: dict | None, current: dict | None) -> str | None:
+    """How the current engine's layer paths (or, where those match, its 8-bit kernels) differ from those of the
+    engine that made the baseline, in words: "the engine runs 60 layers on another path than the baseline's
+    engine (16bit -> 8bit: ...attn2.to_kv x60)". Both are references.layer_paths records; None where they match
+    or either is missing (a baseline stored before the records were kept, an FP16 engine)."""
+    if not stored or not current:
+        return None
+    layers = [sum(record["layers_by_path"].values()) for record in (stored, current)]
+    if layers[0] != layers[1]:
+        return (
+            f"the engine has {layers[1]} quantized layers, the baseline's engine had {layers[0]} (layers per path: "
+            f"{stored['layers_by_path']} -> {current['layers_by_path']})"
+        )
+    if stored["paths_digest"] != current["paths_digest"]:
+        to_8bit, to_16bit = Counter(), Counter()
+        was, now = stored["16bit_groups"], current["16bit_groups"]
+        for group in {*was, *now}:
+            more = now.get(group, 0) - was.get(group, 0)
+            (to_16bit if more > 0 else to_8bit)[_short(group)] += abs(more)
+        to_8bit, to_16bit = +to_8bit, +to_16bit  # without the groups whose count is the same
+        if not to_8bit and not to_16bit:
+            return "the engine runs other layers on the 16-bit path than the baseline's engine (as many per group)"
+        moves = [(f"16bit -> 8bit: {_listed(to_8bit)}", to_8bit), (f"8bit -> 16bit: {_listed(to_16bit)}", to_16bit)]
+        total = sum(to_8bit.values()) + sum(to_16bit.values())
+        said = "; ".join(text for text, counts in moves if counts)
+        layers = "layer" if total == 1 else "layers"
+        return f"the engine runs {total} {layers} on another path than the baseline's engine ({said})"
+    if stored["kernels_digest"] != current["kernels_digest"]:
+        was, now = stored["layers_by_kernel"], current["layers_by_kernel"]
+        counts = [f"{k} {was.get(k, 0)} -> {now.get(k, 0)}" for k in sorted({*was, *now}) if was.get(k) != now.get(k)]
+        which = f"layers per kernel: {', '.join(counts)}" if counts else "as many per kernel"
+        return f"the engine runs layers on other 8-bit kernels than the baseline's engine ({which})"
+    return None
+
+
+PATH_KINDS = ("latents", "image", "unet")  # what a layer's path moves; the calibrated numbers are taken before it
+
+
+def failure_cause(record: dict, libraries: dict, device: dict, over, paths: dict | None = None) -> str:
+    """Why the checks `over` ("latents", "quant", ...) of a render are past their tolerances, for the failure
+    message: what changed since `record` was stored (drift), whether the 8-bit engine runs layers on other paths or
+    kernels than the baseline's engine (`paths`: the current engine's references.layer_paths), else a regression."""
+    changed = drift(record, libraries, device)
+    # The dispatch picks an 8-bit layer's path by timing when the engine is built, so a rebuild of the same code
+    # may run a shape on the other path; the calibrated numbers are taken before that choice and cannot move with it.
+    moved = path_change(record.get("paths"), paths) if set(over) & set(PATH_KINDS) else None
+    because = f"{moved}; the difference may come from that choice (made by timing when the engine was built)"
+    if changed:
+        also = f"; and {because}" if moved else ""
+        drifted = f"changed since the baseline: {changed}; drift (an upgrade or another device){also}"
+        return f"{drifted}: review the images, then regenerate it"
+    if not moved:
+        return "same library versions and device as the baseline: a regression"
+    cause = f"same library versions and device as the baseline, but {because}: rebuild the engine, or review the "
+    cause += "images and update the baseline"
+    if "quant" in over:
+        cause += "; the calibrated numbers, which no path moves, differ too: a regression"
+    return cause
+
+
 def file_name(entry: dict, suffix: str = ".png") -> str:
     """`<variant>-s<seed>-<8 hex digits of the prompt's sha256><suffix>`: stable, one per (variant, prompt, seed)."""
     digest = hashlib.sha256(entry["prompt"].encode()).hexdigest()[:8]
@@ -243,8 +317,11 @@ def _write(directory: Path, name: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_variant(directory, name: str, renders: list, probe: dict, tolerances: dict, *, device, libraries, command):
-    """Write one variant's files: `renders` are (entry, image copy, tensors) per case; return its manifest record."""
+def write_variant(
+    directory, name: str, renders: list, probe: dict, tolerances: dict, *, device, libraries, command, paths=None
+):
+    """Write one variant's files: `renders` are (entry, image copy, tensors) per case; return its manifest record.
+    `paths`: for an 8-bit engine, which path and kernel its layers ran (references.layer_paths), kept as `paths`."""
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -263,7 +340,7 @@ def write_variant(directory, name: str, renders: list, probe: dict, tolerances: 
         case["tensors"], case["tensors_sha256"] = tensor_file, _write(directory, tensor_file, save(tensors))
         cases.append(case)
     probe_file = probe_name(name)
-    return {
+    record = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "device": device,
@@ -272,6 +349,9 @@ def write_variant(directory, name: str, renders: list, probe: dict, tolerances: 
         "probe": {"file": probe_file, "sha256": _write(directory, probe_file, save(probe))},
         "cases": cases,
     }
+    if paths:
+        record["paths"] = paths
+    return record
 
 
 def write_manifest(directory, model: str, hardware: str, variants: dict, thresholds: dict) -> Path:

@@ -24,13 +24,21 @@ the code unchanged, measured when the baseline is written (`measure_floor`):
     latents 4-9 %, as much as a 5 % scale bug does. So `value` (the device that made the baseline: bit-identical
     up to the other sources) leaves `scales` out and `other_device` takes it in; on another device the
     calibrated numbers (`quant`, tolerance from CALIBRATION_NOISE_CPU) are what holds an 8-bit variant tight.
+
+An 8-bit variant's record also says which path ("8bit" or "16bit") and kernel each quantized layer ran
+(`layer_paths`): the per-shape dispatch picks them by timing on the GPU, so a rebuild of the same code may pick
+another path for a shape whose candidates are close. When the current engine's paths differ from the baseline's,
+a failure says so (`baselines.path_change`) rather than calling it a regression; the tolerances stay as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -128,6 +136,55 @@ def quantized_state(unet: torch.nn.Module | None) -> dict[str, torch.Tensor]:
             ]
         )
     return {"quant.state": torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)} if rows else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which path and kernel each quantized layer ran: a timing-dependent choice of the build, kept beside the numbers.
+
+# Numeric segments after these name a part of one layer (diffusers' Attention.to_out, FeedForward.net), not one of
+# several blocks: `ff.net.0.proj` and `ff.net.2` are different layers, so their index stays in the group's name.
+_PART_LISTS = ("to_out", "net")
+
+
+def layer_group(name: str) -> str:
+    """A layer's name with its block indices as `*`: `up_blocks.*.attentions.*.transformer_blocks.*.attn2.to_kv`."""
+    parts = name.split(".")
+    return ".".join(
+        "*" if part.isdigit() and (i == 0 or parts[i - 1] not in _PART_LISTS) else part for i, part in enumerate(parts)
+    )
+
+
+def _digest(rows) -> str:
+    return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+
+
+def layer_paths(unet: torch.nn.Module | None) -> dict | None:
+    """What the engine ran per quantized layer, compact: layers per path and per kernel (as the engine info counts
+    them), sha256 digests of the sorted (layer name, path) and (layer name, kernel) pairs, and the layer-name groups
+    on the 16-bit path with their counts. None for a UNet without 8-bit torch layers (FP16, TensorRT)."""
+    from sdxl_core.engines.cross_kv import CachedProjection
+    from sdxl_core.engines.torch_backend import layer_counts
+    from sdxl_core.quant.qmodules import QuantizedModule
+
+    modules = dict(unet.named_modules()) if unet is not None else {}
+    layers = {}
+    for name, module in modules.items():
+        if isinstance(module, QuantizedModule):
+            parent = name.rpartition(".")[0]
+            if isinstance(modules.get(parent), CachedProjection):  # reused cross-attention K/V: the layer it holds
+                name = parent
+            layers[name] = (module.gemm_path, "16bit" if module.gemm_path == "16bit" else module.kernel)
+    if not layers:
+        return None
+    by_path, by_kernel = layer_counts(unet)
+    sixteen = Counter(layer_group(name) for name, (path, _) in layers.items() if path == "16bit")
+    return {
+        "layers_by_path": dict(sorted(by_path.items())),
+        "layers_by_kernel": dict(sorted(by_kernel.items())),
+        "paths_digest": _digest([name, path] for name, (path, _) in layers.items()),
+        "kernels_digest": _digest([name, kernel] for name, (_, kernel) in layers.items()),
+        "16bit_groups": dict(sorted(sixteen.items())),
+    }
 
 
 def _signs(shape, device, dtype, seed: int = 1) -> torch.Tensor:
