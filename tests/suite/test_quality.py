@@ -5,8 +5,9 @@ committed `baselines/tiny/cpu/`. Per variant (FP16, INT8, FP8, LCM-LoRA, Turbo) 
 each case, the UNet output for fixed inputs and an image copy; sdxl_core/suite/references.py says how each is
 compared and how its tolerance was measured (written into the manifest beside the value, with its factor). A
 failure writes stored | current | SSIM heat map to a PNG and says whether library versions or the device changed
-since the baseline was made (drift after an upgrade) or not (a regression). 8-bit vs FP16 (the quantization gap)
-is SSIM against limits set from measured values.
+since the baseline was made (drift after an upgrade), whether an 8-bit engine runs some layers on another path or
+kernel than the baseline's engine (the dispatch's timing-dependent choice), or neither (a regression). 8-bit vs FP16
+(the quantization gap) is SSIM against limits set from measured values.
 
 `--update-baselines` first rewrites the variants this run selects (`--variants`; the others' stored entries stay),
 measuring the tolerances, then every test still compares. A missing baseline fails, naming the command.
@@ -61,6 +62,11 @@ class Rendered:
         if not self._probe:
             self._probe.update(references.unet_probe(self.engine))
         return self._probe
+
+    @property
+    def paths(self) -> dict | None:
+        """Which path and kernel each quantized layer of the engine runs (None for FP16)."""
+        return references.layer_paths(self.engine.components.unet)
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +212,7 @@ def update_baselines(directory, model, hardware, suite_variant, this_run, render
             device=device,
             libraries=this_run["libraries"],
             command=command,
+            paths=done.paths,
         )
     gaps = {
         name: [
@@ -241,28 +248,27 @@ def _floor(tolerance: dict, tier: str) -> float:
     return max(v for source, v in tolerance["measured"].items() if tier == "other_device" or source != "scales")
 
 
-def check_own(label: str, differences: dict, record: dict, this_run: dict, picture, out_dir: Path) -> None:
+def check_own(
+    label: str, differences: dict, record: dict, this_run: dict, picture, out_dir: Path, paths: dict | None = None
+) -> None:
     """`differences`: kind -> this render's difference from the stored one; each within its tolerance (the one for
     the device that made the baseline, or for another device of its hardware class), or a failure naming every
-    check over, what changed since the baseline, and the grid (`picture` = (stored image, current image))."""
+    check over, what changed since the baseline, and the grid (`picture` = (stored image, current image)).
+    `paths`: the current 8-bit engine's layer paths (references.layer_paths), compared with the stored ones."""
     tier = "value" if same_device(record, this_run) else "other_device"
-    over = [
-        f"{kind} differ by {value:.3g} > tolerance {tol[tier]:.3g} (measured floor {_floor(tol, tier):.3g}, "
+    over = {
+        kind: f"{kind} differ by {value:.3g} > tolerance {tol[tier]:.3g} (measured floor {_floor(tol, tier):.3g}, "
         f"epsilon {tol['epsilon']:.3g}, x{tol['factor']:g}{'' if tier == 'value' else ', for another device'})"
         for kind, value in differences.items()
         if not value <= (tol := record["tolerances"][kind])[tier]
-    ]
+    }
     if not over:
         return
-    changed = baselines.drift(record, this_run["libraries"], this_run["device"])
-    cause = (
-        f"changed since the baseline: {changed}; drift (an upgrade or another device): review the images, "
-        f"then regenerate it"
-        if changed
-        else "same library versions and device as the baseline: a regression"
-    )
+    cause = baselines.failure_cause(record, this_run["libraries"], this_run["device"], over, paths)
     path = grid(*picture, label, out_dir)
-    pytest.fail(f"{label}: {'; '.join(over)}. {cause}. stored | current | SSIM heat map: {path}", pytrace=False)
+    pytest.fail(
+        f"{label}: {'; '.join(over.values())}. {cause}. stored | current | SSIM heat map: {path}", pytrace=False
+    )
 
 
 def check_similar(reference, candidate, threshold: float, label: str, out_dir: Path) -> dict:
@@ -299,7 +305,8 @@ def test_matches_own_baseline(name, case, stored, rendered, this_run, tmp_path, 
     for kind, value in differences.items():
         record_property(f"{kind}_difference", value)
     label = f"{name} {CASE_IDS[case]} vs stored {name}"
-    check_own(label, differences, stored.record(name), this_run, (stored_image, result.images[0]), tmp_path)
+    picture = (stored_image, result.images[0])
+    check_own(label, differences, stored.record(name), this_run, picture, tmp_path, rendered(name).paths)
 
 
 @pytest.mark.slow
@@ -314,7 +321,8 @@ def test_unet_matches_own_baseline(name, stored, rendered, this_run, tmp_path, r
     for kind, value in differences.items():
         record_property(f"{kind}_difference", value)
     picture = (stored.image(name, 0), rendered(name).results[0].images[0])
-    check_own(f"{name} UNet vs stored {name}", differences, stored.record(name), this_run, picture, tmp_path)
+    label = f"{name} UNet vs stored {name}"
+    check_own(label, differences, stored.record(name), this_run, picture, tmp_path, rendered(name).paths)
 
 
 @pytest.mark.slow
@@ -608,6 +616,33 @@ def test_failure_names_the_library_that_changed(tmp_path):
     now["libraries"]["torch"] = "2.14.1"
     with pytest.raises(pytest.fail.Exception, match="same library versions and device as the baseline: a regression"):
         check_own("x", {"latents": 1e-3}, record, now, (image, image), tmp_path)
+
+
+def test_failure_names_layers_on_other_paths(tmp_path):
+    """An 8-bit engine running layers on other paths than the baseline's engine (the dispatch chose by timing): the
+    failure says so instead of "a regression"; the same paths, or a baseline stored without them, keep the wording
+    (tests/unit/test_baseline_paths.py checks the records on the tiny UNet)."""
+    from sdxl_core.quant import qmodules
+
+    layers = torch.nn.Sequential(
+        *(qmodules.Int8Linear.empty_like(torch.nn.Linear(2, 2), smooth=False, per_channel=False) for _ in range(3))
+    )
+    stored_paths = references.layer_paths(layers)
+    layers[1].set_gemm_path("16bit", torch.float32)
+    now = {"libraries": {"torch": "2.14.1"}, "device": {"name": "cpu"}}
+    record = {**now, "tolerances": {"latents": references.tolerance({"rerun": 0.0}, 1e-7)}, "paths": stored_paths}
+    image = Image.new("RGB", (16, 16))
+    with pytest.raises(
+        pytest.fail.Exception, match=r"runs 1 layer on another path .* \(8bit -> 16bit: \* x1\)"
+    ) as info:
+        check_own("x", {"latents": 1e-3}, record, now, (image, image), tmp_path, references.layer_paths(layers))
+    assert "a regression" not in str(info.value.msg)
+    regression = "same library versions and device as the baseline: a regression"
+    with pytest.raises(pytest.fail.Exception, match=regression):
+        check_own("x", {"latents": 1e-3}, record, now, (image, image), tmp_path, stored_paths)
+    del record["paths"]
+    with pytest.raises(pytest.fail.Exception, match=regression):
+        check_own("x", {"latents": 1e-3}, record, now, (image, image), tmp_path, references.layer_paths(layers))
 
 
 def test_gap_limits_come_from_the_stored_thresholds():
