@@ -235,19 +235,34 @@ def _listed(counts: Counter) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
 
 
-def path_change(stored: dict | None, current: dict | None) -> str | None:
-    """How the current engine's layer paths (or, where those match, its 8-bit kernels) differ from those of the
-    engine that made the baseline, in words: "the engine runs 60 layers on another path than the baseline's
-    engine (16bit -> 8bit: ...attn2.to_kv x60)". Both are references.layer_paths records; None where they match
-    or either is missing (a baseline stored before the records were kept, an FP16 engine)."""
+# The dispatch picks an 8-bit layer's path and kernel by timing when the engine is built, so a rebuild of the same
+# code may run a shape whose candidates are close on the other path.
+_BY_TIMING = "; the difference may come from that choice, made by timing when the engine was built"
+
+
+def layout_change(stored: dict | None, current: dict | None) -> str | None:
+    """How many quantized layers the current engine has where it has another number than the baseline's engine (other
+    fused projections or quantization level: another engine, whose calibrated numbers differ too), or None."""
     if not stored or not current:
         return None
     layers = [sum(record["layers_by_path"].values()) for record in (stored, current)]
-    if layers[0] != layers[1]:
-        return (
-            f"the engine has {layers[1]} quantized layers, the baseline's engine had {layers[0]} (layers per path: "
-            f"{stored['layers_by_path']} -> {current['layers_by_path']})"
-        )
+    if layers[0] == layers[1]:
+        return None
+    return (
+        f"the engine has {layers[1]} quantized layers, the baseline's engine had {layers[0]} (layers per path: "
+        f"{stored['layers_by_path']} -> {current['layers_by_path']}); the difference may come from that other "
+        f"layout (fused attention projections, another quantization level)"
+    )
+
+
+def path_change(stored: dict | None, current: dict | None) -> str | None:
+    """How the current engine's layer paths (or, where those match, its 8-bit kernels) differ from those of the
+    engine that made the baseline, and that the difference may come from it, in words: "the engine runs 60 layers on
+    another path than the baseline's engine (16bit -> 8bit: ...attn2.to_kv x60); the difference may come from ...".
+    Both are references.layer_paths records; None where they match, where either is missing (a baseline stored
+    before the records were kept, an FP16 engine) or where the layers themselves differ (`layout_change`)."""
+    if not stored or not current or layout_change(stored, current):
+        return None
     if stored["paths_digest"] != current["paths_digest"]:
         to_8bit, to_16bit = Counter(), Counter()
         was, now = stored["16bit_groups"], current["16bit_groups"]
@@ -256,17 +271,18 @@ def path_change(stored: dict | None, current: dict | None) -> str | None:
             (to_16bit if more > 0 else to_8bit)[_short(group)] += abs(more)
         to_8bit, to_16bit = +to_8bit, +to_16bit  # without the groups whose count is the same
         if not to_8bit and not to_16bit:
-            return "the engine runs other layers on the 16-bit path than the baseline's engine (as many per group)"
+            same = "the engine runs other layers on the 16-bit path than the baseline's engine (as many per group)"
+            return same + _BY_TIMING
         moves = [(f"16bit -> 8bit: {_listed(to_8bit)}", to_8bit), (f"8bit -> 16bit: {_listed(to_16bit)}", to_16bit)]
         total = sum(to_8bit.values()) + sum(to_16bit.values())
         said = "; ".join(text for text, counts in moves if counts)
         layers = "layer" if total == 1 else "layers"
-        return f"the engine runs {total} {layers} on another path than the baseline's engine ({said})"
+        return f"the engine runs {total} {layers} on another path than the baseline's engine ({said}){_BY_TIMING}"
     if stored["kernels_digest"] != current["kernels_digest"]:
         was, now = stored["layers_by_kernel"], current["layers_by_kernel"]
         counts = [f"{k} {was.get(k, 0)} -> {now.get(k, 0)}" for k in sorted({*was, *now}) if was.get(k) != now.get(k)]
         which = f"layers per kernel: {', '.join(counts)}" if counts else "as many per kernel"
-        return f"the engine runs layers on other 8-bit kernels than the baseline's engine ({which})"
+        return f"the engine runs layers on other 8-bit kernels than the baseline's engine ({which}){_BY_TIMING}"
     return None
 
 
@@ -278,19 +294,18 @@ def failure_cause(record: dict, libraries: dict, device: dict, over, paths: dict
     message: what changed since `record` was stored (drift), whether the 8-bit engine runs layers on other paths or
     kernels than the baseline's engine (`paths`: the current engine's references.layer_paths), else a regression."""
     changed = drift(record, libraries, device)
-    # The dispatch picks an 8-bit layer's path by timing when the engine is built, so a rebuild of the same code
-    # may run a shape on the other path; the calibrated numbers are taken before that choice and cannot move with it.
-    moved = path_change(record.get("paths"), paths) if set(over) & set(PATH_KINDS) else None
-    because = f"{moved}; the difference may come from that choice (made by timing when the engine was built)"
+    # The calibrated numbers are taken before the paths are chosen: another path cannot move them.
+    layout = layout_change(record.get("paths"), paths)
+    moved = layout or (path_change(record.get("paths"), paths) if set(over) & set(PATH_KINDS) else None)
     if changed:
-        also = f"; and {because}" if moved else ""
+        also = f"; and {moved}" if moved else ""
         drifted = f"changed since the baseline: {changed}; drift (an upgrade or another device){also}"
         return f"{drifted}: review the images, then regenerate it"
     if not moved:
         return "same library versions and device as the baseline: a regression"
-    cause = f"same library versions and device as the baseline, but {because}: rebuild the engine, or review the "
+    cause = f"same library versions and device as the baseline, but {moved}: rebuild the engine, or review the "
     cause += "images and update the baseline"
-    if "quant" in over:
+    if "quant" in over and not layout:
         cause += "; the calibrated numbers, which no path moves, differ too: a regression"
     return cause
 
