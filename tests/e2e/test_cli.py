@@ -318,12 +318,12 @@ def _edited_unet_config(tmp_path, monkeypatch):
 def _unreadable_engine_file(tmp_path, monkeypatch):
     import errno
 
-    from sdxl_core.engines import store
+    from sdxl_core.engines import digests
 
     def refuse(path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(store, "sha256_file", refuse)
+    monkeypatch.setattr(digests, "sha256_file", refuse)
 
 
 def _disk_full_in_output_dir(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_core.engines import store
+from sdxl_core.engines import digests, store
 from sdxl_core.errors import UserError
 
 KEY = "k" * 32
@@ -131,7 +131,7 @@ def test_large_files_are_listed_and_checked_piece_by_piece(tmp_path, monkeypatch
     """Above CHUNK_BYTES a file's entry also lists each piece's sha256, which readers hash in parallel: a
     changed byte in any piece is caught by `verify` (data) or by the read (executables). An entry without
     pieces (an engine published before they were listed) is checked whole; a malformed list is refused."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(digests, "CHUNK_BYTES", 1000)  # read where file_record is
     weights, code = os.urandom(4500), CODE * 40
 
     def write(tmp: Path) -> dict:

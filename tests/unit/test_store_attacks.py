@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sdxl_core import files
-from sdxl_core.engines import store
+from sdxl_core.engines import store, trust
 from sdxl_core.errors import UserError
 
 KEY = "k" * 32
@@ -88,7 +88,7 @@ def test_the_signature_is_checked_on_the_raw_bytes_before_any_parse(tmp_path, mo
     path = publish(tmp_path)
     (path / store.SIDECAR).write_text("[" * 100_000 + "]" * 100_000)
     parsed = []
-    monkeypatch.setattr(store, "parse_json", lambda data: parsed.append(data), raising=False)
+    monkeypatch.setattr(trust, "parse_json", lambda data: parsed.append(data))  # where the sidecar is parsed
     with pytest.raises(store.EngineRefused, match=f"does not match {store.KEY_ENV}"):
         store.verify(tmp_path, "e", {})
     assert parsed == []
