@@ -1,4 +1,4 @@
-"""Real 8-bit modules for a ModelOpt-calibrated UNet, and the layer plan that rebuilds them without ModelOpt.
+"""Real 8-bit modules for a ModelOpt-calibrated UNet.
 
 `convert_to_real` turns a `quantize.quantize_unet` result (ModelOpt fake quant) into plain torch modules:
 - Linear layers run true W8A8 GEMMs (`kernels.int8_gemm` / `kernels.fp8_gemm`): the SmoothQuant scale
@@ -16,20 +16,12 @@
   faster than cuBLAS/cuDNN fp16 at every shape, so `gemm_dispatch` times the candidates on the engine's GPU
   per distinct shape and records the choice in the layer plan: a reloaded engine runs what was measured.
 
-A UNet (FP16 or converted) is saved by `save(unet, dir)` as its config, its layer plan (JSON; empty for FP16)
-and its tensors as they run (safetensors); `load(engine, device, dtype)` (through `load_real`) rebuilds it on
-the meta device and assigns the tensors, with neither ModelOpt nor calibration. It reads a verified engine
-(`engines.store.Engine`), never a path: every file through `engine.read`, which hashes the bytes it returns,
-and the config and plan checked against their schemas (`plan`) before anything is built from them.
+The UNet-level plumbing (`convert_to_real`, the layer plan that rebuilds these modules without ModelOpt, `save`,
+`load`) is `unet_plan`, which imports this module; its public names are re-exported here, imported on first
+use so that neither module needs the other loaded first: callers use `qmodules.X`.
 """
 
 from __future__ import annotations
-
-import json
-import re
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +32,6 @@ from sdxl_core.quant.kernels import ops
 from sdxl_core.quant.kernels.fp8_gemm import quantize_fp8
 from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor
 
-PLAN_FORMAT = plan_schema.PLAN_FORMAT
-UNET_FILES = (plan_schema.CONFIG_FILE, plan_schema.PLAN_FILE, "unet.safetensors")  # what `save` writes
 GEMM_PATHS = plan_schema.GEMM_PATHS
 # The 8-bit kernel a layer runs until the dispatch picks another: the Triton INT8 GEMM, cuBLAS FP8 (through
 # torch._scaled_mm), and for 3x3 convs the emulation (8-bit numerics, 16-bit compute; what runs on the CPU).
@@ -52,7 +42,6 @@ CUTLASS = "cutlass:"
 QMAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _MIN_AMAX = 2.0**-24  # ModelOpt quantizes to zero below this amax; a floor keeps the scales finite
-_QUANTIZER_KEY = re.compile(r"(^|\.)\w+_quantizer\.")
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -380,207 +369,21 @@ class Fp8Conv2d(QConv2d):
 MODULE_TYPES = {cls.__name__: cls for cls in (Int8Linear, Fp8Linear, Int8Conv2d, Fp8Conv2d)}
 
 
-@dataclass
-class ConversionReport:
-    counts: dict[str, int] = field(default_factory=dict)  # module type -> how many were replaced
-    dropped_attention: int = 0  # level-4 attention modules whose quantizers were dropped
-
-    def __str__(self):
-        text = ", ".join(f"{n} {name}" for name, n in sorted(self.counts.items())) or "nothing quantized"
-        if self.dropped_attention:
-            text += (
-                f"; FP8 attention quantizers of {self.dropped_attention} attention modules dropped "
-                "(attention runs in the activation dtype)"
-            )
-        return text
-
-
-def convert_to_real(unet: torch.nn.Module) -> tuple[torch.nn.Module, ConversionReport]:
-    """A new plain-torch UNet with real 8-bit modules for every ModelOpt layer that has its weight and
-    input quantizers enabled. Unquantized tensors are shared with `unet`, not copied."""
-    from sdxl_core.quant.quantize import ATTENTION_QUANTIZERS, is_quantized
-
-    plan, replaced, report = {}, {}, ConversionReport()
-    for name, module in unet.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and hasattr(module, "input_quantizer"):
-            if is_quantized(module):
-                real = _from_modelopt(module)
-                plan[name] = _spec(real)
-                replaced.update({f"{name}.{k}": v for k, v in real.state_dict().items()})
-                kind = type(real).__name__
-                report.counts[kind] = report.counts.get(kind, 0) + 1
-            elif module.input_quantizer.pre_quant_scale is not None:
-                # Smoothed, then disabled: fold the input scale back into the weight.
-                replaced[f"{name}.weight"] = module.weight * module.input_quantizer.pre_quant_scale
-        elif any(getattr(module, q, None) is not None for q in ATTENTION_QUANTIZERS):
-            report.dropped_attention += is_quantized(module)
-    plain = {k: v for k, v in unet.state_dict().items() if not _QUANTIZER_KEY.search(k)}
-    real_unet = load_real(
-        unet.config,
-        {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": plan},
-        {**plain, **replaced},
-        unet_cls=type(unet),
-    )
-    return real_unet, report
-
-
-def layer_plan(unet: torch.nn.Module) -> dict:
-    """JSON-ready: which modules of a converted UNet are 8-bit, with the flags that fix their buffer shapes, and
-    whether its attention projections are fused (the module tree the layer names refer to)."""
-    layers = {name: _spec(m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule)}
-    return {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": layers}
-
-
-def fuse_qkv(unet: torch.nn.Module) -> torch.nn.Module:
-    """Fuse the attention projections in place: one `to_qkv` GEMM per self-attention, one `to_kv` per
-    cross-attention (diffusers' `fuse_qkv_projections`), then drop the unfused projections, which nothing
-    runs any more, so they are neither stored nor quantized. Calibrating after fusing gives the fused layer one
-    SmoothQuant scale and one input scale of its own: one quantized input, one 8-bit GEMM."""
-    from diffusers.models.attention_processor import Attention
-
-    unet.fuse_qkv_projections()
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            for name in ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"):
-                setattr(module, name, None)
-    return unet
-
-
-def has_fused_qkv(unet: torch.nn.Module) -> bool:
-    return any(hasattr(m, "to_qkv") or hasattr(m, "to_kv") for m in unet.modules())
-
-
-def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module:
-    """Replace the planned modules of a plain UNet (any device, meta included) with empty 8-bit modules of
-    the right shapes, in place, so that the converted state dict loads with `strict=True`. The whole plan is
-    checked first (`plan.check_layer_plan`): a plan this build would not write changes nothing."""
-    plan_schema.check_layer_plan(plan)
-    if plan.get("fused_qkv") and not has_fused_qkv(plain_unet):
-        fuse_qkv(plain_unet)
-    for name, spec in plan["layers"].items():
-        cls = MODULE_TYPES.get(spec.get("type"))
-        try:
-            module = plain_unet.get_submodule(name)
-        except AttributeError:
-            module = None
-        base = torch.nn.Linear if cls in (Int8Linear, Fp8Linear) else torch.nn.Conv2d
-        if cls is None or type(module) is not base:
-            raise UserError(
-                f"layer plan does not match the UNet at {name!r} ({spec.get('type')} over "
-                f"{type(module).__name__}): rebuild the engine"
-            )
-        quantized = cls.empty_like(module, smooth=spec["smooth"], per_channel=spec["per_channel"])
-        quantized.gemm_path = spec.get("gemm", "8bit")
-        quantized.kernel = spec.get("kernel", quantized.kernel)
-        as_gemm = not isinstance(quantized, QConv2d) or quantized.as_gemm
-        plan_schema.check_layer_kernel(name, quantized.kernel, quantized.FMT, as_gemm)
-        plain_unet.set_submodule(name, quantized)
-    from sdxl_core.quant import geglu
-
-    geglu.apply_fusions(plain_unet)
-    return plain_unet
-
-
-def real_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The converted UNet's tensors, contiguous and detached (what `safetensors.torch.save_file` wants)."""
-    return {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
-
-
-def load_real(config: dict, plan: dict, state_dict: dict[str, torch.Tensor], *, unet_cls=None) -> torch.nn.Module:
-    """Rebuild a converted UNet: built on the meta device, 8-bit modules planted, tensors assigned (no copies)."""
-    if unet_cls is None:
-        from diffusers import UNet2DConditionModel as unet_cls
-    try:
-        with torch.device("meta"):
-            unet = unet_cls.from_config(config)
-    except Exception as exc:  # a config that diffusers cannot build from (edited, foreign)
-        raise UserError(f"UNet config does not build a UNet ({str(exc).strip()[:160]}): rebuild the engine") from None
-    apply_layer_plan(unet, plan)
-    try:
-        unet.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise UserError(f"8-bit UNet weights do not match the layer plan ({first}): rebuild the engine") from None
-    left = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
-    if left:
-        raise UserError(f"8-bit UNet is missing {len(left)} tensors (e.g. {left[0]}): rebuild the engine")
-    return unet.eval().requires_grad_(False)
-
-
-def save(unet: torch.nn.Module, directory: Path) -> None:
-    """Write UNET_FILES into `directory`: config, layer plan, tensors as they run."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    (directory / "unet_config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list))
-    (directory / "layer_plan.json").write_text(json.dumps(layer_plan(unet), indent=1, sort_keys=True))
-    save_file(real_state_dict(unet), str(directory / "unet.safetensors"))
-
-
-def load(engine, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The UNet `save` wrote, from a verified engine (`engines.store.Engine`: each file read once through
-    `engine.read`, hashed as read, and parsed from those bytes), on `device`, with 16-bit-path weights dequantized
-    once in `dtype`. The config and the plan pass their schemas before anything is built or loaded."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load as load_tensors
-
-    config = engine.read_json(plan_schema.CONFIG_FILE)
-    plan_schema.check_unet_config(config, UNet2DConditionModel)
-    plan = engine.read_json(plan_schema.PLAN_FILE)
-    plan_schema.check_layer_plan(plan, torch.device(device).type)
-    data = engine.read("unet.safetensors")
-    try:
-        tensors = load_tensors(data)
-    except Exception as exc:  # safetensors' own error types; a header that does not parse
-        raise UserError(f"unet.safetensors is not a safetensors file ({str(exc).strip()[:120]})") from None
-    del data
-    if torch.device(device).type != "cpu":
-        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-    unet = load_real(config, plan, tensors, unet_cls=UNet2DConditionModel)
-    dequantize_weights(unet, dtype)
-    return unet
-
-
-def module_counts(unet: torch.nn.Module) -> Counter:
-    return Counter(type(m).__name__ for m in unet.modules() if isinstance(m, QuantizedModule))
-
-
-def _spec(module: QuantizedModule) -> dict:
-    return {
-        "type": type(module).__name__,
-        "smooth": getattr(module, "smooth", None) is not None,
-        "per_channel": module.per_channel,
-        "gemm": module.gemm_path,
-        "kernel": module.kernel,
-    }
-
-
-def _from_modelopt(module: torch.nn.Module) -> QuantizedModule:
-    wq, iq = module.weight_quantizer, module.input_quantizer
-    if wq.num_bits not in (8, (4, 3)) or iq.num_bits != wq.num_bits:
-        raise UserError(f"cannot run {wq.num_bits}-bit weights with {iq.num_bits}-bit inputs as 8-bit modules")
-    if iq.amax is None or iq.amax.numel() != 1 or wq.amax is None:
-        raise UserError("8-bit modules need calibrated per-tensor activations and calibrated weights")
-    with torch.no_grad():
-        # ModelOpt's own fake-quantized weight (SmoothQuant scale folded in): re-quantizing it with the same
-        # scales recovers ModelOpt's 8-bit values exactly, with no rounding ties decided differently.
-        weight = wq(module.weight)
-    fmt = "fp8" if wq.num_bits == (4, 3) else "int8"
-    cls = {
-        (True, "int8"): Int8Linear,
-        (True, "fp8"): Fp8Linear,
-        (False, "int8"): Int8Conv2d,
-        (False, "fp8"): Fp8Conv2d,
-    }[(isinstance(module, torch.nn.Linear), fmt)]
-    return cls.from_float(module, weight=weight, w_amax=wq.amax, a_amax=iq.amax, smooth=iq.pre_quant_scale)
-
-
 def _after_load(module, _incompatible_keys):
     module.dequantize_weight()
 
 
-def dequantize_weights(unet: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cache the dequantized weights of the 16-bit-path layers in the activation dtype."""
-    for module in unet.modules():
-        if isinstance(module, QuantizedModule):
-            module.dequantize_weight(dtype)
+# The public names of `unet_plan`, reachable as `qmodules.X` (`unet_plan` imports this module, so they are
+# imported when first asked for, not at the top).
+_UNET_PLAN_NAMES = frozenset(
+    "PLAN_FORMAT UNET_FILES ConversionReport apply_layer_plan convert_to_real dequantize_weights fuse_qkv"
+    " has_fused_qkv layer_plan load load_real module_counts real_state_dict save".split()
+)
+
+
+def __getattr__(name: str):
+    if name in _UNET_PLAN_NAMES:
+        from sdxl_core.quant import unet_plan
+
+        return getattr(unet_plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

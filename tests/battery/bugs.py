@@ -113,7 +113,7 @@ BUGS = (
         "qkv_fusion_kv_swapped",
         (FP16,),
         "QKV fusion order",
-        "sdxl_core/quant/qmodules.py",
+        "sdxl_core/quant/unet_plan.py",
         "    unet.fuse_qkv_projections()\n",
         "    unet.fuse_qkv_projections()\n"
         "    for fused in (m.to_qkv for m in unet.modules() if getattr(m, 'to_qkv', None) is not None):\n"
