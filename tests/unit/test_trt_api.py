@@ -31,7 +31,8 @@ from sdxl_core.engines import tensorrt as trt_backend
 from tests.support.trt_api import Checker, Param, parse_params, signatures
 
 ROOT = Path(__file__).resolve().parents[2]
-BACKEND = ROOT / "sdxl_core" / "engines" / "tensorrt.py"
+# The backend's modules that use TensorRT, checked as one source (lowest first) so calls across them are followed.
+BACKEND = tuple(ROOT / "sdxl_core" / "engines" / f"{name}.py" for name in ("trt_runtime", "trt_build", "tensorrt"))
 CHECKER = ROOT / "tests" / "support" / "trt_api.py"
 PACKAGE = "tensorrt-cu12-bindings"
 # TensorRT 10.0.1 (the oldest 10.x on the index), the newest 10.x, the newest 11.x.
@@ -162,8 +163,12 @@ def _unguarded(source: str, name: str) -> str:
     return ast.unparse(ast.fix_missing_locations(_Unguard(name).visit(ast.parse(source))))
 
 
+def _backend_source() -> str:
+    return "\n".join(path.read_text() for path in BACKEND)
+
+
 def _sources() -> dict[str, str]:
-    backend = BACKEND.read_text()
+    backend = _backend_source()
     sources = {"backend": backend, "misspelled guard": _replaced(backend, *MISSPELLED_GUARD)}
     sources |= {label: _replaced(backend, old, new) for label, (old, new, _) in BREAKAGES.items()}
     sources |= {f"unguarded {name}": _unguarded(backend, name) for name in _guard_names(backend)}
@@ -313,7 +318,7 @@ def test_check_fails_a_broken_backend(trt_api, label):
 def test_removing_a_guard_fails_exactly_where_the_name_is_missing(trt_api):
     answers = {version: trt_api(version)["reports"] for version in VERSIONS}
     failing = {}
-    for name in _guard_names(BACKEND.read_text()):
+    for name in _guard_names(_backend_source()):
         failing[name] = {v for v in VERSIONS if answers[v][f"unguarded {name}"]["problems"]}
         probes = {v: answers[v]["backend"]["probes"] for v in VERSIONS}
         lacking = {v for v in VERSIONS if any(key.endswith(f".{name}") and not ok for key, ok in probes[v].items())}
