@@ -122,24 +122,9 @@ def choose(
     if timer is None:
         cache = dispatch_cache.open_for(next(unet.parameters()).device)
         timer = gemm_dispatch.time_candidate
-    shapes: dict[tuple, list[torch.nn.Module]] = {}
-
-    def record(ff, args):
-        x = args[0]
-        proj = ff.net[0].proj
-        key = (proj.FMT, (x.numel() // proj.in_features, proj.in_features, proj.out_features), x.dtype)
-        shapes.setdefault(key, []).append(ff)
-
-    hooks = [ff.register_forward_pre_hook(record) for ff in ffs.values()]
-    try:
-        with torch.inference_mode():
-            run_step()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    shapes = gemm_dispatch.group_by_input(ffs.values(), run_step, _shape_key)
     rows = []
-    for (fmt, shape, dtype), modules in sorted(shapes.items(), key=lambda item: item[0][:2]):
-        unique = list(dict.fromkeys(modules))
+    for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
         ff = unique[0]
         with torch.inference_mode():
             ms, rejected = _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch)
@@ -163,6 +148,11 @@ def choose(
     if cache is not None:
         cache.save()
     return rows
+
+
+def _shape_key(ff, x) -> tuple:
+    proj = ff.net[0].proj
+    return proj.FMT, (x.numel() // proj.in_features, proj.in_features, proj.out_features), x.dtype
 
 
 def _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch) -> tuple[dict[str, float], str]:

@@ -94,22 +94,10 @@ def choose(
     """
     cache = None if timer is not None else dispatch_cache.open_for(_device(unet))
     timer = timer or time_candidate
-    shapes: dict[tuple, list[qmodules.QuantizedModule]] = {}
-
-    def record(module, args):
-        shapes.setdefault(_shape_key(module, args[0]), []).append(module)
-
     layers = [m for m in unet.modules() if isinstance(m, qmodules.QuantizedModule)]
-    hooks = [m.register_forward_pre_hook(record) for m in layers]
-    try:
-        with torch.inference_mode():
-            run_step()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    shapes = group_by_input(layers, run_step, _shape_key)
     timings = []
-    for key, modules in sorted(shapes.items(), key=lambda item: item[0][:3]):
-        unique = list(dict.fromkeys(modules))
+    for key, unique in sorted(shapes.items(), key=lambda item: item[0][:3]):
         fmt, op, shape, dtype = key
         with torch.inference_mode():
             calls, x = candidates(unique[0], op, shape, dtype, channels_last=channels_last)
@@ -135,6 +123,26 @@ def choose(
     if cache is not None:
         cache.save()
     return timings
+
+
+def group_by_input(modules, run_step: Callable[[], object], key: Callable) -> dict[tuple, list[torch.nn.Module]]:
+    """{key(module, its input): the distinct modules called with such an input} over one `run_step()`, recorded by
+    forward pre-hooks (removed again whatever happens)."""
+    groups: dict[tuple, list[torch.nn.Module]] = {}
+
+    def record(module, args):
+        group = groups.setdefault(key(module, args[0]), [])
+        if module not in group:
+            group.append(module)
+
+    hooks = [m.register_forward_pre_hook(record) for m in modules]
+    try:
+        with torch.inference_mode():
+            run_step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return groups
 
 
 def _device(unet: torch.nn.Module) -> torch.device:

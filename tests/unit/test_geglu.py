@@ -7,9 +7,6 @@ shapes against the reference (its speed is measured by the engine build's dispat
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,28 +17,12 @@ from sdxl_core.models import build_builtin
 from sdxl_core.quant import geglu, qmodules, quantize
 from sdxl_core.quant.kernels import fp8_gemm, geglu8, int8_gemm
 from sdxl_core.variants import Variant
+from tests.support.tiny import run, run_in_interpreter, unet_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
 )
-
-
-def unet_inputs(generator, timestep):
-    return dict(
-        sample=torch.randn(2, 4, 16, 16, generator=generator),
-        timestep=torch.tensor(float(timestep)),
-        encoder_hidden_states=torch.randn(2, 77, 96, generator=generator),
-        added_cond_kwargs={
-            "text_embeds": torch.randn(2, 32, generator=generator),
-            "time_ids": torch.randn(2, 6, generator=generator),
-        },
-    )
-
-
-def run(unet, inputs):
-    with torch.inference_mode():
-        return unet(**inputs).sample
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +63,7 @@ def timer_preferring(fused_wins: bool):
 
 @pytest.mark.slow
 def test_geglu8_kernel_in_interpreter():
-    pythonpath = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "support" / "geglu_interp_check.py")],
-        env={**env, "SDXL_BENCH_TRITON_ON_CPU": "1", "PYTHONPATH": pythonpath},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_in_interpreter("geglu_interp_check.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK 30 cases" in proc.stdout
 

@@ -1,8 +1,6 @@
 """INT8 (Triton) and FP8 (torch._scaled_mm) GEMM kernels: references on CPU, Triton in the interpreter, GPU."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from hypothesis import strategies as st
 
 from sdxl_core.quant.kernels import cuda_build, fp8_gemm, gemm8_cutlass, int8_gemm, int8_tma, ops, shapes
 from sdxl_core.quant.kernels.int8_gemm import CUTLASS_PREFIX
+from tests.support.tiny import run_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -331,18 +330,7 @@ def test_cutlass_library_builds_and_refuses_cleanly(fmt):
 
 @pytest.mark.slow
 def test_triton_int8_kernels_in_interpreter():
-    # The interpreter has to be chosen before triton is imported, hence a fresh process. The opt-in variable
-    # (rather than TRITON_INTERPRET itself) also covers the module's translation of it.
-    pythonpath = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "support" / "interp_check.py"), "unfused", "fused", "tma"],
-        env={**env, "SDXL_BENCH_TRITON_ON_CPU": "1", "PYTHONPATH": pythonpath},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_in_interpreter("interp_check.py", "unfused", "fused", "tma")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
 

@@ -19,6 +19,7 @@ from sdxl_core.models import build_builtin
 from sdxl_core.quant import qmodules, quantize
 from sdxl_core.run import calibration_loop
 from sdxl_core.variants import Variant
+from tests.support.tiny import run, unet_inputs
 
 LEVELS = [("int8", 1.0), ("int8", 2.0), ("int8", 2.5), ("int8", 3.0), ("fp8", 3.0), ("fp8", 4.0)]
 REAL_CASES = [("int8", 1.0), ("int8", 3.0), ("fp8", 3.0), ("fp8", 4.0)]  # conversions cost seconds each
@@ -47,23 +48,6 @@ REAL_VS_FAKE_TOL = {"int8": 0.06, "fp8": 0.12}
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
-
-
-def unet_inputs(generator, timestep):
-    return dict(
-        sample=torch.randn(2, 4, 16, 16, generator=generator),
-        timestep=torch.tensor(float(timestep)),
-        encoder_hidden_states=torch.randn(2, 77, 96, generator=generator),
-        added_cond_kwargs={
-            "text_embeds": torch.randn(2, 32, generator=generator),
-            "time_ids": torch.randn(2, 6, generator=generator),
-        },
-    )
-
-
-def run(unet, inputs):
-    with torch.inference_mode():
-        return unet(**inputs).sample
 
 
 @pytest.fixture(scope="module")

@@ -37,37 +37,25 @@ from sdxl_core.quant.kernels.int8_gemm import (
     _quantize_tile,
     quantize_per_tensor,
 )
-from sdxl_core.quant.kernels.tiles import gemm_config, grouped_tile
+from sdxl_core.quant.kernels.tiles import grouped_tile, tma_config
 
 KERNEL = "geglu_triton"  # the name a layer plan gives a projection that runs this kernel
 STORAGE = {"int8": torch.int8, "fp8": FP8_DTYPE}
-_FP8_MAX = 448.0
-_SQRT1_2 = 0.7071067811865476
-
-
-def _set_block_shapes(nargs):
-    """Autotune pre-hook: the descriptors' tile shapes follow the config being run."""
-    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-
-
-def _config(block_m, block_n, block_k, stages, warps):
-    return gemm_config(block_m, block_n, block_k, stages, warps, pre_hook=_set_block_shapes)
 
 
 def configs(interpret: bool, quick: bool) -> list:
     """BLOCK_N counts output columns: each program holds two BLOCK_M x BLOCK_N accumulators (value and gate)."""
     if interpret:  # 32x16x32 keeps the interpreter's ragged test shapes multi-tile in every dimension
-        return [_config(32, 16, 32, 1, 4)]
+        return [tma_config(32, 16, 32, 1, 4)]
     # Shared memory per stage is (BLOCK_M + 2 * BLOCK_N) * BLOCK_K bytes (48 KiB for 128x64x128... 64 KiB for
     # 128x128x128), so 3 stages of the largest tile fit Hopper's 227 KiB.
     tiles = [
-        _config(128, 128, 128, 3, 8),
-        _config(128, 64, 128, 4, 4),
-        _config(128, 64, 128, 4, 8),
-        _config(64, 128, 128, 4, 4),
-        _config(128, 128, 64, 4, 8),
-        _config(256, 64, 128, 3, 8),
+        tma_config(128, 128, 128, 3, 8),
+        tma_config(128, 64, 128, 4, 4),
+        tma_config(128, 64, 128, 4, 8),
+        tma_config(64, 128, 128, 4, 4),
+        tma_config(128, 128, 64, 4, 8),
+        tma_config(256, 64, 128, 3, 8),
     ]
     return tiles[:1] if quick else tiles
 
@@ -228,7 +216,7 @@ def geglu8(x_q, w_q, a_scale, w_scale, bias, smooth, out_scale, act_dtype) -> to
         bias.to(act_dtype).contiguous() if bias is not None else torch.empty(1, dtype=act_dtype, device=x_q.device)
     )
     smooth_arg = smooth.contiguous() if smooth is not None else w_scale
-    placeholder = [1, 1]  # replaced per config by `_set_block_shapes`
+    placeholder = [1, 1]  # replaced per config (`tiles.tma_config`)
     a_desc = TensorDescriptor.from_tensor(x_q, placeholder)
     w_desc = TensorDescriptor.from_tensor(w_q, placeholder)
 

@@ -22,32 +22,22 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sdxl_core.quant.kernels.tiles import gemm_config, grouped_tile
-
-
-def _set_block_shapes(nargs):
-    """Autotune pre-hook: the descriptors' tile shapes follow the config being run."""
-    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-
-
-def _config(block_m, block_n, block_k, stages, warps):
-    return gemm_config(block_m, block_n, block_k, stages, warps, pre_hook=_set_block_shapes)
+from sdxl_core.quant.kernels.tiles import grouped_tile, tma_config
 
 
 def configs(interpret: bool, quick: bool) -> list:
     if interpret:  # 32x32x32 keeps the interpreter's ragged test shapes multi-tile in every dimension
-        return [_config(32, 32, 32, 1, 4)]
+        return [tma_config(32, 32, 32, 1, 4)]
     # Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K bytes: 48 KiB for 128x256x128, so 4 stages
     # fit Hopper's 227 KiB. On an H200 it lost to the CUTLASS INT8 kernels at every SDXL shape (docs/perf.md);
     # the build-time dispatch times it beside them and keeps it only where it wins.
     tiles = [
-        _config(128, 256, 128, 4, 8),
-        _config(128, 256, 128, 3, 8),
-        _config(256, 128, 128, 3, 8),
-        _config(128, 128, 128, 4, 8),
-        _config(128, 256, 64, 5, 8),
-        _config(64, 128, 128, 5, 4),
+        tma_config(128, 256, 128, 4, 8),
+        tma_config(128, 256, 128, 3, 8),
+        tma_config(256, 128, 128, 3, 8),
+        tma_config(128, 128, 128, 4, 8),
+        tma_config(128, 256, 64, 5, 8),
+        tma_config(64, 128, 128, 5, 4),
     ]
     return tiles[:1] if quick else tiles
 
@@ -118,7 +108,7 @@ def launch(a, w_q, out, a_scale, w_scale, bias_arg, *, has_bias: bool, interpret
     n = w_q.shape[0]
     kernel = _autotuned(interpret, quick)
     programs = 2 if interpret else _sm_count(a.device.index or 0)  # 2 keeps the tile loop looping in tests
-    placeholder = [1, 1]  # replaced per config by `_set_block_shapes`
+    placeholder = [1, 1]  # replaced per config (`tiles.tma_config`)
     a_desc = TensorDescriptor.from_tensor(a, placeholder)
     w_desc = TensorDescriptor.from_tensor(w_q, placeholder)
 

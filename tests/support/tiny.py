@@ -1,0 +1,45 @@
+"""What several CPU tests share: random inputs for the tiny UNet, a UNet call as the pipeline makes it, and a
+check script run in the Triton interpreter."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def unet_inputs(generator, timestep):
+    """Random tiny-UNet inputs at one timestep (CFG batch 2, 16x16 latents, 77 tokens of 96)."""
+    return dict(
+        sample=torch.randn(2, 4, 16, 16, generator=generator),
+        timestep=torch.tensor(float(timestep)),
+        encoder_hidden_states=torch.randn(2, 77, 96, generator=generator),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(2, 32, generator=generator),
+            "time_ids": torch.randn(2, 6, generator=generator),
+        },
+    )
+
+
+def run(unet, inputs):
+    with torch.inference_mode():
+        return unet(**inputs).sample
+
+
+def run_in_interpreter(script: str, *args: str) -> subprocess.CompletedProcess:
+    """tests/support/<script> in a fresh process with the Triton interpreter opted in: the interpreter has to be
+    chosen before triton is imported. The opt-in variable (rather than TRITON_INTERPRET itself) also covers the
+    kernels package's translation of it."""
+    pythonpath = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "support" / script), *args],
+        env={**env, "SDXL_BENCH_TRITON_ON_CPU": "1", "PYTHONPATH": pythonpath},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
