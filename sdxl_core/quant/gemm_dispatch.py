@@ -4,14 +4,16 @@ An 8-bit kernel is not faster than cuBLAS/cuDNN fp16 at every SDXL shape (small 
 projections, short K), so an 8-bit engine build records the input shape of every quantized layer during
 one UNet step, then times each distinct shape once per candidate:
 
-    16bit                   the layer as FP16 runs it: dequantized weight, unquantized input (no glue)
+    16bit                   cuBLAS/cuDNN fp16 on the dequantized weight and the quantized-dequantized input
     pointer, tma, cutlass:* the INT8 GEMM kernels (`kernels.int8_gemm.candidate_kernels`)
     scaled_mm(_fast)        cuBLAS FP8 through torch._scaled_mm, float32 or fast accumulation
     cutlass:*               the CUTLASS FP8 GEMMs (`kernels.ops.fp8_candidates`)
     (3x3 convs)             the 8-bit conv kernels where the machine has them
 
-and every layer of that shape takes the fastest. 8-bit candidates are timed on an already quantized input:
-the quantize is plain torch that Inductor fuses into the producing kernel. `SDXL_BENCH_KERNELS=cutlass,scaled_mm`
+and every layer of that shape takes the fastest. All candidates compute the same quantized values (the 16-bit
+path in 16-bit arithmetic), so the choice moves the output by float rounding only. They are timed on an input
+already quantized (8-bit) or quantized and dequantized (16-bit): that glue is plain torch that Inductor fuses into
+the producing kernel. `SDXL_BENCH_KERNELS=cutlass,scaled_mm`
 (names or name prefixes) limits the 8-bit candidates, e.g. to skip the Triton autotuners on a build; the
 16-bit path is always timed. The choice lands in each
 module's `gemm_path` / `kernel`, hence in `layer_plan.json`: a reload runs exactly what was measured, and
@@ -153,9 +155,10 @@ def _conv_candidates(layer, shape: tuple, dtype: torch.dtype, channels_last: boo
     n, c, h, w, *_ = shape
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(n, c, h, w, device=layer.weight.device, dtype=dtype).contiguous(memory_format=layout)
+    x_dq = qmodules.fake_quantize(x, layer.a_scale, layer.FMT)
     w16 = layer.float_weight(dtype).contiguous(memory_format=layout)
     calls = {
-        SIXTEEN_BIT: lambda: F.conv2d(x, w16, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        SIXTEEN_BIT: lambda: F.conv2d(x_dq, w16, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     }
     from sdxl_core.quant.kernels import conv_cutlass
 
@@ -183,12 +186,11 @@ def time_candidate(fn: Callable[[], object], candidate: str, shape: tuple) -> fl
 
 
 def relative_error(layer, fn, x: torch.Tensor, candidate: str) -> float:
-    """One candidate's result against float64 on the same values (an 8-bit kernel multiplies the quantized
-    input, so its reference does too). A wrong kernel is far above the fp16/bf16 rounding of a right one."""
-    if candidate != SIXTEEN_BIT:
-        x = qmodules.fake_quantize(x.float(), layer.a_scale, layer.FMT)
+    """One candidate's result against float64 on the same quantized values. A wrong kernel is far above the
+    fp16/bf16 rounding of a right one."""
+    x = qmodules.fake_quantize(x.float(), layer.a_scale, layer.FMT)
     out = fn().double()
-    w = layer.float_weight(torch.float64, fold_smooth=candidate == SIXTEEN_BIT)
+    w = layer.float_weight(torch.float64)
     bias = layer.bias.double() if layer.bias is not None else None
     if out.dim() == 4:  # a conv
         ref = F.conv2d(x.double(), w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -250,8 +252,9 @@ def candidates(
     weight = layer.weight.reshape(n, k)
     x = torch.randn(m, k, device=device, dtype=dtype)
     w16 = layer.float_weight(dtype).reshape(n, k)
-    calls = {SIXTEEN_BIT: lambda: F.linear(x, w16, layer.bias)}
     x_q = qmodules.quantize(x, layer.a_scale, layer.FMT)
+    x_dq = (x_q.float() * layer.a_scale).to(dtype)
+    calls = {SIXTEEN_BIT: lambda: F.linear(x_dq, w16, layer.bias)}
     if layer.FMT == "int8":
         from sdxl_core.quant.kernels import int8_gemm
 

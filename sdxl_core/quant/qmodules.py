@@ -11,10 +11,14 @@
 - FP8 level-4 attention quantizers (Q, K, V, softmax) are dropped: attention runs in the activation dtype.
   Only TensorRT runs FP8 attention; the report counts what was dropped.
 - Per layer, `gemm_path` says how it runs: "8bit" (the 8-bit kernel named by `kernel`) or "16bit": a plain
-  16-bit GEMM or conv on the dequantized weight (with the SmoothQuant scale folded in) and an unquantized
-  input, i.e. exactly the FP16 model's cost, with weight-only quantization numerics. An 8-bit kernel is not
-  faster than cuBLAS/cuDNN fp16 at every shape, so `gemm_dispatch` times the candidates on the engine's GPU
-  per distinct shape and records the choice in the layer plan: a reloaded engine runs what was measured.
+  16-bit GEMM or conv on the dequantized weight and the (smoothed) input quantized and dequantized with the
+  calibrated scale, i.e. the FP16 model's GEMM cost with the 8-bit numerics. An 8-bit kernel is not faster than
+  cuBLAS/cuDNN fp16 at every shape, so `gemm_dispatch` times the candidates on the engine's GPU per distinct
+  shape and records the choice in the layer plan: a reloaded engine runs what was measured. The choice is one of
+  speed only: both paths compute the same quantized values and differ by float rounding, so a build that picks
+  another path for a shape whose timings are close renders the same images (an input left unquantized on the
+  16-bit path moved the INT8 UNet's output by 2x its baseline tolerance on Hopper when 60 cross-attention K/V
+  projections changed path between two builds of the same code).
 
 The UNet-level plumbing (`convert_to_real`, the layer plan that rebuilds these modules without ModelOpt, `save`,
 `load`) is `unet_plan`, which imports this module; its public names are re-exported here, imported on first
@@ -106,8 +110,9 @@ class QuantizedModule(torch.nn.Module):
         self.dequantize_weight(dtype)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None):
-        """Cache the float weight the 16-bit path (and the conv emulation) computes with, once after loading.
-        A SmoothQuant scale is folded in: (x * s) @ (W / s)^T = x @ ((W / s) * s)^T."""
+        """Cache the float weight the 16-bit path (and the conv emulation) computes with, once after loading. It is
+        the weight the 8-bit kernels see (divided by any SmoothQuant scale): the 16-bit path multiplies it with the
+        same smoothed and quantized input."""
         expand = self.runs_8bit_gemm and not self.per_channel and self.kernel.startswith(CUTLASS)
         self.w_scale_n = (
             self.w_scale.reshape(-1).expand(self.weight.shape[0]).contiguous()
@@ -117,22 +122,19 @@ class QuantizedModule(torch.nn.Module):
         if not self.needs_float_weight or self.weight.is_meta:
             self.w_dq = None
             return
-        self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        self.w_dq = self.float_weight(dtype)
 
     @property
     def gemm_w_scale(self) -> torch.Tensor:
         """The weight scale the 8-bit GEMM op takes (per tensor, or already expanded for the CUTLASS kernels)."""
         return self.w_scale if self.w_scale_n is None else self.w_scale_n
 
-    def float_weight(self, dtype: torch.dtype, *, fold_smooth: bool = True) -> torch.Tensor:
-        """The dequantized weight in `dtype`, any SmoothQuant scale folded in (what 16-bit compute multiplies),
-        or with `fold_smooth=False` as the 8-bit kernels see it (they multiply the smoothed input)."""
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in `dtype` as the 8-bit kernels see it: a SmoothQuant layer's weight stays divided
+        by its scale, since every path multiplies the input by it."""
         scale = self.w_scale.reshape(-1, *[1] * (self.weight.dim() - 1)) if self.per_channel else self.w_scale
-        w = self.weight.float() * scale
-        smooth = getattr(self, "smooth", None)
-        if smooth is not None and fold_smooth:
-            w = w * smooth.float()
-        return w.to(dtype)
+        return (self.weight.float() * scale).to(dtype)
 
     def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.w_dq is None:  # buffers were assigned directly rather than through load_state_dict
@@ -196,10 +198,10 @@ class QLinear(QuantizedModule):
         return module
 
     def forward(self, x):
-        if not self.runs_8bit_gemm:
-            return F.linear(x, self._float_weight(x.dtype), self.bias)
         if self.smooth is not None:
             x = x * self.smooth
+        if not self.runs_8bit_gemm:
+            return F.linear(fake_quantize(x, self.a_scale, self.FMT), self._float_weight(x.dtype), self.bias)
         return gemm(x, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel)
 
     def forward_quantized(self, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -345,8 +347,9 @@ class QConv2d(QuantizedModule):
                 x.dtype,
                 self.conv_config,
             )
-        if self.gemm_path == "8bit":  # a 3x3 conv with 8-bit numerics: emulated in the activation dtype
-            x = fake_quantize(x, self.a_scale, self.FMT)
+        # A 3x3 conv without an 8-bit kernel ("emulated"), or any conv on the 16-bit path: 8-bit numerics computed
+        # in the activation dtype.
+        x = fake_quantize(x, self.a_scale, self.FMT)
         return F.conv2d(
             x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups
         )

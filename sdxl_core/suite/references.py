@@ -27,8 +27,9 @@ the code unchanged, measured when the baseline is written (`measure_floor`):
 
 An 8-bit variant's record also says which path ("8bit" or "16bit") and kernel each quantized layer ran
 (`layer_paths`): the per-shape dispatch picks them by timing on the GPU, so a rebuild of the same code may pick
-another path for a shape whose candidates are close. When the current engine's paths differ from the baseline's,
-a failure says so (`baselines.path_change`) rather than calling it a regression; the tolerances stay as they are.
+another path for a shape whose candidates are close. Every path computes the same quantized values (qmodules), so
+such a change moves the output by float rounding, which the `rounding` source covers; should a failure still
+coincide with one, it says so (`baselines.path_change`) beside its verdict; the tolerances stay as they are.
 """
 
 from __future__ import annotations
