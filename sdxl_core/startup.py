@@ -34,6 +34,7 @@ LABELS = {
     "to_device": "components to the device",
     "engine_verify": "engine verify (sidecar, sizes, sha256)",
     "build_lock": "waiting for the build lock",
+    "kernel_build": "CUDA kernel libraries (nvcc, or the kernel cache)",
     "modelopt_import": "ModelOpt import",
     "calibration": "calibration",
     "convert": "8-bit conversion",

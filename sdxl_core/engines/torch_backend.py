@@ -308,7 +308,8 @@ def build_unet(
         return unet
     from sdxl_core.quant.kernels import cuda_build
 
-    cuda_build.build_8bit(device, progress=progress)  # the CUTLASS libraries side by side, not one by one later
+    with startup.phase("kernel_build"):  # the CUTLASS libraries side by side, not one by one later
+        cuda_build.build_8bit(device, progress=progress)
     with startup.phase("modelopt_import"):
         from sdxl_core.quant import quantize
 
