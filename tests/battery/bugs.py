@@ -105,8 +105,8 @@ BUGS = (
         (INT8,),
         "weight layout",
         "sdxl_core/quant/qmodules.py",
-        "        w = self.weight.float() * scale\n",
-        "        w = self.weight.float().flip(-1) * scale\n",
+        "        return (self.weight.float() * scale).to(dtype)\n",
+        "        return (self.weight.float().flip(-1) * scale).to(dtype)\n",
         "the dequantized weight comes back mirrored along its last axis (a 3x3 kernel flipped left-right)",
     ),
     Bug(
