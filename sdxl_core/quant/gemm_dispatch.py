@@ -252,9 +252,9 @@ def candidates(
     weight = layer.weight.reshape(n, k)
     x = torch.randn(m, k, device=device, dtype=dtype)
     w16 = layer.float_weight(dtype).reshape(n, k)
-    x_q = qmodules.quantize(x, layer.a_scale, layer.FMT)
-    x_dq = (x_q.float() * layer.a_scale).to(dtype)
+    x_dq = qmodules.fake_quantize(x, layer.a_scale, layer.FMT)
     calls = {SIXTEEN_BIT: lambda: F.linear(x_dq, w16, layer.bias)}
+    x_q = qmodules.quantize(x, layer.a_scale, layer.FMT)
     if layer.FMT == "int8":
         from sdxl_core.quant.kernels import int8_gemm
 

@@ -122,8 +122,7 @@ class QuantizedModule(torch.nn.Module):
         if not self.needs_float_weight or self.weight.is_meta:
             self.w_dq = None
             return
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        self.w_dq = self.float_weight(dtype)
+        self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
 
     @property
     def gemm_w_scale(self) -> torch.Tensor:
