@@ -4,11 +4,15 @@ The UNet is compiled region by region: every transformer block, ResNet block and
 layer left between them (the remaining glue runs eagerly). Blocks of one class share their code, so each
 distinct block shape compiles once instead of the whole UNet tracing as one graph (`mode="full"`). The
 whole step is then captured in one CUDA graph, so neither Python nor kernel-launch overhead shows in the
-step time. PyTorch's portable compile caches are saved into the engine when it is built, so a reload
-recompiles from cache (loading them runs code: see `compile_unet`).
+step time. An engine built on a GPU keeps its regions compiled ahead of time (`precompiled`), so a reuse loads
+them and traces nothing, and PyTorch's portable compile caches, so a reuse that cannot use those recompiles from
+cache (loading either runs code: see `compile_unet`).
 """
 
 from __future__ import annotations
+
+import sys
+from typing import NamedTuple
 
 import torch
 
@@ -70,23 +74,36 @@ def channels_last(unet: torch.nn.Module) -> torch.nn.Module:
     return unet.to(memory_format=torch.channels_last)
 
 
+def regions(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every region that is compiled on its own: each block in COMPILED_REGIONS, then each 8-bit
+    layer outside them."""
+    from sdxl_core.quant.qmodules import QuantizedModule
+
+    blocks = [(name, m) for name, m in unet.named_modules() if type(m).__name__ in COMPILED_REGIONS]
+    if not blocks:
+        raise UserError(f"no {' or '.join(COMPILED_REGIONS)} in this UNet to compile")
+    inside = {id(m) for _, block in blocks for m in block.modules()}
+    return blocks + [
+        (name, m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule) and id(m) not in inside
+    ]
+
+
 def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """Compile every block in COMPILED_REGIONS in place (diffusers' `compile_repeated_blocks`, more classes).
+    """Compile every region (`regions`) in place (diffusers' `compile_repeated_blocks`, more classes).
 
     Blocks of one class share their code, so Dynamo keeps one compiled graph per distinct block shape; the
     SDXL UNet has more ResNet block shapes than Dynamo's default of 8 per function, hence the higher limit.
     """
-    from sdxl_core.quant.qmodules import QuantizedModule
-
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    regions = [m for m in unet.modules() if type(m).__name__ in COMPILED_REGIONS]
-    if not regions:
-        raise UserError(f"no {' or '.join(COMPILED_REGIONS)} in this UNet to compile")
-    inside = {id(m) for region in regions for m in region.modules()}
-    regions += [m for m in unet.modules() if isinstance(m, QuantizedModule) and id(m) not in inside]
-    for module in regions:
+    for _, module in regions(unet):
         module.compile(backend=backend, dynamic=False)
     return unet
+
+
+class Compiled(NamedTuple):
+    runnable: torch.nn.Module
+    cache: bytes | None  # the portable compile caches this compile made (`keep_cache`)
+    regions: bytes | None  # the regions' ahead-of-time compiled functions (`precompiled.pack`; `keep_cache`)
 
 
 def compile_unet(
@@ -96,29 +113,49 @@ def compile_unet(
     mode: str,
     info: EngineInfo,
     cache: bytes | None = None,
+    regions_file: bytes | None = None,
     keep_cache: bool = False,
+    precompile: bool | None = None,
+    backend: str = "inductor",
     startup: Startup | None = None,
-) -> tuple[torch.nn.Module, bytes | None]:
+) -> Compiled:
     """torch.compile the UNet (by regions or whole) and run one step, so compile time is paid here.
 
-    `cache`: PyTorch's portable compile caches to load first. Loading them unpickles Inductor and AOTAutograd
-    entries, i.e. runs code: pass only bytes the engine store returned (`store.Engine.read` checks their hash
-    and trust). `keep_cache`: also return the caches this compile made (bytes, for an engine being built).
-    Loading the caches, compiling (with the first step) and collecting them are phases of `startup`.
+    `regions_file`: the engine's precompiled regions (`precompiled`); when they load and their guards pass, nothing
+    is traced and `cache` is not needed. Otherwise (none stored, refused by this torch, a guard failed) the regions
+    are compiled, after loading `cache`, PyTorch's portable compile caches. Both run code when loaded: pass only
+    bytes the engine store returned (`store.Engine.read` checks their hash and trust). `keep_cache`: also return
+    the caches this compile made and, with `precompile` (default: on a GPU, regional mode), the precompiled
+    regions (bytes, for an engine being built). `backend`: torch.compile's (tests use "aot_eager").
+    Loading, compiling (with the first step) and saving are phases of `startup`; `info.dynamo_frames` counts the
+    frames Dynamo traced (0 when the precompiled regions ran).
     """
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    from torch._dynamo.utils import counters
+
     startup = startup or Startup()
+    device = example_inputs[0].device
+    frames = counters["frames"]["total"]
+    step = unet_stage(unet)
+    if regions_file is not None and mode == "regional":
+        if _run_precompiled(unet, step, example_inputs, regions_file, info, startup, device):
+            info.dynamo_frames = counters["frames"]["total"] - frames
+            return Compiled(unet, None, None)
+    kept_regions = None
+    if keep_cache and mode == "regional" and (device.type == "cuda" if precompile is None else precompile):
+        kept_regions = _precompile(unet, step, example_inputs, info, startup, backend)
     if cache is not None:
         with startup.phase("compile_cache_load"):
             torch.compiler.load_cache_artifacts(cache)
         info.compile_cache = "loaded"
     note = "from the engine's compile cache" if cache is not None else None
-    with startup.phase("compile", example_inputs[0].device, note=note) as timed:
-        compiled = torch.compile(unet, dynamic=False) if mode == "full" else compile_regions(unet)
+    with startup.phase("compile", device, note=note) as timed:
+        compiled = torch.compile(unet, dynamic=False) if mode == "full" else compile_regions(unet, backend)
         with torch.inference_mode():
             unet_stage(compiled)(*example_inputs)
     info.compile_s = round(timed.seconds, 2)
+    info.dynamo_frames = counters["frames"]["total"] - frames
     kept = None
     if keep_cache:
         with startup.phase("compile_cache_save"):
@@ -126,4 +163,52 @@ def compile_unet(
             if artifacts is not None:
                 kept = artifacts[0]
                 info.compile_cache = "saved"
-    return compiled, kept
+    return Compiled(compiled, kept, kept_regions)
+
+
+def _run_precompiled(unet, step, example_inputs, regions_file, info, startup, device) -> bool:
+    """Bind the precompiled regions and run the first step with them; on any refusal, undo and say why."""
+    from sdxl_core.engines import precompiled
+
+    undo = None
+    try:
+        with startup.phase("compiled_regions_load", device):
+            undo = precompiled.bind(regions_file, regions(unet))
+        with startup.phase("compile", device, note="precompiled regions: nothing traced") as timed:
+            with torch.inference_mode():
+                step(*example_inputs)
+    except Exception as exc:  # another torch, a failed guard, a damaged file: compile the regions instead
+        if undo is not None:
+            undo()
+        reason = _first_line(exc)
+        print(f"warning: the engine's precompiled regions were not used ({reason}); compiling them", file=sys.stderr)
+        info.compiled_regions = f"not used: {reason}"
+        return False
+    info.compiled_regions = "loaded"
+    info.compile_s = round(timed.seconds, 2)
+    return True
+
+
+def _precompile(unet, step, example_inputs, info, startup, backend) -> bytes | None:
+    """The regions compiled ahead of time for the engine, or None (said in `info`) where torch cannot."""
+    from sdxl_core.engines import precompiled
+
+    if not precompiled.supported():
+        info.compiled_regions = f"not saved: torch {torch.__version__} has no aot_compile"
+        return None
+    with startup.phase("precompile", example_inputs[0].device):
+        try:
+            index, functions = precompiled.build(regions(unet), lambda: step(*example_inputs), backend)
+            data = precompiled.pack(index, functions)
+        except Exception as exc:  # the engine still works without them: a reuse compiles its regions
+            reason = _first_line(exc)
+            print(f"warning: the UNet's regions could not be precompiled ({reason})", file=sys.stderr)
+            info.compiled_regions = f"not saved: {reason}"
+            return None
+    info.compiled_regions = f"saved: {len(index)} regions, {len(functions)} functions"
+    return data
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

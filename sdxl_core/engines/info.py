@@ -38,6 +38,10 @@ class EngineInfo:
     compiled: bool | None = None
     compile_mode: str | None = None  # `compiled.COMPILE_MODES`; None: eager (or TensorRT)
     compile_cache: str | None = None  # "loaded", "saved" or "none in the engine"
+    # the regions compiled ahead of time (`precompiled`): "saved: ...", "loaded", "none in the engine",
+    # "not saved: <why>" or "not used: <why>" (the regions were compiled instead)
+    compiled_regions: str | None = None
+    dynamo_frames: int | None = None  # frames Dynamo traced to make the UNet runnable (0: precompiled regions)
     channels_last: bool | None = None
     fused_qkv: bool | None = None
     cross_kv: str | None = None  # `cross_kv.MODES`

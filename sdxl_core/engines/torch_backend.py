@@ -5,8 +5,11 @@ A UNet engine is a directory under `--engine-dir` (see `store.py`):
                        the UNet as it runs (`qmodules.save`): config, which layers are 8-bit and which kernel
                        each runs, weights (int8/fp8 with scales for quantized layers, else fp16)
     gemm_dispatch.json (8-bit, GPU) the per-shape timings that chose those kernels (`gemm_dispatch`)
-    compile_cache.bin  PyTorch's portable compile caches (GPU), so a reload skips most of compile; loading
-                       them runs code, so only from a trusted engine (`store.Engine.read`)
+    compiled_regions.bin
+                       the UNet's compiled regions, saved ahead of time (GPU, `precompiled`): a reuse loads them
+                       and Dynamo traces nothing
+    compile_cache.bin  PyTorch's portable compile caches (GPU), so a reuse that cannot use those recompiles from
+                       cache; loading either file runs code, so only from a trusted engine (`store.Engine.read`)
 Building an 8-bit engine calibrates with ModelOpt (state kept under `--onnx-dir`, keyed by the engine key);
 loading one needs neither the ONNX dir nor calibration. On a GPU the UNet is compiled by regions and its
 step replayed from one CUDA graph (`compiled.py`).
@@ -31,6 +34,7 @@ from sdxl_core.engines import (
     compiled,
     cross_kv,
     device_tag,
+    precompiled,
     store,
     text_stages,
     unet_stage,
@@ -46,6 +50,7 @@ from sdxl_core.variants import Variant
 
 NAME = "torch"
 COMPILE_CACHE = "compile_cache.bin"
+CACHES = (COMPILE_CACHE, precompiled.FILE)  # what a build keeps of its compile, in `compiled.Compiled`'s order
 
 
 def version() -> str:
@@ -132,20 +137,29 @@ def prepare(
     )
     reused_kv = []  # the CrossKV of the UNet that runs, with reuse_cross_kv
 
-    def make_runnable(unet, cache=None, keep_cache=False):
+    def make_runnable(unet, caches=(None, None), keep_cache=False) -> compiled.Compiled:
         # After the engine files are written: both change how the UNet runs, not what the engine stores.
+        # caches: (compile cache, precompiled regions) read from the engine.
         if channels_last:
             compiled.channels_last(unet)
         if not (reuse_cross_kv or compile):
-            return unet, None
+            return compiled.Compiled(unet, None, None)
         example = unet_inputs(variant, unet, device, dtype)
         if reuse_cross_kv:  # filled before compiling, so the compiled blocks read the cached K/V
             reused_kv.append(cross_kv.CrossKV(unet))
             reused_kv[-1].fill(example[specs.SPECS["unet"].inputs.index("encoder_hidden_states")])
         if not compile:
-            return unet, None
+            return compiled.Compiled(unet, None, None)
+        cache, regions_file = caches
         return compiled.compile_unet(
-            unet, example, mode=compile_mode, cache=cache, keep_cache=keep_cache, info=info, startup=startup
+            unet,
+            example,
+            mode=compile_mode,
+            cache=cache,
+            regions_file=regions_file,
+            keep_cache=keep_cache,
+            info=info,
+            startup=startup,
         )
 
     def build():
@@ -165,7 +179,7 @@ def prepare(
 
     if engine_dir is None:
         unet = build()
-        runnable, _ = make_runnable(unet)
+        runnable = make_runnable(unet).runnable
     else:
         with contextlib.ExitStack() as staged:
             unet, runnable = _get_or_build(
@@ -219,12 +233,12 @@ def _get_or_build(
             engine = _verified_or_none(engine_dir, key, expect, allow_build, warn=not after_wait)
         if engine is None:
             return None
-        cache = None
-        if compile and COMPILE_CACHE not in engine.files:
-            info.compile_cache = "none in the engine"
-        elif compile:
-            with startup.phase("compile_cache_read"):  # an untrusted cache is refused here, before any weights
-                cache = engine.read(COMPILE_CACHE)
+        caches = (None, None)
+        if compile:  # an untrusted cache is refused here, before any weights
+            with startup.phase("compile_cache_read"):
+                caches = tuple(engine.read(name) if name in engine.files else None for name in CACHES)
+            info.compile_cache = None if caches[0] is not None else "none in the engine"
+            info.compiled_regions = None if caches[1] is not None else "none in the engine"
         with startup.phase("engine_load", device) as timed:
             unet = _load_or_none(engine, device, dtype, allow_build)
         if unet is None:
@@ -232,7 +246,7 @@ def _get_or_build(
             return None
         info.load_s = round(timed.seconds, 2)
         info.engine_bytes = store.engine_bytes(engine.record, ("unet.safetensors",))
-        return unet, cache
+        return unet, caches
 
     def build_staged():
         # The engine's files are written to a staging directory beside it before the UNet is compiled (compiling
@@ -252,17 +266,18 @@ def _get_or_build(
                     raise
                 raise UserError(f"engine {key} not written: {failure}") from None
         info.save_s = round(timed.seconds, 2)
-        runnable, compile_cache = make_runnable(unet, keep_cache=True)
+        made = make_runnable(unet, keep_cache=True)
 
         def write_files(tmp: Path) -> dict:
             for path in staging.iterdir():
                 path.rename(tmp / path.name)
-            if compile_cache is not None:
-                (tmp / COMPILE_CACHE).write_bytes(compile_cache)
+            for name, data in zip(CACHES, (made.cache, made.regions), strict=True):
+                if data is not None:
+                    (tmp / name).write_bytes(data)
             return {}
 
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        return (unet, runnable), write_files, {**expect, "libraries": library_versions(), "gpu": gpu}
+        return (unet, made.runnable), write_files, {**expect, "libraries": library_versions(), "gpu": gpu}
 
     found, info.mode = store.get_or_build(
         engine_dir,
@@ -278,9 +293,8 @@ def _get_or_build(
     if info.mode == "built":
         info.engine_bytes = store.engine_bytes(store.read_sidecar(Path(info.engine_path)), ("unet.safetensors",))
         return found
-    unet, cache = found
-    runnable, _ = make_runnable(unet, cache)
-    return unet, runnable
+    unet, caches = found
+    return unet, make_runnable(unet, caches).runnable
 
 
 def build_unet(
