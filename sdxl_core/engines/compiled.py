@@ -180,7 +180,7 @@ def _run_precompiled(unet, step, example_inputs, regions_file, info, startup, de
     except Exception as exc:  # another torch, a failed guard, a damaged file: compile the regions instead
         if undo is not None:
             undo()
-        reason = _first_line(exc)
+        reason = _reason(exc)
         print(f"warning: the engine's precompiled regions were not used ({reason}); compiling them", file=sys.stderr)
         info.compiled_regions = f"not used: {reason}"
         return False
@@ -201,7 +201,7 @@ def _precompile(unet, step, example_inputs, info, startup, backend) -> bytes | N
             index, functions = precompiled.build(regions(unet), lambda: step(*example_inputs), backend)
             data = precompiled.pack(index, functions)
         except Exception as exc:  # the engine still works without them: a reuse compiles its regions
-            reason = _first_line(exc)
+            reason = _reason(exc)
             print(f"warning: the UNet's regions could not be precompiled ({reason})", file=sys.stderr)
             info.compiled_regions = f"not saved: {reason}"
             return None
@@ -209,6 +209,7 @@ def _precompile(unet, step, example_inputs, info, startup, backend) -> bytes | N
     return data
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+def _reason(exc: Exception) -> str:
+    """An exception in one line: a failed guard's message spans lines, and the guard that failed is on the third."""
+    text = " ".join(str(exc).split())
+    return text[:400] if text else type(exc).__name__

@@ -90,14 +90,20 @@ def fuse_qkv(unet: torch.nn.Module) -> torch.nn.Module:
     """Fuse the attention projections in place: one `to_qkv` GEMM per self-attention, one `to_kv` per
     cross-attention (diffusers' `fuse_qkv_projections`), then drop the unfused projections, which nothing
     runs any more, so they are neither stored nor quantized. Calibrating after fusing gives the fused layer one
-    SmoothQuant scale and one input scale of its own: one quantized input, one 8-bit GEMM."""
+    SmoothQuant scale and one input scale of its own: one quantized input, one 8-bit GEMM.
+
+    The fused projections take the `requires_grad` of the weights they replace (diffusers makes them trainable):
+    a UNet fused here and one loaded from its engine must look alike to the guards of its precompiled regions."""
     from diffusers.models.attention_processor import Attention
 
+    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    trainable = [m.to_k.weight.requires_grad for m in attentions]
     unet.fuse_qkv_projections()
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            for name in ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"):
-                setattr(module, name, None)
+    for module, requires_grad in zip(attentions, trainable, strict=True):
+        fused = module.to_kv if module.is_cross_attention else module.to_qkv
+        fused.requires_grad_(requires_grad)
+        for name in ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v"):
+            setattr(module, name, None)
     return unet
 
 

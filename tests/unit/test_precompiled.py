@@ -17,7 +17,7 @@ from sdxl_core.variants import VARIANTS
 pytestmark = pytest.mark.skipif(not precompiled.supported(), reason="needs a torch with aot_compile (2.11 or later)")
 
 CPU = torch.device("cpu")
-FP16 = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64, steps=2)
+FP16 = VARIANTS["xl-1.0-fp16"].replace(model="tiny", height=64, width=64, steps=2, fused_qkv=True)  # as the suite runs
 
 
 def info() -> EngineInfo:
