@@ -38,6 +38,7 @@ def test_a_reused_engine_traces_nothing(build_engine, engine_dir, name, tmp_path
         reuse_command(built.variant, engine_dir, out), cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout[-3000:])  # the child's start-up table, shown with the test's report
     (report_path,) = out.glob("*.json")
     report = json.loads(report_path.read_text())
     engine = report["engine"]
