@@ -277,7 +277,7 @@ def prepare(
         from sdxl_core.engines import get_backend
 
         backend = get_backend(variant.backend)
-        models.import_libraries(lean=not options.allow_build and not variant.lora_path)
+        models.import_libraries()
     threads = set_cpu_threads(options.threads, variant.model) if device.type == "cpu" else None
     if components is None:
         if options.phase_lines:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,30 +65,12 @@ class Components:
         return self
 
 
-# What diffusers and transformers import whenever it is installed, and a run that only loads an engine without a
-# LoRA never uses: peft (LoRA fusing), scipy (beta-sigma schedules, object-detection losses), torchvision (image
-# processors). They cost 1.4 of 7.5 s of imports in a CPU reuse; a Hopper reuse imported them for about 2 s.
-UNUSED_WHEN_LOADING = ("peft", "scipy", "torchvision")
-
-
-def import_libraries(lean: bool = False) -> None:
-    """Import what `load` builds components with, so a run can time its imports apart from its components.
-
-    `lean` (a run that loads an engine and fuses no LoRA): UNUSED_WHEN_LOADING are hidden while the libraries
-    import, so diffusers and transformers take them for absent. They stay importable afterwards; only those
-    libraries' optional paths through them (LoRA loading, beta sigmas) are off in this process."""
-    hidden = [name for name in UNUSED_WHEN_LOADING if name not in sys.modules] if lean else []
-    for name in hidden:
-        sys.modules[name] = None  # importlib then finds no such package (find_spec returns None)
-    try:
-        import diffusers.models.autoencoders.autoencoder_kl  # noqa: F401
-        import diffusers.models.unets.unet_2d_condition  # noqa: F401
-        import transformers.models.clip.modeling_clip  # noqa: F401
-        import transformers.models.clip.tokenization_clip  # noqa: F401
-    finally:
-        for name in hidden:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
+def import_libraries() -> None:
+    """Import what `load` builds components with, so a run can time its imports apart from its components."""
+    import diffusers.models.autoencoders.autoencoder_kl  # noqa: F401
+    import diffusers.models.unets.unet_2d_condition  # noqa: F401
+    import transformers.models.clip.modeling_clip  # noqa: F401
+    import transformers.models.clip.tokenization_clip  # noqa: F401
 
 
 def count_parameters(module: torch.nn.Module) -> int:
