@@ -23,7 +23,8 @@ def reuse_command(variant, engine_dir: str, out: Path) -> list[str]:
     command += ["--fused-qkv"] if variant.fused_qkv else []
     command += ["--calibration-size", str(variant.calibration_size)] if variant.is_quantized else []
     command += ["--engine-dir", engine_dir, "--output-dir", str(out), "--no-build", "--no-progress"]
-    return command + ["--denoising-steps", "2", "--num-warmup-runs", "0"]
+    # The variant's own step count: an 8-bit engine's key holds the steps it was calibrated at.
+    return command + ["--denoising-steps", str(variant.steps), "--num-warmup-runs", "0"]
 
 
 @pytest.mark.gpu
