@@ -126,9 +126,7 @@ def compile_unet(
     are compiled, after loading `cache`, PyTorch's portable compile caches. Both run code when loaded: pass only
     bytes the engine store returned (`store.Engine.read` checks their hash and trust). `keep_cache`: also return
     the caches this compile made and, with `precompile` (default: on a GPU, regional mode), the precompiled
-    regions (bytes, for an engine being built); the build then runs them, bound from those bytes, as its reuses
-    will, and the compile cache holds what compiling them recorded (what a reuse whose guards fail starts from).
-    `backend`: torch.compile's (tests use "aot_eager").
+    regions (bytes, for an engine being built). `backend`: torch.compile's (tests use "aot_eager").
     Loading, compiling (with the first step) and saving are phases of `startup`; `info.dynamo_frames` counts the
     frames Dynamo traced (0 when the precompiled regions ran).
     """
@@ -144,17 +142,9 @@ def compile_unet(
         if _run_precompiled(unet, step, example_inputs, regions_file, info, startup, device):
             info.dynamo_frames = counters["frames"]["total"] - frames
             return Compiled(unet, None, None)
+    kept_regions = None
     if keep_cache and mode == "regional" and (device.type == "cuda" if precompile is None else precompile):
-        # The build runs what a reuse will load: the regions bound from the saved bytes, not compiled a second
-        # time. Bytes that do not bind here are not stored.
         kept_regions = _precompile(unet, step, example_inputs, info, startup, backend)
-        if kept_regions is not None:
-            saved = info.compiled_regions
-            if _run_precompiled(unet, step, example_inputs, kept_regions, info, startup, device):
-                info.compiled_regions = saved
-                info.dynamo_frames = counters["frames"]["total"] - frames
-                return Compiled(unet, _save_cache(info, startup), kept_regions)
-            info.compiled_regions = "not saved: " + info.compiled_regions.removeprefix("not used: ")
     if cache is not None:
         with startup.phase("compile_cache_load"):
             torch.compiler.load_cache_artifacts(cache)
@@ -166,17 +156,14 @@ def compile_unet(
             unet_stage(compiled)(*example_inputs)
     info.compile_s = round(timed.seconds, 2)
     info.dynamo_frames = counters["frames"]["total"] - frames
-    return Compiled(compiled, _save_cache(info, startup) if keep_cache else None, None)
-
-
-def _save_cache(info, startup) -> bytes | None:
-    """PyTorch's portable compile caches of what this process compiled (None when it recorded none)."""
-    with startup.phase("compile_cache_save"):
-        artifacts = torch.compiler.save_cache_artifacts()
-    if artifacts is None:
-        return None
-    info.compile_cache = "saved"
-    return artifacts[0]
+    kept = None
+    if keep_cache:
+        with startup.phase("compile_cache_save"):
+            artifacts = torch.compiler.save_cache_artifacts()
+            if artifacts is not None:
+                kept = artifacts[0]
+                info.compile_cache = "saved"
+    return Compiled(compiled, kept, kept_regions)
 
 
 def _run_precompiled(unet, step, example_inputs, regions_file, info, startup, device) -> bool:
