@@ -23,6 +23,10 @@ MIN_ENGINE_KEY_CHARS = 16
 # name (after the prefix) -> (allowed values, what it does): the README's table, and what `check` reads.
 SETTINGS = {
     "CROSS_KV": ("per-step (default), reuse", "compute cross-attention K/V once per prompt instead of every step"),
+    "PRECOMPILE": (
+        "0 (default), 1",
+        "a GPU engine build also stores its regions compiled ahead of time (reuse traces nothing)",
+    ),
     "GEMM_DISPATCH": ("on (default), off", "time each 8-bit layer shape's kernels when a GPU engine is built"),
     "KERNELS": ("comma-separated kernel names", "the 8-bit kernels the dispatch may time (unset: all)"),
     "AUTOTUNE": ("full (default), quick", "quick: the Triton INT8 kernels autotune over one config"),
@@ -63,6 +67,10 @@ def _flag(name: str) -> bool:
 
 def cross_kv() -> str:
     return _choice("CROSS_KV", CROSS_KV_MODES, "per-step")
+
+
+def precompile() -> bool:
+    return _flag("PRECOMPILE")
 
 
 def gemm_dispatch() -> bool:
@@ -134,6 +142,7 @@ def engine_key() -> bytes | None:
 
 _CHECKS = (
     cross_kv,
+    precompile,
     gemm_dispatch,
     kernels,
     autotune_quick,

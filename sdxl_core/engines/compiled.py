@@ -4,9 +4,9 @@ The UNet is compiled region by region: every transformer block, ResNet block and
 layer left between them (the remaining glue runs eagerly). Blocks of one class share their code, so each
 distinct block shape compiles once instead of the whole UNet tracing as one graph (`mode="full"`). The
 whole step is then captured in one CUDA graph, so neither Python nor kernel-launch overhead shows in the
-step time. An engine built on a GPU keeps its regions compiled ahead of time (`precompiled`), so a reuse loads
-them and traces nothing, and PyTorch's portable compile caches, so a reuse that cannot use those recompiles from
-cache (loading either runs code: see `compile_unet`).
+step time. An engine built on a GPU keeps PyTorch's portable compile caches, so a reuse recompiles from cache, and
+with SDXL_BENCH_PRECOMPILE=1 its regions compiled ahead of time (`precompiled`), so a reuse loads them and traces
+nothing (loading either runs code: see `compile_unet`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from sdxl_core import settings
 from sdxl_core.engines import unet_stage
 from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
@@ -125,8 +126,9 @@ def compile_unet(
     is traced and `cache` is not needed. Otherwise (none stored, refused by this torch, a guard failed) the regions
     are compiled, after loading `cache`, PyTorch's portable compile caches. Both run code when loaded: pass only
     bytes the engine store returned (`store.Engine.read` checks their hash and trust). `keep_cache`: also return
-    the caches this compile made and, with `precompile` (default: on a GPU, regional mode), the precompiled
-    regions (bytes, for an engine being built). `backend`: torch.compile's (tests use "aot_eager").
+    the caches this compile made and, with `precompile` (default: on a GPU with SDXL_BENCH_PRECOMPILE=1, regional
+    mode), the precompiled regions (bytes, for an engine being built). `backend`: torch.compile's (tests use
+    "aot_eager").
     Loading, compiling (with the first step) and saving are phases of `startup`; `info.dynamo_frames` counts the
     frames Dynamo traced (0 when the precompiled regions ran).
     """
@@ -143,7 +145,9 @@ def compile_unet(
             info.dynamo_frames = counters["frames"]["total"] - frames
             return Compiled(unet, None, None)
     kept_regions = None
-    if keep_cache and mode == "regional" and (device.type == "cuda" if precompile is None else precompile):
+    if precompile is None:  # opt-in until a Hopper reuse shows it pays for its build time (docs/perf.md)
+        precompile = device.type == "cuda" and settings.precompile()
+    if keep_cache and mode == "regional" and precompile:
         kept_regions = _precompile(unet, step, example_inputs, info, startup, backend)
     if cache is not None:
         with startup.phase("compile_cache_load"):
