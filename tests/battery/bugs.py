@@ -3,7 +3,8 @@
 Each patch names a file of the repository, a text that must occur in it exactly once (the battery fails loudly,
 naming the bug, when the code moved and the text is gone) and what replaces it. Together they cover quantization
 scales and rounding, SmoothQuant, GEMM epilogue terms, weight layout and QKV fusion order, scheduler timesteps and
-sigmas, guidance, CFG batch order, VAE scaling, LoRA scale, pooled text embeddings and dtype downcasts. Every one
+sigmas, guidance, CFG batch order, VAE scaling, LoRA scale, pooled text embeddings, the text encoder's layer, the
+size conditioning, the stochastic schedulers' noise and dtype downcasts. Every one
 must make `pytest -m quality` fail on `tiny` (CPU) and on `sdxl-random` (Hopper).
 
 Each bug also names the variants it changes, and its run selects only their quality tests (`--variants`): one
@@ -197,6 +198,35 @@ BUGS = (
         "        if variant.do_cfg:  # zeros for the empty negative prompt\n"
         "            text_embeds = torch.cat([torch.zeros_like(text_embeds[:batch]), text_embeds[batch:]])\n",
         "the negative prompt's pooled embedding is replaced by zeros (force_zeros_for_empty_prompt)",
+    ),
+    # -- text conditioning and SDXL's micro-conditioning
+    Bug(
+        "clip_last_hidden_layer",
+        (FP16,),
+        "text conditioning",
+        "sdxl_core/engines/__init__.py",
+        "return components.text_encoder(ids, output_hidden_states=True).hidden_states[-2]",
+        "return components.text_encoder(ids, output_hidden_states=True).hidden_states[-1]",
+        "the first text encoder's last hidden layer instead of the penultimate one SDXL conditions on",
+    ),
+    Bug(
+        "time_ids_in_latent_units",
+        (FP16,),
+        "micro-conditioning",
+        "sdxl_core/pipeline.py",
+        "[[variant.height, variant.width, 0, 0, variant.height, variant.width]]",
+        "[[variant.height // 8, variant.width // 8, 0, 0, variant.height // 8, variant.width // 8]]",
+        "the size conditioning (original and target size) is given in latent pixels instead of image pixels",
+    ),
+    # -- scheduler noise
+    Bug(
+        "scheduler_noise_unseeded",
+        (LCM_LORA, TURBO),
+        "scheduler noise",
+        "sdxl_core/pipeline.py",
+        'step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}',
+        "step_kwargs = {}",
+        "a stochastic scheduler (LCM, Euler ancestral) draws its per-step noise from the global RNG, not the seed's",
     ),
     # -- dtype downcasts
     Bug(

@@ -19,6 +19,9 @@ AREAS = (
     "VAE scaling",
     "LoRA scale",
     "pooled text embeddings",
+    "text conditioning",
+    "micro-conditioning",
+    "scheduler noise",
     "dtype downcast",
 )
 
