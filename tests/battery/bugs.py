@@ -210,6 +210,15 @@ BUGS = (
         "the first text encoder's last hidden layer instead of the penultimate one SDXL conditions on",
     ),
     Bug(
+        "negative_prompt_dropped",
+        (FP16,),
+        "text conditioning",
+        "sdxl_core/pipeline.py",
+        "texts = ([negative_prompt] * batch + list(prompts))",
+        'texts = ([""] * batch + list(prompts))',
+        "the unconditional half of the CFG batch encodes the empty prompt whatever negative prompt was given",
+    ),
+    Bug(
         "time_ids_in_latent_units",
         (FP16,),
         "micro-conditioning",

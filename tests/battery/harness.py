@@ -108,7 +108,10 @@ def _first_failure(output: str) -> str:
     found = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
     if not found:
         return output.strip().splitlines()[-1][:160] if output.strip() else "no output"
-    said = re.search(r"^_{3,} .+ _{3,}\n+(?:E\s+)?(.+)$", output, re.MULTILINE)
+    # pytest.fail(pytrace=False) prints its message right under the header; an assert prints source, then "E" lines
+    said = re.search(r"^_{3,} .+ _{3,}\n(?:(?!_{3,} ).*\n)*?E\s+(.+)$", output, re.MULTILINE) or re.search(
+        r"^_{3,} .+ _{3,}\n+(.+)$", output, re.MULTILINE
+    )
     return found.group(1).split("::")[-1] + (f": {said.group(1)[:240]}" if said else "")
 
 
