@@ -57,7 +57,7 @@ def kernel_cache(tmp_path, monkeypatch):
     cache.mkdir(mode=0o755)
     builds = []
 
-    def compile_(source, include, flags, target, progress, threads=None):
+    def compile_(source, include, flags, target, progress, threads=None, parts=1):
         builds.append(target)
         tmp = target.with_suffix(".tmp")
         shutil.copy(good, tmp)
@@ -370,3 +370,95 @@ def test_an_8bit_build_asks_for_every_cutlass_library_at_once_on_hopper_only(mon
     cuda_build.build_8bit(torch.device("cuda", 1), progress=False)
     cuda_build.build_8bit(torch.device("cpu"), progress=False)
     assert len(asked) == 1
+
+
+# --------------------------------------------------------------------------- a library in parts
+
+# Logs each call; a compile (-c) waits (up to about 10 s) until `want` compiles run at once, then writes an object
+# (`fail` names a part that fails instead); the link (no -c) copies the stand-in library to its output.
+PARTS_NVCC = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 12.4, V12.4.99"; exit 0; fi
+out=""; prev=""; part=""; unit=0
+for a in "$@"; do
+  [ "$prev" = "-o" ] && out="$a"
+  [ "$a" = "-c" ] && unit=1
+  case "$a" in -DSDXL_PART=*) part="${{a#-DSDXL_PART=}}";; esac
+  prev="$a"
+done
+if [ $unit = 0 ]; then echo "$*" > "{log}/link.$$.args"; cp "{lib}" "$out"; exit 0; fi
+echo "$*" > "{log}/part$part.args"
+touch "{log}/part$part.started"
+i=0
+while [ "$(ls "{log}" | grep -c '[.]started$')" -lt {want} ]; do
+  i=$((i+1)); if [ $i -gt 200 ]; then touch "{log}/part$part.alone"; break; fi
+  sleep 0.05
+done
+if [ "$part" = "{fail}" ]; then echo "k.cu(9): error: part $part does not compile"; exit 1; fi
+echo object > "$out"
+"""
+
+
+@pytest.fixture
+def parts_nvcc(tmp_path, monkeypatch):
+    """csrc/k.cu, which may be compiled in up to 3 parts, and an nvcc that logs its calls; returns a function
+    (cpus, want, fail) -> its log dir."""
+    lib = gcc_library(tmp_path, "built", 7, tmp_path / "marker")
+    csrc, cache, log = tmp_path / "csrc", tmp_path / "cache", tmp_path / "log"
+    for path in (csrc, log, tmp_path / "cuda" / "bin"):
+        path.mkdir(parents=True)
+    cache.mkdir(mode=0o755)
+    (csrc / "k.cu").write_text("// a kernel in parts\n// sdxl-parts: 3\n")
+    monkeypatch.setattr(cuda_build, "CSRC", csrc)
+    monkeypatch.setattr(cuda_build, "cutlass_include", lambda: (tmp_path, "0"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(cache))
+
+    def make(cpus: int, want: int, fail: str = "none"):
+        monkeypatch.setattr(cuda_build, "_cpus", lambda: cpus)
+        nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+        nvcc.write_text(PARTS_NVCC.format(log=log, want=want, lib=lib, fail=fail))
+        nvcc.chmod(0o755)
+        return log
+
+    return make
+
+
+def test_a_library_in_parts_compiles_them_side_by_side_then_links_them(parts_nvcc):
+    log = parts_nvcc(cpus=4, want=3)
+    lib = cuda_build.library("k", extra_flags=("-DX=1",), progress=False)
+    assert lib.sdxl_test_which() == 7
+    assert sorted(p.name for p in log.glob("part*.args")) == ["part0.args", "part1.args", "part2.args"]
+    assert not list(log.glob("*.alone")), "a part compiled alone: the parts did not overlap"
+    for part in range(3):
+        args = (log / f"part{part}.args").read_text().split()
+        assert "-c" in args and "-DX=1" in args and "-DSDXL_PARTS=3" in args and "-shared" not in args
+        assert not any(a.startswith("--threads") for a in args)  # one CPU each
+    (link,) = [path.read_text().split() for path in log.glob("link.*.args")]
+    assert "-shared" in link and "-c" not in link
+    objects = [a for a in link if a.endswith(".o")]
+    assert len(objects) == 3 and len(set(objects)) == 3
+
+
+def test_a_machine_with_fewer_cpus_than_libraries_compiles_each_as_one_unit(parts_nvcc):
+    log = parts_nvcc(cpus=2, want=1)
+    assert cuda_build.parts_for(cuda_build.CSRC / "k.cu", builds=3) == 1
+    assert cuda_build.parts_for(cuda_build.CSRC / "k.cu", builds=1) == 2
+    builds = [("k", ()), ("k", ("-DA=1",)), ("k", ("-DB=1",))]
+    assert cuda_build.build_all(builds, progress=False) == dict.fromkeys(builds)
+    assert not list(log.glob("part*.args")) and len(list(log.glob("link.*.args"))) == 3  # nvcc without -c
+    for args in log.glob("link.*.args"):
+        assert "-DSDXL_PART" not in args.read_text() and "k.cu" in args.read_text()
+
+
+def test_a_part_that_does_not_compile_fails_the_library_in_its_own_words(parts_nvcc):
+    log = parts_nvcc(cpus=3, want=1, fail="1")
+    with pytest.raises(cuda_build.KernelUnavailable, match="part 1 does not compile"):
+        cuda_build.library("k", progress=False)
+    assert not list(log.glob("link.*.args"))
+    cache = cuda_build.cache_dir()
+    assert not list(cache.glob("*.so")) and not [p for p in cache.iterdir() if p.is_dir()]
+
+
+def test_the_cutlass_sources_may_be_built_in_parts():
+    for name in ("gemm8_sm90", "conv_sm90"):
+        assert cuda_build.source_parts(cuda_build.CSRC / f"{name}.cu") == 6

@@ -3,7 +3,9 @@
 A library is compiled once per (source and our headers, flags, CUTLASS version, nvcc release) and kept in the
 kernel cache (`SDXL_BENCH_KERNEL_CACHE`, default `~/.cache/sdxl-bench/kernels`); nothing else (paths, the Python
 or torch version) is in its name, so another checkout or another torch reuses it. A machine without nvcc loads
-the newest cached build of the same source. `build_all` compiles several libraries side by side. A library
+the newest cached build of the same source. `build_all` compiles several libraries side by side, and where the
+machine has CPUs to spare each library in parts (translation units holding some of its configs, linked into
+one library: `parts_for`), so a fresh machine waits for about one part's compile, not a whole library's. A library
 exports `extern "C"` functions that take raw device pointers, sizes and a `cudaStream_t`, so Python calls them
 through ctypes and it does not depend on the torch version it runs beside (the CUDA runtime is linked
 statically).
@@ -95,10 +97,13 @@ def _release(compiler: str) -> str:
     return found.group(1)
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def nvcc_threads(builds: int = 1) -> int:
     """Threads for each of `builds` nvcc runs at once: this machine's CPUs shared out, at least 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_NVCC_THREADS, cpus // max(1, builds)))
+    return max(1, min(MAX_NVCC_THREADS, _cpus() // max(1, builds)))
 
 
 def _threads_flags(release: str, threads: int) -> tuple[str, ...]:
@@ -177,13 +182,20 @@ def _check_owned(path: Path) -> None:
 
 
 def library(
-    name: str, *, extra_flags: tuple[str, ...] = (), progress: bool = True, threads: int | None = None
+    name: str,
+    *,
+    extra_flags: tuple[str, ...] = (),
+    progress: bool = True,
+    threads: int | None = None,
+    parts: int | None = None,
 ) -> ctypes.CDLL:
     """`csrc/<name>.cu` (plus every `csrc/*.cuh` it may include) built for sm_90a and loaded.
 
     Compiles on first use (minutes for CUTLASS kernels) under a file lock, publishes by rename, then loads
     the cached file on every later call in any process. Without nvcc, loads the newest cached build of the same
-    source and flags. `threads`: nvcc's `--threads` (default: this machine's CPUs, capped)."""
+    source and flags. `threads`: nvcc's `--threads` (default: this machine's CPUs, capped); `parts`: translation
+    units compiled side by side (default `parts_for` one build). Neither changes what the library holds, so
+    neither is in its cache key."""
     source = _sources(name)[0]
     include, _ = cutlass_include()
     stem = _stem(name, extra_flags)
@@ -200,7 +212,8 @@ def library(
     target = root / f"{stem}{release}.so"
     flags = _flags(extra_flags)
     threads = nvcc_threads() if threads is None else threads
-    return load_cached(target, lambda: _compile(source, include, flags, target, progress, threads=threads))
+    parts = parts_for(source) if parts is None else parts
+    return load_cached(target, lambda: _compile(source, include, flags, target, progress, threads=threads, parts=parts))
 
 
 def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool = True) -> dict[tuple, str | None]:
@@ -215,7 +228,8 @@ def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool =
 
     def build(spec: tuple[str, tuple[str, ...]]) -> str | None:
         try:
-            library(spec[0], extra_flags=spec[1], progress=progress, threads=threads)
+            parts = parts_for(_sources(spec[0])[0], len(builds))
+            library(spec[0], extra_flags=spec[1], progress=progress, threads=threads, parts=parts)
         except KernelUnavailable as err:
             return str(err).splitlines()[0]
         return None
@@ -315,23 +329,76 @@ def _load(path: Path | str, fd: int) -> ctypes.CDLL:
     return _LOADED[identity]
 
 
+_PARTS_LINE = re.compile(rb"^// sdxl-parts: (\d+)$", re.MULTILINE)
+
+
+def source_parts(source: Path) -> int:
+    """The most translation units `source` may be compiled as (its `// sdxl-parts: N` line; 1 without one)."""
+    found = _PARTS_LINE.search(source.read_bytes())
+    return int(found.group(1)) if found else 1
+
+
+def parts_for(source: Path, builds: int = 1) -> int:
+    """How many translation units to compile `source` as when `builds` libraries compile at once: its configs
+    shared out over this machine's CPUs. Each unit compiles the CUTLASS headers again (about a quarter of a whole
+    library's compile, measured on the CPU), so a machine with fewer CPUs than libraries compiles each as one."""
+    return max(1, min(source_parts(source), _cpus() // max(1, builds)))
+
+
+def _failed(source: Path, output: str) -> KernelUnavailable:
+    return KernelUnavailable(f"nvcc failed on {source.name}:\n" + "\n".join(output.strip().splitlines()[-20:]))
+
+
 def _compile(
-    source: Path, include: Path, flags: tuple[str, ...], target: Path, progress: bool, *, threads: int | None = None
+    source: Path,
+    include: Path,
+    flags: tuple[str, ...],
+    target: Path,
+    progress: bool,
+    *,
+    threads: int | None = None,
+    parts: int = 1,
 ) -> None:
+    """nvcc `source` into the library `target`: as one translation unit with `threads`, or as `parts` units
+    compiled side by side (one nvcc each: -DSDXL_PARTS, -DSDXL_PART) and then linked."""
     tools = include.parent / "tools" / "util" / "include"
+    includes = [f"-I{include}", f"-I{tools}", f"-I{CSRC}"]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        parallel = () if threads is None else _threads_flags(nvcc_release(), threads)
-        cmd = [nvcc(), *flags, *parallel, f"-I{include}", f"-I{tools}", f"-I{CSRC}", str(source), "-o", str(out)]
         if progress:
+            how = f" in {parts} parts side by side" if parts > 1 else ""
             print(
-                f"compiling {source.name} with nvcc {nvcc_release()} for sm_90a (once; cached in {target.parent})",
+                f"compiling {source.name}{how} with nvcc {nvcc_release()} for sm_90a (once; cached in {target.parent})",
                 file=sys.stderr,
             )
+        if parts > 1:
+            objects = [Path(tmp) / f"part{i}.o" for i in range(parts)]
+            unit_flags = [flag for flag in flags if flag != "-shared"]
+            units = [
+                [nvcc(), *unit_flags, f"-DSDXL_PARTS={parts}", f"-DSDXL_PART={i}", *includes, "-c", str(source)]
+                + ["-o", str(obj)]
+                for i, obj in enumerate(objects)
+            ]
+            pool = ThreadPoolExecutor(max_workers=len(units), thread_name_prefix="nvcc-part")
+            try:
+                for returncode, output in pool.map(run_compiler, units):
+                    if returncode != 0:
+                        raise _failed(source, output)
+            except KernelUnavailable:
+                pool.shutdown(wait=True, cancel_futures=True)  # parts not started yet are not started
+                raise
+            except BaseException:
+                _kill_compilers()  # an interrupt: the other parts would only be waited for
+                raise
+            finally:
+                pool.shutdown(wait=True)
+            cmd = [nvcc(), *flags, *map(str, objects), "-o", str(out)]
+        else:
+            parallel = () if threads is None else _threads_flags(nvcc_release(), threads)
+            cmd = [nvcc(), *flags, *parallel, *includes, str(source), "-o", str(out)]
         returncode, output = run_compiler(cmd)
         if returncode != 0:
-            tail = output.strip().splitlines()[-20:]
-            raise KernelUnavailable(f"nvcc failed on {source.name}:\n" + "\n".join(tail))
+            raise _failed(source, output)
         os.chmod(out, 0o755)
         os.replace(out, target)
 

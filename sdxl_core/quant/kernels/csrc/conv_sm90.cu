@@ -22,6 +22,12 @@
 // - Every failure returns nonzero and leaves a one-line reason in `sdxl_conv8_last_error()` (per thread).
 // The CUDA runtime is linked statically; pointers and streams come from the caller's runtime (same driver
 // context), so the library works next to any torch build.
+//
+// Parts: on a machine with CPUs to spare, cuda_build compiles this file as P translation units side by side
+// (-DSDXL_PARTS=P -DSDXL_PART=p, P up to the `sdxl-parts` count below) and links them into one library: part p
+// instantiates the configs i with i % P == p (both formats, both output types), part 0 also the exported
+// functions. Without SDXL_PART it is one translation unit holding everything.
+// sdxl-parts: 6
 
 #include <cuda_runtime.h>
 
@@ -42,7 +48,8 @@
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 
-namespace {
+// A named namespace: the parts of a split build link to each other's functions.
+namespace sdxl_conv8_sm90 {
 
 using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
@@ -50,12 +57,13 @@ namespace fusion = cutlass::epilogue::fusion;
 constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 using ProblemShape = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
 
-thread_local std::string g_last_error;
+// inline: one definition shared by every part of a split build (the exported functions read what a part wrote)
+inline thread_local std::string g_last_error;
 
 constexpr int kFailed = 1;       // a CUDA or argument error
 constexpr int kUnsupported = 2;  // the kernel cannot run this problem: run another conv instead
 
-int fail(std::string message, int status = kFailed) {
+inline int fail(std::string message, int status = kFailed) {
   g_last_error = std::move(message);
   return status;
 }
@@ -168,7 +176,7 @@ struct Problem {
   int n, h, w_, c, k, r, s, pad_h, pad_w, stride_h, stride_w;
 };
 
-ProblemShape make_shape_of(Problem const& p) {
+inline ProblemShape make_shape_of(Problem const& p) {
   return ProblemShape(cutlass::conv::Mode::kCrossCorrelation,
                       {p.n, p.h, p.w_, p.c},             // activation NHWC
                       {p.k, p.r, p.s, p.c},              // filter KRSC
@@ -206,7 +214,7 @@ typename Cfg::Op::Arguments make_arguments(Problem const& p) {
       {evt, nullptr, stride_c, static_cast<ElementOut*>(p.out), stride_d}};
 }
 
-std::string describe(Problem const& p) {
+inline std::string describe(Problem const& p) {
   char text[200];
   std::snprintf(text, sizeof(text), "N=%d H=%d W=%d C=%d K=%d R=%d S=%d pad=(%d,%d) stride=(%d,%d)", p.n, p.h,
                 p.w_, p.c, p.k, p.r, p.s, p.pad_h, p.pad_w, p.stride_h, p.stride_w);
@@ -296,27 +304,103 @@ const char* const kConfigNames[kNumConfigs] = {
 #undef SDXL_CONV8_NAME
 };
 
-int num_configs(int fmt) { return fmt == 0 ? kNumInt8Configs : kNumConfigs; }
+inline int num_configs(int fmt) { return fmt == 0 ? kNumInt8Configs : kNumConfigs; }
 
+// Config `I` of SDXL_CONV8_CONFIGS as a type.
+template <int I>
+struct ConvConfig;
+#define SDXL_CONV8_TRAITS(i, name, m, n, kk, cm, cn, st, pr)               \
+  template <>                                                           \
+  struct ConvConfig<i> {                                                \
+    template <class Element8, class ElementOut>                         \
+    using Conv = Conv8<Element8, ElementOut, m, n, kk, cm, cn, st, pr>; \
+    static constexpr bool kPromote = pr;                                \
+  };
+SDXL_CONV8_CONFIGS(SDXL_CONV8_TRAITS)
+#undef SDXL_CONV8_TRAITS
+
+// What the exported functions call for one config (instantiated below, in the config's part).
 // INT8 accumulates exactly in int32: its promoted variant is never instantiated.
-template <class Element8, class ElementOut, int M, int N, int K, int CM, int CN, int St, bool Promote>
+template <class Element8, class ElementOut, int I>
 int run_config(Problem const& p, void* workspace, size_t workspace_bytes, cudaStream_t stream, bool check_only) {
-  if constexpr (Promote && cute::is_same_v<Element8, int8_t>) {
+  if constexpr (ConvConfig<I>::kPromote && cute::is_same_v<Element8, int8_t>) {
     return fail("this config is FP8 only");
   } else {
-    return run<Conv8<Element8, ElementOut, M, N, K, CM, CN, St, Promote>>(p, workspace, workspace_bytes, stream,
-                                                                            check_only);
+    using Conv = typename ConvConfig<I>::template Conv<Element8, ElementOut>;
+    return run<Conv>(p, workspace, workspace_bytes, stream, check_only);
   }
 }
 
-template <class Element8, class ElementOut, int M, int N, int K, int CM, int CN, int St, bool Promote>
+template <class Element8, class ElementOut, int I>
 size_t workspace_config(Problem const& p) {
-  if constexpr (Promote && cute::is_same_v<Element8, int8_t>) {
+  if constexpr (ConvConfig<I>::kPromote && cute::is_same_v<Element8, int8_t>) {
     return 0;
   } else {
-    return workspace_of<Conv8<Element8, ElementOut, M, N, K, CM, CN, St, Promote>>(p);
+    return workspace_of<typename ConvConfig<I>::template Conv<Element8, ElementOut>>(p);
   }
 }
+
+template <class Element8, class ElementOut, int I>
+int prepare_config() {
+  if constexpr (ConvConfig<I>::kPromote && cute::is_same_v<Element8, int8_t>) {
+    return fail("this config is FP8 only");
+  } else {
+    cudaError_t err = prepare_once<typename ConvConfig<I>::template Conv<Element8, ElementOut>>();
+    return err == cudaSuccess ? 0 : fail(std::string("cudaFuncSetAttribute failed: ") + cudaGetErrorString(err));
+  }
+}
+
+// The configs this translation unit compiles (all of them, or its part's); the others are only declared here
+// (`extern template`: no implicit instantiation), and the linker finds them in their own parts.
+#if defined(SDXL_PART)
+#define SDXL_IN_PART(i) ((i) % SDXL_PARTS == SDXL_PART)
+#else
+#define SDXL_IN_PART(i) 1
+#endif
+#define SDXL_CONV8_INSTANTIATE(prefix, i, Element8, ElementOut)                                                  \
+  prefix template int run_config<Element8, ElementOut, i>(Problem const&, void*, size_t, cudaStream_t, bool); \
+  prefix template size_t workspace_config<Element8, ElementOut, i>(Problem const&);                           \
+  prefix template int prepare_config<Element8, ElementOut, i>();
+#define SDXL_CONV8_CONFIG(prefix, i)                                      \
+  SDXL_CONV8_INSTANTIATE(prefix, i, int8_t, cutlass::half_t)               \
+  SDXL_CONV8_INSTANTIATE(prefix, i, int8_t, cutlass::bfloat16_t)           \
+  SDXL_CONV8_INSTANTIATE(prefix, i, cutlass::float_e4m3_t, cutlass::half_t) \
+  SDXL_CONV8_INSTANTIATE(prefix, i, cutlass::float_e4m3_t, cutlass::bfloat16_t)
+#if SDXL_IN_PART(0)
+SDXL_CONV8_CONFIG(, 0)
+#else
+SDXL_CONV8_CONFIG(extern, 0)
+#endif
+#if SDXL_IN_PART(1)
+SDXL_CONV8_CONFIG(, 1)
+#else
+SDXL_CONV8_CONFIG(extern, 1)
+#endif
+#if SDXL_IN_PART(2)
+SDXL_CONV8_CONFIG(, 2)
+#else
+SDXL_CONV8_CONFIG(extern, 2)
+#endif
+#if SDXL_IN_PART(3)
+SDXL_CONV8_CONFIG(, 3)
+#else
+SDXL_CONV8_CONFIG(extern, 3)
+#endif
+#if SDXL_IN_PART(4)
+SDXL_CONV8_CONFIG(, 4)
+#else
+SDXL_CONV8_CONFIG(extern, 4)
+#endif
+#if SDXL_IN_PART(5)
+SDXL_CONV8_CONFIG(, 5)
+#else
+SDXL_CONV8_CONFIG(extern, 5)
+#endif
+static_assert(kNumConfigs == 6, "every config is instantiated above");
+#undef SDXL_CONV8_CONFIG
+#undef SDXL_CONV8_INSTANTIATE
+
+#if !defined(SDXL_PART) || SDXL_PART == 0  // the exported functions and what only they use
 
 template <class Element8, class ElementOut>
 int dispatch_run(int config, Problem const& p, void* workspace, size_t workspace_bytes, cudaStream_t stream,
@@ -328,22 +412,11 @@ int dispatch_run(int config, Problem const& p, void* workspace, size_t workspace
   switch (config) {
 #define SDXL_CONV8_RUN(i, name, m, n, kk, cm, cn, st, pr) \
   case i:                                                 \
-    return run_config<Element8, ElementOut, m, n, kk, cm, cn, st, pr>(p, workspace, workspace_bytes, stream, \
-                                                                      check_only);
+    return run_config<Element8, ElementOut, i>(p, workspace, workspace_bytes, stream, check_only);
     SDXL_CONV8_CONFIGS(SDXL_CONV8_RUN)
 #undef SDXL_CONV8_RUN
     default:
       return fail("unknown config " + std::to_string(config));
-  }
-}
-
-template <class Element8, class ElementOut, int M, int N, int K, int CM, int CN, int St, bool Promote>
-int prepare_config() {
-  if constexpr (Promote && cute::is_same_v<Element8, int8_t>) {
-    return fail("this config is FP8 only");
-  } else {
-    cudaError_t err = prepare_once<Conv8<Element8, ElementOut, M, N, K, CM, CN, St, Promote>>();
-    return err == cudaSuccess ? 0 : fail(std::string("cudaFuncSetAttribute failed: ") + cudaGetErrorString(err));
   }
 }
 
@@ -354,7 +427,7 @@ int dispatch_prepare(int config) {
   switch (config) {
 #define SDXL_CONV8_PREP(i, name, m, n, kk, cm, cn, st, pr) \
   case i:                                                  \
-    return prepare_config<Element8, ElementOut, m, n, kk, cm, cn, st, pr>();
+    return prepare_config<Element8, ElementOut, i>();
     SDXL_CONV8_CONFIGS(SDXL_CONV8_PREP)
 #undef SDXL_CONV8_PREP
     default:
@@ -367,7 +440,7 @@ size_t dispatch_workspace(int config, Problem const& p) {
   switch (config) {
 #define SDXL_CONV8_WS(i, name, m, n, kk, cm, cn, st, pr) \
   case i:                                                \
-    return workspace_config<Element8, ElementOut, m, n, kk, cm, cn, st, pr>(p);
+    return workspace_config<Element8, ElementOut, i>(p);
     SDXL_CONV8_CONFIGS(SDXL_CONV8_WS)
 #undef SDXL_CONV8_WS
     default:
@@ -375,10 +448,10 @@ size_t dispatch_workspace(int config, Problem const& p) {
   }
 }
 
-bool valid_format(int fmt) { return fmt == 0 || fmt == 1; }
+inline bool valid_format(int fmt) { return fmt == 0 || fmt == 1; }
 
-int fprop(int fmt, Problem const& p, int out_bf16, int config, void* workspace, size_t workspace_bytes,
-          cudaStream_t stream, bool check_only) {
+static int fprop(int fmt, Problem const& p, int out_bf16, int config, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream, bool check_only) {
   g_last_error.clear();
   if (!valid_format(fmt)) return fail("unknown format " + std::to_string(fmt) + " (0 int8, 1 fp8 e4m3)");
   if (p.n <= 0 || p.h <= 0 || p.w_ <= 0 || p.c <= 0 || p.k <= 0 || p.r <= 0 || p.s <= 0 || p.stride_h <= 0 ||
@@ -401,7 +474,12 @@ int fprop(int fmt, Problem const& p, int out_bf16, int config, void* workspace, 
                                                                          stream, check_only);
 }
 
-}  // namespace
+#endif  // what only the exported functions use
+
+}  // namespace sdxl_conv8_sm90
+
+#if !defined(SDXL_PART) || SDXL_PART == 0
+using namespace sdxl_conv8_sm90;
 
 // Exported even where the build hides symbols by default (-fvisibility=hidden).
 #define SDXL_EXPORT __attribute__((visibility("default")))
@@ -473,3 +551,5 @@ SDXL_EXPORT const char* sdxl_conv8_config_name(int fmt, int i) {
 SDXL_EXPORT const char* sdxl_conv8_last_error() { return g_last_error.c_str(); }
 
 }  // extern "C"
+
+#endif  // the exported functions

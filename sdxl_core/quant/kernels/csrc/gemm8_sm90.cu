@@ -30,6 +30,13 @@
 // dynamic shared memory limit with cudaFuncSetAttribute, happens on the first call of that kernel on each
 // device; make that first call outside capture (a warm-up run, as every CUDA-graph user does anyway).
 
+//
+// Parts: on a machine with CPUs to spare, cuda_build compiles this file as P translation units side by side
+// (-DSDXL_PARTS=P -DSDXL_PART=p, P up to the `sdxl-parts` count below) and links them into one library: part p
+// instantiates the configs i with i % P == p, part 0 also the exported functions. Without SDXL_PART it is one
+// translation unit holding everything.
+// sdxl-parts: 6
+
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1  // wgmma N=160 (the 128x160 tile)
 
 #include <cuda_runtime.h>
@@ -38,6 +45,7 @@
 #include <cstdio>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -85,9 +93,11 @@ enum : int {
   kCudaError = 5,       // a CUDA runtime call failed
 };
 
-thread_local std::string last_error;
+// inline: one definition shared by every part of a split build (the exported functions read what a config's
+// part wrote)
+inline thread_local std::string last_error;
 
-int fail(int code, std::string message) {
+inline int fail(int code, std::string message) {
   last_error = std::move(message);
   return code;
 }
@@ -279,6 +289,73 @@ struct Gemm8 {
   }
 };
 
+// ------------------------------------------------------------------------------------------ per-config entry points
+
+// What the exported functions call for one config (instantiated below, in the config's part).
+template <class Cfg>
+int run_config(const void* a, const void* w, void* out, const float* a_scale, const float* w_scale,
+               const void* bias, int m, int n, int k, int lda, int out_bf16, void* workspace, size_t workspace_size,
+               cudaStream_t stream, int device, int sm_count) {
+  if (out_bf16) {
+    return Gemm8<Cfg, cutlass::bfloat16_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
+                                                   workspace_size, stream, device, sm_count);
+  }
+  return Gemm8<Cfg, cutlass::half_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
+                                             workspace_size, stream, device, sm_count);
+}
+
+template <class Cfg>
+size_t workspace_config(int m, int n, int k, int device, int sm_count) {
+  size_t half = Gemm8<Cfg, cutlass::half_t>::workspace_bytes(m, n, k, device, sm_count);
+  size_t bf16 = Gemm8<Cfg, cutlass::bfloat16_t>::workspace_bytes(m, n, k, device, sm_count);
+  return half > bf16 ? half : bf16;
+}
+
+// The configs this translation unit compiles (all of them, or its part's); the others are only declared here
+// (`extern template`: no implicit instantiation), and the linker finds them in their own parts.
+#if defined(SDXL_PART)
+#define SDXL_IN_PART(i) ((i) % SDXL_PARTS == SDXL_PART)
+#else
+#define SDXL_IN_PART(i) 1
+#endif
+#define SDXL_GEMM8_INSTANTIATE(prefix, Cfg)                                                                         \
+  prefix template int run_config<Cfg>(const void*, const void*, void*, const float*, const float*, const void*, int, \
+                                      int, int, int, int, void*, size_t, cudaStream_t, int, int);                   \
+  prefix template size_t workspace_config<Cfg>(int, int, int, int, int);
+#if SDXL_IN_PART(0)
+SDXL_GEMM8_INSTANTIATE(, Config0)
+#else
+SDXL_GEMM8_INSTANTIATE(extern, Config0)
+#endif
+#if SDXL_IN_PART(1)
+SDXL_GEMM8_INSTANTIATE(, Config1)
+#else
+SDXL_GEMM8_INSTANTIATE(extern, Config1)
+#endif
+#if SDXL_IN_PART(2)
+SDXL_GEMM8_INSTANTIATE(, Config2)
+#else
+SDXL_GEMM8_INSTANTIATE(extern, Config2)
+#endif
+#if SDXL_IN_PART(3)
+SDXL_GEMM8_INSTANTIATE(, Config3)
+#else
+SDXL_GEMM8_INSTANTIATE(extern, Config3)
+#endif
+#if SDXL_IN_PART(4)
+SDXL_GEMM8_INSTANTIATE(, Config4)
+#else
+SDXL_GEMM8_INSTANTIATE(extern, Config4)
+#endif
+#if SDXL_IN_PART(5)
+SDXL_GEMM8_INSTANTIATE(, Config5)
+#else
+SDXL_GEMM8_INSTANTIATE(extern, Config5)
+#endif
+#undef SDXL_GEMM8_INSTANTIATE
+
+#if !defined(SDXL_PART) || SDXL_PART == 0  // the exported functions and what only they use
+
 // Calls F::template apply<Config_i>() for the runtime index i.
 template <class F>
 auto with_config(int config, F&& f) {
@@ -300,7 +377,7 @@ struct DeviceInfo {
   bool hopper = false;
 };
 
-int current_device(DeviceInfo& info) {
+inline int current_device(DeviceInfo& info) {
   static std::mutex lock;
   static DeviceInfo cache[64];
   int device = 0;
@@ -324,10 +401,13 @@ int current_device(DeviceInfo& info) {
   return kOk;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+#endif  // what only the exported functions use
 
 }  // namespace sdxl_gemm8_sm90
 
+#if !defined(SDXL_PART) || SDXL_PART == 0
 using namespace sdxl_gemm8_sm90;
 
 // The library is built with hidden visibility (cuda_build's flags for it): only these functions are exported.
@@ -355,10 +435,7 @@ SDXL_EXPORT size_t sdxl_gemm8_workspace(int m, int n, int k, int config) {
   DeviceInfo dev;
   if (current_device(dev) != kOk) return static_cast<size_t>(-1);
   return with_config(config, [&](auto cfg) {
-    using Cfg = decltype(cfg);
-    size_t half = Gemm8<Cfg, cutlass::half_t>::workspace_bytes(m, n, k, dev.device, dev.sm_count);
-    size_t bf16 = Gemm8<Cfg, cutlass::bfloat16_t>::workspace_bytes(m, n, k, dev.device, dev.sm_count);
-    return half > bf16 ? half : bf16;
+    return workspace_config<decltype(cfg)>(m, n, k, dev.device, dev.sm_count);
   });
 }
 
@@ -394,14 +471,11 @@ SDXL_EXPORT int sdxl_gemm8(const void* a, const void* w, void* out, const float*
   }
   auto s = static_cast<cudaStream_t>(stream);
   return with_config(config, [&](auto cfg) {
-    using Cfg = decltype(cfg);
-    if (out_bf16) {
-      return Gemm8<Cfg, cutlass::bfloat16_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
-                                                     workspace_bytes, s, dev.device, dev.sm_count);
-    }
-    return Gemm8<Cfg, cutlass::half_t>::run(a, w, out, a_scale, w_scale, bias, m, n, k, lda, workspace,
-                                               workspace_bytes, s, dev.device, dev.sm_count);
+    return run_config<decltype(cfg)>(a, w, out, a_scale, w_scale, bias, m, n, k, lda, out_bf16, workspace,
+                                     workspace_bytes, s, dev.device, dev.sm_count);
   });
 }
 
 }  // extern "C"
+
+#endif  // the exported functions
