@@ -263,6 +263,16 @@ def test_nvcc_threads_share_out_the_cpus_and_need_cuda_11_5(monkeypatch):
 
 # --------------------------------------------------------------------------- several libraries side by side
 
+# A fake compile marks itself `$me.started`, then waits (up to about 10 s) until `want` compiles run at once; one
+# that gave up notes it as `$me.alone`. Formatted into the fake nvcc scripts below as {wait}.
+WAIT_FOR_COMPANY = """touch "{log}/$me.started"
+i=0
+while [ "$(ls "{log}" | grep -c '[.]started$')" -lt {want} ]; do
+  i=$((i+1)); if [ $i -gt 200 ]; then touch "{log}/$me.alone"; break; fi
+  sleep 0.05
+done
+"""
+
 # Each run waits (up to about 10 s) until `want` compiles are running at once; one that gave up notes it.
 BARRIER_NVCC = """#!/bin/sh
 if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 12.4, V12.4.99"; exit 0; fi
@@ -274,13 +284,8 @@ for a in "$@"; do
 done
 name=$(basename "$src" .cu)
 echo "$*" > "{log}/$name.$$.args"
-touch "{log}/$name.$$.started"
-i=0
-while [ "$(ls "{log}" | grep -c '[.]started$')" -lt {want} ]; do
-  i=$((i+1)); if [ $i -gt 200 ]; then touch "{log}/$name.$$.alone"; break; fi
-  sleep 0.05
-done
-if [ "$name" = bad ]; then echo half > "$out"; echo "bad.cu(1): error: it does not compile"; exit 1; fi
+me="$name.$$"
+{wait}if [ "$name" = bad ]; then echo half > "$out"; echo "bad.cu(1): error: it does not compile"; exit 1; fi
 cp "{lib}" "$out"
 """
 
@@ -303,7 +308,8 @@ def fake_nvcc(tmp_path, monkeypatch):
 
     def make(want: int):
         nvcc = tmp_path / "cuda" / "bin" / "nvcc"
-        nvcc.write_text(BARRIER_NVCC.format(log=log, want=want, lib=lib))
+        wait = WAIT_FOR_COMPANY.format(log=log, want=want)
+        nvcc.write_text(BARRIER_NVCC.format(log=log, wait=wait, lib=lib))
         nvcc.chmod(0o755)
         return log, cache
 
@@ -387,13 +393,8 @@ for a in "$@"; do
 done
 if [ $unit = 0 ]; then echo "$*" > "{log}/link.$$.args"; cp "{lib}" "$out"; exit 0; fi
 echo "$*" > "{log}/part$part.args"
-touch "{log}/part$part.started"
-i=0
-while [ "$(ls "{log}" | grep -c '[.]started$')" -lt {want} ]; do
-  i=$((i+1)); if [ $i -gt 200 ]; then touch "{log}/part$part.alone"; break; fi
-  sleep 0.05
-done
-if [ "$part" = "{fail}" ]; then echo "k.cu(9): error: part $part does not compile"; exit 1; fi
+me="part$part"
+{wait}if [ "$part" = "{fail}" ]; then echo "k.cu(9): error: part $part does not compile"; exit 1; fi
 echo object > "$out"
 """
 
@@ -416,7 +417,8 @@ def parts_nvcc(tmp_path, monkeypatch):
     def make(cpus: int, want: int, fail: str = "none"):
         monkeypatch.setattr(cuda_build, "_cpus", lambda: cpus)
         nvcc = tmp_path / "cuda" / "bin" / "nvcc"
-        nvcc.write_text(PARTS_NVCC.format(log=log, want=want, lib=lib, fail=fail))
+        wait = WAIT_FOR_COMPANY.format(log=log, want=want)
+        nvcc.write_text(PARTS_NVCC.format(log=log, wait=wait, lib=lib, fail=fail))
         nvcc.chmod(0o755)
         return log
 
