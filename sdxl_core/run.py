@@ -292,6 +292,15 @@ def prepare(
     return Run(variant, components, engines, device, threads)
 
 
+def start_kernel_builds(variants, device: torch.device) -> None:
+    """Where a run will build or load 8-bit torch engines on Hopper, start the CUTLASS libraries' nvcc builds in
+    the background now: a session that prepares several engines compiles while the GPU builds the first one."""
+    if device.type == "cuda" and any(v.is_quantized and v.backend == "torch" for v in variants):
+        from sdxl_core.quant.kernels import cuda_build
+
+        cuda_build.start_8bit(device, progress=False)
+
+
 def load_components(variant: Variant, options: Options, startup: Startup | None = None):
     """The model's components. With an engine dir the UNet is shape-only: its weights are generated or read
     only if the engine has to be built (a reused engine brings its own UNet)."""

@@ -153,6 +153,7 @@ def cmd_build(args, startup: Startup) -> int:
         check_writable_dir(Path(args.report).parent, "--report")
     options = run_options(args)
     device = [run.check(variant, options, startup) for variant in variants][0]
+    run.start_kernel_builds(variants, device)
     from sdxl_core import hardware
     from sdxl_core.reports import run_report
 

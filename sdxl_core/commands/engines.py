@@ -97,6 +97,7 @@ def main(args) -> int:
         backend_options={"compile": compile, "compile_mode": compile_mode, "channels_last": layout},
     )
     device = run.check(variants[names[0]], options)
+    run.start_kernel_builds(variants.values(), device)
     size = variants[names[0]].height
     result = ResultFile(
         args.out,

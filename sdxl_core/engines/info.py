@@ -21,6 +21,7 @@ QUANTIZED_FIELDS = (
     "layers_by_kernel",
     "gemm_timings",
     "gemm_dispatch_s",
+    "kernel_build_s",
 )
 
 
@@ -56,6 +57,7 @@ class EngineInfo:
     calibration_s: float | None = None
     convert_s: float | None = None
     gemm_dispatch_s: float | None = None
+    kernel_build_s: float | None = None  # nvcc of the CUTLASS libraries, in the background (torch, Hopper)
     save_s: float | None = None
     build_s: float | None = None
     compile_s: float | None = None

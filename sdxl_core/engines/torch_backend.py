@@ -315,15 +315,16 @@ def build_unet(
     convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`) in the
     layout the UNet will run in. A shape-only UNet gets its weights first."""
     startup = startup or Startup()
+    kernels = None
+    if variant.is_quantized:
+        from sdxl_core.quant.kernels import cuda_build
+
+        kernels = cuda_build.start_8bit(device, progress=progress)  # nvcc on the CPUs while the GPU calibrates
     unet = components.load_unet_weights()
     if variant.fused_qkv and not qmodules.has_fused_qkv(unet):
         qmodules.fuse_qkv(unet)
     if not variant.is_quantized:
         return unet
-    from sdxl_core.quant.kernels import cuda_build
-
-    with startup.phase("kernel_build"):  # the CUTLASS libraries side by side, not one by one later
-        cuda_build.build_8bit(device, progress=progress)
     with startup.phase("modelopt_import"):
         from sdxl_core.quant import quantize
 
@@ -339,6 +340,11 @@ def build_unet(
         )
     if info.calibration == "reused":
         startup.note("calibration", f"reused from {calibration_file}")
+    if kernels is not None:
+        with startup.phase("kernel_build"):  # what of the CUTLASS build the work above did not hide
+            kernels.wait()
+        info.kernel_build_s = round(kernels.seconds, 2)
+        startup.note("kernel_build", f"waited for; nvcc ran {kernels.seconds:.1f} s in the background")
     with startup.phase("convert", device) as convert:
         unet, conversion = qmodules.convert_to_real(unet)
     components.unet = unet

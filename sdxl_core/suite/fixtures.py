@@ -9,6 +9,7 @@ import pytest
 
 from sdxl_core.hardware import is_hopper
 from sdxl_core.startup import Startup
+from sdxl_core.suite import summary
 from sdxl_core.suite.plugin import HARDWARE, probe_hardware, selected_variants
 from sdxl_core.suite.summary import ENGINE_RECORDS
 
@@ -130,6 +131,8 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
     options = run.Options(engine_dir=engine_dir, onnx_dir=onnx_dir, threads=threads, progress=False)
 
     def build(name: str) -> run.Run:
+        if not engine_cache:  # the first engine of the session: nvcc starts on what the 8-bit ones need
+            run.start_kernel_builds([suite_variant(n) for n in selected_variants(pytestconfig)], suite_device)
         if name not in engine_cache:
             variant = suite_variant(name).replace(backend=pytestconfig.getoption("--backend"))
             started = time.perf_counter()
@@ -152,8 +155,10 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
                     "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
                     "seconds": round(time.perf_counter() - started, 1),
                     "phases": {phase: round(t, 1) for phase, t in startup.seconds.items()},
+                    "nvcc_s": ready.info.kernel_build_s,
                 }
             )
+            summary.show_engine(pytestconfig, ENGINE_RECORDS[-1])
             engine_cache[name] = ready
         return engine_cache[name]
 

@@ -83,18 +83,39 @@ def pytest_terminal_summary(terminalreporter, config):
         )
 
 
-def engine_lines(records: list[dict], min_seconds: float = 0.5) -> list[str]:
-    """One line per engine this run prepared (built or loaded, where, how long), then its phases from the
-    largest down (those of `min_seconds` or more): where a build's minutes went, per variant."""
+def show_engine(config, record: dict) -> None:
+    """Print one engine's lines the moment it is ready, past pytest's capture: a run stopped at a time limit still
+    shows where its minutes went, engine by engine (the summary at the end repeats them, sorted)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a worker has no terminal: its controller prints the summary
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.ensure_newline()
+        for line in _one_engine(record):
+            reporter.write_line(f"[engine] {line}")
+
+
+def _one_engine(record: dict, min_seconds: float = 0.5) -> list[str]:
+    """A line for the engine (built or loaded, where, how long), then its phases from the largest down (those of
+    `min_seconds` or more), and how long nvcc ran beside them where it ran."""
+    lines = [f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} {record['seconds']:.1f} s"]
+    phases = sorted(record.get("phases", {}).items(), key=lambda item: -item[1])
+    shown = [f"{name} {seconds:.1f} s" for name, seconds in phases if seconds >= min_seconds]
+    if shown:
+        lines.append(f"{'':<18} phases: {', '.join(shown)}")
+    if record.get("nvcc_s"):
+        lines.append(f"{'':<18} nvcc of the CUTLASS libraries ran {record['nvcc_s']:.1f} s beside the phases")
+    return lines
+
+
+def engine_lines(records: list[dict]) -> list[str]:
+    """`_one_engine`'s lines for every engine this run prepared, by variant: where a build's minutes went."""
     lines = []
     for record in sorted(records, key=lambda r: (r["variant"], r["mode"] != "built", r["worker"])):
-        lines.append(
-            f"{record['variant']:<18} {record['mode']:<10} on {record['worker']:<13} {record['seconds']:.1f} s"
-        )
-        phases = sorted(record.get("phases", {}).items(), key=lambda item: -item[1])
-        shown = [f"{name} {seconds:.1f} s" for name, seconds in phases if seconds >= min_seconds]
-        if shown:
-            lines.append(f"{'':<18} phases: {', '.join(shown)}")
+        lines.extend(_one_engine(record))
     built = sum(r["seconds"] for r in records if r["mode"] == "built")
     if built:
         lines.append(f"building took {built:.1f} s of this run")

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +122,7 @@ wait
 """
 COMPILE = """
 import sys
+import threading
 from pathlib import Path
 from sdxl_core.quant.kernels import cuda_build
 source, target = Path(sys.argv[1]), Path(sys.argv[2])
@@ -368,14 +370,104 @@ def test_an_8bit_build_asks_for_every_cutlass_library_at_once_on_hopper_only(mon
     from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
 
     asked = []
-    monkeypatch.setattr(cuda_build, "build_all", lambda builds, progress: asked.append(builds) or {})
+    monkeypatch.setattr(cuda_build, "_PENDING", {})
+    monkeypatch.setattr(cuda_build, "start_all", lambda builds, progress: asked.append(builds) or {})
     monkeypatch.setattr(hardware, "is_hopper", lambda device: device.index == 0)
     cuda_build.build_8bit(torch.device("cuda", 0), progress=False)
-    assert asked == [[gemm8_cutlass.build("int8"), gemm8_cutlass.build("fp8"), conv_cutlass.BUILD]]
+    assert asked == [(gemm8_cutlass.build("int8"), gemm8_cutlass.build("fp8"), conv_cutlass.BUILD)]
     assert len({flags for _, flags in asked[0]}) == 3  # three distinct libraries
     cuda_build.build_8bit(torch.device("cuda", 1), progress=False)
     cuda_build.build_8bit(torch.device("cpu"), progress=False)
     assert len(asked) == 1
+
+
+def test_8bit_libraries_build_in_the_background_once_per_process(monkeypatch):
+    """`start_8bit` returns while the libraries compile; a second start joins the first; `build_8bit` waits."""
+    import torch
+
+    from sdxl_core import hardware
+
+    go, compiled = threading.Event(), []
+
+    def library(name, *, extra_flags, progress, threads, parts):
+        assert go.wait(30), "the test never let the compile finish"
+        compiled.append((name, extra_flags))
+
+    monkeypatch.setattr(cuda_build, "_PENDING", {})
+    monkeypatch.setattr(cuda_build, "library", library)
+    monkeypatch.setattr(cuda_build, "_sources", lambda name: [Path(f"{name}.cu")])
+    monkeypatch.setattr(cuda_build, "source_parts", lambda source: 1)
+    monkeypatch.setattr(hardware, "is_hopper", lambda device: True)
+    gpu = torch.device("cuda", 0)
+    pending = cuda_build.start_8bit(gpu, progress=False)
+    assert len(pending.futures) == 3 and not any(f.done() for f in pending.futures.values())  # not waited for
+    assert cuda_build.start_8bit(gpu, progress=False) is pending and compiled == []
+    go.set()
+    assert cuda_build.build_8bit(gpu, progress=False) == dict.fromkeys(pending.futures)
+    assert sorted(compiled) == sorted(pending.futures) and pending.seconds > 0
+
+
+def test_a_run_starts_the_8bit_builds_where_it_prepares_8bit_torch_engines_on_a_gpu(monkeypatch):
+    import torch
+
+    from sdxl_core import run
+    from sdxl_core.variants import get_variant
+
+    started, gpu = [], torch.device("cuda", 0)
+    monkeypatch.setattr(cuda_build, "start_8bit", lambda device, progress: started.append(device))
+    fp16, int8 = get_variant("xl-1.0-fp16"), get_variant("xl-1.0-int8")
+    run.start_kernel_builds([fp16], gpu)
+    run.start_kernel_builds([fp16, int8], torch.device("cpu"))
+    run.start_kernel_builds([fp16, int8.replace(backend="tensorrt")], gpu)
+    assert started == []
+    run.start_kernel_builds([fp16, int8], gpu)
+    assert started == [gpu]
+
+
+BACKGROUND_NVCC = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 12.4, V12.4.99"; exit 0; fi
+sleep 300 &
+echo "$$ $!" > {pids}
+wait
+"""
+ENDS_WHILE_COMPILING = """
+import sys, time
+from pathlib import Path
+from sdxl_core.quant.kernels import cuda_build
+root = Path(sys.argv[1])
+cuda_build.CSRC, cuda_build.cutlass_include = root, lambda: (root, "0")
+cuda_build.start_all([("k", ())], progress=False)
+while not (root / "pids").exists() or not (root / "pids").read_text().endswith("\\n"):
+    time.sleep(0.05)
+"""
+
+
+def test_a_run_that_ends_while_nvcc_compiles_in_the_background_neither_waits_nor_leaves_it(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "cache").mkdir(mode=0o755)
+    pids = tmp_path / "pids"
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text(BACKGROUND_NVCC.format(pids=pids))
+    nvcc.chmod(0o755)
+    (tmp_path / "k.cu").write_text("// a kernel\n")
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env[cuda_build.CACHE_ENV] = str(tmp_path / "cache")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", ENDS_WHILE_COMPILING, str(tmp_path)], env=env, timeout=120)
+    compiler = [int(p) for p in pids.read_text().split()]
+    try:
+        assert done.returncode == 0
+        assert time.monotonic() - started < 60, "the run waited for the background compile (sleep 300) to end"
+        deadline = time.monotonic() + 5
+        while any(_running(p) for p in compiler) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_running(p) for p in compiler), "nvcc (or its child) outlived the run"
+    finally:
+        for pid in compiler:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # --------------------------------------------------------------------------- a library in parts

@@ -63,7 +63,7 @@ def applies(info: EngineInfo, name: str, quantized: bool) -> bool:
         return info.cuda_graph
     if name in ("compiled", "channels_last", "fused_qkv", "cross_kv", "layers_by_path", "layers_by_kernel"):
         return info.backend == "torch"
-    if name in ("gemm_timings", "gemm_dispatch_s"):  # kernels are timed on a GPU only
+    if name in ("gemm_timings", "gemm_dispatch_s", "kernel_build_s"):  # kernels are built and timed on Hopper only
         return False
     if name in ("calibration", "calibration_s", "convert_s", "converted"):
         return quantized and info.mode != "loaded" and (info.backend == "torch" or name.startswith("calibration"))

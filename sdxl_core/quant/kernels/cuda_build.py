@@ -5,7 +5,8 @@ kernel cache (`SDXL_BENCH_KERNEL_CACHE`, default `~/.cache/sdxl-bench/kernels`);
 or torch version) is in its name, so another checkout or another torch reuses it. A machine without nvcc loads
 the newest cached build of the same source. `build_all` compiles several libraries side by side, and where the
 machine has CPUs to spare each library in parts (translation units holding some of its configs, linked into
-one library: `parts_for`), so a fresh machine waits for about one part's compile, not a whole library's. A library
+one library: `parts_for`), so a fresh machine waits for about one part's compile, not a whole library's; and
+`start_8bit` starts them in the background, so the CPUs compile while the GPU calibrates. A library
 exports `extern "C"` functions that take raw device pointers, sizes and a `cudaStream_t`, so Python calls them
 through ctypes and it does not depend on the torch version it runs beside (the CUDA runtime is linked
 statically).
@@ -35,8 +36,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdxl_core import settings
@@ -216,15 +219,14 @@ def library(
     return load_cached(target, lambda: _compile(source, include, flags, target, progress, threads=threads, parts=parts))
 
 
-def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool = True) -> dict[tuple, str | None]:
-    """Build (or find in the cache) and load each (name, extra_flags) library side by side, one nvcc each, the
-    CPUs shared out among them: {build: None, or why it is unavailable in one line}. Each build is `library`'s
-    (locked, published by rename, nvcc in a process group that dies with this process); an interrupt kills them
-    all."""
+def start_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool = True) -> dict[tuple, Future]:
+    """Start building (or finding in the cache) and loading each (name, extra_flags) library side by side, one nvcc
+    each, the CPUs shared out among them: {build: a future of None, or why it is unavailable in one line}.
+
+    Each build is `library`'s (locked, published by rename) in a daemon thread: a process that is interrupted or
+    exits does not wait minutes for nvcc, whose process group dies with it."""
     builds = list(dict.fromkeys((name, tuple(flags)) for name, flags in builds))
-    if not builds:
-        return {}
-    threads = nvcc_threads(len(builds))
+    threads = nvcc_threads(len(builds)) if builds else 1
 
     def build(spec: tuple[str, tuple[str, ...]]) -> str | None:
         try:
@@ -234,28 +236,87 @@ def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool =
             return str(err).splitlines()[0]
         return None
 
-    pool = ThreadPoolExecutor(max_workers=len(builds), thread_name_prefix="nvcc")
+    return dict(zip(builds, in_daemon_threads(build, builds, "nvcc"), strict=True))
+
+
+def in_daemon_threads(function, items, name: str) -> list[Future]:
+    """`function(item)` for each item, each in a daemon thread of its own, as futures: unlike a thread pool's
+    workers, which the interpreter joins at exit, these never make an exiting process wait for a compiler."""
+    futures = []
+    for item in items:
+        future: Future = Future()
+
+        def work(item=item, future=future) -> None:
+            try:
+                future.set_result(function(item))
+            except BaseException as exc:  # the waiter re-raises it
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=name, daemon=True).start()
+        futures.append(future)
+    return futures
+
+
+def wait_all(futures: dict[tuple, Future]) -> dict[tuple, str | None]:
+    """`start_all`'s results once every build is done; an interrupt kills the compilers it waited for."""
     try:
-        return dict(zip(builds, pool.map(build, builds), strict=True))
+        return {spec: future.result() for spec, future in futures.items()}
     except BaseException:
-        _kill_compilers()  # else the pool's shutdown would wait minutes for them
+        _kill_compilers()
         raise
-    finally:
-        pool.shutdown(wait=True)
 
 
-def build_8bit(device, formats: Sequence[str] | None = None, *, progress: bool = True) -> dict[tuple, str | None]:
-    """Before an 8-bit engine build on `device`: the CUTLASS libraries 8-bit layers may run (the GEMM of each
-    format, default all, and the conv library) built side by side, not one after another as each is first used:
-    a run that builds INT8 and FP8 engines waits for one compile, not three. Nothing on a GPU that cannot run
-    them (sm_90a only); what cannot be built is left for `library` to report when it is asked for."""
+def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool = True) -> dict[tuple, str | None]:
+    """`start_all` and wait: {build: None, or why it is unavailable in one line}."""
+    return wait_all(start_all(builds, progress=progress))
+
+
+@dataclass
+class Pending:
+    """The 8-bit libraries being built in the background: their futures and when the build started."""
+
+    futures: dict[tuple, Future]
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+
+    def wait(self) -> dict[tuple, str | None]:
+        results = wait_all(self.futures)
+        if self.finished is None:
+            self.finished = time.perf_counter()
+        return results
+
+    @property
+    def seconds(self) -> float:
+        """From the start of the builds until the first `wait` returned: an upper bound of nvcc's own time."""
+        return (self.finished or time.perf_counter()) - self.started
+
+
+_PENDING: dict[tuple, Pending] = {}
+_PENDING_LOCK = threading.Lock()
+
+
+def start_8bit(device, formats: Sequence[str] | None = None, *, progress: bool = True) -> Pending | None:
+    """Start building the CUTLASS libraries 8-bit layers may run on `device` (the GEMM of each format, default
+    all, and the conv library) in the background, once per process: the CPUs compile while the GPU calibrates or
+    builds another engine, and a run that builds INT8 and FP8 engines waits for one compile, not three. None on a
+    GPU that cannot run them (sm_90a only); what cannot be built is left for `library` to report when it is
+    asked for."""
     from sdxl_core import hardware
     from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
 
     if getattr(device, "type", device) != "cuda" or not hardware.is_hopper(device):
-        return {}
-    builds = [gemm8_cutlass.build(fmt) for fmt in formats or gemm8_cutlass.BUILD_FLAGS]
-    return build_all([*builds, conv_cutlass.BUILD], progress=progress)
+        return None
+    builds = tuple(gemm8_cutlass.build(fmt) for fmt in formats or gemm8_cutlass.BUILD_FLAGS) + (conv_cutlass.BUILD,)
+    with _PENDING_LOCK:
+        if builds not in _PENDING:
+            _PENDING[builds] = Pending(start_all(builds, progress=progress))
+        return _PENDING[builds]
+
+
+def build_8bit(device, formats: Sequence[str] | None = None, *, progress: bool = True) -> dict[tuple, str | None]:
+    """`start_8bit` (or the build it started before) and wait for it: {build: None, or why it is unavailable}."""
+    pending = start_8bit(device, formats, progress=progress)
+    return {} if pending is None else pending.wait()
 
 
 def load_cached(target: Path, build) -> ctypes.CDLL:
@@ -379,19 +440,15 @@ def _compile(
                 + ["-o", str(obj)]
                 for i, obj in enumerate(objects)
             ]
-            pool = ThreadPoolExecutor(max_workers=len(units), thread_name_prefix="nvcc-part")
+            compiles = in_daemon_threads(run_compiler, units, "nvcc-part")
             try:
-                for returncode, output in pool.map(run_compiler, units):
-                    if returncode != 0:
-                        raise _failed(source, output)
-            except KernelUnavailable:
-                pool.shutdown(wait=True, cancel_futures=True)  # parts not started yet are not started
-                raise
+                done = [compile_.result() for compile_ in compiles]
             except BaseException:
                 _kill_compilers()  # an interrupt: the other parts would only be waited for
                 raise
-            finally:
-                pool.shutdown(wait=True)
+            for returncode, output in done:
+                if returncode != 0:
+                    raise _failed(source, output)
             cmd = [nvcc(), *flags, *map(str, objects), "-o", str(out)]
         else:
             parallel = () if threads is None else _threads_flags(nvcc_release(), threads)
