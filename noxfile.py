@@ -1,4 +1,4 @@
-"""Sessions: tests and battery (CPU, what CI runs), demo, gpu_bench (the suite on a Hopper GPU), gpu_engines,
+"""Sessions: tests and battery (CPU, what CI runs), demo, gpu_bench (the suite on a Hopper GPU), gpu_reuse, gpu_engines,
 gpu_kernels, gpu_profile (GPU measurements), quality, baselines, compare.
 
 `tests` and `demo` make their own virtualenv and install the project from pyproject.toml. On a GPU runner
@@ -149,6 +149,28 @@ def gpu_bench(session: nox.Session) -> None:
             os.environ, on_gpu=on_gpu, history_has_runs=history_has_runs, gpus=1 if _chooses_workers(posargs) else gpus
         ),
         *posargs,
+    )
+
+
+@nox.session(python=False)
+def gpu_reuse(session: nox.Session) -> None:
+    """Hopper GPU runner: the opt-in precompiled regions (`-m reuse`): per 8-bit and FP16 variant, a fresh process
+    builds an engine with them and another reuses it, tracing nothing. Apart from gpu_bench, whose answer after an
+    upgrade it would delay by a build per variant; it reuses gpu_bench's calibrations (`SDXL_BENCH_ONNX_DIR`)."""
+    _require_project(session)
+    if not _gpu_count():
+        _refuse(session, "PyTorch sees no CUDA GPU here; run it on a Hopper GPU runner")
+    session.run(
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "reuse",
+        "-p",
+        "no:xdist",
+        f"--model={os.environ.get('SDXL_BENCH_MODEL', 'sdxl-random')}",
+        f"--onnx-dir={os.environ.get('SDXL_BENCH_ONNX_DIR', 'onnx')}",
+        *session.posargs,
     )
 
 

@@ -38,6 +38,7 @@ MARKERS = {
     "tensorrt": "needs the TensorRT Python package with its builder libraries",
     "quality": "compares every variant with its stored baseline (latents, UNet output, image) and 8-bit with FP16",
     "bench": "latency benchmarks (pytest-benchmark); meaningful on a GPU",
+    "reuse": "a reused engine with precompiled regions, in fresh processes that build their own engines (GPU)",
     "slow": "takes more than a few seconds on CPU",
     "needs_variants": "needs_variants(*names): builds these engines; deselected when --variants leaves one out",
     # pytest-xdist's own marker, registered here too: under `-p no:xdist` (one process, as the quality baselines

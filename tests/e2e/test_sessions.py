@@ -157,3 +157,24 @@ def test_suite_options_survive_an_existing_absolute_engine_dir(form, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         assert "unrecognized arguments" not in done.stderr and "tests collected" in done.stdout
         engine_dir.mkdir(exist_ok=True)
+
+
+def test_gpu_reuse_refuses_in_one_line_without_a_gpu(hardware):
+    if hardware["cuda"]:
+        pytest.skip("needs a machine without a CUDA GPU: with one, gpu_reuse builds engines")
+    done = run_nox("-s", "gpu_reuse")
+    assert done.returncode == 2, done.stderr
+    lines = own_lines(done.stderr)
+    assert len(lines) == 1 and "PyTorch sees no CUDA GPU" in lines[0], done.stderr
+
+
+def collected(marker: str) -> set[str]:
+    command = [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-m", marker, "tests/suite"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    return {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
+
+
+def test_gpu_bench_waits_for_no_precompiled_reuse_builds():
+    """The reuse test builds an engine per variant in its own processes: `-m reuse` (gpu_reuse), not `-m bench`."""
+    assert "tests/suite/test_reuse.py" not in collected("bench")
+    assert collected("reuse") == {"tests/suite/test_reuse.py"}
