@@ -344,7 +344,7 @@ def build_unet(
         with startup.phase("kernel_build"):  # what of the CUTLASS build the work above did not hide
             kernels.wait()
         info.kernel_build_s = round(kernels.seconds, 2)
-        startup.note("kernel_build", f"waited for; nvcc ran {kernels.seconds:.1f} s in the background")
+        startup.note("kernel_build", f"waited for; nvcc or the cache ran {kernels.seconds:.1f} s in the background")
     with startup.phase("convert", device) as convert:
         unet, conversion = qmodules.convert_to_real(unet)
     components.unet = unet

@@ -369,7 +369,7 @@ def test_negative_prompt_conditions_the_unconditional_half(build_engine, record_
 
     def latents(scale: float, negative_prompt: str) -> torch.Tensor:
         run = dataclasses.replace(engine, variant=engine.variant.replace(guidance_scale=scale))
-        return run.generate(prompt, seed=seed, negative_prompt=negative_prompt).latents
+        return run.generate(prompt, seed=seed, negative_prompt=negative_prompt).latents.cpu()
 
     def moved(negative_prompt: str) -> float:
         return references.relative_difference(*(latents(g, negative_prompt) for g in scales))

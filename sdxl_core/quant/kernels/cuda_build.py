@@ -273,21 +273,27 @@ def build_all(builds: Sequence[tuple[str, tuple[str, ...]]], *, progress: bool =
 
 @dataclass
 class Pending:
-    """The 8-bit libraries being built in the background: their futures and when the build started."""
+    """The 8-bit libraries being built (or found in the cache) in the background: their futures, and when the
+    builds started and the last of them ended."""
 
     futures: dict[tuple, Future]
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
 
-    def wait(self) -> dict[tuple, str | None]:
-        results = wait_all(self.futures)
-        if self.finished is None:
+    def __post_init__(self):
+        for future in self.futures.values():
+            future.add_done_callback(self._done)
+
+    def _done(self, _future) -> None:
+        if all(f.done() for f in self.futures.values()):
             self.finished = time.perf_counter()
-        return results
+
+    def wait(self) -> dict[tuple, str | None]:
+        return wait_all(self.futures)
 
     @property
     def seconds(self) -> float:
-        """From the start of the builds until the first `wait` returned: an upper bound of nvcc's own time."""
+        """How long the builds ran (so far, while they run): nvcc's wall time, or a cache lookup's."""
         return (self.finished or time.perf_counter()) - self.started
 
 
@@ -309,7 +315,8 @@ def start_8bit(device, formats: Sequence[str] | None = None, *, progress: bool =
     builds = tuple(gemm8_cutlass.build(fmt) for fmt in formats or gemm8_cutlass.BUILD_FLAGS) + (conv_cutlass.BUILD,)
     with _PENDING_LOCK:
         if builds not in _PENDING:
-            _PENDING[builds] = Pending(start_all(builds, progress=progress))
+            started = time.perf_counter()
+            _PENDING[builds] = Pending(start_all(builds, progress=progress), started)
         return _PENDING[builds]
 
 
