@@ -248,6 +248,7 @@ def calibrate_or_reuse(
     """Quantize `unet` in place: restore the calibration saved in `calibration_file` when it was made for
     `meta`, else calibrate by running `forward_loop(unet)` (and save it there). Returns "reused" or
     "calibrated"."""
+    _skip_modelopt_cuda_extension()  # on either path: converting a restored calibration fake-quantizes weights too
     if calibration_file is not None and calibration_file.exists():
         try:
             load_calibration(unet, calibration_file, meta)
@@ -263,11 +264,14 @@ def calibrate_or_reuse(
 
 
 def _skip_modelopt_cuda_extension() -> None:
-    """Calibrate with ModelOpt's pure-torch fake quantization instead of its CUDA extension.
+    """Calibrate, and convert to 8-bit modules, with ModelOpt's pure-torch fake quantization instead of its CUDA
+    extension.
 
     The extension is JIT-compiled with nvcc on first use: 67 s on the H100 runner, on every fresh machine
     (docs/perf). Calibration only collects amax statistics, and ModelOpt falls back to the torch kernels
-    (same rounding) when the extension is absent. SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps the extension.
+    (same rounding) when the extension is absent. A restored calibration needs it as much: converting fake-
+    quantizes each weight once, which on Hopper compiled the extension inside `convert` (53 s) when only the
+    fresh-calibration path skipped it. SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps the extension.
     """
     if settings.modelopt_cuda_ext():
         return

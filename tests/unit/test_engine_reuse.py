@@ -72,11 +72,18 @@ def test_a_second_session_builds_nothing(built_int8, no_calibration):
 
 
 def test_calibration_state_is_reused_when_only_the_engine_is_gone(built_int8, tmp_path, monkeypatch):
+    from modelopt.torch.quantization import extensions
+
     _, onnx_dir, before = built_int8
     monkeypatch.setattr(quantize, "quantize_unet", lambda *a, **k: pytest.fail("recalibrated"))
+    for loader in (extensions.get_cuda_ext, extensions.get_cuda_ext_fp8):  # as in a fresh process
+        monkeypatch.delattr(loader, "extension", raising=False)
     components, engines = prepare(INT8, tmp_path / "fresh-engines", onnx_dir)
     assert engines.info.calibration == "reused" and engines.info.mode == "built"
     assert image_bytes(INT8, components, engines) == before
+    # Converting the restored calibration fake-quantizes the weights: with ModelOpt's torch kernels, not its CUDA
+    # extension, which a GPU would JIT-compile with nvcc first (53 s on Hopper)
+    assert extensions.get_cuda_ext.extension is None and extensions.get_cuda_ext_fp8.extension is None
 
 
 def test_a_corrupt_calibration_file_is_recalibrated_with_a_message(tmp_path, capfd):
