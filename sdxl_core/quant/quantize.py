@@ -270,8 +270,9 @@ def _skip_modelopt_cuda_extension() -> None:
     The extension is JIT-compiled with nvcc on first use: 67 s on the H100 runner, on every fresh machine
     (docs/perf). Calibration only collects amax statistics, and ModelOpt falls back to the torch kernels
     (same rounding) when the extension is absent. A restored calibration needs it as much: converting fake-
-    quantizes each weight once, which on Hopper compiled the extension inside `convert` (53 s) when only the
-    fresh-calibration path skipped it. SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps the extension.
+    quantizes each weight once: a Hopper build that restored its calibration spent 53 s in `convert` (1-2 s
+    otherwise) while only the fresh-calibration path skipped the extension, the compile's cost and place.
+    SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps the extension.
     """
     if settings.modelopt_cuda_ext():
         return

@@ -82,7 +82,7 @@ def test_calibration_state_is_reused_when_only_the_engine_is_gone(built_int8, tm
     assert engines.info.calibration == "reused" and engines.info.mode == "built"
     assert image_bytes(INT8, components, engines) == before
     # Converting the restored calibration fake-quantizes the weights: with ModelOpt's torch kernels, not its CUDA
-    # extension, which a GPU would JIT-compile with nvcc first (53 s on Hopper)
+    # extension, which a GPU would JIT-compile with nvcc first
     assert extensions.get_cuda_ext.extension is None and extensions.get_cuda_ext_fp8.extension is None
 
 
