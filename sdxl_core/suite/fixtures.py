@@ -123,18 +123,19 @@ def engine_cache():
 
 @pytest.fixture(scope="session")
 def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig, engine_cache, hardware):
-    """name -> run.Run (variant, components, engines; `generate`), built once per session (the file lock keeps
-    xdist workers from building twice)."""
+    """(name, **changes) -> run.Run (variant, components, engines; `generate`), built once per session (the file lock
+    keeps xdist workers from building twice). `changes` are Variant fields (`batch_size=2`): another engine."""
     from sdxl_core import run
 
     threads = None if hardware["cuda"] else 1  # as _one_cpu_thread_per_worker: xdist runs a worker per core
     options = run.Options(engine_dir=engine_dir, onnx_dir=onnx_dir, threads=threads, progress=False)
 
-    def build(name: str) -> run.Run:
+    def build(name: str, **changes) -> run.Run:
         if not engine_cache:  # the first engine of the session: nvcc starts on what the 8-bit ones need
             run.start_kernel_builds([suite_variant(n) for n in selected_variants(pytestconfig)], suite_device)
-        if name not in engine_cache:
-            variant = suite_variant(name).replace(backend=pytestconfig.getoption("--backend"))
+        label = " ".join([name, *(f"{k}={v}" for k, v in sorted(changes.items()))])
+        if label not in engine_cache:
+            variant = suite_variant(name).replace(backend=pytestconfig.getoption("--backend"), **changes)
             started = time.perf_counter()
             startup = Startup()
             try:
@@ -150,7 +151,7 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
                 raise
             ENGINE_RECORDS.append(
                 {
-                    "variant": name,
+                    "variant": label,
                     "mode": ready.info.mode,
                     "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
                     "seconds": round(time.perf_counter() - started, 1),
@@ -159,8 +160,8 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
                 }
             )
             summary.show_engine(pytestconfig, ENGINE_RECORDS[-1])
-            engine_cache[name] = ready
-        return engine_cache[name]
+            engine_cache[label] = ready
+        return engine_cache[label]
 
     return build
 

@@ -4,7 +4,7 @@ Each patch names a file of the repository, a text that must occur in it exactly 
 naming the bug, when the code moved and the text is gone) and what replaces it. Together they cover quantization
 scales and rounding, SmoothQuant, GEMM epilogue terms, weight layout and QKV fusion order, scheduler timesteps and
 sigmas, guidance, CFG batch order, VAE scaling, LoRA scale, pooled text embeddings, the text encoder's layer, the
-size conditioning, the stochastic schedulers' noise and dtype downcasts. Every one
+size conditioning, the stochastic schedulers' noise, batches of several prompts and dtype downcasts. Every one
 must make `pytest -m quality` fail on `tiny` (CPU) and on `sdxl-random` (Hopper).
 
 Each bug also names the variants it changes, and its run selects only their quality tests (`--variants`): one
@@ -217,6 +217,26 @@ BUGS = (
         "texts = ([negative_prompt] * batch + list(prompts))",
         'texts = ([""] * batch + list(prompts))',
         "the unconditional half of the CFG batch encodes the empty prompt whatever negative prompt was given",
+    ),
+    Bug(
+        "cfg_halves_interleaved",
+        (FP16,),
+        "CFG batch order",
+        "sdxl_core/pipeline.py",
+        "texts = ([negative_prompt] * batch + list(prompts)) if variant.do_cfg else list(prompts)",
+        "texts = [t for p in prompts for t in (negative_prompt, p)] if variant.do_cfg else list(prompts)",
+        "the texts of a batch interleave negative and positive prompts while the UNet output is split in halves:"
+        " the same as before at batch 1",
+    ),
+    Bug(
+        "batch_noise_shared",
+        (FP16,),
+        "initial noise",
+        "sdxl_core/pipeline.py",
+        "latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)",
+        "latents = torch.randn((1, *latent_shape[1:]), generator=generator, dtype=torch.float32)"
+        ".repeat(batch, 1, 1, 1).to(device)",
+        "every image of a batch starts from the first image's noise: the same as before at batch 1",
     ),
     Bug(
         "time_ids_in_latent_units",
