@@ -239,6 +239,15 @@ BUGS = (
         "every image of a batch starts from the first image's noise: the same as before at batch 1",
     ),
     Bug(
+        "time_ids_height_width_swapped",
+        (FP16,),
+        "micro-conditioning",
+        "sdxl_core/pipeline.py",
+        "[[variant.height, variant.width, 0, 0, variant.height, variant.width]]",
+        "[[variant.width, variant.height, 0, 0, variant.width, variant.height]]",
+        "the size conditioning gives (width, height) where SDXL takes (height, width): the same for square images",
+    ),
+    Bug(
         "time_ids_in_latent_units",
         (FP16,),
         "micro-conditioning",

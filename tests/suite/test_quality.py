@@ -48,6 +48,11 @@ NEGATIVE_PROMPT_LIMIT = 0.04
 # Hopper yet: the batch limit is the negative prompt's (identical inputs rounded apart on a GPU), the share a
 # quarter of the smaller correct value (0.96).
 BATCH_LIMIT = NEGATIVE_PROMPT_LIMIT
+# Our pipeline against diffusers' SDXL pipeline on `tiny` on the CPU, as the largest relative difference of any UNet
+# input or the final latents: measured 2.2e-6 (FP16: the pooled embeddings round apart by a batch's make-up, and the
+# latents carry it), 0 for LCM-LoRA and Turbo. 1e-4: 45 times that; height and width swapped in the size
+# conditioning measure 0.39 there (0.51 in the next step's latents).
+REFERENCE_LIMIT = 1e-4
 DISTINCT_SHARE = 0.25
 
 
@@ -441,6 +446,91 @@ def test_a_batch_renders_each_prompt_as_it_renders_alone(build_engine, record_pr
     assert moved["one_prompt_twice"] >= DISTINCT_SHARE * prompt_moves, (
         f"one prompt twice in a batch gives (nearly) the same image twice ({moved['one_prompt_twice']:.3g}): "
         "the images share their noise"
+    )
+
+
+class _Stop(Exception):
+    """Ends a reference pipeline run once it has what the test compares."""
+
+
+@pytest.mark.parametrize("name", each_variant([FP16, "xl-1.0-lcm-lora", "xl-turbo"]))
+def test_the_unet_gets_what_diffusers_sdxl_pipeline_gives_it(name, tmp_path):
+    """Against the reference, not a stored render: diffusers' StableDiffusionXLPipeline, run on the same `tiny`
+    components, scheduler and initial noise, for a batch of two prompts with a negative prompt at a non-square
+    size, which no stored case covers. Every UNet call gets the same inputs (latents, timestep, text states,
+    pooled embeddings, size conditioning) and the final latents agree. On the CPU whatever the suite's device: it
+    checks the pipeline's logic, not a kernel. `force_zeros_for_empty_prompt` is off: the demo encodes an empty
+    negative prompt, as this pipeline does."""
+    import dataclasses
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_core import models, pipeline, run
+    from sdxl_core.variants import get_variant, on_model
+
+    variant = on_model(get_variant(name), "tiny").replace(height=64, width=96)
+    if variant.lora_path:
+        models.make_builtin_lora("tiny", tmp_path)
+        variant = variant.replace(lora_path=str(tmp_path / "pytorch_lora_weights.safetensors"))
+    ready = run.prepare(variant, run.Options(engine_dir=None, progress=False), device=torch.device("cpu"))
+    parts = ready.components
+    prompts, negative, seed = ["a red fox in fresh snow", "a lighthouse at dusk"], "blurry, low quality", 7
+    ours, reference = [], []
+
+    def recorded(sample, t, hidden, text_embeds, time_ids):
+        ours.append((sample, t, hidden, text_embeds, time_ids))
+        return ready.engines.unet(sample, t, hidden, text_embeds, time_ids)
+
+    engines = dataclasses.replace(ready.engines, unet=recorded)
+    latents = pipeline.txt2img(engines, parts, variant, prompts, negative_prompt=negative, seed=seed).latents
+
+    def hook(_module, args, kwargs):
+        added = kwargs["added_cond_kwargs"]
+        reference.append((args[0], args[1], kwargs["encoder_hidden_states"], added["text_embeds"], added["time_ids"]))
+
+    scheduler = pipeline.make_scheduler(variant.scheduler, parts.scheduler_config, turbo=variant.version == "xl-turbo")
+    reference_pipeline = StableDiffusionXLPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2,
+        unet=parts.unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=False,
+    )
+    reference_pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)  # the noise first, then the scheduler's draws, as ours
+    noise = torch.randn((len(prompts), 4, variant.height // 8, variant.width // 8), generator=generator)
+    handle = parts.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        expected = reference_pipeline(
+            prompt=prompts,
+            negative_prompt=[negative] * len(prompts) if variant.do_cfg else None,
+            height=variant.height,
+            width=variant.width,
+            num_inference_steps=variant.steps,
+            guidance_scale=variant.guidance_scale,
+            latents=noise,
+            generator=generator,
+            output_type="latent",
+        ).images
+    finally:
+        handle.remove()
+    assert len(ours) == len(reference) == variant.steps, (len(ours), len(reference))
+    names = ("latents in", "timestep", "text states", "pooled text embeddings", "size conditioning")
+    moved = {}
+    for step, (mine, theirs) in enumerate(zip(ours, reference, strict=True)):
+        for what, a, b in zip(names, mine, theirs, strict=True):
+            a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float().reshape(torch.as_tensor(a).shape)
+            moved[f"UNet call {step}: {what}"] = references.relative_difference(a, b)
+    moved["final latents"] = references.relative_difference(latents.float(), expected.float())
+    worst = max(moved, key=moved.get)
+    print(f"{name}: worst difference from diffusers' pipeline {moved[worst]:.3g} ({worst})")
+    over = [what for what, value in moved.items() if value > REFERENCE_LIMIT]
+    assert not over, (  # the first input that differs says most: later ones differ because of it
+        f"{over[0]} differs from diffusers' StableDiffusionXLPipeline by {moved[over[0]]:.3g} (limit "
+        f"{REFERENCE_LIMIT}; {len(over)} of {len(moved)} compared tensors differ, the worst {worst})"
     )
 
 
