@@ -27,6 +27,7 @@ from sdxl_core.models.configs import (
 from sdxl_core.models.hub import (
     check_hub_source,
     check_model_name,
+    diffusers_pipeline,
     from_pretrained,
     fuse_lora,
     hub_reachable,
@@ -57,6 +58,7 @@ __all__ = [
     "builtin_tokenizer",
     "check_hub_source",
     "check_model_name",
+    "diffusers_pipeline",
     "count_parameters",
     "from_pretrained",
     "fuse_lora",

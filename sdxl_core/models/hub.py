@@ -142,23 +142,30 @@ def _shape_only_unet(config: dict) -> torch.nn.Module:
         return UNet2DConditionModel.from_config(config).eval()
 
 
-def fuse_lora(components: Components, lora_path: str, scale: float) -> None:
-    """Load a diffusers-format SDXL LoRA (hub id, dir or .safetensors file) and fuse it at `scale`."""
+def diffusers_pipeline(components: Components, scheduler, **options):
+    """diffusers' StableDiffusionXLPipeline over `components` (shared, not copied): what loads a LoRA, and the
+    reference the suite holds this project's pipeline against."""
     from diffusers import StableDiffusionXLPipeline
 
-    path = Path(lora_path).expanduser()
-    is_local = path.exists() or lora_path.endswith(".safetensors") or lora_path.startswith((".", "/", "~"))
-    if is_local and not path.exists():
-        raise UserError(f"--lora-path {lora_path} does not exist")
-    pipe = StableDiffusionXLPipeline(
+    return StableDiffusionXLPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         text_encoder_2=components.text_encoder_2,
         tokenizer=components.tokenizer,
         tokenizer_2=components.tokenizer_2,
         unet=components.unet,
-        scheduler=_any_scheduler(components.scheduler_config),
+        scheduler=scheduler,
+        **options,
     )
+
+
+def fuse_lora(components: Components, lora_path: str, scale: float) -> None:
+    """Load a diffusers-format SDXL LoRA (hub id, dir or .safetensors file) and fuse it at `scale`."""
+    path = Path(lora_path).expanduser()
+    is_local = path.exists() or lora_path.endswith(".safetensors") or lora_path.startswith((".", "/", "~"))
+    if is_local and not path.exists():
+        raise UserError(f"--lora-path {lora_path} does not exist")
+    pipe = diffusers_pipeline(components, _any_scheduler(components.scheduler_config))
     weight_name = path.name if path.is_file() else None
     source = str(path.parent if path.is_file() else path) if is_local else lora_path
     try:

@@ -463,8 +463,6 @@ def test_the_unet_gets_what_diffusers_sdxl_pipeline_gives_it(name, tmp_path):
     negative prompt, as this pipeline does."""
     import dataclasses
 
-    from diffusers import StableDiffusionXLPipeline
-
     from sdxl_core import models, pipeline, run
     from sdxl_core.variants import get_variant, on_model
 
@@ -489,16 +487,7 @@ def test_the_unet_gets_what_diffusers_sdxl_pipeline_gives_it(name, tmp_path):
         reference.append((args[0], args[1], kwargs["encoder_hidden_states"], added["text_embeds"], added["time_ids"]))
 
     scheduler = pipeline.make_scheduler(variant.scheduler, parts.scheduler_config, turbo=variant.version == "xl-turbo")
-    reference_pipeline = StableDiffusionXLPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        text_encoder_2=parts.text_encoder_2,
-        tokenizer=parts.tokenizer,
-        tokenizer_2=parts.tokenizer_2,
-        unet=parts.unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=False,
-    )
+    reference_pipeline = models.diffusers_pipeline(parts, scheduler, force_zeros_for_empty_prompt=False)
     reference_pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(seed)  # the noise first, then the scheduler's draws, as ours
     noise = torch.randn((len(prompts), 4, variant.height // 8, variant.width // 8), generator=generator)
