@@ -139,14 +139,19 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_run_killed_while_nvcc_compiles_leaves_no_compiler_running(tmp_path):
-    (tmp_path / "bin").mkdir()
-    pids = tmp_path / "pids"
-    nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.write_text(FAKE_NVCC.format(pids=pids))
+def sleeping_nvcc(root: Path, script: str) -> tuple[Path, dict]:
+    """A CUDA_HOME at `root` whose nvcc (`script`) sleeps and writes its own and the sleep's pids to root/pids, a
+    kernel source root/k.cu, and the environment that points a child process at them: (the pids file, env)."""
+    (root / "bin").mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(script.format(pids=root / "pids"))
     nvcc.chmod(0o755)
-    (tmp_path / "k.cu").write_text("// a kernel\n")
-    env = {**os.environ, "CUDA_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    (root / "k.cu").write_text("// a kernel\n")
+    return root / "pids", {**os.environ, "CUDA_HOME": str(root), "PYTHONPATH": str(ROOT)}
+
+
+def test_a_run_killed_while_nvcc_compiles_leaves_no_compiler_running(tmp_path):
+    pids, env = sleeping_nvcc(tmp_path, FAKE_NVCC)
     run = subprocess.Popen([sys.executable, "-c", COMPILE, str(tmp_path / "k.cu"), str(tmp_path / "k.so")], env=env)
     compiler = []
     try:
@@ -443,14 +448,8 @@ while not (root / "pids").exists() or not (root / "pids").read_text().endswith("
 
 
 def test_a_run_that_ends_while_nvcc_compiles_in_the_background_neither_waits_nor_leaves_it(tmp_path):
-    (tmp_path / "bin").mkdir()
     (tmp_path / "cache").mkdir(mode=0o755)
-    pids = tmp_path / "pids"
-    nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.write_text(BACKGROUND_NVCC.format(pids=pids))
-    nvcc.chmod(0o755)
-    (tmp_path / "k.cu").write_text("// a kernel\n")
-    env = {**os.environ, "CUDA_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    pids, env = sleeping_nvcc(tmp_path, BACKGROUND_NVCC)
     env[cuda_build.CACHE_ENV] = str(tmp_path / "cache")
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", ENDS_WHILE_COMPILING, str(tmp_path)], env=env, timeout=120)
