@@ -57,7 +57,7 @@ class EngineInfo:
     calibration_s: float | None = None
     convert_s: float | None = None
     gemm_dispatch_s: float | None = None
-    kernel_build_s: float | None = None  # nvcc of the CUTLASS libraries, in the background (torch, Hopper)
+    kernel_build_s: float | None = None  # the CUTLASS libraries built or found cached, in the background (Hopper)
     save_s: float | None = None
     build_s: float | None = None
     compile_s: float | None = None

@@ -269,10 +269,9 @@ def _skip_modelopt_cuda_extension() -> None:
 
     The extension is JIT-compiled with nvcc on first use: 67 s on the H100 runner, on every fresh machine
     (docs/perf). Calibration only collects amax statistics, and ModelOpt falls back to the torch kernels
-    (same rounding) when the extension is absent. A restored calibration needs it as much: converting fake-
-    quantizes each weight once: a Hopper build that restored its calibration spent 53 s in `convert` (1-2 s
-    otherwise) while only the fresh-calibration path skipped the extension, the compile's cost and place.
-    SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps the extension.
+    (same rounding) when the extension is absent. Converting a restored calibration fake-quantizes each weight
+    once, so it needs the skip as much: while only fresh calibration skipped the extension, a Hopper build that
+    restored its calibration spent 53 s in `convert` (1-2 s otherwise). SDXL_BENCH_MODELOPT_CUDA_EXT=1 keeps it.
     """
     if settings.modelopt_cuda_ext():
         return
