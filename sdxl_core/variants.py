@@ -178,6 +178,22 @@ class Variant:
             )
         return knobs
 
+    def calibration_knobs(self) -> dict:
+        """What an 8-bit build's calibration forward passes see, whatever the format: variants that agree on
+        these can share one set of passes (`sdxl_core.quant.activation_record`)."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "lora": (self.lora_path, self.lora_scale) if self.lora_path else None,
+            "fused_qkv": self.fused_qkv,
+            "height": self.height,
+            "width": self.width,
+            "calibration_size": self.calibration_size,
+            "steps": self.steps,
+            "scheduler": self.scheduler,
+            "guidance_scale": self.guidance_scale,
+        }
+
     def _key_parts(self) -> list[str]:
         parts = [f"unetxl-{self.precision}"]
         if self.precision == "int8":

@@ -329,6 +329,8 @@ def build_unet(
         from sdxl_core.quant import quantize
 
     calibration_file = Path(onnx_dir) / key / "calibration.pt" if onnx_dir else None
+    record_meta = record_knobs(variant, device, dtype)
+    record_file = quantize.activation_record.path_in(onnx_dir, record_meta) if onnx_dir else None
     with startup.phase("calibration", device) as calibration:
         info.calibration = quantize.calibrate_or_reuse(
             unet,
@@ -337,9 +339,13 @@ def build_unet(
             calibration_file,
             {"engine_key": key, "precision": variant.precision, "level": variant.quant_level},
             progress,
+            record_file=record_file,
+            record_meta=record_meta,
         )
     if info.calibration == "reused":
         startup.note("calibration", f"reused from {calibration_file}")
+    elif info.calibration == "shared":
+        startup.note("calibration", f"replayed the activations recorded in {record_file}")
     if kernels is not None:
         with startup.phase("kernel_build"):  # what of the CUTLASS build the work above did not hide
             kernels.wait()
@@ -356,6 +362,25 @@ def build_unet(
             info.gemm_timings = _dispatch(unet, variant, device, dtype, progress, channels_last)
         info.gemm_dispatch_s = round(timed.seconds, 2)
     return unet
+
+
+def record_knobs(variant, device, dtype) -> dict:
+    """What an activation record depends on: the calibration passes' knobs, and what rounds their arithmetic
+    (dtype, device, library versions)."""
+    from sdxl_core.quant import quantize
+    from sdxl_core.quant.activation_record import RECORD_FORMAT
+    from sdxl_core.quant.quantize import CALIBRATION_BATCH
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "format": RECORD_FORMAT,
+        **variant.calibration_knobs(),
+        "calibration_batch": CALIBRATION_BATCH,
+        "attention": quantize.needs_attention(variant),
+        "dtype": str(dtype),
+        "device": gpu or device.type,
+        "libraries": library_versions(),
+    }
 
 
 def layer_counts(unet: torch.nn.Module) -> tuple[dict[str, int], dict[str, int]]:

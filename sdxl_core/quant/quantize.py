@@ -11,9 +11,11 @@ INT8: SmoothQuant (alpha from the variant) on the linear layers, per-output-chan
 activations; conv inputs use `PercentileCalibrator` (per-step amax combined by min-mean); conv weights per
 channel. FP8 (E4M3): per-tensor weights and activations, max calibration.
 
-`mtq.quantize` converts the UNet in place (modules become ModelOpt fake-quant modules) and calls
-`forward_loop(unet)` exactly once; every UNet call inside it counts as one denoising step for the
-percentile calibrator, so the loop must run whole txt2img runs of `variant.steps` steps each.
+The calibration passes run once per set of calibration knobs, whatever the format: `forward_loop(unet)` runs on
+the plain UNet while `activation_record` records what each quantizer would collect, and `mtq.quantize` converts
+the UNet in place (modules become ModelOpt fake-quant modules) and calibrates from the replayed record. Every
+UNet call counts as one denoising step for the percentile calibrator, so the loop must run whole txt2img runs
+of `variant.steps` steps each.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from modelopt.torch.quantization.calib.max import MaxCalibrator
 from sdxl_core import settings
 from sdxl_core.errors import UserError
 from sdxl_core.files import atomic_path
+from sdxl_core.quant import activation_record
 from sdxl_core.variants import Variant
 
 EXCLUDED = ("time_emb_proj", "time_embedding", "add_embedding", "conv_in", "conv_out", "conv_shortcut")
@@ -47,7 +50,7 @@ LEVEL_CATEGORIES = {
     4.0: ("conv", "ffn", "qkv", "other_linear", "attention"),
 }
 QKV_KEYS = ("to_q", "to_k", "to_v")
-ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
+ATTENTION_QUANTIZERS = tuple(activation_record.ATTENTION_QUANTIZERS.values())
 CALIBRATION_FORMAT = "sdxl-bench-calibration/1"
 CALIBRATION_BATCH = 2  # prompts per calibration batch, as the reference demo
 
@@ -217,23 +220,38 @@ def quant_config(variant: Variant) -> dict:
 
 
 def quantize_unet(
-    unet: torch.nn.Module, variant: Variant, forward_loop: Callable[[torch.nn.Module], None], progress: bool = True
+    unet: torch.nn.Module,
+    variant: Variant,
+    forward_loop: Callable[[torch.nn.Module], None] | None = None,
+    progress: bool = True,
+    *,
+    record: activation_record.ActivationRecord | None = None,
 ) -> torch.nn.Module:
-    """Insert ModelOpt quantizers into `unet` (in place), calibrate them with `forward_loop(unet)`, return it."""
+    """Insert ModelOpt quantizers into `unet` (in place) and calibrate them on the activations of
+    `forward_loop(unet)`, recorded now, or on `record`, recorded earlier on this UNet by any variant with the
+    same calibration knobs (`Variant.calibration_knobs`). Returns the UNet."""
     import modelopt.torch.quantization as mtq
 
     config = quant_config(variant)
     _skip_modelopt_cuda_extension()
-    if "attention" in LEVEL_CATEGORIES[variant.quant_level]:
+    if record is None:
+        if forward_loop is None:
+            raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
+        if progress:
+            print(f"[quantize] recording calibration activations ({variant.precision})", file=sys.stderr)
+        record = activation_record.record(unet, forward_loop, attention=needs_attention(variant), progress=progress)
+    if needs_attention(variant):
         _use_bmm_attention(unet)
     start = time.perf_counter()
-    if progress:
-        print(f"[quantize] {variant.precision} level {variant.quant_level:g}: calibrating", file=sys.stderr)
     with _modelopt_quiet(verbose=progress):
-        unet = mtq.quantize(unet, config, forward_loop)
+        unet = mtq.quantize(unet, config, activation_record.replay(record))
     if progress:
         counts = {c: len(names) for c, names in quantized_layers(unet).items() if names}
-        print(f"[quantize] quantized {counts} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(
+            f"[quantize] {variant.precision} level {variant.quant_level:g}: quantized {counts} "
+            f"in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
     return unet
 
 
@@ -244,23 +262,50 @@ def calibrate_or_reuse(
     calibration_file,
     meta: dict,
     progress: bool,
+    record_file=None,
+    record_meta: dict | None = None,
 ) -> str:
-    """Quantize `unet` in place: restore the calibration saved in `calibration_file` when it was made for
-    `meta`, else calibrate by running `forward_loop(unet)` (and save it there). Returns "reused" or
-    "calibrated"."""
-    _skip_modelopt_cuda_extension()  # on either path: converting a restored calibration fake-quantizes weights too
+    """Quantize `unet` in place, the cheapest way its files allow:
+
+    "reused"      the calibration saved in `calibration_file` for `meta` is restored;
+    "shared"      the activations another variant recorded in `record_file` for `record_meta` are replayed
+                  (no forward pass);
+    "calibrated"  `forward_loop(unet)` runs once, its record is saved in `record_file` for the next variant and
+                  the calibration in `calibration_file`.
+    """
+    _skip_modelopt_cuda_extension()  # on every path: converting a restored calibration fake-quantizes weights too
     if calibration_file is not None and calibration_file.exists():
         try:
             load_calibration(unet, calibration_file, meta)
             return "reused"
         except CalibrationMismatch as mismatch:
             print(f"warning: {mismatch}; recalibrating", file=sys.stderr)
-    if forward_loop is None:
-        raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
-    quantize_unet(unet, variant, forward_loop, progress=progress)
+    how, record = "calibrated", None
+    if record_file is not None and record_file.exists():
+        try:
+            record = activation_record.load(record_file, record_meta, _device_of(unet))
+            how = "shared"
+        except activation_record.RecordMismatch as mismatch:
+            print(f"warning: {mismatch}", file=sys.stderr)
+    if record is None:
+        if forward_loop is None:
+            raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
+        record = activation_record.record(unet, forward_loop, attention=needs_attention(variant), progress=progress)
+        if record_file is not None:
+            activation_record.save(record, record_file, record_meta)
+    quantize_unet(unet, variant, progress=progress, record=record)
     if calibration_file is not None:
         save_calibration(unet, calibration_file, meta)
-    return "calibrated"
+    return how
+
+
+def needs_attention(variant: Variant) -> bool:
+    """Whether the variant quantizes attention (FP8 level 4), so its calibration needs attention statistics."""
+    return "attention" in LEVEL_CATEGORIES[variant.quant_level]
+
+
+def _device_of(unet: torch.nn.Module) -> torch.device:
+    return next(unet.parameters()).device
 
 
 def _skip_modelopt_cuda_extension() -> None:

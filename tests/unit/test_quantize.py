@@ -472,9 +472,12 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def calibrate_through_the_pipeline(components, variant, monkeypatch, max_calibrator):
-    """Calibrate tiny's UNet with the real calibration loop and the given max calibrator class. Returns the UNet
-    and, per UNet call, (host reads, reductions of a weight parameter) made inside the call."""
+def calibrate_through_the_pipeline(components, variant, monkeypatch, max_calibrator, product=False):
+    """Calibrate tiny's UNet with the real calibration loop and the given max calibrator class: ModelOpt's own way
+    (its quantizers collect inside each UNet call), or the product's (`quantize_unet`: the calls are recorded, then
+    replayed into the quantizers). Returns the UNet and, per UNet call, (host reads, reductions of a weight
+    parameter) made inside the call."""
+    import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization import utils as quant_utils
 
     from sdxl_core import engines
@@ -504,12 +507,15 @@ def calibrate_through_the_pipeline(components, variant, monkeypatch, max_calibra
     monkeypatch.setattr(engines, "unet_stage", counting_stage)
     unet = copy.deepcopy(components.unet)
     loop_components = dataclasses.replace(components, unet=unet)
-    quantize.quantize_unet(
-        unet,
-        variant,
-        calibration_loop(loop_components, variant, torch.device("cpu"), torch.float32, False),
-        progress=False,
-    )
+    loop = calibration_loop(loop_components, variant, torch.device("cpu"), torch.float32, False)
+    if product:
+        quantize.quantize_unet(unet, variant, loop, progress=False)
+    else:
+        quantize._skip_modelopt_cuda_extension()
+        if variant.quant_level == 4.0:
+            quantize._use_bmm_attention(unet)
+        with quantize._modelopt_quiet(verbose=False):
+            mtq.quantize(unet, quantize.quant_config(variant), loop)
     monkeypatch.undo()
     return unet, calls
 
@@ -519,8 +525,8 @@ def test_sync_free_calibration_gives_modelopts_scales_bit_for_bit(precision, lev
     """The real calibration loop on tiny (2 batches of 2 prompts x 3 steps): INT8 level 3 (SmoothQuant, per-channel
     weights, percentile conv inputs) and FP8 level 4 (max everywhere, attention quantizers too). Every quantizer
     buffer (amax, SmoothQuant's pre_quant_scale) and every weight SmoothQuant rescaled equals ModelOpt's own
-    max calibrator's result exactly; each UNet call reads nothing back to the host and reduces no weight (each
-    weight's amax is computed once, before the loop), where ModelOpt's calibrator syncs 3 times per quantizer."""
+    max calibrator's result exactly. The product's calibration (recorded, then replayed) reads nothing back to the
+    host and reduces no weight inside a UNet call, where ModelOpt's calibrator syncs 3 times per quantizer."""
     from modelopt.torch.quantization.calib.max import MaxCalibrator
 
     variant = Variant(
@@ -528,7 +534,10 @@ def test_sync_free_calibration_gives_modelopts_scales_bit_for_bit(precision, lev
     )
     components = build_builtin("tiny")
     slow, slow_calls = calibrate_through_the_pipeline(components, variant, monkeypatch, MaxCalibrator)
-    fast, fast_calls = calibrate_through_the_pipeline(components, variant, monkeypatch, quantize.SyncFreeMaxCalibrator)
+    fast, _ = calibrate_through_the_pipeline(components, variant, monkeypatch, quantize.SyncFreeMaxCalibrator)
+    _, fast_calls = calibrate_through_the_pipeline(
+        components, variant, monkeypatch, quantize.SyncFreeMaxCalibrator, product=True
+    )
     slow_state, fast_state = slow.state_dict(), fast.state_dict()
     assert slow_state.keys() == fast_state.keys()
     differing = [k for k in slow_state if not torch.equal(slow_state[k], fast_state[k])]
@@ -549,7 +558,7 @@ def test_sync_free_calibration_gives_modelopts_scales_bit_for_bit(precision, lev
                 module.input_quantizer._amax_for_smoothing, slow.get_submodule(name).input_quantizer._amax_for_smoothing
             ), name
     assert len(fast_calls) == len(slow_calls) == 2 * variant.steps
-    print(f"\nper UNet call, (host reads, weight reductions): ModelOpt's {slow_calls[0]}, sync-free {fast_calls[0]}")
+    print(f"\nper UNet call, (host reads, weight reductions): ModelOpt's {slow_calls[0]}, recorded {fast_calls[0]}")
     max_quantizers = [
         m
         for m in slow.modules()
