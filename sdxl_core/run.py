@@ -372,8 +372,8 @@ def _engine_done(info: EngineInfo, startup: Startup) -> str:
 def calibration_loop(components, variant: Variant, device, dtype, progress: bool) -> Callable[[torch.nn.Module], None]:
     """The calibration passes, recorded by `quant.activation_record`: the real pipeline on the packaged prompts at
     the variant's step count, in batches of CALIBRATION_BATCH prompts (as the reference demo), decoding nothing
-    (calibration needs no pixels). Both backends calibrate through it. Cheap to make: the stages are taken from `components` when it
-    runs, after the backend has moved them to the device."""
+    (calibration needs no pixels). Both backends calibrate through it. Cheap to make: the stages are taken from
+    `components` when it runs, after the backend has moved them to the device."""
 
     def forward_loop(unet) -> None:
         from tqdm.auto import tqdm
