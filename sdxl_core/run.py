@@ -360,6 +360,7 @@ def _engine_phase(variant: Variant, options: Options) -> str:
 def _engine_done(info: EngineInfo, startup: Startup) -> str:
     calibration = {
         "calibrated": f", calibrated in {info.calibration_s or 0:.1f} s",
+        "shared": f", calibrated in {info.calibration_s or 0:.1f} s from the passes another 8-bit format recorded",
         "reused": ", calibration reused",
     }.get(info.calibration, "")
     return f"engine {info.mode} ({time.perf_counter() - startup.origin:.1f} s since start){calibration}"

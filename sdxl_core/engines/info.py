@@ -47,7 +47,7 @@ class EngineInfo:
     fused_qkv: bool | None = None
     cross_kv: str | None = None  # `cross_kv.MODES`
     # 8-bit UNets
-    calibration: str | None = None  # "calibrated" or "reused" (from the ONNX dir); None: none ran
+    calibration: str | None = None  # "calibrated", "shared" or "reused" (quantize.calibrate_or_reuse); None: none ran
     converted: str | None = None  # what became real 8-bit modules
     layers_by_path: dict[str, int] | None = None  # "gemm:8bit", "conv:16bit", ... -> layers (torch)
     layers_by_kernel: dict[str, int] | None = None  # the kernel each layer runs -> layers (torch)

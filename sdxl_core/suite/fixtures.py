@@ -156,6 +156,7 @@ def build_engine(suite_variant, suite_device, engine_dir, onnx_dir, pytestconfig
                     "worker": os.environ.get("PYTEST_XDIST_WORKER", "this process"),
                     "seconds": round(time.perf_counter() - started, 1),
                     "phases": {phase: round(t, 1) for phase, t in startup.seconds.items()},
+                    "calibration": ready.info.calibration,
                     "nvcc_s": ready.info.kernel_build_s,
                 }
             )

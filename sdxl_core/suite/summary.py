@@ -98,6 +98,13 @@ def show_engine(config, record: dict) -> None:
             reporter.write_line(f"[engine] {line}")
 
 
+CALIBRATIONS = {  # EngineInfo.calibration, for people
+    "calibrated": "ran the calibration passes (recorded for the other 8-bit formats)",
+    "shared": "replayed the calibration passes another 8-bit format recorded",
+    "reused": "restored this engine's saved calibration",
+}
+
+
 def _one_engine(record: dict, min_seconds: float = 0.5) -> list[str]:
     """A line for the engine (built or loaded, where, how long), then its phases from the largest down (those of
     `min_seconds` or more), and how long nvcc ran beside them where it ran."""
@@ -106,6 +113,8 @@ def _one_engine(record: dict, min_seconds: float = 0.5) -> list[str]:
     shown = [f"{name} {seconds:.1f} s" for name, seconds in phases if seconds >= min_seconds]
     if shown:
         lines.append(f"{'':<18} phases: {', '.join(shown)}")
+    if record.get("calibration") in CALIBRATIONS:
+        lines.append(f"{'':<18} calibration: {CALIBRATIONS[record['calibration']]}")
     if record.get("nvcc_s"):
         took = f"the CUTLASS libraries (nvcc, or the kernel cache) took {record['nvcc_s']:.1f} s beside them"
         lines.append(f"{'':<18} {took}")

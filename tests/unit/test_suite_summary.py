@@ -19,6 +19,7 @@ def test_each_built_engine_shows_its_phases_largest_first():
             "worker": "this process",
             "seconds": 264.7,
             "phases": {"calibration": 40.2, "gemm_dispatch": 95.1, "compile": 61.0, "convert": 0.2},
+            "calibration": "shared",
             "nvcc_s": 83.4,
         },
     ]
@@ -28,7 +29,8 @@ def test_each_built_engine_shows_its_phases_largest_first():
     assert lines[2].startswith("xl-1.0-int8") and "built" in lines[2]
     # largest first; phases under half a second are left out
     assert lines[3].split("phases: ")[1] == "gemm_dispatch 95.1 s, compile 61.0 s, calibration 40.2 s"
-    assert lines[4].split() == "the CUTLASS libraries (nvcc, or the kernel cache) took 83.4 s beside them".split()
+    assert lines[4].split() == "calibration: replayed the calibration passes another 8-bit format recorded".split()
+    assert lines[5].split() == "the CUTLASS libraries (nvcc, or the kernel cache) took 83.4 s beside them".split()
     assert lines[-1] == "building took 264.7 s of this run"
 
 
