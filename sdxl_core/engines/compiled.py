@@ -89,13 +89,19 @@ def regions(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     ]
 
 
+REGION_GRAPHS = 256  # compiled graphs kept per region function (all UNets of a process)
+
+
 def compile_regions(unet: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """Compile every region (`regions`) in place (diffusers' `compile_repeated_blocks`, more classes).
 
-    Blocks of one class share their code, so Dynamo keeps one compiled graph per distinct block shape; the
-    SDXL UNet has more ResNet block shapes than Dynamo's default of 8 per function, hence the higher limit.
+    Blocks of one class share their code, so Dynamo keeps one compiled graph per distinct block shape, for every
+    UNet a process compiles: the SDXL UNet has more ResNet block shapes than Dynamo's default of 8 per function,
+    and a suite run compiles up to five UNets (their own sizes, batches and layer types). At a limit of 64 the
+    fresh five-variant gpu_bench reached it at its fifth UNet (xl-turbo), whose other ResNet shapes then ran
+    uncompiled; 256 is Dynamo's own cap on a function's graphs (`accumulated_recompile_limit`).
     """
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGION_GRAPHS)
     for _, module in regions(unet):
         module.compile(backend=backend, dynamic=False)
     return unet

@@ -23,7 +23,7 @@ PRECISION_FLAGS = {"fp16": [], "int8": ["--int8"], "fp8": ["--fp8"]}
 def txt2img(variant, engine_dir: Path, onnx_dir: str, out: Path) -> list[str]:
     """The txt2img command that builds or loads `variant`'s engine."""
     command = [sys.executable, "-m", "sdxl_core.commands.cli", "txt2img", "a reused engine"]
-    command += ["--model", variant.model, *PRECISION_FLAGS[variant.precision]]
+    command += ["--model", variant.model, "--version", variant.version, *PRECISION_FLAGS[variant.precision]]
     command += ["--fused-qkv"] if variant.fused_qkv else []
     command += ["--calibration-size", str(variant.calibration_size)] if variant.is_quantized else []
     command += ["--engine-dir", str(engine_dir), "--onnx-dir", onnx_dir, "--output-dir", str(out), "--no-progress"]
@@ -45,7 +45,11 @@ def run_child(command: list[str]) -> dict:
 @pytest.mark.gpu
 @pytest.mark.reuse
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.needs_variants(n)) for n in ("xl-1.0-fp16", "xl-1.0-int8", "xl-1.0-fp8")]
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.needs_variants(n))
+        for n in ("xl-1.0-fp16", "xl-1.0-int8", "xl-1.0-fp8", "xl-turbo")
+    ],
 )
 def test_a_reused_engine_with_precompiled_regions_traces_nothing(suite_variant, onnx_dir, name, tmp_path):
     variant = suite_variant(name)
