@@ -2,10 +2,10 @@
 
 Each patch names a file of the repository, a text that must occur in it exactly once (the battery fails loudly,
 naming the bug, when the code moved and the text is gone) and what replaces it. Together they cover quantization
-scales and rounding, SmoothQuant, GEMM epilogue terms, weight layout and QKV fusion order, scheduler timesteps and
-sigmas, guidance, CFG batch order, VAE scaling, LoRA scale, pooled text embeddings, the text encoder's layer, the
-size conditioning, the stochastic schedulers' noise, batches of several prompts and dtype downcasts. Every one
-must make `pytest -m quality` fail on `tiny` (CPU) and on `sdxl-random` (Hopper).
+scales and rounding, SmoothQuant, the calibration record, GEMM epilogue terms, weight layout and QKV fusion order,
+scheduler timesteps and sigmas, guidance, CFG batch order, VAE scaling, LoRA scale, pooled text embeddings, the text
+encoder's layer, the size conditioning, the stochastic schedulers' noise, batches of several prompts and dtype
+downcasts. Every one must make `pytest -m quality` fail on `tiny` (CPU) and on `sdxl-random` (Hopper).
 
 Each bug also names the variants it changes, and its run selects only their quality tests (`--variants`): one
 engine to build instead of five. That can only make a kill harder (a bug that a left-out variant's test would
@@ -77,6 +77,25 @@ BUGS = (
         '"alpha": variant.quant_alpha}',
         '"alpha": 1.0 - variant.quant_alpha}',
         "SmoothQuant's migration strength read the other way round (alpha 0.2 for 0.8)",
+    ),
+    # -- calibration record
+    Bug(
+        "record_linear_inputs_per_tensor",
+        (INT8,),
+        "calibration",
+        "sdxl_core/quant/activation_record.py",
+        "keep_max(maxima, name, _abs_max(args[0], per_channel=True))",
+        "keep_max(maxima, name, _abs_max(args[0], per_channel=False).expand(args[0].shape[-1]).reshape(1, 1, -1))",
+        "the record keeps one max per linear input instead of one per channel, so SmoothQuant smooths nothing",
+    ),
+    Bug(
+        "record_keeps_the_signed_max",
+        (INT8, FP8),
+        "calibration",
+        "sdxl_core/quant/activation_record.py",
+        "    low, high = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)\n    return torch.maximum(-low, high)",
+        "    low, high = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)\n    return high.clamp(min=0)",
+        "the record keeps each channel's largest value instead of its largest magnitude (negative inputs clip)",
     ),
     # -- GEMM epilogue terms
     Bug(
