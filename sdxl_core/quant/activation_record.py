@@ -120,13 +120,13 @@ def record(
 ) -> ActivationRecord:
     """Run `forward_loop(unet)` once with light hooks on the plain UNet and return what they saw. `attention`:
     also the attention statistics (FP8 level 4 only; the softmax output costs a bmm attention per call)."""
-    linear, conv, attention = recorded_layers(unet)
+    linear, conv, attention_layers = recorded_layers(unet)
     maxima: dict[str, torch.Tensor] = {}
     per_call: dict[str, list[torch.Tensor]] = {name: [] for name in conv}
     stats: dict[str, dict[str, torch.Tensor]] = {}
     calls = [0]
     current: list[torch.nn.Module] = []  # the attention module running now (its SDPA call is recorded)
-    names = {id(unet.get_submodule(n)): n for n in attention}
+    names = {id(unet.get_submodule(n)): n for n in attention_layers}
 
     def keep_max(store: dict, key: str, amax: torch.Tensor) -> None:
         store[key] = amax if key not in store else torch.maximum(store[key], amax)
@@ -146,7 +146,7 @@ def record(
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def recording_sdpa(query, key, value, attn_mask=None, *args, **kwargs):
-        if current and attention:
+        if current:
             if attn_mask is not None:
                 raise NotImplementedError("recording attention statistics with an attention mask")
             attn = current[-1]
@@ -161,14 +161,15 @@ def record(
     handles = [unet.register_forward_pre_hook(count)]
     handles += [unet.get_submodule(n).register_forward_pre_hook(on_linear(n)) for n in linear]
     handles += [unet.get_submodule(n).register_forward_pre_hook(on_conv(n)) for n in conv]
-    for name in attention:
+    for name in attention_layers if attention else ():
         handles += [
             unet.get_submodule(name).register_forward_pre_hook(enter),
             unet.get_submodule(name).register_forward_hook(leave),
         ]
     start = time.perf_counter()
     try:
-        torch.nn.functional.scaled_dot_product_attention = recording_sdpa
+        if attention:  # the processors call F.scaled_dot_product_attention by name, as ModelOpt's patch relies on
+            torch.nn.functional.scaled_dot_product_attention = recording_sdpa
         forward_loop(unet)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
