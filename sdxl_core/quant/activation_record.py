@@ -203,6 +203,19 @@ def _attention_maxima(attn, query, key, value) -> dict[str, torch.Tensor]:
     return {stat: _abs_max(t, per_channel=False) for stat, t in zip(ATTENTION_STATS, (q, k, v, probs), strict=True)}
 
 
+def check_fits(activations: ActivationRecord, unet: torch.nn.Module, attention: bool) -> None:
+    """RecordMismatch unless the record holds every linear and conv layer of this plain UNet (and every attention
+    module's statistics where `attention`): checked before ModelOpt touches the UNet."""
+    linear, conv, attention_layers = recorded_layers(unet)
+    missing = [n for n in linear if n not in activations.linear] + [n for n in conv if n not in activations.conv]
+    if attention:
+        missing += [n for n in attention_layers if set(activations.attention.get(n, {})) != set(ATTENTION_STATS)]
+    if missing:
+        raise RecordMismatch(
+            f"the activation record has nothing for {len(missing)} layers of this UNet ({missing[0]}, ...)"
+        )
+
+
 def replay(activations: ActivationRecord) -> Callable[[torch.nn.Module], None]:
     """ModelOpt's forward_loop for a record: each enabled, collecting quantizer gets what its layer saw, in the
     order the UNet calls gave it (the percentile calibrator counts calls as denoising steps)."""

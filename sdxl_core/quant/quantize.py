@@ -284,9 +284,11 @@ def calibrate_or_reuse(
     if record_file is not None and record_file.exists():
         try:
             record = activation_record.load(record_file, record_meta, _device_of(unet))
+            activation_record.check_fits(record, unet, needs_attention(variant))
             how = "shared"
         except activation_record.RecordMismatch as mismatch:
             print(f"warning: {mismatch}", file=sys.stderr)
+            record = None
     if record is None:
         if forward_loop is None:
             raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")

@@ -146,8 +146,13 @@ def test_replaying_a_record_of_another_unet_layout_is_refused(components):
     loop = calibration_loop(dataclasses.replace(components, unet=unet), variant, CPU, torch.float32, False)
     record = activation_record.record(unet, loop, attention=False)
     fused = qmodules.fuse_qkv(copy.deepcopy(components.unet))
+    with pytest.raises(activation_record.RecordMismatch, match="nothing for 34 layers"):  # 17 to_qkv, 17 to_kv
+        activation_record.check_fits(record, fused, attention=False)
     with pytest.raises(activation_record.RecordMismatch, match="nothing for"):
         quantize.quantize_unet(fused, variant.replace(fused_qkv=True), progress=False, record=record)
+    activation_record.check_fits(record, copy.deepcopy(components.unet), attention=False)
+    with pytest.raises(activation_record.RecordMismatch, match="nothing for 34 layers"):  # no attention statistics
+        activation_record.check_fits(record, copy.deepcopy(components.unet), attention=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,6 +193,19 @@ def test_a_record_made_for_other_knobs_or_torn_is_recorded_again(tmp_path, capfd
     _, other = prepare(FP8.replace(steps=2), tmp_path / "e3", onnx_dir)
     assert other.info.calibration == "calibrated"
     assert len(list((onnx_dir / "activation-records").glob("*.pt"))) == 2
+
+
+def test_a_record_that_does_not_fit_the_unet_is_recorded_again_before_modelopt_touches_it(tmp_path, capfd):
+    onnx_dir = tmp_path / "onnx"
+    prepare(INT8, tmp_path / "e1", onnx_dir)
+    (record_file,) = (onnx_dir / "activation-records").glob("*.pt")
+    payload = torch.load(record_file, weights_only=True)
+    dropped = next(k for k in payload["tensors"] if k.startswith("linear/"))
+    del payload["tensors"][dropped]
+    torch.save(payload, record_file)
+    _, fp8 = prepare(FP8, tmp_path / "e2", onnx_dir)
+    assert fp8.info.calibration == "calibrated"
+    assert f"nothing for 1 layers of this UNet ({dropped.removeprefix('linear/')}" in capfd.readouterr().err
 
 
 def test_fp8_level4_records_again_with_attention_statistics_which_then_serve_the_rest(tmp_path):
