@@ -153,6 +153,7 @@ def build_in_process(variant, engine_dir: Path, onnx_dir: Path | None = None) ->
 KILLS = {
     "locked": (FP16, lambda e, o: True),
     "calibrating": (INT8, lambda e, o: True),
+    "saving-record": (INT8, lambda e, o: any((o / "activation-records").glob(".*.pt.*.tmp.pt"))),
     "saving-calibration": (INT8, lambda e, o: any(o.rglob(".calibration.pt.*.tmp.pt"))),
     "writing-engine": (FP16, lambda e, o: any((p / "unet.safetensors").exists() for p in e.glob(".*.tmp"))),
     "publishing": (FP16, lambda e, o: any(e.glob(".*.stale")) and any(e.glob(".*.tmp"))),

@@ -5,6 +5,7 @@
 Each fault makes the real CLI meet what a real failure looks like from outside:
   kill:locked              SIGKILL once the build lock is held, before any work
   kill:calibrating         SIGKILL after the calibration forward passes, before ModelOpt's state is saved
+  kill:saving-record       SIGKILL halfway through writing the activation record (its temp file is half-written)
   kill:saving-calibration  SIGKILL halfway through writing calibration.pt (its temp file is half-written)
   kill:writing-engine      SIGKILL halfway through writing unet.safetensors into the engine's temp dir
   kill:publishing          SIGKILL right after a refused engine was moved aside, before the new one is renamed in
@@ -41,6 +42,12 @@ def _half_then(write, then):
     return writer
 
 
+def _when_writing(part: str, save):
+    """torch.save that writes half of a file whose path holds `part` and dies there; other files are written whole."""
+    half = _half_then(save, die)
+    return lambda obj, path, *args, **kwargs: (half if part in str(path) else save)(obj, path, *args, **kwargs)
+
+
 def _disk_full():
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -71,8 +78,10 @@ def install(fault: str) -> None:
             return lambda unet: (loop(unet), die())
 
         run.calibration_loop = calibration_loop
-    elif fault == "kill:saving-calibration":
-        torch.save = _half_then(torch.save, die)
+    elif fault in ("kill:saving-record", "kill:saving-calibration"):
+        torch.save = _when_writing(
+            ".calibration.pt." if fault.endswith("calibration") else "activation-records", torch.save
+        )
     elif fault == "kill:writing-engine":
         safetensors.torch.save_file = _half_then(_safetensors_bytes, die)
     elif fault == "kill:publishing":
