@@ -368,14 +368,12 @@ def record_knobs(variant, device, dtype) -> dict:
     """What an activation record depends on: the calibration passes' knobs, and what rounds their arithmetic
     (dtype, device, library versions)."""
     from sdxl_core.quant import quantize
-    from sdxl_core.quant.activation_record import RECORD_FORMAT
-    from sdxl_core.quant.quantize import CALIBRATION_BATCH
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
-        "format": RECORD_FORMAT,
+        "format": quantize.activation_record.RECORD_FORMAT,
         **variant.calibration_knobs(),
-        "calibration_batch": CALIBRATION_BATCH,
+        "calibration_batch": quantize.CALIBRATION_BATCH,
         "attention": quantize.needs_attention(variant),
         "dtype": str(dtype),
         "device": gpu or device.type,

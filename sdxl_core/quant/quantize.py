@@ -235,11 +235,9 @@ def quantize_unet(
     config = quant_config(variant)
     _skip_modelopt_cuda_extension()
     if record is None:
-        if forward_loop is None:
-            raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
-        if progress:
-            print(f"[quantize] recording calibration activations ({variant.precision})", file=sys.stderr)
-        record = activation_record.record(unet, forward_loop, attention=needs_attention(variant), progress=progress)
+        record = _record(unet, variant, forward_loop, progress)
+    else:
+        activation_record.check_fits(record, unet, needs_attention(variant))  # before ModelOpt changes the UNet
     if needs_attention(variant):
         _use_bmm_attention(unet)
     start = time.perf_counter()
@@ -290,15 +288,22 @@ def calibrate_or_reuse(
             print(f"warning: {mismatch}", file=sys.stderr)
             record = None
     if record is None:
-        if forward_loop is None:
-            raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
-        record = activation_record.record(unet, forward_loop, attention=needs_attention(variant), progress=progress)
+        record = _record(unet, variant, forward_loop, progress)
         if record_file is not None:
             activation_record.save(record, record_file, record_meta)
     quantize_unet(unet, variant, progress=progress, record=record)
     if calibration_file is not None:
         save_calibration(unet, calibration_file, meta)
     return how
+
+
+def _record(unet, variant: Variant, forward_loop, progress: bool) -> activation_record.ActivationRecord:
+    """Run the calibration passes once, recording what any 8-bit format's calibrators need."""
+    if forward_loop is None:
+        raise ValueError(f"{variant.name}: calibrating needs a forward loop (sdxl_core.run.calibration_loop)")
+    if progress:
+        print(f"[quantize] recording calibration activations ({variant.precision})", file=sys.stderr)
+    return activation_record.record(unet, forward_loop, attention=needs_attention(variant), progress=progress)
 
 
 def needs_attention(variant: Variant) -> bool:
