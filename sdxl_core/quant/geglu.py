@@ -1,13 +1,14 @@
-"""Feed-forwards whose GEGLU runs in the epilogue of their first 8-bit GEMM (`kernels.geglu8`).
+"""Feed-forwards whose GEGLU runs in the epilogue of their first 8-bit GEMM (`kernels.geglu8`, Triton, or the
+CUTLASS GEGLU GEMM of `kernels.gemm8_cutlass`).
 
 A diffusers `FeedForward` with a GEGLU activation is  net = [GEGLU(proj), Dropout, Linear]. When both linears are
 8-bit layers of one format and the second runs an 8-bit GEMM, one kernel can compute the projection, the GEGLU,
 the second layer's SmoothQuant scale and its input quantization, and hand the second GEMM its 8-bit input
 directly: the 16-bit [M, 2F] intermediate is never written. Whether that is faster than the best GEMM for the
-projection plus the pointwise kernel Inductor makes of the rest is measured per shape at build time (`choose`);
-a fused projection names the kernel `geglu8.KERNEL` in the layer plan, and `apply_fusions` fuses its feed-forward
-again when the engine is loaded. The fused forward is for inference: the dropout between the two (identity in
-eval mode) is skipped.
+projection plus the pointwise kernel Inductor makes of the rest is measured per shape at build time (`choose`),
+for each fused kernel; a fused projection names its kernel (one of `FUSED_KERNELS`) in the layer plan, and
+`apply_fusions` fuses its feed-forward again when the engine is loaded. The fused forward is for inference: the
+dropout between the two (identity in eval mode) is skipped.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 
 from sdxl_core.errors import UserError
 from sdxl_core.quant import qmodules
-from sdxl_core.quant.kernels import geglu8, ops
+from sdxl_core.quant.kernels import geglu8, gemm8_cutlass, ops
 
 KERNEL = geglu8.KERNEL
+FUSED_KERNELS = (KERNEL, *gemm8_cutlass.GEGLU_KERNELS)
 UNFUSED = "unfused"
 
 
@@ -35,11 +37,18 @@ class _FusedGegluForward:
         if proj.smooth is not None:
             x = x * proj.smooth
         x_q = qmodules.quantize(x, proj.a_scale, proj.FMT)
-        y_q = ops.geglu8_mm(
-            x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, hidden_states.dtype
-        )
+        y_q = _fused(proj, out, x_q, hidden_states.dtype)
         y = out.forward_quantized(y_q, hidden_states.dtype)
         return y.reshape(*hidden_states.shape[:-1], out.out_features)
+
+
+def _fused(proj, out, x_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 8-bit input of `out` from the quantized input of `proj`, on the fused kernel `proj` names."""
+    if proj.kernel == KERNEL:
+        return ops.geglu8_mm(x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, dtype)
+    config = proj.kernel.removeprefix("cutlass:geglu_")
+    weight, w_scale, bias = proj.geglu_weight, proj.geglu_w_scale, proj.geglu_bias  # interleaved
+    return ops.geglu8_cutlass(x_q, weight, proj.a_scale, w_scale, bias, out.smooth, out.a_scale, dtype, config)
 
 
 @functools.cache
@@ -77,24 +86,28 @@ def feed_forwards(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in unet.named_modules() if hasattr(m, "net") and fusable(m)}
 
 
-def fuse(ff: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
-    """Run this feed-forward through the fused kernel (its projection names `KERNEL`)."""
-    ff.net[0].proj.set_gemm_path("8bit", dtype, kernel=KERNEL)
+def fuse(ff: torch.nn.Module, dtype: torch.dtype | None = None, kernel: str = KERNEL) -> None:
+    """Run this feed-forward through the fused `kernel` (one of `FUSED_KERNELS`; its projection names it)."""
+    if kernel not in FUSED_KERNELS:
+        raise ValueError(f"{kernel!r} is not a fused GEGLU kernel: choose one of {', '.join(FUSED_KERNELS)}")
+    ff.net[0].proj.set_gemm_path("8bit", dtype, kernel=kernel)
     ff.__class__ = _fused_class(_unfused_class(type(ff)))
 
 
 def apply_fusions(unet: torch.nn.Module) -> int:
-    """Fuse every feed-forward whose projection a loaded layer plan names `KERNEL`; refuse the plan if such a layer
-    is anything but the projection of a fusable feed-forward. Returns how many were fused."""
-    named = [(name, m) for name, m in unet.named_modules() if isinstance(m, qmodules.QLinear) and m.kernel == KERNEL]
+    """Fuse every feed-forward whose projection a loaded layer plan names a fused kernel; refuse the plan if such a
+    layer is anything but the projection of a fusable feed-forward. Returns how many were fused."""
+    named = [
+        (name, m) for name, m in unet.named_modules() if isinstance(m, qmodules.QLinear) and m.kernel in FUSED_KERNELS
+    ]
     if not named:
         return 0
     owners = {f"{name}.net.0.proj": ff for name, ff in unet.named_modules() if hasattr(ff, "net")}
-    for name, _ in named:
+    for name, module in named:
         ff = owners.get(name)
         if ff is None or not fusable(ff):
             raise UserError(
-                f"layer plan runs {name!r} on {KERNEL}, which only a GEGLU feed-forward can: rebuild the engine"
+                f"layer plan runs {name!r} on {module.kernel}, which only a GEGLU feed-forward can: rebuild the engine"
             )
         ff.__class__ = _fused_class(_unfused_class(type(ff)))
     return len(named)
@@ -109,14 +122,15 @@ def choose(
     allowed=lambda _: True,
 ) -> list[dict]:
     """Per distinct GEGLU projection shape: the unfused cost (the projection's chosen kernel on a quantized input,
-    then the GEGLU and quantization as one compiled pointwise kernel) against the fused kernel; fuse every
-    feed-forward of that shape where the fused kernel is faster and its output matches the reference. Returns
-    one JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own
-    (`gemm_dispatch.time_candidate`), whose timings the kernel timing cache keeps (`dispatch_cache`)."""
+    then the GEGLU and quantization as one compiled pointwise kernel) against each fused kernel `allowed` here;
+    fuse every feed-forward of that shape on the fastest fused kernel where it beats the unfused pair and its
+    output matches the reference. Returns one JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per
+    call; by default the dispatch's own (`gemm_dispatch.time_candidate`), whose timings the kernel timing cache
+    keeps (`dispatch_cache`)."""
     from sdxl_core.quant import dispatch_cache, gemm_dispatch
 
     ffs = feed_forwards(unet)
-    if not ffs or not allowed(KERNEL):
+    if not ffs or not any(allowed(kernel) for kernel in FUSED_KERNELS):
         return []
     cache = None
     if timer is None:
@@ -127,13 +141,15 @@ def choose(
     for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
         ff = unique[0]
         with torch.inference_mode():
-            ms, rejected = _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch)
-        fused = KERNEL in ms and ms[KERNEL] < ms[UNFUSED]
-        if fused:
+            ms, rejected = _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch, allowed)
+        choice = min((k for k in FUSED_KERNELS if k in ms), key=ms.get, default=UNFUSED)
+        if choice != UNFUSED and ms[choice] >= ms[UNFUSED]:
+            choice = UNFUSED
+        if choice != UNFUSED:
             for module in unique:
-                fuse(module, dtype)
-        if rejected:
-            print(f"warning: {fmt} geglu {shape}: not using {KERNEL} ({rejected})", file=sys.stderr)
+                fuse(module, dtype, choice)
+        for kernel, why in rejected.items():
+            print(f"warning: {fmt} geglu {shape}: not using {kernel} ({why})", file=sys.stderr)
         rows.append(
             {
                 "fmt": fmt,
@@ -141,8 +157,8 @@ def choose(
                 "shape": list(shape),
                 "layers": len(unique),
                 "ms": {name: round(value, 5) for name, value in ms.items()},
-                "choice": KERNEL if fused else UNFUSED,
-                "rejected": {KERNEL: rejected} if rejected else {},
+                "choice": choice,
+                "rejected": rejected,
             }
         )
     if cache is not None:
@@ -155,9 +171,9 @@ def _shape_key(ff, x) -> tuple:
     return proj.FMT, (x.numel() // proj.in_features, proj.in_features, proj.out_features), x.dtype
 
 
-def _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch) -> tuple[dict[str, float], str]:
-    """({UNFUSED: the projection's chosen GEMM + the pointwise kernel, each part, KERNEL: the fused kernel}, why
-    the fused kernel was not timed, or "")."""
+def _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch, allowed) -> tuple[dict, dict]:
+    """({UNFUSED: the projection's chosen GEMM + the pointwise kernel, each part, and each fused kernel that runs
+    here and computes right}, {fused kernel: why it was not timed})."""
     from sdxl_core.quant import dispatch_cache
 
     proj, out = ff.net[0].proj, ff.net[2]
@@ -167,20 +183,46 @@ def _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch) -> tup
     pointwise = _compiled_pointwise(x.is_cuda)
     timed = {f"gemm:{chosen}": calls[chosen], "pointwise": lambda: pointwise(h, out.smooth, out.a_scale, out.FMT)}
     x_q = qmodules.quantize(x, proj.a_scale, proj.FMT)
-
-    def fused():
-        return ops.geglu8_mm(x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, dtype)
-
-    rejected = ""
-    if geglu8.supports(x_q, proj.weight):
+    rejected = {}
+    for kernel, fused in _fused_candidates(proj, out, x_q, dtype).items():
+        if not allowed(kernel):
+            continue
         error = _relative_error(fused(), x_q, proj, out, dtype)
         if error <= max_error:
-            timed[KERNEL] = fused
+            timed[kernel] = fused
         else:
-            rejected = f"relative error {error:.2e}"
+            rejected[kernel] = f"relative error {error:.2e}"
     ms, _ = dispatch_cache.measure(cache, timed, timer, (proj.FMT, "geglu", shape, dtype, False))
     ms[UNFUSED] = ms[f"gemm:{chosen}"] + ms["pointwise"]
     return ms, rejected
+
+
+def _fused_candidates(proj, out, x_q, dtype) -> dict[str, Callable[[], torch.Tensor]]:
+    """{fused kernel: a call computing this projection's fused output} for the kernels that can run it here: the
+    Triton kernel wherever TMA's rules hold, the CUTLASS configs on a Hopper GPU where the library loads."""
+    calls = {}
+    if geglu8.supports(x_q, proj.weight):
+        calls[KERNEL] = lambda: ops.geglu8_mm(
+            x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, dtype
+        )
+    if not _cutlass_runs_here(x_q, proj.FMT):
+        return calls
+    w_i = gemm8_cutlass.interleave(proj.weight)
+    if not gemm8_cutlass.geglu_supports(x_q, w_i):
+        return calls
+    w_scale = proj.w_scale.reshape(-1)
+    w_scale_i = gemm8_cutlass.interleave(w_scale) if w_scale.numel() > 1 else w_scale
+    bias_i = None if proj.bias is None else gemm8_cutlass.interleave(proj.bias)
+    for kernel in gemm8_cutlass.GEGLU_KERNELS:
+        config = kernel.removeprefix("cutlass:geglu_")
+        calls[kernel] = functools.partial(
+            ops.geglu8_cutlass, x_q, w_i, proj.a_scale, w_scale_i, bias_i, out.smooth, out.a_scale, dtype, config
+        )
+    return calls
+
+
+def _cutlass_runs_here(x_q: torch.Tensor, fmt: str) -> bool:
+    return x_q.is_cuda and gemm8_cutlass.available(x_q.device, fmt)
 
 
 def _relative_error(got, x_q, proj, out, dtype) -> float:
@@ -202,7 +244,8 @@ def _compiled_pointwise(on_gpu: bool):
 def print_table(rows: list[dict], file=sys.stderr) -> None:
     for row in rows:
         ms = row["ms"]
-        fused = f"{ms[KERNEL]:.4f}" if KERNEL in ms else "-"
+        best = min((k for k in FUSED_KERNELS if k in ms), key=ms.get, default=None)
+        fused = f"{ms[best]:.4f} ({best})" if best else "-"
         print(
             f"{row['fmt']:>4} geglu {'x'.join(map(str, row['shape'])):>28} {row['layers']:>6} "
             f"unfused {ms[UNFUSED]:.4f} ms, fused {fused} ms  choice {row['choice']}",

@@ -30,9 +30,10 @@ LAYER_TYPES = {
     "Fp8Conv2d": ("fp8", True),
 }
 # The GEMM kernels besides the CUTLASS configs: the Triton INT8 kernels, cuBLAS FP8 (float32 or fast accumulation),
-# and for a feed-forward's GEGLU projection the Triton kernel with the GEGLU in its epilogue (`quant.geglu` checks
-# that a layer naming it is one).
-_GEMM_KERNELS = {"int8": ("pointer", "tma", GEGLU_KERNEL), "fp8": ("scaled_mm", "scaled_mm_fast", GEGLU_KERNEL)}
+# and for a feed-forward's GEGLU projection the Triton or CUTLASS kernels with the GEGLU in their epilogue
+# (`quant.geglu` checks that a layer naming one is such a projection).
+_GEGLU_KERNELS = (GEGLU_KERNEL, *gemm8_cutlass.GEGLU_KERNELS)
+_GEMM_KERNELS = {"int8": ("pointer", "tma", *_GEGLU_KERNELS), "fp8": ("scaled_mm", "scaled_mm_fast", *_GEGLU_KERNELS)}
 _SPEC_FIELDS = ("type", "smooth", "per_channel", "gemm", "kernel")
 _PLAN_FIELDS = ("format", "fused_qkv", "layers")
 _LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from sdxl_core.errors import UserError
 from sdxl_core.quant import plan as plan_schema
-from sdxl_core.quant.kernels import ops
+from sdxl_core.quant.kernels import gemm8_cutlass, ops
 from sdxl_core.quant.kernels.fp8_gemm import quantize_fp8
 from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor
 
@@ -75,7 +75,7 @@ class QuantizedModule(torch.nn.Module):
     through `.to(dtype)` / `.half()`: only bias, smooth and cached weights follow the activation dtype."""
 
     FMT = ""
-    _FIXED = ("weight", "w_scale", "a_scale", "w_scale_n")
+    _FIXED = ("weight", "w_scale", "a_scale", "w_scale_n", "geglu_weight", "geglu_w_scale")
     _KEEP_LAYOUT = ()
     gemm_path = "8bit"  # or "16bit": chosen per shape by `gemm_dispatch`
     kernel = ""  # which 8-bit kernel the "8bit" path runs (DEFAULT_KERNELS until the dispatch picks one)
@@ -91,6 +91,10 @@ class QuantizedModule(torch.nn.Module):
         # A per-tensor FP8 weight scale expanded to one per output channel, once, for the CUTLASS GEMM (which takes
         # a vector): expanding it inside every call cost a copy kernel per layer and step.
         self.register_buffer("w_scale_n", None, persistent=False)
+        # A GEGLU projection on the CUTLASS GEGLU GEMM takes its weight, scale and bias interleaved
+        # (`gemm8_cutlass.interleave`): made once after loading, beside the stored ones (the engine files keep W1).
+        for name in ("geglu_weight", "geglu_w_scale", "geglu_bias"):
+            self.register_buffer(name, None, persistent=False)
         self.register_load_state_dict_post_hook(_after_load)
 
     @property
@@ -113,7 +117,13 @@ class QuantizedModule(torch.nn.Module):
         """Cache the float weight the 16-bit path (and the conv emulation) computes with, once after loading. It is
         the weight the 8-bit kernels see (divided by any SmoothQuant scale): the 16-bit path multiplies it with the
         same smoothed and quantized input."""
-        expand = self.runs_8bit_gemm and not self.per_channel and self.kernel.startswith(CUTLASS)
+        self._interleave_for_geglu()
+        expand = (
+            self.runs_8bit_gemm
+            and not self.per_channel
+            and self.kernel.startswith(CUTLASS)
+            and self.kernel not in gemm8_cutlass.GEGLU_KERNELS  # which takes the scalar
+        )
         self.w_scale_n = (
             self.w_scale.reshape(-1).expand(self.weight.shape[0]).contiguous()
             if expand and not self.weight.is_meta
@@ -123,6 +133,15 @@ class QuantizedModule(torch.nn.Module):
             self.w_dq = None
             return
         self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+
+    def _interleave_for_geglu(self):
+        if self.kernel not in gemm8_cutlass.GEGLU_KERNELS or self.weight.is_meta:
+            self.geglu_weight = self.geglu_w_scale = self.geglu_bias = None
+            return
+        self.geglu_weight = gemm8_cutlass.interleave(self.weight)
+        per_row = self.w_scale.numel() > 1
+        self.geglu_w_scale = gemm8_cutlass.interleave(self.w_scale.reshape(-1)) if per_row else self.w_scale.reshape(1)
+        self.geglu_bias = None if self.bias is None else gemm8_cutlass.interleave(self.bias)
 
     @property
     def gemm_w_scale(self) -> torch.Tensor:

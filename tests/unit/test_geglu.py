@@ -1,8 +1,10 @@
-"""The GEGLU projection fused with the GEGLU and the next layer's quantization (`quant.geglu`, `kernels.geglu8`).
+"""The GEGLU projection fused with the GEGLU and the next layer's quantization (`quant.geglu`, `kernels.geglu8`,
+the CUTLASS GEGLU GEMM of `kernels.gemm8_cutlass`).
 
-CPU: the kernel in the Triton interpreter against its torch reference, the fused feed-forward against the unfused
-one on a calibrated tiny UNet, the build-time choice, and the layer plan that carries it. GPU: the kernel on SDXL
-shapes against the reference (its speed is measured by the engine build's dispatch, per shape).
+CPU: the Triton kernel in the Triton interpreter against its torch reference, the CUTLASS kernel's interleaved
+operands, the fused feed-forward against the unfused one on a calibrated tiny UNet, the build-time choice, and the
+layer plan that carries it. GPU: each kernel on SDXL shapes against the reference (their speed is measured by the
+engine build's dispatch, per shape).
 """
 
 import copy
@@ -15,7 +17,7 @@ import torch
 from sdxl_core.errors import UserError
 from sdxl_core.models import build_builtin
 from sdxl_core.quant import geglu, qmodules, quantize
-from sdxl_core.quant.kernels import fp8_gemm, geglu8, int8_gemm
+from sdxl_core.quant.kernels import fp8_gemm, geglu8, gemm8_cutlass, int8_gemm, ops
 from sdxl_core.variants import Variant
 from tests.support.tiny import run, run_in_interpreter, unet_inputs
 
@@ -52,13 +54,48 @@ def converted(data):
     return get
 
 
-def timer_preferring(fused_wins: bool):
+def timer_preferring(fused_wins: bool, winner: str = geglu.KERNEL):
     def timer(fn, candidate, shape):
-        if candidate == geglu.KERNEL:
+        if candidate == winner:
             return 1.0 if fused_wins else 5.0
+        if candidate in geglu.FUSED_KERNELS:
+            return 2.0
         return 1.5  # the projection's GEMM and the pointwise kernel: 3.0 together
 
     return timer
+
+
+CUTLASS_GEGLU = gemm8_cutlass.GEGLU_KERNELS[1]
+
+
+@pytest.fixture
+def cutlass_here(monkeypatch):
+    """The CUTLASS GEGLU configs as dispatch candidates on the CPU, where their op computes the torch reference
+    from the interleaved operands (what the GPU kernel is checked against below)."""
+    monkeypatch.setattr(geglu, "_cutlass_runs_here", lambda x_q, fmt: True)
+
+
+def test_interleave_puts_each_output_columns_value_and_gate_eight_rows_apart():
+    f, k = 24, 3
+    w = torch.arange(2 * f * k).reshape(2 * f, k)
+    w_i = gemm8_cutlass.interleave(w)
+    for col in range(f):  # what the kernel's epilogue assumes: value in 8-column block 2j, gate in block 2j + 1
+        row = (col // 8) * 16 + col % 8
+        assert torch.equal(w_i[row], w[col]) and torch.equal(w_i[row + 8], w[f + col])
+    assert torch.equal(gemm8_cutlass.deinterleave(w_i), w)
+    assert torch.equal(gemm8_cutlass.deinterleave(gemm8_cutlass.interleave(w[:, 0])), w[:, 0])
+    with pytest.raises(ValueError, match="F % 8 == 0"):
+        gemm8_cutlass.interleave(w[:20])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cutlass_op_on_interleaved_operands_is_the_reference(fmt):
+    x_q, w_q, a_scale, w_scale, bias, smooth, out_scale = operands(fmt, 37, 64, 40, device="cpu")
+    w_scale_i = gemm8_cutlass.interleave(w_scale.reshape(-1)) if w_scale.numel() > 1 else w_scale
+    ilv = gemm8_cutlass.interleave
+    got = ops.geglu8_cutlass(x_q, ilv(w_q), a_scale, w_scale_i, ilv(bias), smooth, out_scale, torch.float16, "x")
+    ref = geglu8.geglu8_reference(x_q, w_q, a_scale, w_scale, bias, smooth, out_scale, torch.float16)
+    assert torch.equal(got.float(), ref.float())
 
 
 @pytest.mark.slow
@@ -134,6 +171,37 @@ def test_dispatch_never_fuses_a_kernel_that_computes_wrong(converted, data, monk
     assert all(geglu.KERNEL not in r["ms"] for r in rows)
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_dispatch_fuses_on_the_fastest_cutlass_config_and_a_reload_interleaves_again(
+    converted, data, precision, cutlass_here
+):
+    unet = converted(precision)
+    expected = run(unet, data["eval"])
+    rows = geglu.choose(unet, lambda: run(unet, data["eval"]), timer_preferring(True, CUTLASS_GEGLU), max_error=2e-2)
+    assert rows and all(r["choice"] == CUTLASS_GEGLU for r in rows)
+    assert all(set(gemm8_cutlass.GEGLU_KERNELS) <= set(r["ms"]) for r in rows)
+    projs = [ff.net[0].proj for ff in geglu.feed_forwards(unet).values()]
+    assert all(torch.equal(gemm8_cutlass.deinterleave(p.geglu_weight), p.weight) for p in projs)
+    assert torch.equal(run(unet, data["eval"]), expected)
+
+    plan = json.loads(json.dumps(qmodules.layer_plan(unet)))
+    assert sum(spec["kernel"] == CUTLASS_GEGLU for spec in plan["layers"].values()) == 17
+    state = qmodules.real_state_dict(unet)
+    assert not any("geglu" in key for key in state)  # the engine files keep W1 as it is
+    rebuilt = qmodules.load_real(json.loads(unet.to_json_string()), plan, state)
+    fused = [ff.net[0].proj for ff in geglu.feed_forwards(rebuilt).values() if type(ff).__name__.startswith("Geglu")]
+    assert len(fused) == 17 and all(p.geglu_weight is not None for p in fused)
+    assert torch.equal(run(rebuilt, data["eval"]), expected)
+
+
+def test_dispatch_never_fuses_a_cutlass_kernel_on_operands_it_cannot_pair(converted, data, monkeypatch, cutlass_here):
+    unet = converted("int8")
+    monkeypatch.setattr(gemm8_cutlass, "interleave", lambda t: t)  # W1 as stored: value and gate never meet
+    rows = geglu.choose(unet, lambda: run(unet, data["eval"]), timer_preferring(True, CUTLASS_GEGLU), max_error=2e-2)
+    assert rows and all(set(gemm8_cutlass.GEGLU_KERNELS) <= set(r["rejected"]) for r in rows)
+    assert all(r["choice"] != CUTLASS_GEGLU for r in rows)
+
+
 def test_a_plan_that_fuses_anything_but_a_geglu_projection_is_refused(converted):
     unet = converted("int8")
     plan = json.loads(json.dumps(qmodules.layer_plan(unet)))
@@ -198,6 +266,37 @@ def test_geglu8_matches_reference_on_gpu(fmt, shape):
     # handful of one-step neighbours (relative error <= 8.4e-6: x12); FP8's fast accumulation gave relative errors
     # of 4.9e-3 to 8.2e-3 (x1.5), and a sign flip of a value near zero crosses many e4m3 values, so the FP8 bound is
     # on the error alone.
+    if fmt == "int8":
+        assert steps <= 1 and differs < 1e-4 and err < 1e-4
+    else:
+        assert err < 1.25e-2
+
+
+def cutlass_geglu(args, config, act_dtype=torch.float16):
+    x_q, w_q, a_scale, w_scale, bias, smooth, out_scale = args
+    ilv = gemm8_cutlass.interleave
+    w_scale_i = ilv(w_scale.float().reshape(-1)) if w_scale.numel() > 1 else w_scale.float().reshape(1)
+    return ops.geglu8_cutlass(x_q, ilv(w_q), a_scale, w_scale_i, ilv(bias), smooth, out_scale, act_dtype, config)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("config", gemm8_cutlass.GEGLU_CONFIG_NAMES)
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("shape", RAGGED + SDXL_GEGLU)
+def test_cutlass_geglu_matches_reference_on_gpu(config, fmt, shape):
+    if not gemm8_cutlass.available("cuda", fmt):
+        pytest.skip(f"the CUTLASS {fmt} library: {gemm8_cutlass.unavailable_reason('cuda', fmt)}")
+    args = operands(fmt, *shape)
+    got = cutlass_geglu(args, config)
+    ref = geglu8.geglu8_reference(*args, torch.float16)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    differs = (got.float() != ref.float()).float().mean().item()
+    steps = int((grid_index(got) - grid_index(ref)).abs().max())
+    scale = args[-1].float()
+    err = (((got.float() - ref.float()) * scale).norm() / (ref.float() * scale).norm()).item()
+    print(f"cutlass {config} {fmt} {shape}: {differs:.3%} differ, at most {steps} steps, relative error {err:.2e}")
+    # The bounds of the Triton kernel's test above: the same computation, the same rounding points.
     if fmt == "int8":
         assert steps <= 1 and differs < 1e-4 and err < 1e-4
     else:

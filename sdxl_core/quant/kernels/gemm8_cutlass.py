@@ -12,6 +12,11 @@ fastest for a shape is measured by whoever calls it. TMA's rules apply (`support
 16-byte aligned bases and rows (A's rows may be further apart than K, W is packed), K % 16 == 0, N % 8 == 0;
 M is free. The output is packed float16 or bfloat16 and the bias, if any, has the output's dtype.
 
+The library also holds the GEGLU projection of SDXL's feed-forward with the GEGLU and the next layer's input
+quantization in the GEMM's epilogue (`launch_geglu`; the formula is in the source): it takes W1 [value; gate]
+interleaved in blocks of 8 rows (`interleave`), so that a thread of the warp-group MMA holds each output column's
+value and gate, and writes the 8-bit [M, F] input of the next GEMM.
+
 The first launch of each configuration on a device sets its shared-memory limit (cudaFuncSetAttribute): run a
 warm-up call before capturing a CUDA graph, as for any kernel that must be ready when captured.
 """
@@ -44,6 +49,11 @@ CONFIG_NAMES = (
     "pingpong_128x128x128_cluster2x1",
 )
 OUT_DTYPES = (torch.float16, torch.bfloat16)
+# The GEGLU GEMM's configurations, in index order (N counts W1's 2F rows).
+GEGLU_CONFIG_NAMES = ("coop_128x128x128", "coop_128x256x128", "pingpong_64x128x128", "pingpong_64x256x128")
+# What a layer plan names for a GEGLU projection that runs one of them (`quant.geglu`).
+GEGLU_KERNELS = tuple(f"cutlass:geglu_{name}" for name in GEGLU_CONFIG_NAMES)
+INTERLEAVE = 8  # rows of value, then of gate, per block of W1 (the MMA accumulator's 8-column groups)
 
 
 class CutlassError(RuntimeError):
@@ -89,6 +99,22 @@ def _library(fmt: str = "int8") -> ctypes.CDLL:
     lib.sdxl_gemm8_config_name.argtypes = [ctypes.c_int]
     lib.sdxl_last_error.restype = ctypes.c_char_p
     lib.sdxl_last_error.argtypes = []
+    lib.sdxl_geglu8.restype = ctypes.c_int
+    lib.sdxl_geglu8.argtypes = [
+        *[ctypes.c_void_p] * 5,  # a, w, out, a_scale, w_scale
+        ctypes.c_int,  # w_scale per channel
+        *[ctypes.c_void_p] * 3,  # bias, smooth, out_scale
+        *[ctypes.c_int] * 6,  # m, f, k, lda, act_bf16, config
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,  # workspace, workspace bytes, stream
+    ]
+    lib.sdxl_geglu8_workspace.restype = ctypes.c_size_t
+    lib.sdxl_geglu8_workspace.argtypes = [ctypes.c_int] * 4
+    lib.sdxl_geglu8_num_configs.restype = ctypes.c_int
+    lib.sdxl_geglu8_num_configs.argtypes = []
+    lib.sdxl_geglu8_config_name.restype = ctypes.c_char_p
+    lib.sdxl_geglu8_config_name.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -102,8 +128,13 @@ def configs(fmt: str = "int8") -> tuple[str, ...]:
     library; raises `cuda_build.KernelUnavailable` where it cannot."""
     lib = _library(fmt)
     names = tuple(lib.sdxl_gemm8_config_name(i).decode() for i in range(lib.sdxl_gemm8_num_configs()))
-    if names != CONFIG_NAMES:  # a stale library: an index would run another config than the plan names
-        raise cuda_build.KernelUnavailable(f"the {fmt} GEMM library holds configs {names}, not {CONFIG_NAMES}")
+    geglu = tuple(lib.sdxl_geglu8_config_name(i).decode() for i in range(lib.sdxl_geglu8_num_configs()))
+    # A stale library: an index would run another config than the plan names.
+    if names != CONFIG_NAMES or geglu != GEGLU_CONFIG_NAMES:
+        raise cuda_build.KernelUnavailable(
+            f"the {fmt} GEMM library holds configs {names} and GEGLU configs {geglu}, not {CONFIG_NAMES} and "
+            f"{GEGLU_CONFIG_NAMES}"
+        )
     return names
 
 
@@ -239,4 +270,87 @@ def launch(a, w_q, out, a_scale, w_scale, bias, config: str) -> torch.Tensor:
         )
     if code != 0:
         raise CutlassError(f"CUTLASS {fmt.upper()} GEMM {config} (M={m}, N={n}, K={k}) failed: {_last_error(lib)}")
+    return out
+
+
+def interleave(t: torch.Tensor) -> torch.Tensor:
+    """W1 [2F, ...] = [value; gate] (or its per-row scale or bias [2F]) as the GEGLU GEMM takes it: blocks of
+    `INTERLEAVE` value rows, each followed by the gate rows of the same output columns. F % INTERLEAVE == 0."""
+    f = t.shape[0] // 2
+    if t.shape[0] % 2 or f % INTERLEAVE:
+        raise ValueError(f"W1 has {t.shape[0]} rows: the GEGLU GEMM needs 2F rows with F % {INTERLEAVE} == 0")
+    value, gate = t[:f], t[f:]
+    blocks = (f // INTERLEAVE, 1, INTERLEAVE, *t.shape[1:])
+    return torch.cat([value.reshape(blocks), gate.reshape(blocks)], dim=1).reshape(t.shape).contiguous()
+
+
+def deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """`interleave`'s inverse: [value; gate] again."""
+    f = t.shape[0] // 2
+    pairs = t.reshape(f // INTERLEAVE, 2, INTERLEAVE, *t.shape[1:])
+    return torch.cat([pairs[:, 0].reshape(f, *t.shape[1:]), pairs[:, 1].reshape(f, *t.shape[1:])])
+
+
+def geglu_supports(a: torch.Tensor, w_i: torch.Tensor) -> bool:
+    """The GEGLU GEMM's rules: `supports` for A and the interleaved W1, whose 2F rows hold whole blocks."""
+    return supports(a, w_i) and w_i.shape[0] % (2 * INTERLEAVE) == 0
+
+
+def launch_geglu(a, w_i, out, a_scale, w_scale_i, bias_i, smooth, out_scale, act_dtype, config: str) -> torch.Tensor:
+    """out [M, F] (a's 8-bit dtype, packed) <- the GEGLU projection with the next layer's input quantization, with
+    GEGLU configuration `config`, on the current stream. a [M, K] and w_i [2F, K] (`interleave`d) 8-bit of one
+    format; a_scale and out_scale float32 one-element tensors; w_scale_i float32 [2F] (interleaved) or one value;
+    bias_i [2F] (interleaved) and smooth [F] in `act_dtype`, or None."""
+    if not geglu_supports(a, w_i):
+        raise ValueError(
+            f"the CUTLASS GEGLU GEMM cannot take A {tuple(a.shape)} {a.dtype} and W1 {tuple(w_i.shape)} {w_i.dtype}"
+        )
+    fmt = FORMATS[a.dtype]
+    m, k = a.shape
+    f = w_i.shape[0] // 2
+    if out.dtype != a.dtype or out.shape != (m, f) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {a.dtype} [{m}, {f}] tensor, got {out.dtype} {tuple(out.shape)}")
+    if act_dtype not in OUT_DTYPES:
+        raise ValueError(f"the activation dtype must be float16 or bfloat16, not {act_dtype}")
+    for name, t in (("a_scale", a_scale), ("out_scale", out_scale)):
+        if t.dtype != torch.float32 or t.numel() != 1:
+            raise ValueError(f"{name} must be one float32 value, got {t.dtype} {tuple(t.shape)}")
+    if w_scale_i.dtype != torch.float32 or w_scale_i.numel() not in (1, 2 * f) or not w_scale_i.is_contiguous():
+        raise ValueError(f"w_scale must be a contiguous float32 tensor of 1 or 2F={2 * f} values")
+    for name, t, n in (("bias", bias_i, 2 * f), ("smooth", smooth, f)):
+        if t is not None and (t.dtype != act_dtype or t.shape != (n,) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {act_dtype} [{n}] tensor")
+    if config not in GEGLU_CONFIG_NAMES:
+        raise ValueError(f"unknown CUTLASS GEGLU config {config!r}: choose one of {', '.join(GEGLU_CONFIG_NAMES)}")
+    configs(fmt)  # the library holds the configs this module names
+    lib = _library(fmt)
+    index = GEGLU_CONFIG_NAMES.index(config)
+    with torch.cuda.device(a.device):
+        size = lib.sdxl_geglu8_workspace(m, f, k, index)
+        if size == ctypes.c_size_t(-1).value:
+            raise CutlassError(f"CUTLASS {fmt.upper()} GEGLU GEMM {config}: {_last_error(lib)}")
+        workspace = torch.empty(size, dtype=torch.uint8, device=a.device) if size else None
+        code = lib.sdxl_geglu8(
+            a.data_ptr(),
+            w_i.data_ptr(),
+            out.data_ptr(),
+            a_scale.data_ptr(),
+            w_scale_i.data_ptr(),
+            int(w_scale_i.numel() > 1),
+            None if bias_i is None else bias_i.data_ptr(),
+            None if smooth is None else smooth.data_ptr(),
+            out_scale.data_ptr(),
+            m,
+            f,
+            k,
+            _row_stride(a),
+            int(act_dtype == torch.bfloat16),
+            index,
+            None if workspace is None else workspace.data_ptr(),
+            size,
+            torch.cuda.current_stream().cuda_stream,
+        )
+    if code != 0:
+        why = _last_error(lib)
+        raise CutlassError(f"CUTLASS {fmt.upper()} GEGLU GEMM {config} (M={m}, F={f}, K={k}) failed: {why}")
     return out

@@ -134,3 +134,51 @@ def geglu8_mm(
 @geglu8_mm.register_fake
 def _geglu8_shape(x_q, w_q, a_scale, w_scale, bias, smooth, out_scale, act_dtype):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0] // 2))
+
+
+@torch.library.custom_op("sdxl_bench::geglu8_cutlass", mutates_args=())
+def geglu8_cutlass(
+    x_q: torch.Tensor,
+    w_i: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale_i: torch.Tensor,
+    bias_i: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    out_scale: torch.Tensor,
+    act_dtype: torch.dtype,
+    config: str,
+) -> torch.Tensor:
+    """The same computation on CUTLASS (`gemm8_cutlass.launch_geglu`, `config` a constant of the compiled graph):
+    W1, its scale and its bias come `gemm8_cutlass.interleave`d. Off the GPU: the torch reference."""
+    if not x_q.is_cuda:
+        per_row = w_scale_i.numel() > 1
+        return geglu8.geglu8_reference(
+            x_q,
+            gemm8_cutlass.deinterleave(w_i),
+            a_scale,
+            gemm8_cutlass.deinterleave(w_scale_i.reshape(-1)) if per_row else w_scale_i,
+            None if bias_i is None else gemm8_cutlass.deinterleave(bias_i),
+            smooth,
+            out_scale,
+            act_dtype,
+        )
+    out = x_q.new_empty((x_q.shape[0], w_i.shape[0] // 2))
+    scales = (a_scale, out_scale)
+    a_scale, out_scale = (torch.as_tensor(t, dtype=torch.float32, device=x_q.device).reshape(1) for t in scales)
+    return gemm8_cutlass.launch_geglu(
+        x_q.contiguous(),
+        w_i,
+        out,
+        a_scale,
+        w_scale_i.float().reshape(-1).contiguous(),
+        None if bias_i is None else bias_i.to(act_dtype).contiguous(),
+        None if smooth is None else smooth.to(act_dtype).contiguous(),
+        out_scale,
+        act_dtype,
+        config,
+    )
+
+
+@geglu8_cutlass.register_fake
+def _geglu8_cutlass_shape(x_q, w_i, a_scale, w_scale_i, bias_i, smooth, out_scale, act_dtype, config):
+    return x_q.new_empty((x_q.shape[0], w_i.shape[0] // 2))

@@ -35,7 +35,7 @@
 // (-DSDXL_PARTS=P -DSDXL_PART=p, P up to the `sdxl-parts` count below) and links them into one library: part p
 // instantiates the configs i with i % P == p, part 0 also the exported functions. Without SDXL_PART it is one
 // translation unit holding everything.
-// sdxl-parts: 6
+// sdxl-parts: 10
 
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1  // wgmma N=160 (the 128x160 tile)
 
@@ -136,6 +136,81 @@ const char* const kConfigNames[kNumConfigs] = {
     "pingpong_128x128x128_cluster2x1",
 };
 
+// The GEGLU GEMM's configs (N counts both halves: a 128-wide tile yields 64 output columns).
+using GegluConfig0 = Config<128, 128, 128, 1, Coop, CoopEpi, Persistent>;
+using GegluConfig1 = Config<128, 256, 128, 1, Coop, CoopEpi, Persistent>;
+using GegluConfig2 = Config<64, 128, 128, 1, PingPong, PingPongEpi, Persistent>;  // epilogue overlaps the other MMA
+using GegluConfig3 = Config<64, 256, 128, 1, PingPong, PingPongEpi, Persistent>;
+
+constexpr int kNumGegluConfigs = 4;
+[[maybe_unused]] const char* const kGegluConfigNames[kNumGegluConfigs] = {
+    "coop_128x128x128",
+    "coop_128x256x128",
+    "pingpong_64x128x128",
+    "pingpong_64x256x128",
+};
+
+// ------------------------------------------------------------------------------------------ launching a kernel
+
+// Raise a kernel's dynamic shared-memory limit once per device (outside any stream capture).
+template <class GemmKernel>
+int prepare_device(int device) {
+  static std::mutex lock;
+  static uint64_t done = 0;  // one bit per device index < 64
+  std::lock_guard<std::mutex> guard(lock);
+  uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
+  if (bit && (done & bit)) return kOk;
+  int smem = GemmKernel::SharedStorageSize;
+  cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<GemmKernel>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) {
+    return fail(kCudaError, std::string("cudaFuncSetAttribute(") + std::to_string(smem) +
+                                " bytes of shared memory): " + cudaGetErrorString(err));
+  }
+  done |= bit;
+  return kOk;
+}
+
+// Check, prepare and launch one GEMM kernel on `stream` (`what` names it in errors).
+template <class GemmKernel, class ClusterShape>
+int launch(typename GemmKernel::Arguments const& args, void* workspace, size_t workspace_size, cudaStream_t stream,
+           int device, const char* what, int m, int n, int k) {
+  if (!GemmKernel::can_implement(args)) {
+    return fail(kNotSupported, std::string("CUTLASS cannot implement ") + what + " M=" + std::to_string(m) +
+                                   " N=" + std::to_string(n) + " K=" + std::to_string(k) + " with this config");
+  }
+  size_t needed = GemmKernel::get_workspace_size(args);
+  if (needed > 0 && (workspace == nullptr || workspace_size < needed)) {
+    return fail(kWorkspace, "workspace of " + std::to_string(workspace_size) + " bytes given, " +
+                                std::to_string(needed) + " needed (the *_workspace function)");
+  }
+  if (int code = prepare_device<GemmKernel>(device)) return code;
+  if (GemmKernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) {
+    return fail(kCudaError, "initializing the GEMM workspace failed (cudaMemsetAsync)");
+  }
+  typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, workspace);
+
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = size<0>(ClusterShape{});
+  cluster.val.clusterDim.y = size<1>(ClusterShape{});
+  cluster.val.clusterDim.z = size<2>(ClusterShape{});
+  cudaLaunchConfig_t config = {};
+  config.gridDim = GemmKernel::get_grid_shape(params);
+  config.blockDim = GemmKernel::get_block_shape();
+  config.dynamicSmemBytes = GemmKernel::SharedStorageSize;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = size(ClusterShape{}) > 1 ? 1 : 0;  // a 1x1x1 cluster is the plain launch
+  void* kernel_args[] = {&params};
+  cudaError_t err =
+      cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(cutlass::device_kernel<GemmKernel>), kernel_args);
+  if (err != cudaSuccess) {
+    return fail(kCudaError, std::string("kernel launch: ") + cudaGetErrorString(err));
+  }
+  return kOk;
+}
+
 // ------------------------------------------------------------------------------------------ the GEMM
 
 template <class Cfg, class ElementOut>
@@ -230,62 +305,208 @@ struct Gemm8 {
     return GemmKernel::get_workspace_size(args);
   }
 
-  // Raise the kernel's dynamic shared-memory limit once per device (outside any stream capture).
-  static int prepare_device(int device) {
-    static std::mutex lock;
-    static uint64_t done = 0;  // one bit per device index < 64
-    std::lock_guard<std::mutex> guard(lock);
-    uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
-    if (bit && (done & bit)) return kOk;
-    int smem = GemmKernel::SharedStorageSize;
-    cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<GemmKernel>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) {
-      return fail(kCudaError, std::string("cudaFuncSetAttribute(") + std::to_string(smem) +
-                                  " bytes of shared memory): " + cudaGetErrorString(err));
-    }
-    done |= bit;
-    return kOk;
-  }
-
   static int run(const void* a, const void* w, void* out, const float* a_scale, const float* w_scale,
                  const void* bias, int m, int n, int k, int lda, void* workspace, size_t workspace_size,
                  cudaStream_t stream, int device, int sm_count) {
-    Arguments args = arguments(a, w, out, a_scale, w_scale, bias, m, n, k, lda, device, sm_count);
-    if (!GemmKernel::can_implement(args)) {
-      return fail(kNotSupported, "CUTLASS cannot implement M=" + std::to_string(m) + " N=" + std::to_string(n) +
-                                     " K=" + std::to_string(k) + " with this config");
-    }
-    size_t needed = GemmKernel::get_workspace_size(args);
-    if (needed > 0 && (workspace == nullptr || workspace_size < needed)) {
-      return fail(kWorkspace, "workspace of " + std::to_string(workspace_size) + " bytes given, " +
-                                  std::to_string(needed) + " needed (sdxl_gemm8_workspace)");
-    }
-    if (int code = prepare_device(device)) return code;
-    if (GemmKernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) {
-      return fail(kCudaError, "initializing the GEMM workspace failed (cudaMemsetAsync)");
-    }
-    Params params = GemmKernel::to_underlying_arguments(args, workspace);
+    return launch<GemmKernel, ClusterShape>(arguments(a, w, out, a_scale, w_scale, bias, m, n, k, lda, device, sm_count),
+                                            workspace, workspace_size, stream, device, "the 8-bit GEMM", m, n, k);
+  }
+};
 
-    cudaLaunchAttribute cluster;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = size<0>(ClusterShape{});
-    cluster.val.clusterDim.y = size<1>(ClusterShape{});
-    cluster.val.clusterDim.z = size<2>(ClusterShape{});
-    cudaLaunchConfig_t launch = {};
-    launch.gridDim = GemmKernel::get_grid_shape(params);
-    launch.blockDim = GemmKernel::get_block_shape();
-    launch.dynamicSmemBytes = GemmKernel::SharedStorageSize;
-    launch.stream = stream;
-    launch.attrs = &cluster;
-    launch.numAttrs = size(ClusterShape{}) > 1 ? 1 : 0;  // a 1x1x1 cluster is the plain launch
-    void* kernel_args[] = {&params};
-    cudaError_t err = cudaLaunchKernelExC(
-        &launch, reinterpret_cast<const void*>(cutlass::device_kernel<GemmKernel>), kernel_args);
-    if (err != cudaSuccess) {
-      return fail(kCudaError, std::string("kernel launch: ") + cudaGetErrorString(err));
+// ------------------------------------------------------------------------------------------ the GEGLU GEMM
+//
+// SDXL's feed-forward starts with  h = GEGLU(x @ W1^T + b1) = value * gelu(gate)  over W1's two halves [value;
+// gate] of F rows each, and the next layer quantizes h (times its SmoothQuant scale) to 8 bits. Here one GEMM
+// computes both halves and its epilogue writes that 8-bit input of the next GEMM directly:
+//
+//     value, gate = fma(float(acc), a_scale * w_scale[n], bias[n])   rounded to fp16/bf16, as the plain GEMM's output
+//     y           = value * 0.5 * gate * (1 + erf(gate / sqrt(2))) * smooth[f]            in float32
+//     out_q[m, f] = INT8: clamp(rint(y * (1 / out_scale)), -128, 127);  FP8: e4m3(clamp(y / out_scale, +-448))
+//
+// The weight comes interleaved (`geglu8_cutlass.interleave`): rows 16b..16b+7 are value rows 8b..8b+7 and rows
+// 16b+8..16b+15 the gate rows of the same output columns, so in the warp-group MMA's accumulator layout, whose
+// value mode is (2 adjacent columns, 2 rows 8 apart, N/8 blocks of 8 columns), a thread holds an output column's
+// value in block 2j and its gate in block 2j+1: the epilogue pairs them in registers. It stores straight from
+// registers (two output bytes per store: no shared memory, no TMA store), which leaves the mainloop more stages.
+// w_scale and bias are interleaved like the weight; w_scale is per channel ([2F]) or one per-tensor value.
+
+template <class ElementAcc_, class ElementQ_>
+class GegluEpilogue {
+ public:
+  using ElementAccumulator = ElementAcc_;
+  using ElementCompute = float;
+  using ElementC = void;
+  using ElementD = ElementQ_;
+  using ElementOutput = ElementQ_;
+  using StrideC = Stride<int64_t, _1, int64_t>;
+  using StrideD = StrideC;
+  struct SharedStorage {};
+
+  struct Arguments {
+    const float* a_scale = nullptr;    // [1]
+    const float* w_scale = nullptr;    // [2F] interleaved, or [1]
+    int64_t w_scale_stride = 1;        // 0: one per-tensor scale
+    const uint16_t* bias = nullptr;    // [2F] interleaved, fp16 or bf16 bits, or null
+    const uint16_t* smooth = nullptr;  // [F], fp16 or bf16 bits like bias, or null
+    const float* out_scale = nullptr;  // [1]
+    ElementQ_* out = nullptr;          // [M, F], row stride ldo
+    int64_t ldo = 0;
+    int act_bf16 = 0;                  // the activation dtype the plain GEMM's output would have
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    return get<1>(problem_shape) % 16 == 0 && args.out != nullptr;
+  }
+
+  CUTLASS_HOST_DEVICE GegluEpilogue(Params const& params, SharedStorage const& = SharedStorage()) : params(params) {}
+
+  CUTLASS_DEVICE bool is_source_needed() { return false; }
+
+  CUTLASS_DEVICE float activation(float x) const {  // rounded to the activation dtype, back in float32
+    return params.act_bf16 ? __bfloat162float(__float2bfloat16_rn(x)) : __half2float(__float2half_rn(x));
+  }
+
+  CUTLASS_DEVICE float load_act(const uint16_t* vector, int64_t i, float absent) const {  // bias or smooth
+    if (vector == nullptr) return absent;
+    uint16_t bits = vector[i];
+    return params.act_bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
+  }
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+            class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
+                                 BlockCoordMNKL blk_coord_mnkl, Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    // The accumulator fragment is ((2 columns, 2 rows, NB blocks of 8 columns), MMA_M, MMA_N): wgmma's layout.
+    static_assert(decltype(rank<0>(FrgLayout{}))::value == 3, "expects wgmma's accumulator layout");
+    static_assert(decltype(size<0, 0>(FrgLayout{}))::value == 2 && decltype(size<0, 1>(FrgLayout{}))::value == 2,
+                  "expects wgmma's accumulator layout");
+    constexpr int NB = decltype(size<0, 2>(FrgLayout{}))::value;
+    static_assert(NB % 2 == 0, "the tile's N must hold whole value/gate pairs of 8-column blocks");
+
+    const int M = int(get<0>(problem_shape_mnkl));
+    const int N = int(get<1>(problem_shape_mnkl));  // 2F
+    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
+    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_MNK),
+                               make_coord(m_coord, n_coord));  // (BLK_M, BLK_N) -> (m, n) in the whole problem
+    Tensor thread_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+
+    const float a_scale = *params.a_scale;
+    const float out_scale = *params.out_scale;
+    const float inv_out_scale = __frcp_rn(out_scale);
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int mn = 0; mn < size<2>(accumulators); ++mn) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int nb = 0; nb < NB; nb += 2) {
+        const int n = get<1>(thread_coords(make_coord(make_coord(0, 0, nb), 0, mn)));  // a value column, n % 16 < 8
+        if (n >= N) continue;
+        const int f = (n >> 4) * 8 + (n & 7);  // its output column (and f + 1 for the next accumulator column)
+        float scale_v[2], scale_g[2], bias_v[2], bias_g[2], smooth[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          scale_v[c] = a_scale * params.w_scale[(n + c) * params.w_scale_stride];
+          scale_g[c] = a_scale * params.w_scale[(n + 8 + c) * params.w_scale_stride];
+          bias_v[c] = load_act(params.bias, n + c, 0.0f);
+          bias_g[c] = load_act(params.bias, n + 8 + c, 0.0f);
+          smooth[c] = load_act(params.smooth, f + c, 1.0f);
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int mm = 0; mm < size<1>(accumulators); ++mm) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const int m = get<0>(thread_coords(make_coord(make_coord(0, r, nb), mm, mn)));
+            if (m >= M) continue;
+            ElementQ_ q[2];
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < 2; ++c) {
+              float value = fmaf(float(accumulators(make_coord(make_coord(c, r, nb), mm, mn))), scale_v[c], bias_v[c]);
+              float gate = fmaf(float(accumulators(make_coord(make_coord(c, r, nb + 1), mm, mn))), scale_g[c], bias_g[c]);
+              value = activation(value);
+              gate = activation(gate);
+              float y = value * (0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f))) * smooth[c];
+              q[c] = quantize(y, out_scale, inv_out_scale);
+            }
+            uint16_t packed = uint16_t(reinterpret_cast<uint8_t&>(q[0])) |
+                              uint16_t(uint16_t(reinterpret_cast<uint8_t&>(q[1])) << 8);
+            *reinterpret_cast<uint16_t*>(params.out + int64_t(m) * params.ldo + f) = packed;
+          }
+        }
+      }
     }
-    return kOk;
+  }
+
+ private:
+  CUTLASS_DEVICE static ElementQ_ quantize(float y, float out_scale, float inv_out_scale) {
+    if constexpr (std::is_same_v<ElementQ_, int8_t>) {
+      int q = __float2int_rn(__fmul_rn(y, inv_out_scale));  // round half to even, as torch.round
+      return int8_t(q < -128 ? -128 : (q > 127 ? 127 : q));
+    } else {
+      float q = fminf(fmaxf(__fdiv_rn(y, out_scale), -448.0f), 448.0f);
+      return ElementQ_(q);  // cvt.rn.satfinite to e4m3
+    }
+  }
+
+  Params params;
+};
+
+template <class Cfg>
+struct Geglu8 {
+  using TileShape = typename Cfg::TileShape;
+  using ClusterShape = typename Cfg::ClusterShape;
+  using CollectiveEpilogue =
+      cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GegluEpilogue<ElementAcc, ElementAB>>;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      ElementAB, cutlass::layout::RowMajor, 16,
+      ElementAB, cutlass::layout::ColumnMajor, 16,
+      ElementAcc,
+      TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<0>,
+      typename Cfg::KernelSchedule>::CollectiveOp;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<
+      Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue, typename Cfg::TileScheduler>;
+  using Arguments = typename GemmKernel::Arguments;
+  using EpilogueArguments = typename GegluEpilogue<ElementAcc, ElementAB>::Arguments;
+
+  static Arguments arguments(const void* a, const void* w, const EpilogueArguments& epilogue, int m, int n2, int k,
+                             int lda, int device, int sm_count) {
+    auto stride_a = cutlass::make_cute_packed_stride(typename GemmKernel::StrideA{}, make_shape(m, k, 1));
+    get<0>(stride_a) = lda;
+    auto stride_b = cutlass::make_cute_packed_stride(typename GemmKernel::StrideB{}, make_shape(n2, k, 1));
+    cutlass::KernelHardwareInfo hw_info;
+    hw_info.device_id = device;
+    hw_info.sm_count = sm_count;
+    return Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
+                     {m, n2, k, 1},
+                     {static_cast<const ElementAB*>(a), stride_a, static_cast<const ElementAB*>(w), stride_b},
+                     epilogue,
+                     hw_info};
+  }
+
+  static size_t workspace_bytes(int m, int n2, int k, int device, int sm_count) {
+    return GemmKernel::get_workspace_size(arguments(nullptr, nullptr, {}, m, n2, k, k, device, sm_count));
+  }
+
+  static int run(const void* a, const void* w, const EpilogueArguments& epilogue, int m, int n2, int k, int lda,
+                 void* workspace, size_t workspace_size, cudaStream_t stream, int device, int sm_count) {
+    return launch<GemmKernel, ClusterShape>(arguments(a, w, epilogue, m, n2, k, lda, device, sm_count), workspace,
+                                            workspace_size, stream, device, "GEGLU GEMM", m, n2, k);
   }
 };
 
@@ -309,6 +530,18 @@ size_t workspace_config(int m, int n, int k, int device, int sm_count) {
   size_t half = Gemm8<Cfg, cutlass::half_t>::workspace_bytes(m, n, k, device, sm_count);
   size_t bf16 = Gemm8<Cfg, cutlass::bfloat16_t>::workspace_bytes(m, n, k, device, sm_count);
   return half > bf16 ? half : bf16;
+}
+
+template <class Cfg>
+int run_geglu_config(const void* a, const void* w, const typename Geglu8<Cfg>::EpilogueArguments& epilogue, int m,
+                     int n2, int k, int lda, void* workspace, size_t workspace_size, cudaStream_t stream, int device,
+                     int sm_count) {
+  return Geglu8<Cfg>::run(a, w, epilogue, m, n2, k, lda, workspace, workspace_size, stream, device, sm_count);
+}
+
+template <class Cfg>
+size_t workspace_geglu_config(int m, int n2, int k, int device, int sm_count) {
+  return Geglu8<Cfg>::workspace_bytes(m, n2, k, device, sm_count);
 }
 
 // The configs this translation unit compiles (all of them, or its part's); the others are only declared here
@@ -353,6 +586,33 @@ SDXL_GEMM8_INSTANTIATE(, Config5)
 SDXL_GEMM8_INSTANTIATE(extern, Config5)
 #endif
 #undef SDXL_GEMM8_INSTANTIATE
+// The GEGLU configs follow the GEMM configs in the parts' round robin (the preprocessor needs literal indices).
+using GegluArguments = GegluEpilogue<ElementAcc, ElementAB>::Arguments;
+#define SDXL_GEGLU8_INSTANTIATE(prefix, Cfg)                                                                      \
+  prefix template int run_geglu_config<Cfg>(const void*, const void*, const GegluArguments&, int, int, int, int,   \
+                                            void*, size_t, cudaStream_t, int, int);                               \
+  prefix template size_t workspace_geglu_config<Cfg>(int, int, int, int, int);
+#if SDXL_IN_PART(6)
+SDXL_GEGLU8_INSTANTIATE(, GegluConfig0)
+#else
+SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig0)
+#endif
+#if SDXL_IN_PART(7)
+SDXL_GEGLU8_INSTANTIATE(, GegluConfig1)
+#else
+SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig1)
+#endif
+#if SDXL_IN_PART(8)
+SDXL_GEGLU8_INSTANTIATE(, GegluConfig2)
+#else
+SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig2)
+#endif
+#if SDXL_IN_PART(9)
+SDXL_GEGLU8_INSTANTIATE(, GegluConfig3)
+#else
+SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig3)
+#endif
+#undef SDXL_GEGLU8_INSTANTIATE
 
 #if !defined(SDXL_PART) || SDXL_PART == 0  // the exported functions and what only they use
 
@@ -369,6 +629,17 @@ auto with_config(int config, F&& f) {
   }
 }
 static_assert(kNumConfigs == 6, "with_config lists every config");
+
+template <class F>
+auto with_geglu_config(int config, F&& f) {
+  switch (config) {
+    case 0: return f(GegluConfig0{});
+    case 1: return f(GegluConfig1{});
+    case 2: return f(GegluConfig2{});
+    default: return f(GegluConfig3{});
+  }
+}
+static_assert(kNumGegluConfigs == 4, "with_geglu_config lists every config");
 
 // The current device, its SM count and whether it is compute capability 9.0 (cached per device).
 struct DeviceInfo {
@@ -473,6 +744,74 @@ SDXL_EXPORT int sdxl_gemm8(const void* a, const void* w, void* out, const float*
   return with_config(config, [&](auto cfg) {
     return run_config<decltype(cfg)>(a, w, out, a_scale, w_scale, bias, m, n, k, lda, out_bf16, workspace,
                                      workspace_bytes, s, dev.device, dev.sm_count);
+  });
+}
+
+SDXL_EXPORT int sdxl_geglu8_num_configs() { return kNumGegluConfigs; }
+
+SDXL_EXPORT const char* sdxl_geglu8_config_name(int config) {
+  return config >= 0 && config < kNumGegluConfigs ? kGegluConfigNames[config] : nullptr;
+}
+
+// Bytes of device workspace GEGLU `config` needs for M x K -> 2F on the current device; (size_t)-1 on error.
+SDXL_EXPORT size_t sdxl_geglu8_workspace(int m, int f, int k, int config) {
+  if (config < 0 || config >= kNumGegluConfigs || m < 0 || f < 0 || k < 0) {
+    fail(kBadArgument, "bad config index or negative size");
+    return static_cast<size_t>(-1);
+  }
+  DeviceInfo dev;
+  if (current_device(dev) != kOk) return static_cast<size_t>(-1);
+  return with_geglu_config(config, [&](auto cfg) {
+    return workspace_geglu_config<decltype(cfg)>(m, 2 * f, k, dev.device, dev.sm_count);
+  });
+}
+
+// out[m, f] = quantize(GEGLU(a @ w^T * (*a_scale * w_scale) + bias) * smooth, *out_scale), as the GEGLU section
+// above says, on `stream`. a: 8-bit [m, k] with row stride lda; w: 8-bit [2f, k] interleaved; w_scale: float32
+// [2f] interleaved (w_scale_per_channel = 1) or [1]; bias: [2f] interleaved and smooth: [f], both in the
+// activation dtype (bf16 when act_bf16, else fp16) or null; out: 8-bit [m, f] packed.
+SDXL_EXPORT int sdxl_geglu8(const void* a, const void* w, void* out, const float* a_scale, const float* w_scale,
+                    int w_scale_per_channel, const void* bias, const void* smooth, const float* out_scale, int m,
+                    int f, int k, int lda, int act_bf16, int config, void* workspace, size_t workspace_bytes,
+                    void* stream) {
+  if (config < 0 || config >= kNumGegluConfigs) {
+    return fail(kBadArgument, "GEGLU config " + std::to_string(config) + " out of range 0.." +
+                                  std::to_string(kNumGegluConfigs - 1));
+  }
+  if (m < 0 || f <= 0 || k <= 0) {
+    return fail(kBadArgument, "bad sizes M=" + std::to_string(m) + " F=" + std::to_string(f) +
+                                  " K=" + std::to_string(k));
+  }
+  if (m == 0) return kOk;
+  if (!a || !w || !out || !a_scale || !w_scale || !out_scale) {
+    return fail(kBadArgument, "a, w, out, a_scale, w_scale and out_scale must not be null");
+  }
+  if (k % 16 || f % 8 || lda % 16 || lda < k) {
+    return fail(kNotSupported, "needs K % 16 == 0, F % 8 == 0 and lda % 16 == 0, lda >= K, got F=" +
+                                   std::to_string(f) + " K=" + std::to_string(k) + " lda=" + std::to_string(lda));
+  }
+  if (!aligned16(a) || !aligned16(w)) return fail(kNotSupported, "a and w must be 16-byte aligned (TMA)");
+  if (reinterpret_cast<uintptr_t>(out) & 1) return fail(kNotSupported, "out must be 2-byte aligned");
+  DeviceInfo dev;
+  if (int code = current_device(dev)) return code;
+  if (!dev.hopper) {
+    return fail(kWrongDevice, "device " + std::to_string(dev.device) +
+                                  " is not compute capability 9.0 (the kernels are built for sm_90a)");
+  }
+  GegluArguments epilogue;
+  epilogue.a_scale = a_scale;
+  epilogue.w_scale = w_scale;
+  epilogue.w_scale_stride = w_scale_per_channel ? 1 : 0;
+  epilogue.bias = static_cast<const uint16_t*>(bias);
+  epilogue.smooth = static_cast<const uint16_t*>(smooth);
+  epilogue.out_scale = out_scale;
+  epilogue.out = static_cast<ElementAB*>(out);
+  epilogue.ldo = f;
+  epilogue.act_bf16 = act_bf16;
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_geglu_config(config, [&](auto cfg) {
+    return run_geglu_config<decltype(cfg)>(a, w, epilogue, m, 2 * f, k, lda, workspace, workspace_bytes, s,
+                                           dev.device, dev.sm_count);
   });
 }
 
