@@ -383,7 +383,7 @@ class GegluEpilogue {
 
   CUTLASS_DEVICE float load_act(const uint16_t* vector, int64_t i, float absent) const {  // bias or smooth
     if (vector == nullptr) return absent;
-    uint16_t bits = vector[i];
+    uint16_t bits = __ldg(vector + i);
     return params.act_bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
   }
 
@@ -409,42 +409,59 @@ class GegluEpilogue {
     const float a_scale = *params.a_scale;
     const float out_scale = *params.out_scale;
     const float inv_out_scale = __frcp_rn(out_scale);
+    constexpr int MM = decltype(size<1>(FrgLayout{}))::value;
+    constexpr int MN = decltype(size<2>(FrgLayout{}))::value;
 
+    // Two passes: every column vector is loaded and every GEGLU value computed before the first store, so the
+    // loads issue together (a load after a store waits for it: one memory latency per block of columns otherwise).
+    float y[MN][NB / 2][MM][2][2];
     CUTLASS_PRAGMA_UNROLL
-    for (int mn = 0; mn < size<2>(accumulators); ++mn) {
+    for (int mn = 0; mn < MN; ++mn) {
       CUTLASS_PRAGMA_UNROLL
       for (int nb = 0; nb < NB; nb += 2) {
         const int n = get<1>(thread_coords(make_coord(make_coord(0, 0, nb), 0, mn)));  // a value column, n % 16 < 8
-        if (n >= N) continue;
         const int f = (n >> 4) * 8 + (n & 7);  // its output column (and f + 1 for the next accumulator column)
+        const bool inside = n < N;
         float scale_v[2], scale_g[2], bias_v[2], bias_g[2], smooth[2];
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < 2; ++c) {
-          scale_v[c] = a_scale * params.w_scale[(n + c) * params.w_scale_stride];
-          scale_g[c] = a_scale * params.w_scale[(n + 8 + c) * params.w_scale_stride];
-          bias_v[c] = load_act(params.bias, n + c, 0.0f);
-          bias_g[c] = load_act(params.bias, n + 8 + c, 0.0f);
-          smooth[c] = load_act(params.smooth, f + c, 1.0f);
+          scale_v[c] = inside ? a_scale * __ldg(params.w_scale + (n + c) * params.w_scale_stride) : 0.0f;
+          scale_g[c] = inside ? a_scale * __ldg(params.w_scale + (n + 8 + c) * params.w_scale_stride) : 0.0f;
+          bias_v[c] = inside ? load_act(params.bias, n + c, 0.0f) : 0.0f;
+          bias_g[c] = inside ? load_act(params.bias, n + 8 + c, 0.0f) : 0.0f;
+          smooth[c] = inside ? load_act(params.smooth, f + c, 1.0f) : 0.0f;
         }
         CUTLASS_PRAGMA_UNROLL
-        for (int mm = 0; mm < size<1>(accumulators); ++mm) {
+        for (int mm = 0; mm < MM; ++mm) {
           CUTLASS_PRAGMA_UNROLL
           for (int r = 0; r < 2; ++r) {
-            const int m = get<0>(thread_coords(make_coord(make_coord(0, r, nb), mm, mn)));
-            if (m >= M) continue;
-            ElementQ_ q[2];
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < 2; ++c) {
               float value = fmaf(float(accumulators(make_coord(make_coord(c, r, nb), mm, mn))), scale_v[c], bias_v[c]);
               float gate = fmaf(float(accumulators(make_coord(make_coord(c, r, nb + 1), mm, mn))), scale_g[c], bias_g[c]);
               value = activation(value);
               gate = activation(gate);
-              float y = value * (0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f))) * smooth[c];
-              q[c] = quantize(y, out_scale, inv_out_scale);
+              y[mn][nb / 2][mm][r][c] = value * (0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f))) * smooth[c];
             }
-            uint16_t packed = uint16_t(reinterpret_cast<uint8_t&>(q[0])) |
-                              uint16_t(uint16_t(reinterpret_cast<uint8_t&>(q[1])) << 8);
-            *reinterpret_cast<uint16_t*>(params.out + int64_t(m) * params.ldo + f) = packed;
+          }
+        }
+      }
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int mn = 0; mn < MN; ++mn) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int nb = 0; nb < NB; nb += 2) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int mm = 0; mm < MM; ++mm) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const auto coord = thread_coords(make_coord(make_coord(0, r, nb), mm, mn));
+            const int m = get<0>(coord), n = get<1>(coord);
+            if (m >= M || n >= N) continue;
+            ElementQ_ q0 = quantize(y[mn][nb / 2][mm][r][0], out_scale, inv_out_scale);
+            ElementQ_ q1 = quantize(y[mn][nb / 2][mm][r][1], out_scale, inv_out_scale);
+            uint16_t packed = uint16_t(reinterpret_cast<uint8_t&>(q0)) | uint16_t(reinterpret_cast<uint8_t&>(q1) << 8);
+            *reinterpret_cast<uint16_t*>(params.out + int64_t(m) * params.ldo + (n >> 4) * 8 + (n & 7)) = packed;
           }
         }
       }
