@@ -377,105 +377,122 @@ class GegluEpilogue {
 
   CUTLASS_DEVICE bool is_source_needed() { return false; }
 
-  CUTLASS_DEVICE float activation(float x) const {  // rounded to the activation dtype, back in float32
-    return params.act_bf16 ? __bfloat162float(__float2bfloat16_rn(x)) : __half2float(__float2half_rn(x));
-  }
-
-  CUTLASS_DEVICE float load_act(const uint16_t* vector, int64_t i, float absent) const {  // bias or smooth
-    if (vector == nullptr) return absent;
-    uint16_t bits = __ldg(vector + i);
-    return params.act_bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
-  }
-
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
             class TiledMma, class ResidueMNK>
   CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
                                  BlockCoordMNKL blk_coord_mnkl, Tensor<FrgEngine, FrgLayout> const& accumulators,
                                  TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
+    const int M = int(get<0>(problem_shape_mnkl));
+    const int N = int(get<1>(problem_shape_mnkl));  // 2F
+    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_MNK),
+                               make_coord(m_coord, n_coord));  // (BLK_M, BLK_N) -> (m, n) in the whole problem
+    Tensor thread_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+    // One branch here, not one per value: each activation dtype gets its own copy of the loop.
+    if (params.act_bf16) {
+      store<__nv_bfloat16>(accumulators, thread_coords, M, N);
+    } else {
+      store<__half>(accumulators, thread_coords, M, N);
+    }
+  }
+
+ private:
+  template <class Act>
+  CUTLASS_DEVICE static float load_act(const uint16_t* vector, int i, float absent) {  // bias or smooth
+    if (vector == nullptr) return absent;
+    uint16_t bits = __ldg(vector + i);
+    if constexpr (std::is_same_v<Act, __half>) {
+      return __half2float(__ushort_as_half(bits));
+    } else {
+      return __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+  }
+
+  template <class Act>
+  CUTLASS_DEVICE static float2 round_act(float value, float gate) {  // both rounded to the activation dtype
+    if constexpr (std::is_same_v<Act, __half>) {
+      return __half22float2(__floats2half2_rn(value, gate));
+    } else {
+      return __bfloat1622float2(__floats2bfloat162_rn(value, gate));
+    }
+  }
+
+  // y quantized with the next layer's scale: the stored byte, in the low 8 bits.
+  CUTLASS_DEVICE static uint32_t quantize(float y, float inv_out_scale) {
+    if constexpr (std::is_same_v<ElementQ_, int8_t>) {
+      // clamp(rint(y * (1 / s))): clamping first to the integer bounds gives the same value, and adding 1.5 * 2^23
+      // rounds to an integer half to even (float32's step there is 1) and leaves it two's complement in the low byte.
+      float v = fminf(fmaxf(__fmul_rn(y, inv_out_scale), -128.0f), 127.0f);
+      return __float_as_uint(__fadd_rn(v, 12582912.0f)) & 0xFFu;
+    } else {
+      // y * (1 / s) differs from y / s by at most one float32 ulp before the e4m3 rounding (3 mantissa bits).
+      float v = fminf(fmaxf(__fmul_rn(y, inv_out_scale), -448.0f), 448.0f);
+      return ElementQ_(v).storage;  // cvt.rn.satfinite to e4m3
+    }
+  }
+
+  template <class Act, class Accumulators, class ThreadCoords>
+  CUTLASS_DEVICE void store(Accumulators const& accumulators, ThreadCoords const& thread_coords, int M, int N) const {
     // The accumulator fragment is ((2 columns, 2 rows, NB blocks of 8 columns), MMA_M, MMA_N): wgmma's layout.
+    using FrgLayout = typename Accumulators::layout_type;
     static_assert(decltype(rank<0>(FrgLayout{}))::value == 3, "expects wgmma's accumulator layout");
     static_assert(decltype(size<0, 0>(FrgLayout{}))::value == 2 && decltype(size<0, 1>(FrgLayout{}))::value == 2,
                   "expects wgmma's accumulator layout");
     constexpr int NB = decltype(size<0, 2>(FrgLayout{}))::value;
-    static_assert(NB % 2 == 0, "the tile's N must hold whole value/gate pairs of 8-column blocks");
-
-    const int M = int(get<0>(problem_shape_mnkl));
-    const int N = int(get<1>(problem_shape_mnkl));  // 2F
-    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
-    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_MNK),
-                               make_coord(m_coord, n_coord));  // (BLK_M, BLK_N) -> (m, n) in the whole problem
-    Tensor thread_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
-
-    const float a_scale = *params.a_scale;
-    const float out_scale = *params.out_scale;
-    const float inv_out_scale = __frcp_rn(out_scale);
     constexpr int MM = decltype(size<1>(FrgLayout{}))::value;
     constexpr int MN = decltype(size<2>(FrgLayout{}))::value;
+    static_assert(NB % 2 == 0, "the tile's N must hold whole value/gate pairs of 8-column blocks");
 
-    // Two passes: every column vector is loaded and every GEGLU value computed before the first store, so the
-    // loads issue together (a load after a store waits for it: one memory latency per block of columns otherwise).
-    float y[MN][NB / 2][MM][2][2];
+    const float a_scale = *params.a_scale;
+    const float inv_out_scale = __frcp_rn(*params.out_scale);
+    const int w_scale_step = int(params.w_scale_stride);
+    // The rows this thread holds (they do not change with the column block).
+    uint8_t* row_out[MM][2];
+    bool row_inside[MM][2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < MM; ++mm) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int m = get<0>(thread_coords(make_coord(make_coord(0, r, 0), mm, 0)));
+        row_inside[mm][r] = m < M;
+        row_out[mm][r] = reinterpret_cast<uint8_t*>(params.out) + int64_t(m) * params.ldo;
+      }
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int mn = 0; mn < MN; ++mn) {
       CUTLASS_PRAGMA_UNROLL
       for (int nb = 0; nb < NB; nb += 2) {
         const int n = get<1>(thread_coords(make_coord(make_coord(0, 0, nb), 0, mn)));  // a value column, n % 16 < 8
+        if (n >= N) continue;
         const int f = (n >> 4) * 8 + (n & 7);  // its output column (and f + 1 for the next accumulator column)
-        const bool inside = n < N;
         float scale_v[2], scale_g[2], bias_v[2], bias_g[2], smooth[2];
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < 2; ++c) {
-          scale_v[c] = inside ? a_scale * __ldg(params.w_scale + (n + c) * params.w_scale_stride) : 0.0f;
-          scale_g[c] = inside ? a_scale * __ldg(params.w_scale + (n + 8 + c) * params.w_scale_stride) : 0.0f;
-          bias_v[c] = inside ? load_act(params.bias, n + c, 0.0f) : 0.0f;
-          bias_g[c] = inside ? load_act(params.bias, n + 8 + c, 0.0f) : 0.0f;
-          smooth[c] = inside ? load_act(params.smooth, f + c, 1.0f) : 0.0f;
+          scale_v[c] = a_scale * __ldg(params.w_scale + w_scale_step * (n + c));
+          scale_g[c] = a_scale * __ldg(params.w_scale + w_scale_step * (n + 8 + c));
+          bias_v[c] = load_act<Act>(params.bias, n + c, 0.0f);
+          bias_g[c] = load_act<Act>(params.bias, n + 8 + c, 0.0f);
+          smooth[c] = load_act<Act>(params.smooth, f + c, 1.0f);
         }
         CUTLASS_PRAGMA_UNROLL
         for (int mm = 0; mm < MM; ++mm) {
           CUTLASS_PRAGMA_UNROLL
           for (int r = 0; r < 2; ++r) {
+            if (!row_inside[mm][r]) continue;
+            uint32_t packed = 0;
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < 2; ++c) {
-              float value = fmaf(float(accumulators(make_coord(make_coord(c, r, nb), mm, mn))), scale_v[c], bias_v[c]);
-              float gate = fmaf(float(accumulators(make_coord(make_coord(c, r, nb + 1), mm, mn))), scale_g[c], bias_g[c]);
-              value = activation(value);
-              gate = activation(gate);
-              y[mn][nb / 2][mm][r][c] = value * (0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f))) * smooth[c];
+              float2 h = round_act<Act>(
+                  fmaf(float(accumulators(make_coord(make_coord(c, r, nb), mm, mn))), scale_v[c], bias_v[c]),
+                  fmaf(float(accumulators(make_coord(make_coord(c, r, nb + 1), mm, mn))), scale_g[c], bias_g[c]));
+              const float gate = h.y;
+              const float y = h.x * (0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f))) * smooth[c];
+              packed |= quantize(y, inv_out_scale) << (8 * c);
             }
+            *reinterpret_cast<uint16_t*>(row_out[mm][r] + f) = uint16_t(packed);
           }
         }
       }
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int mn = 0; mn < MN; ++mn) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int nb = 0; nb < NB; nb += 2) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int mm = 0; mm < MM; ++mm) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int r = 0; r < 2; ++r) {
-            const auto coord = thread_coords(make_coord(make_coord(0, r, nb), mm, mn));
-            const int m = get<0>(coord), n = get<1>(coord);
-            if (m >= M || n >= N) continue;
-            ElementQ_ q0 = quantize(y[mn][nb / 2][mm][r][0], out_scale, inv_out_scale);
-            ElementQ_ q1 = quantize(y[mn][nb / 2][mm][r][1], out_scale, inv_out_scale);
-            uint16_t packed = uint16_t(reinterpret_cast<uint8_t&>(q0)) | uint16_t(reinterpret_cast<uint8_t&>(q1) << 8);
-            *reinterpret_cast<uint16_t*>(params.out + int64_t(m) * params.ldo + (n >> 4) * 8 + (n & 7)) = packed;
-          }
-        }
-      }
-    }
-  }
-
- private:
-  CUTLASS_DEVICE static ElementQ_ quantize(float y, float out_scale, float inv_out_scale) {
-    if constexpr (std::is_same_v<ElementQ_, int8_t>) {
-      int q = __float2int_rn(__fmul_rn(y, inv_out_scale));  // round half to even, as torch.round
-      return int8_t(q < -128 ? -128 : (q > 127 ? 127 : q));
-    } else {
-      float q = fminf(fmaxf(__fdiv_rn(y, out_scale), -448.0f), 448.0f);
-      return ElementQ_(q);  // cvt.rn.satfinite to e4m3
     }
   }
 
