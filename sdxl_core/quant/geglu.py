@@ -46,7 +46,7 @@ def _fused(proj, out, x_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 8-bit input of `out` from the quantized input of `proj`, on the fused kernel `proj` names."""
     if proj.kernel == KERNEL:
         return ops.geglu8_mm(x_q, proj.weight, proj.a_scale, proj.w_scale, proj.bias, out.smooth, out.a_scale, dtype)
-    config = proj.kernel.removeprefix("cutlass:geglu_")
+    config = proj.kernel.removeprefix(gemm8_cutlass.GEGLU_PREFIX)
     weight, w_scale, bias = proj.geglu_weight, proj.geglu_w_scale, proj.geglu_bias  # interleaved
     return ops.geglu8_cutlass(x_q, weight, proj.a_scale, w_scale, bias, out.smooth, out.a_scale, dtype, config)
 
@@ -214,7 +214,7 @@ def _fused_candidates(proj, out, x_q, dtype) -> dict[str, Callable[[], torch.Ten
     w_scale_i = gemm8_cutlass.interleave(w_scale) if w_scale.numel() > 1 else w_scale
     bias_i = None if proj.bias is None else gemm8_cutlass.interleave(proj.bias)
     for kernel in gemm8_cutlass.GEGLU_KERNELS:
-        config = kernel.removeprefix("cutlass:geglu_")
+        config = kernel.removeprefix(gemm8_cutlass.GEGLU_PREFIX)
         calls[kernel] = functools.partial(
             ops.geglu8_cutlass, x_q, w_i, proj.a_scale, w_scale_i, bias_i, out.smooth, out.a_scale, dtype, config
         )

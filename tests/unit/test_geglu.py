@@ -65,7 +65,7 @@ def timer_preferring(fused_wins: bool, winner: str = geglu.KERNEL):
     return timer
 
 
-CUTLASS_GEGLU = gemm8_cutlass.GEGLU_KERNELS[1]
+CUTLASS_GEGLU = gemm8_cutlass.GEGLU_KERNELS[0]
 
 
 @pytest.fixture

@@ -50,9 +50,10 @@ CONFIG_NAMES = (
 )
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 # The GEGLU GEMM's configurations, in index order (N counts W1's 2F rows).
-GEGLU_CONFIG_NAMES = ("coop_128x128x128", "coop_128x256x128", "pingpong_64x128x128", "pingpong_64x256x128")
+GEGLU_CONFIG_NAMES = ("coop_128x256x128",)
 # What a layer plan names for a GEGLU projection that runs one of them (`quant.geglu`).
-GEGLU_KERNELS = tuple(f"cutlass:geglu_{name}" for name in GEGLU_CONFIG_NAMES)
+GEGLU_PREFIX = "cutlass:geglu_"
+GEGLU_KERNELS = tuple(GEGLU_PREFIX + name for name in GEGLU_CONFIG_NAMES)
 INTERLEAVE = 8  # rows of value, then of gate, per block of W1 (the MMA accumulator's 8-column groups)
 
 

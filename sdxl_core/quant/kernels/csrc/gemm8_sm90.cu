@@ -8,6 +8,9 @@
 // float32 scalar read on the device (no host sync, so a CUDA graph may capture the launch); w_scale float32 [N];
 // bias [N] in the output dtype, or null; out fp16 or bf16 row-major [M, N].
 //
+// The library also holds the GEGLU projection of SDXL's feed-forward with the GEGLU and the next layer's input
+// quantization in its epilogue (`sdxl_geglu8`, the section "the GEGLU GEMM" below).
+//
 // FP8 uses CUTLASS's "fast accumulation" schedules: each K=32 warp-group MMA adds into the float32 accumulator
 // with Hopper's reduced-precision adder (about 13 mantissa bits kept per add), as cuBLAS's and TensorRT's fast
 // FP8 GEMMs do; the caller checks each config against float64 before choosing it (gemm_dispatch).
@@ -33,9 +36,9 @@
 //
 // Parts: on a machine with CPUs to spare, cuda_build compiles this file as P translation units side by side
 // (-DSDXL_PARTS=P -DSDXL_PART=p, P up to the `sdxl-parts` count below) and links them into one library: part p
-// instantiates the configs i with i % P == p, part 0 also the exported functions. Without SDXL_PART it is one
-// translation unit holding everything.
-// sdxl-parts: 10
+// instantiates the configs i with i % P == p (the GEMM configs 0-5, then the GEGLU config as 6), part 0 also the
+// exported functions. Without SDXL_PART it is one translation unit holding everything.
+// sdxl-parts: 7
 
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1  // wgmma N=160 (the 128x160 tile)
 
@@ -136,19 +139,13 @@ const char* const kConfigNames[kNumConfigs] = {
     "pingpong_128x128x128_cluster2x1",
 };
 
-// The GEGLU GEMM's configs (N counts both halves: a 128-wide tile yields 64 output columns).
-using GegluConfig0 = Config<128, 128, 128, 1, Coop, CoopEpi, Persistent>;
-using GegluConfig1 = Config<128, 256, 128, 1, Coop, CoopEpi, Persistent>;
-using GegluConfig2 = Config<64, 128, 128, 1, PingPong, PingPongEpi, Persistent>;  // epilogue overlaps the other MMA
-using GegluConfig3 = Config<64, 256, 128, 1, PingPong, PingPongEpi, Persistent>;
+// The GEGLU GEMM's config (N counts both halves: the 256-wide tile yields 128 output columns). Measured on Hopper
+// against 128x128 cooperative and 64x128 / 64x256 ping-pong tiles, it was the fastest at both SDXL shapes in both
+// formats (docs/perf.md); the others were dropped.
+using GegluConfig0 = Config<128, 256, 128, 1, Coop, CoopEpi, Persistent>;
 
-constexpr int kNumGegluConfigs = 4;
-[[maybe_unused]] const char* const kGegluConfigNames[kNumGegluConfigs] = {
-    "coop_128x128x128",
-    "coop_128x256x128",
-    "pingpong_64x128x128",
-    "pingpong_64x256x128",
-};
+constexpr int kNumGegluConfigs = 1;
+[[maybe_unused]] const char* const kGegluConfigNames[kNumGegluConfigs] = {"coop_128x256x128"};
 
 // ------------------------------------------------------------------------------------------ launching a kernel
 
@@ -620,7 +617,7 @@ SDXL_GEMM8_INSTANTIATE(, Config5)
 SDXL_GEMM8_INSTANTIATE(extern, Config5)
 #endif
 #undef SDXL_GEMM8_INSTANTIATE
-// The GEGLU configs follow the GEMM configs in the parts' round robin (the preprocessor needs literal indices).
+// The GEGLU config follows the GEMM configs in the parts' round robin (the preprocessor needs literal indices).
 using GegluArguments = GegluEpilogue<ElementAcc, ElementAB>::Arguments;
 #define SDXL_GEGLU8_INSTANTIATE(prefix, Cfg)                                                                      \
   prefix template int run_geglu_config<Cfg>(const void*, const void*, const GegluArguments&, int, int, int, int,   \
@@ -630,21 +627,6 @@ using GegluArguments = GegluEpilogue<ElementAcc, ElementAB>::Arguments;
 SDXL_GEGLU8_INSTANTIATE(, GegluConfig0)
 #else
 SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig0)
-#endif
-#if SDXL_IN_PART(7)
-SDXL_GEGLU8_INSTANTIATE(, GegluConfig1)
-#else
-SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig1)
-#endif
-#if SDXL_IN_PART(8)
-SDXL_GEGLU8_INSTANTIATE(, GegluConfig2)
-#else
-SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig2)
-#endif
-#if SDXL_IN_PART(9)
-SDXL_GEGLU8_INSTANTIATE(, GegluConfig3)
-#else
-SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig3)
 #endif
 #undef SDXL_GEGLU8_INSTANTIATE
 
@@ -665,15 +647,10 @@ auto with_config(int config, F&& f) {
 static_assert(kNumConfigs == 6, "with_config lists every config");
 
 template <class F>
-auto with_geglu_config(int config, F&& f) {
-  switch (config) {
-    case 0: return f(GegluConfig0{});
-    case 1: return f(GegluConfig1{});
-    case 2: return f(GegluConfig2{});
-    default: return f(GegluConfig3{});
-  }
+auto with_geglu_config(int, F&& f) {
+  return f(GegluConfig0{});
 }
-static_assert(kNumGegluConfigs == 4, "with_geglu_config lists every config");
+static_assert(kNumGegluConfigs == 1, "with_geglu_config lists every config");
 
 // The current device, its SM count and whether it is compute capability 9.0 (cached per device).
 struct DeviceInfo {
