@@ -279,6 +279,10 @@ EXPORTS = {
     "sdxl_gemm8_config_name",
     "sdxl_gemm8_format",
     "sdxl_last_error",
+    "sdxl_geglu8",
+    "sdxl_geglu8_workspace",
+    "sdxl_geglu8_num_configs",
+    "sdxl_geglu8_config_name",
 }
 
 
@@ -323,6 +327,24 @@ def test_cutlass_library_builds_and_refuses_cleanly(fmt):
     if not torch.cuda.is_available():
         assert gemm(64, 64, 64) == 5 and "cudaGetDevice" in gemm8_cutlass._last_error(lib)
         assert lib.sdxl_gemm8_workspace(64, 64, 64, 0) == ctypes.c_size_t(-1).value
+
+    # The GEGLU GEMM's entry point: M x K -> 2F, W1 interleaved (its configs are checked by `configs` above).
+    geglu_names = gemm8_cutlass.GEGLU_CONFIG_NAMES
+    assert [lib.sdxl_geglu8_config_name(i).decode() for i in range(lib.sdxl_geglu8_num_configs())] == list(geglu_names)
+
+    def geglu(m, f, k, config=0, pointer=4096, out=4096):
+        # a, w, out, a_scale, w_scale (per channel), bias, smooth, out_scale, sizes, lda, fp16, config, no workspace
+        args = (pointer, pointer, out, pointer, pointer, 1, None, None, pointer, m, f, k, k, 0, config, None, 0, None)
+        return lib.sdxl_geglu8(*args)
+
+    assert geglu(64, 64, 64, config=len(geglu_names)) == 1 and "out of range" in gemm8_cutlass._last_error(lib)
+    assert geglu(64, 60, 64) == 2 and "F % 8 == 0" in gemm8_cutlass._last_error(lib)
+    assert geglu(64, 64, 40) == 2
+    assert geglu(64, 64, 64, pointer=4104) == 2 and "16-byte aligned" in gemm8_cutlass._last_error(lib)
+    assert geglu(64, 64, 64, out=4097) == 2 and "2-byte aligned" in gemm8_cutlass._last_error(lib)
+    assert geglu(0, 64, 64) == 0
+    if not torch.cuda.is_available():
+        assert geglu(64, 64, 64) == 5 and "cudaGetDevice" in gemm8_cutlass._last_error(lib)
 
 
 # ---------------------------------------------------------------- CPU: Triton kernels in the interpreter
