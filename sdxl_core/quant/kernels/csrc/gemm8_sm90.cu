@@ -318,9 +318,9 @@ struct Gemm8 {
 //
 //     value, gate = fma(float(acc), a_scale * w_scale[n], bias[n])   rounded to fp16/bf16, as the plain GEMM's output
 //     y           = value * 0.5 * gate * (1 + erf(gate / sqrt(2))) * smooth[f]            in float32
-//     out_q[m, f] = INT8: clamp(rint(y * (1 / out_scale)), -128, 127);  FP8: e4m3(clamp(y / out_scale, +-448))
+//     out_q[m, f] = INT8: clamp(rint(y * (1 / out_scale)), -128, 127);  FP8: e4m3(clamp(y * (1 / out_scale), +-448))
 //
-// The weight comes interleaved (`geglu8_cutlass.interleave`): rows 16b..16b+7 are value rows 8b..8b+7 and rows
+// The weight comes interleaved (`gemm8_cutlass.interleave`): rows 16b..16b+7 are value rows 8b..8b+7 and rows
 // 16b+8..16b+15 the gate rows of the same output columns, so in the warp-group MMA's accumulator layout, whose
 // value mode is (2 adjacent columns, 2 rows 8 apart, N/8 blocks of 8 columns), a thread holds an output column's
 // value in block 2j and its gate in block 2j+1: the epilogue pairs them in registers. It stores straight from
