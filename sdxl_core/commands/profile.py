@@ -42,8 +42,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="directory for profile.json")
 
 
-def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """ms per step by group, and the 15 most expensive kernels (ms per step)."""
+TOP_KERNELS = 30
+
+
+def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], list[tuple[str, float]], float]:
+    """ms per step by group, the TOP_KERNELS most expensive kernels (ms per step), and kernel launches per step
+    (each costs a launch and a ramp-up that no group's time shows)."""
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with torch.inference_mode():
         for _ in range(2):
@@ -56,6 +60,7 @@ def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], li
             if device.type == "cuda":
                 torch.cuda.synchronize()
     kernels: dict[str, float] = {}
+    launches = 0
     for event in prof.events():
         if device.type == "cuda" and event.device_type.name != "CUDA":
             continue
@@ -64,11 +69,13 @@ def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], li
         ):
             continue  # top-level ops only, so nothing is counted twice
         us = event.device_time if device.type == "cuda" else event.cpu_time
+        launches += 1
         kernels[event.name] = kernels.get(event.name, 0.0) + us / 1000.0 / steps
     groups: dict[str, float] = {}
     for name, ms in kernels.items():
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + ms
-    return groups, sorted(kernels.items(), key=lambda item: -item[1])[:15]
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:TOP_KERNELS]
+    return groups, top, launches / steps
 
 
 def main(args) -> int:
@@ -92,13 +99,14 @@ def main(args) -> int:
         components = dataclasses.replace(master, unet=copy.deepcopy(master.unet))
         engines = run.prepare(variant, options, device=device, components=components).engines
         inputs = torch_backend.unet_inputs(variant, components.unet, device, engines.dtype)
-        groups, top = profile_step(engines.unet, inputs, args.steps, device)
+        groups, top, launches = profile_step(engines.unet, inputs, args.steps, device)
         result.add(
             {
                 "engine": precision,
                 "ms_by_group": groups,
                 "total_ms": sum(groups.values()),
                 "top_kernels_ms": top,
+                "kernels_per_step": launches,
                 "layers_by_kernel": engines.info.layers_by_kernel,
             }
         )

@@ -138,6 +138,8 @@ def render_profile(data: dict) -> str:
         if any(r["ms_by_group"].get(g) for r in data["rows"])
     ]
     rows.append(["total", *[f"{r['total_ms']:.2f}" for r in data["rows"]]])
+    if all("kernels_per_step" in r for r in data["rows"]):
+        rows.append(["kernels per step", *[f"{r['kernels_per_step']:.0f}" for r in data["rows"]]])
     text = [
         f"ms per UNet step (profiler, no CUDA graph), `{data.get('model')}` {data.get('size')}px",
         "",

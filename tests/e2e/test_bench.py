@@ -55,12 +55,14 @@ def test_profile_groups_every_op_and_sees_the_8bit_gemm(tmp_path):
     for row in (fp16, int8):
         assert row["total_ms"] > 0
         assert sum(row["ms_by_group"].values()) == pytest.approx(row["total_ms"])
+        assert row["kernels_per_step"] >= len(row["top_kernels_ms"]) > 0
     assert fp16["ms_by_group"].get("16-bit GEMM (cuBLAS)", 0) > 0
     assert not any(group.startswith("8-bit") for group in fp16["ms_by_group"])
     assert sum(ms for group, ms in int8["ms_by_group"].items() if group.startswith("8-bit")) > 0
     assert "top kernels" in done.stdout
     rendered = sdxl_bench("report", str(tmp_path / "profile.json")).stdout
     assert "| kernel group | fp16 | int8 |" in rendered
+    assert "| kernels per step |" in rendered
 
 
 @pytest.mark.parametrize(
