@@ -47,6 +47,20 @@ def test_quantize_per_tensor_rounds_half_to_even_and_clamps():
     assert q.tolist() == [0, 2, -2, 127]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_per_tensor_equals_round_clamp_cast_bit_for_bit(dtype):
+    """The magic-number rounding (an addition and the float's bits) gives what round-to-integer and a cast give:
+    every half-integer tie and every integer of the range, both clamps, infinities, signed zeros, random values."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.arange(-300, 301, dtype=torch.float32) / 2
+    specials = torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf"), float("-inf"), 127.49, -128.49, 2**-24])
+    x = torch.cat([ties, specials, torch.randn(200_000, generator=g) * 150]).to(dtype)
+    for scale in (1.0, 0.5, 0.0123, torch.tensor(3.7e-3)):
+        inv = 1.0 / torch.as_tensor(scale, dtype=torch.float32)
+        expected = torch.round(x.float() * inv).clamp(-128, 127).to(torch.int8)
+        assert torch.equal(int8_gemm.quantize_per_tensor(x, scale), expected)
+
+
 def test_quantize_per_tensor_fp16_input_is_computed_in_float32():
     x = torch.randn(64, 64, dtype=torch.float16) * 10
     scale = torch.tensor(0.0731)

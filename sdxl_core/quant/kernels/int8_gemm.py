@@ -170,10 +170,23 @@ _fused_gemm_kernel = triton.autotune(_FUSED_CONFIGS, key=["M", "N", "K"])(
 )
 
 
+# Adding 1.5 * 2**23 to a float32 in [-128, 127] rounds it to an integer, half to even (the sum lies in a binade
+# whose spacing is 1), and leaves that integer in the low mantissa bits: the sum's bits minus the constant's.
+_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC_BITS = 0x4B400000
+
+
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """clamp(round_half_even(x * (1 / scale)), -128, 127) as int8, computed in float32."""
+    """clamp(round_half_even(x * (1 / scale)), -128, 127) as int8, computed in float32.
+
+    The rounding and the conversion are an addition and an integer subtraction on the float's bits, not
+    round-to-integer and float-to-int instructions: Inductor fuses this into the producer's kernel (LayerNorm,
+    GEGLU, GroupNorm), and on Hopper those two conversions run at an eighth of the float32 rate, which made
+    the fused kernels cost more than their FP16 counterparts that write twice the bytes (docs/perf.md).
+    Bit for bit what torch.round, clamp and a cast give (tests/unit/test_kernels.py)."""
     inv_scale = 1.0 / torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return torch.round(x.float() * inv_scale).clamp_(-128, 127).to(torch.int8)
+    shifted = (x.float() * inv_scale).clamp_(-128, 127) + _ROUND_MAGIC
+    return (shifted.view(torch.int32) - _ROUND_MAGIC_BITS).to(torch.int8)
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
