@@ -28,7 +28,7 @@ from sdxl_core.variants import (
 # GPU measurements (sdxl_core/commands/): each writes a result file into --out that `report` renders.
 BENCH_COMMANDS = {
     "engines": "UNet engines side by side: build or reload FP16/INT8/FP8, time a step each (GPU)",
-    "kernels": "per-shape GEMM and conv table: 16-bit against every 8-bit kernel (GPU)",
+    "kernels": "per-shape GEMM and conv table (16-bit against every 8-bit kernel) and the fused quantization (GPU)",
     "profile": "where a UNet step's GPU time goes, by kernel group, FP16 against 8-bit (GPU)",
 }
 DESCRIPTION = "txt2img, build, report and history, with the flag names of TensorRT's demo_txt2img_xl.py."

@@ -8,13 +8,15 @@ chooses among (`gemm_dispatch.candidates`: cuBLAS/cuDNN fp16, the INT8 Triton an
 the CUTLASS INT8/FP8 convs; convs channels-last, with the fp16 NCHW conv timed beside for reference) is
 first checked against a float64 reference on the same quantized values, then timed with the dispatch's own
 timer (`timing.graph_ms`: CUDA-graph replays, median). Each row gives microseconds, TFLOP/s (TOPS for
-8-bit) and the speed-up over 16 bits; the file is rewritten after every row.
+8-bit) and the speed-up over 16 bits; the file is rewritten after every row. `--ops quantize` adds the
+activation quantization as Inductor fuses it into its producers, per formulation (`quantize_glue`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from sdxl_core.commands import quantize_glue
 from sdxl_core.errors import UserError
 from sdxl_core.quant import gemm_dispatch, qmodules
 from sdxl_core.quant.gemm_dispatch import ShapeTiming
@@ -42,7 +44,11 @@ QUICK = [(2048, 1280, 1280), (8192, 640, 5120), (154, 2048, 1280)]
 def add_arguments(p) -> None:
     p.add_argument("--formats", default="int8,fp8", help="8-bit formats to time, from int8,fp8")
     p.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} GEMM shapes and no convs")
-    p.add_argument("--ops", default="gemm,conv", help="what to time, from gemm,conv")
+    p.add_argument(
+        "--ops",
+        default="gemm,conv,quantize",
+        help="what to time, from gemm,conv,quantize (the quantization fused into its producers)",
+    )
     p.add_argument("--out", required=True, help="directory for kernels.json")
 
 
@@ -70,8 +76,8 @@ def main(args) -> int:
     if any(f not in ("int8", "fp8") for f in formats):
         raise UserError(f"--formats takes int8 and fp8, got {args.formats!r}")
     ops = [o for o in args.ops.split(",") if o]
-    if any(o not in ("gemm", "conv") for o in ops):
-        raise UserError(f"--ops takes gemm and conv, got {args.ops!r}")
+    if any(o not in ("gemm", "conv", "quantize") for o in ops):
+        raise UserError(f"--ops takes gemm, conv and quantize, got {args.ops!r}")
     device = torch.device("cuda")
     result = ResultFile(args.out, "kernels", device)
     work = []
@@ -89,6 +95,13 @@ def main(args) -> int:
                 f"{', rejected ' + str(row['rejected']) if row['rejected'] else ''}",
                 flush=True,
             )
+    if "quantize" in ops:
+        producers = quantize_glue.SDXL_PRODUCERS[::2] if args.quick else quantize_glue.SDXL_PRODUCERS
+        for producer, shape, layers in producers:
+            for row in quantize_glue.measure(producer, shape, layers, device, graph_ms, formats):
+                result.add(row)
+                times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
+                print(f"{row['fmt']} {row['op']} {'x'.join(map(str, shape))}: us {times}", flush=True)
     print(render_kernels(result.data))
     return 0
 

@@ -97,6 +97,12 @@ def render_engines(data: dict) -> str:
     )
 
 
+def _us(row: dict, name: str) -> str:
+    """Microseconds, with TFLOP/s where the row has them (the quantization rows, which move bytes, do not)."""
+    tflops = row.get("tflops", {})
+    return f"{row['ms'][name] * 1e3:.1f}" + (f" ({tflops[name]:.0f})" if name in tflops else "")
+
+
 def render_kernels(data: dict) -> str:
     rows = []
     for r in data["rows"]:
@@ -108,8 +114,8 @@ def render_kernels(data: dict) -> str:
                 r["op"],
                 " x ".join(map(str, r["shape"])),
                 r.get("layers"),
-                f"{r['ms']['16bit'] * 1e3:.1f} ({r['tflops']['16bit']:.0f})",
-                f"{best}: {eight[best] * 1e3:.1f} ({r['tflops'][best]:.0f})" if best else None,
+                _us(r, "16bit"),
+                f"{best}: {_us(r, best)}" if best else None,
                 f"{r['speedup'][best]:.2f}x" if best else None,
                 ", ".join(f"{name} {r['speedup'][name]:.2f}x" for name in eight),
                 ", ".join(f"{name} {err:.1e}" for name, err in r.get("rejected", {}).items()) or None,

@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from sdxl_core.commands import profile
+from sdxl_core.commands import profile, quantize_glue
 from sdxl_core.reports import measurements, results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,3 +167,34 @@ def test_kernels_refuses_without_a_gpu_in_one_line(tmp_path):
         pytest.skip("needs a machine without a CUDA GPU: it checks the refusal there")
     done = sdxl_bench("kernels", "--out", str(tmp_path), rc=2)
     assert done.stderr.strip().count("\n") == 0 and "no CUDA GPU" in done.stderr
+
+
+def _once_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+@pytest.mark.parametrize("producer, shape", [("geglu", (64, 96)), ("attention_out", (2, 3, 16, 8))])
+def test_quantize_glue_compiles_each_formulation_and_int8_ones_are_bit_identical(producer, shape):
+    import torch
+
+    rows = quantize_glue.measure(producer, shape, 1, torch.device("cpu"), _once_ms)
+    assert [row["fmt"] for row in rows] == ["int8", "fp8"]
+    int8, fp8 = rows
+    assert set(int8["ms"]) == {"16bit", "int8", "int8:round-and-cast", "int8:stored-inverse"}
+    assert not int8["rejected"] and set(int8["rel_err"].values()) == {0.0}
+    assert set(fp8["ms"]) == {"16bit", "fp8", "fp8:stored-inverse"} and fp8["rel_err"]["fp8:stored-inverse"] < 1e-2
+    text = measurements.render({"kind": "kernels", "rows": rows})
+    assert f"| int8 | quantize:{producer} |" in text
+
+
+def test_quantize_glue_rejects_an_int8_formulation_that_rounds_differently(monkeypatch):
+    import torch
+
+    def truncating(x, scale, inverse):
+        return torch.trunc(x.float() * inverse).clamp_(-128, 127).to(torch.int8)
+
+    monkeypatch.setitem(quantize_glue.FORMULATIONS, "int8:truncating", ("int8", truncating))
+    (int8,) = quantize_glue.measure("layernorm", (32, 64), 1, torch.device("cpu"), _once_ms, formats=("int8",))
+    assert set(int8["rejected"]) == {"int8:truncating"} and "int8:truncating" not in int8["ms"]

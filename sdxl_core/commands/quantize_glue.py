@@ -1,0 +1,127 @@
+"""The activation quantization as Inductor fuses it into its producers, timed per formulation
+(`sdxl-bench kernels --ops quantize`).
+
+An 8-bit step quantizes each 8-bit layer's input inside the kernel that produces it: the LayerNorms (attention
+and feed-forward inputs), the GEGLU pass (the feed-forward's second layer) and, as a pass of its own, the attention
+output (cuDNN's SDPA cannot absorb it). On Hopper those kernels took 1.5-2.0 ms more per step than FP16's
+(docs/perf.md), so each producer is compiled here at its SDXL shapes with every formulation of the quantization
+below and timed against the same producer writing fp16, as the FP16 engine runs it. A formulation must give the
+product's values: an INT8 one bit for bit (any difference rejects it), an FP8 one may differ where a division and
+a multiplication by the reciprocal round apart (counted, as a fraction of the values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, quantize_fp8
+from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor
+
+# (producer, shape, layers per step): LayerNorm and attention output per transformer block at each level
+# (60 blocks at 1280 channels, 10 at 640), GEGLU per feed-forward. Batch 2 (classifier-free guidance), 1024x1024.
+SDXL_PRODUCERS = [
+    ("layernorm", (2048, 1280), 180),
+    ("layernorm", (8192, 640), 30),
+    ("geglu", (2048, 10240), 60),
+    ("geglu", (8192, 5120), 10),
+    ("attention_out", (2, 20, 1024, 64), 120),
+    ("attention_out", (2, 10, 4096, 64), 20),
+]
+
+
+def _int8_rounded(x, scale, inverse):
+    """The formulation before the float-bits rounding: round-to-integer and a float-to-int cast."""
+    return torch.round(x.float() * (1.0 / scale)).clamp_(-128, 127).to(torch.int8)
+
+
+def _int8_stored_inverse(x, scale, inverse):
+    """The product's rounding with the reciprocal of the scale computed once, outside the graph."""
+    shifted = (x.float() * inverse).clamp_(-128, 127) + 12582912.0
+    return (shifted.view(torch.int32) - 0x4B400000).to(torch.int8)
+
+
+def _fp8_stored_inverse(x, scale, inverse):
+    return (x.float() * inverse).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+# name: (format, quantize(x, scale, inverse)); the plain format names are the product's own functions.
+FORMULATIONS: dict[str, tuple[str, Callable]] = {
+    "int8": ("int8", lambda x, scale, inverse: quantize_per_tensor(x, scale)),
+    "int8:round-and-cast": ("int8", _int8_rounded),
+    "int8:stored-inverse": ("int8", _int8_stored_inverse),
+    "fp8": ("fp8", lambda x, scale, inverse: quantize_fp8(x, scale)),
+    "fp8:stored-inverse": ("fp8", _fp8_stored_inverse),
+}
+
+
+def producer_inputs(producer: str, shape: tuple, device) -> tuple:
+    """Random fp16 inputs of one producer, with the per-channel SmoothQuant scale of the layer it feeds."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=torch.float16)
+
+    if producer == "layernorm":
+        m, c = shape
+        return rand(m, c, scale=3.0), rand(c) + 1.0, rand(c, scale=0.1), rand(c, scale=0.2).abs() + 0.5
+    if producer == "geglu":
+        m, two_f = shape
+        return rand(m, two_f, scale=2.0), rand(two_f // 2, scale=0.2).abs() + 0.5
+    if producer == "attention_out":
+        b, heads, s, d = shape
+        return rand(b, heads, s, d), rand(heads * d, scale=0.2).abs() + 0.5
+    raise ValueError(f"unknown producer {producer!r}: choose one of layernorm, geglu, attention_out")
+
+
+def produce(producer: str, inputs: tuple) -> torch.Tensor:
+    """The producer's fp16 output, smoothed for the next layer, as the engines compute it before quantizing."""
+    if producer == "layernorm":
+        x, weight, bias, smooth = inputs
+        return F.layer_norm(x, (x.shape[-1],), weight, bias) * smooth
+    if producer == "geglu":
+        h, smooth = inputs
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.gelu(gate) * smooth
+    o, smooth = inputs
+    b, heads, s, d = o.shape
+    return o.transpose(1, 2).reshape(b * s, heads * d) * smooth
+
+
+def measure(producer: str, shape: tuple, layers: int, device, timer: Callable, formats=("int8", "fp8")) -> list[dict]:
+    """One row per format: the fp16 producer ("16bit") and each formulation, ms per call by `timer(fn)`, with each
+    formulation's fraction of values that differ from the product's formulation."""
+    inputs = producer_inputs(producer, shape, device)
+    scale = torch.tensor(0.02, device=device)
+    inverse = 1.0 / scale  # once, outside every compiled graph
+
+    def compiled(quantize):
+        if quantize is None:
+            return torch.compile(lambda: produce(producer, inputs), dynamic=False)
+        return torch.compile(lambda: quantize(produce(producer, inputs), scale, inverse), dynamic=False)
+
+    with torch.inference_mode():
+        fp16_ms = timer(compiled(None))
+        rows = []
+        for fmt in formats:
+            names = [name for name, (f, _) in FORMULATIONS.items() if f == fmt]
+            calls = {name: compiled(FORMULATIONS[name][1]) for name in names}
+            product = calls[fmt]().float()
+            differ = {name: float((fn().float() != product).float().mean()) for name, fn in calls.items()}
+            rejected = {name: frac for name, frac in differ.items() if fmt == "int8" and frac > 0}
+            ms = {"16bit": fp16_ms, **{name: timer(fn) for name, fn in calls.items() if name not in rejected}}
+            rows.append(
+                {
+                    "op": f"quantize:{producer}",
+                    "fmt": fmt,
+                    "shape": list(shape),
+                    "layers": layers,
+                    "ms": ms,
+                    "speedup": {name: round(fp16_ms / t, 3) for name, t in ms.items()},
+                    "rel_err": differ,
+                    "rejected": rejected,
+                }
+            )
+    return rows
