@@ -93,6 +93,9 @@ def produce(producer: str, inputs: tuple) -> torch.Tensor:
 def measure(producer: str, shape: tuple, layers: int, device, timer: Callable, formats=("int8", "fp8")) -> list[dict]:
     """One row per format: the fp16 producer ("16bit") and each formulation, ms per call by `timer(fn)`, with each
     formulation's fraction of values that differ from the product's formulation."""
+    # Every formulation compiles the same lambda's code, and Dynamo counts recompiles per code object (falling
+    # back to eager past its limit of 8): start each producer and shape afresh, 5 formulations stay below it.
+    torch._dynamo.reset()
     inputs = producer_inputs(producer, shape, device)
     scale = torch.tensor(0.02, device=device)
     inverse = 1.0 / scale  # once, outside every compiled graph
