@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, quantize_fp8
-from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor
+from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor, round_to_int8
 
 # (producer, shape, layers per step): LayerNorm and attention output per transformer block at each level
 # (60 blocks at 1280 channels, 10 at 640), GEGLU per feed-forward. Batch 2 (classifier-free guidance), 1024x1024.
@@ -39,8 +39,7 @@ def _int8_rounded(x, scale, inverse):
 
 def _int8_stored_inverse(x, scale, inverse):
     """The product's rounding with the reciprocal of the scale computed once, outside the graph."""
-    shifted = (x.float() * inverse).clamp_(-128, 127) + 12582912.0
-    return (shifted.view(torch.int32) - 0x4B400000).to(torch.int8)
+    return round_to_int8(x.float() * inverse)
 
 
 def _fp8_stored_inverse(x, scale, inverse):

@@ -55,8 +55,8 @@ BUGS = (
         (INT8,),
         "quantization rounding",
         "sdxl_core/quant/kernels/int8_gemm.py",
-        "shifted = (x.float() * inv_scale).clamp_(-128, 127) + _ROUND_MAGIC",
-        "shifted = (x.float() * inv_scale).trunc().clamp_(-128, 127) + _ROUND_MAGIC",
+        "return round_to_int8(x.float() * inv_scale)",
+        "return round_to_int8((x.float() * inv_scale).trunc())",
         "INT8 quantization truncates toward zero instead of rounding to nearest",
     ),
     # -- SmoothQuant
@@ -300,8 +300,8 @@ BUGS = (
         (INT8,),
         "dtype downcast",
         "sdxl_core/quant/kernels/int8_gemm.py",
-        "shifted = (x.float() * inv_scale).clamp_(-128, 127) + _ROUND_MAGIC",
-        "shifted = (x.bfloat16().float() * inv_scale).clamp_(-128, 127) + _ROUND_MAGIC",
+        "return round_to_int8(x.float() * inv_scale)",
+        "return round_to_int8(x.bfloat16().float() * inv_scale)",
         "activations are rounded to bfloat16 before INT8 quantization",
     ),
 )
