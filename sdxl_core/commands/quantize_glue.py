@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, quantize_fp8
-from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor, round_to_int8
+from sdxl_core.quant.kernels.int8_gemm import quantize_per_tensor
 
 # (producer, shape, layers per step): LayerNorm and attention output per transformer block at each level
 # (60 blocks at 1280 channels, 10 at 640), GEGLU per feed-forward. Batch 2 (classifier-free guidance), 1024x1024.
@@ -37,23 +37,23 @@ def _int8_rounded(x, scale, inverse):
     return torch.round(x.float() * (1.0 / scale)).clamp_(-128, 127).to(torch.int8)
 
 
-def _int8_stored_inverse(x, scale, inverse):
-    """The product's rounding with the reciprocal of the scale computed once, outside the graph."""
-    return round_to_int8(x.float() * inverse)
+def _fp8_division(x, scale, inverse):
+    """The FP8 formulation before the stored reciprocal: a division by the scale."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _fp8_stored_inverse(x, scale, inverse):
-    return (x.float() * inverse).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
-# name: (format, quantize(x, scale, inverse)); the plain format names are the product's own functions.
+# name: (format, quantize(x, scale, inverse)); the plain format names are the product's own functions, which the
+# layers call with their stored reciprocal; "in-graph-inverse" takes the reciprocal inside the compiled producer.
 FORMULATIONS: dict[str, tuple[str, Callable]] = {
-    "int8": ("int8", lambda x, scale, inverse: quantize_per_tensor(x, scale)),
+    "int8": ("int8", quantize_per_tensor),
+    "int8:in-graph-inverse": ("int8", lambda x, scale, inverse: quantize_per_tensor(x, scale)),
     "int8:round-and-cast": ("int8", _int8_rounded),
-    "int8:stored-inverse": ("int8", _int8_stored_inverse),
-    "fp8": ("fp8", lambda x, scale, inverse: quantize_fp8(x, scale)),
-    "fp8:stored-inverse": ("fp8", _fp8_stored_inverse),
+    "fp8": ("fp8", quantize_fp8),
+    "fp8:in-graph-inverse": ("fp8", lambda x, scale, inverse: quantize_fp8(x, scale)),
+    "fp8:division": ("fp8", _fp8_division),
 }
+# Only the INT8 engines smooth (SmoothQuant on their linear layers): the FP8 producers have no per-channel multiply.
+SMOOTHED = {"int8": True, "fp8": False}
 
 
 def producer_inputs(producer: str, shape: tuple, device) -> tuple:
@@ -75,45 +75,53 @@ def producer_inputs(producer: str, shape: tuple, device) -> tuple:
     raise ValueError(f"unknown producer {producer!r}: choose one of layernorm, geglu, attention_out")
 
 
-def produce(producer: str, inputs: tuple) -> torch.Tensor:
-    """The producer's fp16 output, smoothed for the next layer, as the engines compute it before quantizing."""
+def produce(producer: str, inputs: tuple, smoothed: bool = True) -> torch.Tensor:
+    """The producer's fp16 output as the engines compute it before quantizing: smoothed for the next layer (INT8), or
+    not (FP8, and the FP16 engine, which writes it as it is)."""
     if producer == "layernorm":
         x, weight, bias, smooth = inputs
-        return F.layer_norm(x, (x.shape[-1],), weight, bias) * smooth
-    if producer == "geglu":
+        y = F.layer_norm(x, (x.shape[-1],), weight, bias)
+    elif producer == "geglu":
         h, smooth = inputs
         value, gate = h.chunk(2, dim=-1)
-        return value * F.gelu(gate) * smooth
-    o, smooth = inputs
-    b, heads, s, d = o.shape
-    return o.transpose(1, 2).reshape(b * s, heads * d) * smooth
+        y = value * F.gelu(gate)
+    else:
+        o, smooth = inputs
+        b, heads, s, d = o.shape
+        y = o.transpose(1, 2).reshape(b * s, heads * d)
+    return y * smooth if smoothed else y
 
 
 def measure(producer: str, shape: tuple, layers: int, device, timer: Callable, formats=("int8", "fp8")) -> list[dict]:
-    """One row per format: the fp16 producer ("16bit") and each formulation, ms per call by `timer(fn)`, with each
-    formulation's fraction of values that differ from the product's formulation."""
+    """One row per format: the fp16 producer as the FP16 engine runs it ("16bit"), smoothed as that format's
+    engines compute it but written in fp16 ("16bit:smoothed", INT8 only), and each formulation; ms per call by
+    `timer(fn)`, with each formulation's fraction of values that differ from the product's formulation."""
     # Every formulation compiles the same lambda's code, and Dynamo counts recompiles per code object (falling
-    # back to eager past its limit of 8): start each producer and shape afresh, 5 formulations stay below it.
+    # back to eager past its limit of 8): start each producer and shape afresh, 7 graphs stay below it.
     torch._dynamo.reset()
     inputs = producer_inputs(producer, shape, device)
     scale = torch.tensor(0.02, device=device)
-    inverse = 1.0 / scale  # once, outside every compiled graph
+    inverse = 1.0 / scale  # once, outside every compiled graph, as the layers keep it
 
-    def compiled(quantize):
+    def compiled(quantize, smoothed):
         if quantize is None:
-            return torch.compile(lambda: produce(producer, inputs), dynamic=False)
-        return torch.compile(lambda: quantize(produce(producer, inputs), scale, inverse), dynamic=False)
+            return torch.compile(lambda: produce(producer, inputs, smoothed), dynamic=False)
+        return torch.compile(lambda: quantize(produce(producer, inputs, smoothed), scale, inverse), dynamic=False)
 
     with torch.inference_mode():
-        fp16_ms = timer(compiled(None))
+        fp16_ms = timer(compiled(None, False))
         rows = []
         for fmt in formats:
+            smoothed = SMOOTHED[fmt]
             names = [name for name, (f, _) in FORMULATIONS.items() if f == fmt]
-            calls = {name: compiled(FORMULATIONS[name][1]) for name in names}
+            calls = {name: compiled(FORMULATIONS[name][1], smoothed) for name in names}
             product = calls[fmt]().float()
             differ = {name: float((fn().float() != product).float().mean()) for name, fn in calls.items()}
             rejected = {name: frac for name, frac in differ.items() if fmt == "int8" and frac > 0}
-            ms = {"16bit": fp16_ms, **{name: timer(fn) for name, fn in calls.items() if name not in rejected}}
+            ms = {"16bit": fp16_ms}
+            if smoothed:
+                ms["16bit:smoothed"] = timer(compiled(None, True))
+            ms |= {name: timer(fn) for name, fn in calls.items() if name not in rejected}
             rows.append(
                 {
                     "op": f"quantize:{producer}",

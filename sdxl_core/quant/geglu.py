@@ -36,7 +36,7 @@ class _FusedGegluForward:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         if proj.smooth is not None:
             x = x * proj.smooth
-        x_q = qmodules.quantize(x, proj.a_scale, proj.FMT)
+        x_q = proj.quantize_input(x)
         y_q = _fused(proj, out, x_q, hidden_states.dtype)
         y = out.forward_quantized(y_q, hidden_states.dtype)
         return y.reshape(*hidden_states.shape[:-1], out.out_features)
@@ -181,8 +181,11 @@ def _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch, allowe
     chosen = gemm_dispatch.SIXTEEN_BIT if proj.gemm_path == gemm_dispatch.SIXTEEN_BIT else proj.kernel
     h = calls[chosen]()
     pointwise = _compiled_pointwise(x.is_cuda)
-    timed = {f"gemm:{chosen}": calls[chosen], "pointwise": lambda: pointwise(h, out.smooth, out.a_scale, out.FMT)}
-    x_q = qmodules.quantize(x, proj.a_scale, proj.FMT)
+    timed = {
+        f"gemm:{chosen}": calls[chosen],
+        "pointwise": lambda: pointwise(h, out.smooth, out.a_scale, out.FMT, out.a_inv_scale),
+    }
+    x_q = proj.quantize_input(x)
     rejected = {}
     for kernel, fused in _fused_candidates(proj, out, x_q, dtype).items():
         if not allowed(kernel):

@@ -48,18 +48,21 @@ STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _MIN_AMAX = 2.0**-24  # ModelOpt quantizes to zero below this amax; a floor keeps the scales finite
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
-    """x / scale rounded to int8 or fp8 e4m3 (scale broadcasts: per tensor or per channel)."""
-    return quantize_per_tensor(x, scale) if fmt == "int8" else quantize_fp8(x, scale)
+def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """x * (1 / scale) rounded to int8 or fp8 e4m3 (scale broadcasts: per tensor or per channel); `inverse` is
+    1 / scale computed beforehand (the layers' `a_inv_scale`), else it is computed here."""
+    if fmt == "int8":
+        return quantize_per_tensor(x, scale, inverse)
+    return quantize_fp8(x, scale, inverse)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
-    return (quantize(x, scale, fmt).float() * scale).to(x.dtype)
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    return (quantize(x, scale, fmt, inverse).float() * scale).to(x.dtype)
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str, kernel: str) -> torch.Tensor:
+def gemm(x: torch.Tensor, w: torch.Tensor, a_scale, w_scale, bias, fmt: str, kernel: str, a_inv_scale=None):
     """Quantize x with plain torch ops (Inductor fuses them into the producer), then the 8-bit GEMM op."""
-    x_q = quantize(x.reshape(-1, x.shape[-1]), a_scale, fmt)
+    x_q = quantize(x.reshape(-1, x.shape[-1]), a_scale, fmt, a_inv_scale)
     return mm(x_q, w, a_scale, w_scale, bias, fmt, kernel, x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -75,7 +78,7 @@ class QuantizedModule(torch.nn.Module):
     through `.to(dtype)` / `.half()`: only bias, smooth and cached weights follow the activation dtype."""
 
     FMT = ""
-    _FIXED = ("weight", "w_scale", "a_scale", "w_scale_n", "geglu_weight", "geglu_w_scale")
+    _FIXED = ("weight", "w_scale", "a_scale", "a_inv_scale", "w_scale_n", "geglu_weight", "geglu_w_scale")
     _KEEP_LAYOUT = ()
     gemm_path = "8bit"  # or "16bit": chosen per shape by `gemm_dispatch`
     kernel = ""  # which 8-bit kernel the "8bit" path runs (DEFAULT_KERNELS until the dispatch picks one)
@@ -86,6 +89,10 @@ class QuantizedModule(torch.nn.Module):
         w_scale_shape = (out_features,) if per_channel else ()
         self.register_buffer("w_scale", torch.empty(w_scale_shape, dtype=torch.float32, device=device))
         self.register_buffer("a_scale", torch.empty((), dtype=torch.float32, device=device))
+        # 1 / a_scale, made once from a_scale (`sync_inverse_scale`), not stored in the engine: the input quantization
+        # multiplies by it. Taken from a_scale inside the compiled producers, the reciprocal was computed for every
+        # element (the INT8 LayerNorm, GEGLU and attention-output kernels on Hopper were named `reciprocal`).
+        self.register_buffer("a_inv_scale", None, persistent=False)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("w_dq", None, persistent=False)  # the dequantized weight of the 16-bit path
         # A per-tensor FP8 weight scale expanded to one per output channel, once, for the CUTLASS GEMM (which takes
@@ -117,6 +124,7 @@ class QuantizedModule(torch.nn.Module):
         """Cache the float weight the 16-bit path (and the conv emulation) computes with, once after loading. It is
         the weight the 8-bit kernels see (divided by any SmoothQuant scale): the 16-bit path multiplies it with the
         same smoothed and quantized input."""
+        self.sync_inverse_scale()
         self._interleave_for_geglu()
         expand = (
             self.runs_8bit_gemm
@@ -133,6 +141,22 @@ class QuantizedModule(torch.nn.Module):
             self.w_dq = None
             return
         self.w_dq = self.float_weight(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+
+    def sync_inverse_scale(self):
+        """Make `a_inv_scale` 1 / a_scale again: after loading, and after anything changed a_scale in place (it is
+        updated in place too, so a CUDA graph that captured it reads the new value)."""
+        if self.a_scale.is_meta:
+            self.a_inv_scale = None
+            return
+        inverse = 1.0 / self.a_scale.float()
+        if self.a_inv_scale is not None and self.a_inv_scale.shape == inverse.shape:
+            self.a_inv_scale.copy_(inverse)
+        else:
+            self.a_inv_scale = inverse
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (already smoothed) quantized with the layer's activation scale."""
+        return quantize(x, self.a_scale, self.FMT, self.a_inv_scale)
 
     def _interleave_for_geglu(self):
         if self.kernel not in gemm8_cutlass.GEGLU_KERNELS or self.weight.is_meta:
@@ -177,6 +201,7 @@ class QuantizedModule(torch.nn.Module):
         self.weight = quantize(weight.detach(), w_scale_b, self.FMT)
         self.w_scale = w_scale
         self.a_scale = a_amax.float().clamp(min=_MIN_AMAX).reshape(()) / qmax
+        self.sync_inverse_scale()
         self.bias = None if bias is None else bias.detach().clone()
 
 
@@ -219,8 +244,9 @@ class QLinear(QuantizedModule):
         if self.smooth is not None:
             x = x * self.smooth
         if not self.runs_8bit_gemm:
-            return F.linear(fake_quantize(x, self.a_scale, self.FMT), self._float_weight(x.dtype), self.bias)
-        return gemm(x, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel)
+            x = fake_quantize(x, self.a_scale, self.FMT, self.a_inv_scale)
+            return F.linear(x, self._float_weight(x.dtype), self.bias)
+        return gemm(x, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel, self.a_inv_scale)
 
     def forward_quantized(self, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """This layer on an input [M, K] that another kernel has already multiplied by `smooth` and quantized with
@@ -349,10 +375,11 @@ class QConv2d(QuantizedModule):
                 self.bias,
                 self.FMT,
                 self.kernel,
+                self.a_inv_scale,
             )
             return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         if self.runs_cutlass_conv:
-            x_q = quantize(x, self.a_scale, self.FMT).contiguous(memory_format=torch.channels_last)
+            x_q = self.quantize_input(x).contiguous(memory_format=torch.channels_last)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return ops.conv8(
                 x_q,
@@ -367,7 +394,7 @@ class QConv2d(QuantizedModule):
             )
         # A 3x3 conv without an 8-bit kernel ("emulated"), or any conv on the 16-bit path: 8-bit numerics computed
         # in the activation dtype.
-        x = fake_quantize(x, self.a_scale, self.FMT)
+        x = fake_quantize(x, self.a_scale, self.FMT, self.a_inv_scale)
         return F.conv2d(
             x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups
         )

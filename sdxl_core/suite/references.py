@@ -326,9 +326,11 @@ def _scales(unet: torch.nn.Module, relative: float):
     with torch.no_grad():
         for module, sign in zip(modules, signs, strict=True):
             module.a_scale.mul_(1 + relative * sign)
+            module.sync_inverse_scale()
     try:
         yield 0.0
     finally:
         with torch.no_grad():
             for module, value in saved:
                 module.a_scale.copy_(value)
+                module.sync_inverse_scale()

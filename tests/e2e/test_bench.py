@@ -182,9 +182,10 @@ def test_quantize_glue_compiles_each_formulation_and_int8_ones_are_bit_identical
     rows = quantize_glue.measure(producer, shape, 1, torch.device("cpu"), _once_ms)
     assert [row["fmt"] for row in rows] == ["int8", "fp8"]
     int8, fp8 = rows
-    assert set(int8["ms"]) == {"16bit", "int8", "int8:round-and-cast", "int8:stored-inverse"}
+    assert set(int8["ms"]) == {"16bit", "16bit:smoothed", "int8", "int8:in-graph-inverse", "int8:round-and-cast"}
     assert not int8["rejected"] and set(int8["rel_err"].values()) == {0.0}
-    assert set(fp8["ms"]) == {"16bit", "fp8", "fp8:stored-inverse"} and fp8["rel_err"]["fp8:stored-inverse"] < 1e-2
+    assert set(fp8["ms"]) == {"16bit", "fp8", "fp8:in-graph-inverse", "fp8:division"}
+    assert fp8["rel_err"]["fp8:in-graph-inverse"] == 0.0 and fp8["rel_err"]["fp8:division"] < 1e-2
     text = measurements.render({"kind": "kernels", "rows": rows})
     assert f"| int8 | quantize:{producer} |" in text
 

@@ -300,6 +300,54 @@ def test_layer_plan_rebuilds_the_engine_bit_exactly(converted, data, tmp_path, p
         qmodules.load_real(config, plan, load_file(tmp_path / "unet.safetensors"))
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_layers_quantize_with_a_reciprocal_made_once_not_inside_each_call(converted, data, tmp_path, precision):
+    """Taken inside the compiled producers, 1 / a_scale was computed for every element on Hopper: each layer keeps
+    it as a float32 buffer, made when the engine loads and whenever the suite moves a_scale in place."""
+    from sdxl_core.suite import references
+
+    real, _ = converted(precision, 3.0)
+    save_file(qmodules.real_state_dict(real), tmp_path / "unet.safetensors")
+    assert not any(name.endswith("a_inv_scale") for name in load_file(tmp_path / "unet.safetensors"))  # not stored
+    rebuilt = qmodules.load_real(
+        json.loads(real.to_json_string()), qmodules.layer_plan(real), load_file(tmp_path / "unet.safetensors")
+    ).half()
+    layers = [m for m in rebuilt.modules() if isinstance(m, qmodules.QuantizedModule)]
+    assert layers
+
+    def inverses_match():
+        return all(m.a_inv_scale.dtype == torch.float32 and torch.equal(m.a_inv_scale, 1.0 / m.a_scale) for m in layers)
+
+    assert inverses_match()
+    with references._scales(rebuilt, 0.01):  # another device's calibration, as the noise floor runs it
+        assert not torch.equal(layers[0].a_scale, real.get_submodule(_name_of(rebuilt, layers[0])).a_scale)
+        assert inverses_match()
+    assert inverses_match()
+
+    # What a compiled layer traces: a multiplication by the stored reciprocal, no division. The same layer without
+    # it divides (so the check can see a division).
+    layer = copy.deepcopy(next(m for m in layers if isinstance(m, qmodules.QLinear))).float()
+    x = torch.randn(4, layer.in_features)
+    for inverse, divides in ((layer.a_inv_scale, False), (None, True)):
+        layer.a_inv_scale = inverse
+        graphs = []
+
+        def record(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            torch.compile(layer, backend=record, dynamic=False)(x)
+        ops = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+        assert any("truediv" in op or "div" in op or "reciprocal" in op for op in ops) == divides, ops
+    torch._dynamo.reset()
+
+
+def _name_of(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in root.named_modules() if m is module)
+
+
 @pytest.mark.parametrize("precision,level", [("int8", 3.0), ("fp8", 4.0)])
 def test_calibration_round_trip(quantized, tiny_unet, data, tmp_path, precision, level):
     fake = quantized(precision, level)["unet"]
