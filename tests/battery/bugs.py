@@ -55,8 +55,8 @@ BUGS = (
         (INT8,),
         "quantization rounding",
         "sdxl_core/quant/kernels/int8_gemm.py",
-        "return round_to_int8(x.float() * inv_scale)",
-        "return round_to_int8((x.float() * inv_scale).trunc())",
+        "return round_to_int8(x.float() * inverse)",
+        "return round_to_int8((x.float() * inverse).trunc())",
         "INT8 quantization truncates toward zero instead of rounding to nearest",
     ),
     # -- SmoothQuant
@@ -300,8 +300,8 @@ BUGS = (
         (INT8,),
         "dtype downcast",
         "sdxl_core/quant/kernels/int8_gemm.py",
-        "return round_to_int8(x.float() * inv_scale)",
-        "return round_to_int8(x.bfloat16().float() * inv_scale)",
+        "return round_to_int8(x.float() * inverse)",
+        "return round_to_int8(x.bfloat16().float() * inverse)",
         "activations are rounded to bfloat16 before INT8 quantization",
     ),
 )
