@@ -155,6 +155,12 @@ class QuantizedModule(torch.nn.Module):
         else:
             self.a_inv_scale = inverse
 
+    def set_activation_scale(self, value) -> None:
+        """a_scale <- value in place (a CUDA graph that captured it reads the new value), and its reciprocal with it:
+        the one way to change a loaded layer's activation scale."""
+        self.a_scale.copy_(value)
+        self.sync_inverse_scale()
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """x (already smoothed) quantized with the layer's activation scale."""
         return quantize(x, self.a_scale, self.FMT, self.a_inv_scale)

@@ -325,12 +325,10 @@ def _scales(unet: torch.nn.Module, relative: float):
     saved = [(module, module.a_scale.clone()) for module in modules]
     with torch.no_grad():
         for module, sign in zip(modules, signs, strict=True):
-            module.a_scale.mul_(1 + relative * sign)
-            module.sync_inverse_scale()
+            module.set_activation_scale(module.a_scale * (1 + relative * sign))
     try:
         yield 0.0
     finally:
         with torch.no_grad():
             for module, value in saved:
-                module.a_scale.copy_(value)
-                module.sync_inverse_scale()
+                module.set_activation_scale(value)
