@@ -105,7 +105,9 @@ def test_build_reports_each_variants_phases(engines):
     # The next variant's components find their classes imported already: at most a dictionary lookup.
     assert int8["startup_s"].get("imports", 0.0) < 0.05
     calibration = int8["startup_s"]["calibration"]
-    assert calibration > 0 and int8["engine"]["calibration_s"] == pytest.approx(calibration, abs=0.005)  # one timer
+    # One timer, rounded to 2 decimals in the engine info and to 3 in the startup phases: they differ by at most
+    # 0.005 + 0.0005 (a reading of 1.605 s against 1.61 s failed an abs=0.005 bound by float error).
+    assert calibration > 0 and int8["engine"]["calibration_s"] == pytest.approx(calibration, abs=0.0056)
     for built in report["built"]:
         _check_adds_up(built["startup_s"], float("inf"))
         assert built["startup_notes"]["unet"] == "generated"
