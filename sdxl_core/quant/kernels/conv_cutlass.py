@@ -39,7 +39,16 @@ FORMATS = {"int8": 0, "fp8": 1}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # The tile configs per format, in index order, as `csrc/conv_sm90.cu` names them (the last one is FP8 only): what a
 # layer plan may name ("cutlass:<config>"), known without loading the library.
-_CONFIGS = ("128x128x128_1x1", "128x128x64_1x1", "128x128x128_2x1", "128x128x128_1x2", "64x128x128_1x1_s4")
+_CONFIGS = (
+    "128x128x128_1x1",
+    "128x128x64_1x1",
+    "128x128x128_2x1",
+    "128x128x128_1x2",
+    "64x128x128_1x1_s4",
+    "128x160x128_1x1",
+    "128x160x64_1x1",
+    "128x160x128_2x1",
+)
 CONFIG_NAMES = {"int8": _CONFIGS, "fp8": (*_CONFIGS, "64x128x128_1x1_f32acc")}
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 FP8_MMA_K = 32  # K depth of one Hopper FP8 warp-group MMA: one reduced-precision accumulator add each

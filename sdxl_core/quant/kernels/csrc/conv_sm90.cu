@@ -27,7 +27,7 @@
 // (-DSDXL_PARTS=P -DSDXL_PART=p, P up to the `sdxl-parts` count below) and links them into one library: part p
 // instantiates the configs i with i % P == p (both formats, both output types), part 0 also the exported
 // functions. Without SDXL_PART it is one translation unit holding everything.
-// sdxl-parts: 6
+// sdxl-parts: 9
 
 #include <cuda_runtime.h>
 
@@ -284,19 +284,25 @@ int run(Problem const& p, void* workspace, size_t workspace_bytes, cudaStream_t 
 }
 
 // The tile configurations, in the order `config` indexes them; names say M x N x K tile, cluster, and stages
-// where fixed. One consumer warp group holds the whole accumulator, so TileM * TileN <= 128 * 128 keeps it in
-// registers (154 of them at 128 x 128); 64 x 128 tiles with 4 stages leave room for two CTAs per SM, so one
-// CTA's epilogue overlaps the other's MMAs. The last config is FP8 only (promoted accumulation).
+// where fixed. One consumer warp group holds the whole accumulator (154 registers at 128 x 128, of the 255 a
+// thread of this 256-thread kernel may have); 64 x 128 tiles with 4 stages leave room for two CTAs per SM, so one
+// CTA's epilogue overlaps the other's MMAs. The 160-channel tiles divide SDXL's 320, 640 and 1280 output channels
+// exactly, and at 1280 channels and 32x32 make one wave of 128 CTAs on 132 SMs where 128 x 128 tiles need two
+// (160 CTAs); their accumulator takes 160 registers. The K tile of 64 divides 320 input channels (128 leaves a
+// half-empty K tile per filter tap). The last config is FP8 only (promoted accumulation).
 #define SDXL_CONV8_CONFIGS(X)                                      \
   X(0, "128x128x128_1x1", 128, 128, 128, 1, 1, 0, false)           \
   X(1, "128x128x64_1x1", 128, 128, 64, 1, 1, 0, false)             \
   X(2, "128x128x128_2x1", 128, 128, 128, 2, 1, 0, false)           \
   X(3, "128x128x128_1x2", 128, 128, 128, 1, 2, 0, false)           \
   X(4, "64x128x128_1x1_s4", 64, 128, 128, 1, 1, 4, false)          \
-  X(5, "64x128x128_1x1_f32acc", 64, 128, 128, 1, 1, 0, true)
+  X(5, "128x160x128_1x1", 128, 160, 128, 1, 1, 0, false)           \
+  X(6, "128x160x64_1x1", 128, 160, 64, 1, 1, 0, false)             \
+  X(7, "128x160x128_2x1", 128, 160, 128, 2, 1, 0, false)           \
+  X(8, "64x128x128_1x1_f32acc", 64, 128, 128, 1, 1, 0, true)
 
-constexpr int kNumConfigs = 6;
-constexpr int kNumInt8Configs = 5;  // the promoted-accumulation config is FP8 only
+constexpr int kNumConfigs = 9;
+constexpr int kNumInt8Configs = kNumConfigs - 1;  // the promoted-accumulation config is FP8 only
 
 const char* const kConfigNames[kNumConfigs] = {
 #define SDXL_CONV8_NAME(i, name, m, n, kk, cm, cn, st, pr) name,
@@ -396,7 +402,22 @@ SDXL_CONV8_CONFIG(, 5)
 #else
 SDXL_CONV8_CONFIG(extern, 5)
 #endif
-static_assert(kNumConfigs == 6, "every config is instantiated above");
+#if SDXL_IN_PART(6)
+SDXL_CONV8_CONFIG(, 6)
+#else
+SDXL_CONV8_CONFIG(extern, 6)
+#endif
+#if SDXL_IN_PART(7)
+SDXL_CONV8_CONFIG(, 7)
+#else
+SDXL_CONV8_CONFIG(extern, 7)
+#endif
+#if SDXL_IN_PART(8)
+SDXL_CONV8_CONFIG(, 8)
+#else
+SDXL_CONV8_CONFIG(extern, 8)
+#endif
+static_assert(kNumConfigs == 9, "every config is instantiated above");
 #undef SDXL_CONV8_CONFIG
 #undef SDXL_CONV8_INSTANTIATE
 
