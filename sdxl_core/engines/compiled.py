@@ -1,8 +1,9 @@
 """How the torch backend makes a UNet fast on a GPU: regional torch.compile, layout tunings, one CUDA graph.
 
-The UNet is compiled region by region: every transformer block, ResNet block and sampler, and each 8-bit
-layer left between them (the remaining glue runs eagerly). Blocks of one class share their code, so each
-distinct block shape compiles once instead of the whole UNet tracing as one graph (`mode="full"`). The
+The UNet is compiled region by region: every transformer block, ResNet block and sampler, the work of each
+Transformer2DModel around its blocks (`glue`), the GroupNorm before conv_out, and each 8-bit layer left between
+them (what remains runs eagerly: embeddings, concatenations, conv_in, conv_out). Blocks of one class share their
+code, so each distinct block shape compiles once instead of the whole UNet tracing as one graph (`mode="full"`). The
 whole step is then captured in one CUDA graph, so neither Python nor kernel-launch overhead shows in the
 step time. An engine built on a GPU keeps PyTorch's portable compile caches, so a reuse recompiles from cache, and
 with SDXL_BENCH_PRECOMPILE=1 its regions compiled ahead of time (`precompiled`), so a reuse loads them and traces
@@ -17,16 +18,16 @@ from typing import NamedTuple
 import torch
 
 from sdxl_core import settings
-from sdxl_core.engines import unet_stage
+from sdxl_core.engines import glue, unet_stage
 from sdxl_core.engines.info import EngineInfo
 from sdxl_core.errors import UserError
 from sdxl_core.startup import Startup
 
 COMPILE_MODES = ("regional", "full")
 # The UNet's repeated blocks: most linear layers and all attention live in the transformer blocks, most 3x3
-# convs in the ResNet blocks; the samplers hold the other 3x3 convs. The 8-bit layers left between blocks
-# (proj_in/proj_out of each Transformer2DModel) are compiled one by one, so their quantize and dequantize
-# ops become one fused kernel instead of several eager ones.
+# convs in the ResNet blocks; the samplers hold the other 3x3 convs. Each Transformer2DModel's proj_in and
+# proj_out compile with the work around them (`glue`); an 8-bit layer left outside every region still compiles
+# on its own, so its quantize and dequantize ops become one fused kernel instead of several eager ones.
 COMPILED_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
@@ -76,17 +77,23 @@ def channels_last(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def regions(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every region that is compiled on its own: each block in COMPILED_REGIONS, then each 8-bit
-    layer outside them."""
+    """(name, module) of every region that is compiled on its own: each block in COMPILED_REGIONS, each
+    Transformer2DModel's input and output modules (`glue.install`: made on the first call, so from then on the
+    UNet runs through them), each GroupNorm outside them (conv_norm_out: PyTorch's CUDA GroupNorm copies a
+    channels-last input to NCHW first), then each 8-bit layer outside them all."""
     from sdxl_core.quant.qmodules import QuantizedModule
 
     blocks = [(name, m) for name, m in unet.named_modules() if type(m).__name__ in COMPILED_REGIONS]
     if not blocks:
         raise UserError(f"no {' or '.join(COMPILED_REGIONS)} in this UNet to compile")
+    blocks += glue.install(unet)
     inside = {id(m) for _, block in blocks for m in block.modules()}
-    return blocks + [
-        (name, m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule) and id(m) not in inside
-    ]
+    outside = [(name, m) for name, m in unet.named_modules() if id(m) not in inside]
+    return (
+        blocks
+        + [(name, m) for name, m in outside if isinstance(m, torch.nn.GroupNorm)]
+        + [(name, m) for name, m in outside if isinstance(m, QuantizedModule)]
+    )
 
 
 REGION_GRAPHS = 256  # compiled graphs kept per region function (all UNets of a process)

@@ -65,8 +65,11 @@ def test_whole_converted_int8_unet_traces_as_one_graph():
 
 
 def eager_then_regional(unet, inputs):
-    """The UNet step's output eagerly, then after `compile_regions` (aot_eager: no C++ compiler needed)."""
+    """The UNet step's output eagerly, then after `compile_regions` (aot_eager: no C++ compiler needed). Both run
+    through the Transformer2DModels' glue modules (`compiled.regions` installs them): its channels-last output
+    moves float32 sums on the CPU by ulps, enough to flip an 8-bit rounding (test_glue.py)."""
     step = engines.unet_stage(unet)
+    compiled.regions(unet)
     with torch.inference_mode():
         eager = step(*inputs)
         torch._dynamo.reset()
@@ -82,11 +85,15 @@ def test_regional_compile_compiles_every_block_and_matches_eager():
     unet = models.build_builtin("tiny").unet.eval()
     inputs = torch_backend.unet_inputs(variant, unet, torch.device("cpu"), torch.float32)
     eager, regional = eager_then_regional(unet, inputs)
-    regions = [m for m in unet.modules() if type(m).__name__ in compiled.COMPILED_REGIONS]
-    assert {type(m).__name__ for m in regions} == set(compiled.COMPILED_REGIONS)
-    assert {type(m).__name__ for m in regions} >= {"BasicTransformerBlock", "ResnetBlock2D"}
+    regions = [m for _, m in compiled.regions(unet)]
+    kinds = {type(m).__name__ for m in regions}
+    assert kinds == {*compiled.COMPILED_REGIONS, "TransformerInput", "TransformerOutput", "GroupNorm"}
+    transformers = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]
+    assert transformers and sum(type(m).__name__ == "TransformerInput" for m in regions) == len(transformers)
+    assert [name for name, m in compiled.regions(unet) if type(m).__name__ == "GroupNorm"] == ["conv_norm_out"]
     assert all(m._compiled_call_impl is not None for m in regions)
-    others = [m for m in unet.modules() if m not in regions]
+    inside = {id(part) for m in regions for part in m.modules()}
+    others = [m for m in unet.modules() if id(m) not in inside]
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in others)
     torch.testing.assert_close(regional, eager, rtol=1e-5, atol=1e-5)
 
@@ -165,8 +172,9 @@ def test_graphed_step_keeps_its_unet_alive():
     torch.testing.assert_close(graphed(*inputs), expected, rtol=2e-3, atol=2e-3)
 
 
-def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
-    """proj_in/proj_out sit outside every block: compiled one by one, the rest of an 8-bit UNet is untouched."""
+def test_regional_compile_runs_no_8bit_layer_eagerly():
+    """proj_in/proj_out sit outside every block: they compile in their Transformer2DModel's input and output regions
+    (with the GroupNorm whose output proj_in quantizes), so every 8-bit layer runs compiled."""
     from sdxl_core import models
     from sdxl_core.quant import quantize
     from sdxl_core.variants import VARIANTS
@@ -182,11 +190,14 @@ def test_regional_compile_also_compiles_the_8bit_layers_between_blocks():
     quantize.quantize_unet(unet, variant, forward_loop, progress=False)
     real, _ = qmodules.convert_to_real(unet)
     eager, regional = eager_then_regional(real, inputs)
-    standalone = {
-        name
-        for name, m in real.named_modules()
-        if isinstance(m, qmodules.QuantizedModule) and m._compiled_call_impl is not None
-    }
-    assert standalone and all(name.endswith(("proj_in", "proj_out")) for name in standalone)
-    assert len(standalone) == 2 * sum(type(m).__name__ == "Transformer2DModel" for m in real.modules())
+    regions = compiled.regions(real)
+    assert all(m._compiled_call_impl is not None for _, m in regions)
+    inside = {id(part) for _, m in regions for part in m.modules()}
+    quantized = [m for m in real.modules() if isinstance(m, qmodules.QuantizedModule)]
+    assert quantized and all(id(m) in inside for m in quantized)
+    assert not any(isinstance(m, qmodules.QuantizedModule) for _, m in regions)  # none compiled on its own
+    transformers = [m for m in real.modules() if type(m).__name__ == "Transformer2DModel"]
+    in_glue = {id(part) for name, m in regions if ":" in name for part in m.modules()}
+    assert all(id(t.proj_in) in in_glue and id(t.proj_out) in in_glue for t in transformers)
+    assert all(isinstance(t.proj_in, qmodules.QuantizedModule) for t in transformers)
     torch.testing.assert_close(regional, eager, rtol=1e-4, atol=1e-4)
