@@ -29,6 +29,10 @@ SETTINGS = {
     ),
     "GEMM_DISPATCH": ("on (default), off", "time each 8-bit layer shape's kernels when a GPU engine is built"),
     "KERNELS": ("comma-separated kernel names", "the 8-bit kernels the dispatch may time (unset: all)"),
+    "PDL": (
+        "1 (default), 0",
+        "the CUTLASS 8-bit kernels start their prologue while the kernel before them ends (dependent launch)",
+    ),
     "AUTOTUNE": ("full (default), quick", "quick: the Triton INT8 kernels autotune over one config"),
     "TRITON_ON_CPU": ("0 (default), 1", "run the Triton kernels in Triton's CPU interpreter (tests)"),
     "MODELOPT_CUDA_EXT": ("0 (default), 1", "calibrate with ModelOpt's CUDA extension (nvcc JIT, ~67 s)"),
@@ -84,6 +88,10 @@ def kernels() -> list[str]:
         if not _KERNEL_NAME.fullmatch(name):
             raise UserError(f"{PREFIX}KERNELS: {name!r} is not a kernel name (e.g. cutlass,scaled_mm)")
     return names
+
+
+def pdl() -> bool:
+    return _choice("PDL", ("0", "1"), "1") == "1"
 
 
 def autotune_quick() -> bool:
@@ -145,6 +153,7 @@ _CHECKS = (
     precompile,
     gemm_dispatch,
     kernels,
+    pdl,
     autotune_quick,
     triton_on_cpu,
     modelopt_cuda_ext,

@@ -292,6 +292,7 @@ EXPORTS = {
     "sdxl_gemm8_num_configs",
     "sdxl_gemm8_config_name",
     "sdxl_gemm8_format",
+    "sdxl_gemm8_set_pdl",
     "sdxl_last_error",
     "sdxl_geglu8",
     "sdxl_geglu8_workspace",
@@ -322,6 +323,7 @@ def test_cutlass_library_builds_and_refuses_cleanly(fmt):
     assert len(names) == lib.sdxl_gemm8_num_configs() >= 4 and len(set(names)) == len(names)
     assert all(re.fullmatch(r"(coop|pingpong)_\d+x\d+x\d+(_\w+)?", name) for name in names), names
     assert lib.sdxl_gemm8_config_name(len(names)) is None
+    assert lib.sdxl_gemm8_set_pdl(0) == 0 and lib.sdxl_gemm8_set_pdl(7) == 1  # dependent launch off, on again
     if shutil.which("nm"):  # built with hidden visibility: the C entry points are all it exports
         symbols = subprocess.run(["nm", "-D", "--defined-only", lib._name], capture_output=True, text=True).stdout
         assert {line.split()[-1] for line in symbols.splitlines() if " T " in line} == EXPORTS
@@ -663,3 +665,45 @@ def test_cutlass_int8_gemm_in_a_cuda_graph(cutlass_configs):
             torch.cuda.synchronize()
             product = int8_gemm.int8_linear_reference(static_x, w_q, static_scale, w_scale, None, torch.float32)
             assert cutlass_mismatches(out, product, bias, torch.float16) is None, config
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_a_dependent_launch_reads_what_the_gemm_before_it_wrote(cutlass_configs):
+    """Programmatic dependent launch: each GEMM may start while the one before it ends (that one lets it start as
+    its mainloop ends, before its epilogue stores), so the second must wait for the first's output before reading
+    it. A chain of two GEMMs, the second reading the first's fp16 output as int8 bytes, back to back on one stream
+    and replayed from a CUDA graph, gives what the second gives on the finished output."""
+    lib = gemm8_cutlass._library("int8")
+    assert lib.sdxl_gemm8_set_pdl(1) == 1  # the default (SDXL_BENCH_PDL unset)
+    m, k, n = 2048, 1280, 640
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x_q, w1 = rand_int8(m, k, device="cuda", generator=g), rand_int8(n, k, device="cuda", generator=g)
+    w2 = rand_int8(k, 2 * n, device="cuda", generator=g)  # the second GEMM: [m, 2n] int8 -> [m, k]
+    a_scale, w_scale = torch.tensor([1e-3], device="cuda"), torch.full((n,), 1e-2, device="cuda")
+    w2_scale = torch.full((k,), 1e-2, device="cuda")
+    first = torch.empty(m, n, dtype=torch.float16, device="cuda")
+
+    def chain(config):
+        gemm8_cutlass.launch(x_q, w1, first, a_scale, w_scale, None, "coop_128x160x128")
+        out = torch.empty(m, k, dtype=torch.float16, device="cuda")
+        return gemm8_cutlass.launch(first.view(torch.int8), w2, out, a_scale, w2_scale, None, config)
+
+    failures = []
+    for config in cutlass_configs:
+        first.fill_(0)
+        back_to_back = chain(config)
+        torch.cuda.synchronize()
+        settled = gemm8_cutlass.launch(
+            first.view(torch.int8), w2, torch.empty_like(back_to_back), a_scale, w2_scale, None, config
+        )
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = chain(config)
+        first.fill_(0)
+        graph.replay()
+        torch.cuda.synchronize()
+        for what, got in (("back to back", back_to_back), ("graph replay", replayed)):
+            if not torch.equal(got, settled):
+                failures.append(f"{config} {what}: {(got != settled).sum().item()} of {got.numel()} elements differ")
+    assert not failures, "\n".join(failures)

@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from sdxl_core import hardware
+from sdxl_core import hardware, settings
 from sdxl_core.quant.kernels.cuda_build import KernelUnavailable
 
 LIBRARY = "conv_sm90"
@@ -102,6 +102,9 @@ def library() -> ctypes.CDLL:
     lib.sdxl_conv8_config_name.argtypes = [c_int, c_int]
     lib.sdxl_conv8_last_error.restype = ctypes.c_char_p
     lib.sdxl_conv8_last_error.argtypes = []
+    lib.sdxl_conv8_set_pdl.restype = c_int
+    lib.sdxl_conv8_set_pdl.argtypes = [c_int]
+    lib.sdxl_conv8_set_pdl(int(settings.pdl()))
     return lib
 
 

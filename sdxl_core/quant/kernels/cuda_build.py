@@ -59,6 +59,9 @@ NVCC_FLAGS = (
     "-cudart=static",
     "-DNDEBUG",
     "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
+    # CUTLASS's sm90 kernels then wait for the kernel before them (griddepcontrol.wait) before touching global
+    # memory: what makes the libraries' programmatic dependent launches safe (csrc/gemm8_sm90.cu)
+    "-DCUTLASS_ENABLE_GDC_FOR_SM90=1",
     "-lineinfo",
 )
 # nvcc's `--threads` (CUDA 11.5 on) runs its compilation steps in parallel; it changes how fast a library builds,

@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from sdxl_core import hardware
+from sdxl_core import hardware, settings
 from sdxl_core.quant.kernels import cuda_build
 
 LIBRARY = "gemm8_sm90"
@@ -44,7 +44,6 @@ CONFIG_NAMES = (
     "coop_128x128x128",
     "coop_128x160x128",
     "coop_128x256x128",
-    "coop_128x128x128_streamk",
     "pingpong_64x128x128",
     "pingpong_128x128x128_cluster2x1",
 )
@@ -116,6 +115,9 @@ def _library(fmt: str = "int8") -> ctypes.CDLL:
     lib.sdxl_geglu8_num_configs.argtypes = []
     lib.sdxl_geglu8_config_name.restype = ctypes.c_char_p
     lib.sdxl_geglu8_config_name.argtypes = [ctypes.c_int]
+    lib.sdxl_gemm8_set_pdl.restype = ctypes.c_int
+    lib.sdxl_gemm8_set_pdl.argtypes = [ctypes.c_int]
+    lib.sdxl_gemm8_set_pdl(int(settings.pdl()))
     return lib
 
 

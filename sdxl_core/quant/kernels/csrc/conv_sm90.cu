@@ -17,8 +17,11 @@
 // - `sdxl_conv8_fprop` allocates nothing and never synchronizes; it launches one kernel on `stream`.
 // - The first launch of each kernel on each device raises its dynamic shared-memory limit with
 //   cudaFuncSetAttribute. Do that first call outside CUDA-graph capture (a warm-up call does it, or
-//   `sdxl_conv8_prepare`). Cluster configs (2x1, 1x2) also set the non-portable-cluster attribute on every launch,
-//   as CUTLASS's cluster launcher does; that host call is allowed during capture.
+//   `sdxl_conv8_prepare`). Every launch goes through CUTLASS's cluster launcher, which also sets the
+//   non-portable-cluster attribute each time; that host call is allowed during capture.
+// - Programmatic dependent launch (on unless `sdxl_conv8_set_pdl(0)`), as in gemm8_sm90.cu: a kernel may start
+//   its prologue while the one before it finishes, and waits for it (griddepcontrol.wait, compiled in by
+//   cuda_build's -DCUTLASS_ENABLE_GDC_FOR_SM90) before its first global-memory access.
 // - Every failure returns nonzero and leaves a one-line reason in `sdxl_conv8_last_error()` (per thread).
 // The CUDA runtime is linked statically; pointers and streams come from the caller's runtime (same driver
 // context), so the library works next to any torch build.
@@ -29,8 +32,11 @@
 // functions. Without SDXL_PART it is one translation unit holding everything.
 // sdxl-parts: 9
 
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1  // wgmma N=160 for the 160-channel tiles (else 5 MMAs of N=32)
+
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <mutex>
@@ -59,6 +65,7 @@ using ProblemShape = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kF
 
 // inline: one definition shared by every part of a split build (the exported functions read what a part wrote)
 inline thread_local std::string g_last_error;
+inline std::atomic<int> g_pdl{1};  // launch with programmatic dependent launch (`sdxl_conv8_set_pdl`)
 
 constexpr int kFailed = 1;       // a CUDA or argument error
 constexpr int kUnsupported = 2;  // the kernel cannot run this problem: run another conv instead
@@ -273,8 +280,15 @@ int run(Problem const& p, void* workspace, size_t workspace_bytes, cudaStream_t 
   if (err != cudaSuccess) {
     return fail(std::string("cudaFuncSetAttribute failed: ") + cudaGetErrorString(err));
   }
-  auto params = Op::ConvKernel::to_underlying_arguments(args, workspace);
-  cutlass::Status status = Op::run(params, stream);
+  using Kernel = typename Op::ConvKernel;
+  using Cluster = typename Kernel::DispatchPolicy::ClusterShape;
+  auto params = Kernel::to_underlying_arguments(args, workspace);
+  void* kernel_params[] = {&params};
+  cutlass::Status status = cutlass::ClusterLauncher::launch(
+      Op::get_grid_shape(params), dim3(size<0>(Cluster{}), size<1>(Cluster{}), size<2>(Cluster{})),
+      Kernel::get_block_shape(), Kernel::SharedStorageSize, stream,
+      reinterpret_cast<void const*>(cutlass::device_kernel<Kernel>), kernel_params,
+      g_pdl.load(std::memory_order_relaxed) != 0);
   if (status != cutlass::Status::kSuccess) {
     err = cudaGetLastError();
     return fail(std::string("kernel launch failed: ") + cutlass::cutlassGetStatusString(status) + " / " +
@@ -570,6 +584,12 @@ SDXL_EXPORT const char* sdxl_conv8_config_name(int fmt, int i) {
 }
 
 SDXL_EXPORT const char* sdxl_conv8_last_error() { return g_last_error.c_str(); }
+
+// Programmatic dependent launch on (1, the default) or off (0) for every later launch; returns the setting.
+SDXL_EXPORT int sdxl_conv8_set_pdl(int on) {
+  g_pdl.store(on ? 1 : 0);
+  return g_pdl.load();
+}
 
 }  // extern "C"
 

@@ -28,22 +28,30 @@
 //
 // CUDA-graph safety: a launch allocates nothing and never synchronizes. It reads the device's SM count and
 // compute capability (cached after the first call on each device), encodes the TMA descriptors on the host,
-// zeroes the stream-K workspace with cudaMemsetAsync on the given stream (stream-K config only) and launches
+// initializes the kernel's workspace on the given stream (none of the configs needs one) and launches
 // with cudaLaunchKernelExC: all legal during stream capture. The one-time setup, raising each kernel's
 // dynamic shared memory limit with cudaFuncSetAttribute, happens on the first call of that kernel on each
 // device; make that first call outside capture (a warm-up run, as every CUDA-graph user does anyway).
+//
+// Programmatic dependent launch (PDL, on unless `sdxl_gemm8_set_pdl(0)`): each kernel is launched with
+// programmatic stream serialization, so it may be scheduled, and run its prologue (barriers, TMA descriptor
+// prefetch), while the kernel before it on the stream finishes. CUTLASS's kernels wait for that kernel to
+// complete (griddepcontrol.wait, compiled in by cuda_build's -DCUTLASS_ENABLE_GDC_FOR_SM90) before their first
+// global-memory access, and let the next kernel start early (griddepcontrol.launch_dependents) as their
+// mainloop ends. A CUDA graph keeps the launch's programmatic dependency.
 
 //
 // Parts: on a machine with CPUs to spare, cuda_build compiles this file as P translation units side by side
 // (-DSDXL_PARTS=P -DSDXL_PART=p, P up to the `sdxl-parts` count below) and links them into one library: part p
-// instantiates the configs i with i % P == p (the GEMM configs 0-5, then the GEGLU config as 6), part 0 also the
+// instantiates the configs i with i % P == p (the GEMM configs 0-4, then the GEGLU config as 5), part 0 also the
 // exported functions. Without SDXL_PART it is one translation unit holding everything.
-// sdxl-parts: 7
+// sdxl-parts: 6
 
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1  // wgmma N=160 (the 128x160 tile)
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <mutex>
@@ -100,6 +108,9 @@ enum : int {
 // part wrote)
 inline thread_local std::string last_error;
 
+// Launch with programmatic dependent launch (`sdxl_gemm8_set_pdl`); inline: one flag for every part.
+inline std::atomic<int> pdl{1};
+
 inline int fail(int code, std::string message) {
   last_error = std::move(message);
   return code;
@@ -110,7 +121,6 @@ inline int fail(int code, std::string message) {
 using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using PingPongEpi = cutlass::epilogue::TmaWarpSpecialized;
 using Persistent = cutlass::gemm::PersistentScheduler;
-using StreamK = cutlass::gemm::StreamKScheduler;
 
 template <int TileM, int TileN, int TileK, int ClusterM, class Schedule, class EpiSchedule, class Scheduler>
 struct Config {
@@ -121,20 +131,20 @@ struct Config {
   using TileScheduler = Scheduler;
 };
 
-// The names are the configs' identity for callers (kept in engine layer plans): append, never reorder.
+// The names are the configs' identity for callers (kept in engine layer plans). A stream-K config (128x128
+// cooperative, K split over idle SMs) was measured at every SDXL shape and chosen at none; it is gone because
+// CUTLASS 4.2's stream-K scheduler does not compile with the dependent-launch code (a const `is_last_tile`).
 using Config0 = Config<128, 128, 128, 1, Coop, CoopEpi, Persistent>;
 using Config1 = Config<128, 160, 128, 1, Coop, CoopEpi, Persistent>;  // N=1280/640 in whole tiles, one wave
 using Config2 = Config<128, 256, 128, 1, Coop, CoopEpi, Persistent>;  // large N
-using Config3 = Config<128, 128, 128, 1, Coop, CoopEpi, StreamK>;     // split K over idle SMs: small M, tails
-using Config4 = Config<64, 128, 128, 1, PingPong, PingPongEpi, Persistent>;  // small M
-using Config5 = Config<128, 128, 128, 2, PingPong, PingPongEpi, Persistent>;  // W tiles multicast to 2 CTAs
+using Config3 = Config<64, 128, 128, 1, PingPong, PingPongEpi, Persistent>;  // small M
+using Config4 = Config<128, 128, 128, 2, PingPong, PingPongEpi, Persistent>;  // W tiles multicast to 2 CTAs
 
-constexpr int kNumConfigs = 6;
+constexpr int kNumConfigs = 5;
 const char* const kConfigNames[kNumConfigs] = {
     "coop_128x128x128",
     "coop_128x160x128",
     "coop_128x256x128",
-    "coop_128x128x128_streamk",
     "pingpong_64x128x128",
     "pingpong_128x128x128_cluster2x1",
 };
@@ -187,18 +197,27 @@ int launch(typename GemmKernel::Arguments const& args, void* workspace, size_t w
   }
   typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, workspace);
 
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = size<0>(ClusterShape{});
-  cluster.val.clusterDim.y = size<1>(ClusterShape{});
-  cluster.val.clusterDim.z = size<2>(ClusterShape{});
+  cudaLaunchAttribute attrs[2];
+  unsigned int count = 0;
+  if (size(ClusterShape{}) > 1) {  // a 1x1x1 cluster is the plain launch
+    attrs[count].id = cudaLaunchAttributeClusterDimension;
+    attrs[count].val.clusterDim.x = size<0>(ClusterShape{});
+    attrs[count].val.clusterDim.y = size<1>(ClusterShape{});
+    attrs[count].val.clusterDim.z = size<2>(ClusterShape{});
+    ++count;
+  }
+  if (pdl.load(std::memory_order_relaxed)) {
+    attrs[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = GemmKernel::get_grid_shape(params);
   config.blockDim = GemmKernel::get_block_shape();
   config.dynamicSmemBytes = GemmKernel::SharedStorageSize;
   config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = size(ClusterShape{}) > 1 ? 1 : 0;  // a 1x1x1 cluster is the plain launch
+  config.attrs = attrs;
+  config.numAttrs = count;
   void* kernel_args[] = {&params};
   cudaError_t err =
       cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(cutlass::device_kernel<GemmKernel>), kernel_args);
@@ -289,11 +308,6 @@ struct Gemm8 {
          {}},                                           //   multiplies
         {static_cast<const ElementOut*>(bias), ElementOut(0), {}},  // per-column bias, 0 when null
         {}};                                            // multiply_add
-    if constexpr (std::is_same_v<typename Cfg::TileScheduler, StreamK> && std::is_same_v<ElementAcc, int32_t>) {
-      // int32 partial sums add exactly in any order, so the faster reduction is also deterministic (FP8's
-      // float32 partial sums keep the default, ordered reduction).
-      args.scheduler.reduction_mode = cutlass::gemm::kernel::detail::ReductionMode::Nondeterministic;
-    }
     return args;
   }
 
@@ -611,11 +625,6 @@ SDXL_GEMM8_INSTANTIATE(, Config4)
 #else
 SDXL_GEMM8_INSTANTIATE(extern, Config4)
 #endif
-#if SDXL_IN_PART(5)
-SDXL_GEMM8_INSTANTIATE(, Config5)
-#else
-SDXL_GEMM8_INSTANTIATE(extern, Config5)
-#endif
 #undef SDXL_GEMM8_INSTANTIATE
 // The GEGLU config follows the GEMM configs in the parts' round robin (the preprocessor needs literal indices).
 using GegluArguments = GegluEpilogue<ElementAcc, ElementAB>::Arguments;
@@ -623,7 +632,7 @@ using GegluArguments = GegluEpilogue<ElementAcc, ElementAB>::Arguments;
   prefix template int run_geglu_config<Cfg>(const void*, const void*, const GegluArguments&, int, int, int, int,   \
                                             void*, size_t, cudaStream_t, int, int);                               \
   prefix template size_t workspace_geglu_config<Cfg>(int, int, int, int, int);
-#if SDXL_IN_PART(6)
+#if SDXL_IN_PART(5)
 SDXL_GEGLU8_INSTANTIATE(, GegluConfig0)
 #else
 SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig0)
@@ -640,11 +649,10 @@ auto with_config(int config, F&& f) {
     case 1: return f(Config1{});
     case 2: return f(Config2{});
     case 3: return f(Config3{});
-    case 4: return f(Config4{});
-    default: return f(Config5{});
+    default: return f(Config4{});
   }
 }
-static_assert(kNumConfigs == 6, "with_config lists every config");
+static_assert(kNumConfigs == 5, "with_config lists every config");
 
 template <class F>
 auto with_geglu_config(int, F&& f) {
@@ -700,6 +708,12 @@ extern "C" {
 SDXL_EXPORT const char* sdxl_gemm8_format() { return kFormat; }
 
 SDXL_EXPORT int sdxl_gemm8_num_configs() { return kNumConfigs; }
+
+// Programmatic dependent launch on (1, the default) or off (0) for every later launch; returns the setting.
+SDXL_EXPORT int sdxl_gemm8_set_pdl(int on) {
+  pdl.store(on ? 1 : 0);
+  return pdl.load();
+}
 
 SDXL_EXPORT const char* sdxl_gemm8_config_name(int config) {
   return config >= 0 && config < kNumConfigs ? kConfigNames[config] : nullptr;
