@@ -30,7 +30,7 @@ SETTINGS = {
     "GEMM_DISPATCH": ("on (default), off", "time each 8-bit layer shape's kernels when a GPU engine is built"),
     "KERNELS": ("comma-separated kernel names", "the 8-bit kernels the dispatch may time (unset: all)"),
     "PDL": (
-        "1 (default), 0",
+        "0 (default), 1",
         "the CUTLASS 8-bit kernels start their prologue while the kernel before them ends (dependent launch)",
     ),
     "AUTOTUNE": ("full (default), quick", "quick: the Triton INT8 kernels autotune over one config"),
@@ -91,7 +91,7 @@ def kernels() -> list[str]:
 
 
 def pdl() -> bool:
-    return _choice("PDL", ("0", "1"), "1") == "1"
+    return _flag("PDL")
 
 
 def autotune_quick() -> bool:

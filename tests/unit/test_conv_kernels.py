@@ -301,7 +301,7 @@ def test_library_refuses_in_one_line_before_any_cuda_call(built):
     assert status == 1 and "null tensor pointer" in built.sdxl_conv8_last_error().decode()
     messages = [cc.library_refusal("int8", (1, 24, 8, 8), (32, 3, 3, 24)), built.sdxl_conv8_last_error().decode()]
     assert all("\n" not in m for m in messages)
-    assert built.sdxl_conv8_set_pdl(0) == 0 and built.sdxl_conv8_set_pdl(7) == 1  # dependent launch off, on again
+    assert built.sdxl_conv8_set_pdl(7) == 1 and built.sdxl_conv8_set_pdl(0) == 0  # dependent launch on, off again
 
 
 # ------------------------------------------------------------------------------------------------------- GPU

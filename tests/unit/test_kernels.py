@@ -323,7 +323,7 @@ def test_cutlass_library_builds_and_refuses_cleanly(fmt):
     assert len(names) == lib.sdxl_gemm8_num_configs() >= 4 and len(set(names)) == len(names)
     assert all(re.fullmatch(r"(coop|pingpong)_\d+x\d+x\d+(_\w+)?", name) for name in names), names
     assert lib.sdxl_gemm8_config_name(len(names)) is None
-    assert lib.sdxl_gemm8_set_pdl(0) == 0 and lib.sdxl_gemm8_set_pdl(7) == 1  # dependent launch off, on again
+    assert lib.sdxl_gemm8_set_pdl(7) == 1 and lib.sdxl_gemm8_set_pdl(0) == 0  # dependent launch on, off again
     if shutil.which("nm"):  # built with hidden visibility: the C entry points are all it exports
         symbols = subprocess.run(["nm", "-D", "--defined-only", lib._name], capture_output=True, text=True).stdout
         assert {line.split()[-1] for line in symbols.splitlines() if " T " in line} == EXPORTS
@@ -674,8 +674,10 @@ def test_a_dependent_launch_reads_what_the_gemm_before_it_wrote(cutlass_configs)
     its mainloop ends, before its epilogue stores), so the second must wait for the first's output before reading
     it. A chain of two GEMMs, the second reading the first's fp16 output as int8 bytes, back to back on one stream
     and replayed from a CUDA graph, gives what the second gives on the finished output."""
+    from sdxl_core import settings
+
     lib = gemm8_cutlass._library("int8")
-    assert lib.sdxl_gemm8_set_pdl(1) == 1  # the default (SDXL_BENCH_PDL unset)
+    assert lib.sdxl_gemm8_set_pdl(1) == 1  # SDXL_BENCH_PDL=1
     m, k, n = 2048, 1280, 640
     g = torch.Generator(device="cuda").manual_seed(5)
     x_q, w1 = rand_int8(m, k, device="cuda", generator=g), rand_int8(n, k, device="cuda", generator=g)
@@ -706,4 +708,5 @@ def test_a_dependent_launch_reads_what_the_gemm_before_it_wrote(cutlass_configs)
         for what, got in (("back to back", back_to_back), ("graph replay", replayed)):
             if not torch.equal(got, settled):
                 failures.append(f"{config} {what}: {(got != settled).sum().item()} of {got.numel()} elements differ")
+    lib.sdxl_gemm8_set_pdl(int(settings.pdl()))
     assert not failures, "\n".join(failures)

@@ -19,7 +19,7 @@
 //   cudaFuncSetAttribute. Do that first call outside CUDA-graph capture (a warm-up call does it, or
 //   `sdxl_conv8_prepare`). Every launch goes through CUTLASS's cluster launcher, which also sets the
 //   non-portable-cluster attribute each time; that host call is allowed during capture.
-// - Programmatic dependent launch (on unless `sdxl_conv8_set_pdl(0)`), as in gemm8_sm90.cu: a kernel may start
+// - Programmatic dependent launch (off unless `sdxl_conv8_set_pdl(1)`), as in gemm8_sm90.cu: a kernel may start
 //   its prologue while the one before it finishes, and waits for it (griddepcontrol.wait, compiled in by
 //   cuda_build's -DCUTLASS_ENABLE_GDC_FOR_SM90) before its first global-memory access.
 // - Every failure returns nonzero and leaves a one-line reason in `sdxl_conv8_last_error()` (per thread).
@@ -65,7 +65,7 @@ using ProblemShape = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kF
 
 // inline: one definition shared by every part of a split build (the exported functions read what a part wrote)
 inline thread_local std::string g_last_error;
-inline std::atomic<int> g_pdl{1};  // launch with programmatic dependent launch (`sdxl_conv8_set_pdl`)
+inline std::atomic<int> g_pdl{0};  // launch with programmatic dependent launch (`sdxl_conv8_set_pdl`)
 
 constexpr int kFailed = 1;       // a CUDA or argument error
 constexpr int kUnsupported = 2;  // the kernel cannot run this problem: run another conv instead
@@ -585,7 +585,7 @@ SDXL_EXPORT const char* sdxl_conv8_config_name(int fmt, int i) {
 
 SDXL_EXPORT const char* sdxl_conv8_last_error() { return g_last_error.c_str(); }
 
-// Programmatic dependent launch on (1, the default) or off (0) for every later launch; returns the setting.
+// Programmatic dependent launch on (1) or off (0, the default) for every later launch; returns the setting.
 SDXL_EXPORT int sdxl_conv8_set_pdl(int on) {
   g_pdl.store(on ? 1 : 0);
   return g_pdl.load();

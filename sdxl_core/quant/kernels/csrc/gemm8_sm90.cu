@@ -33,12 +33,13 @@
 // dynamic shared memory limit with cudaFuncSetAttribute, happens on the first call of that kernel on each
 // device; make that first call outside capture (a warm-up run, as every CUDA-graph user does anyway).
 //
-// Programmatic dependent launch (PDL, on unless `sdxl_gemm8_set_pdl(0)`): each kernel is launched with
-// programmatic stream serialization, so it may be scheduled, and run its prologue (barriers, TMA descriptor
-// prefetch), while the kernel before it on the stream finishes. CUTLASS's kernels wait for that kernel to
-// complete (griddepcontrol.wait, compiled in by cuda_build's -DCUTLASS_ENABLE_GDC_FOR_SM90) before their first
-// global-memory access, and let the next kernel start early (griddepcontrol.launch_dependents) as their
-// mainloop ends. A CUDA graph keeps the launch's programmatic dependency.
+// Programmatic dependent launch (PDL, off unless `sdxl_gemm8_set_pdl(1)`, i.e. SDXL_BENCH_PDL=1): each kernel is
+// launched with programmatic stream serialization, so it may be scheduled, and run its prologue (barriers, TMA
+// descriptor prefetch), while the kernel before it on the stream finishes. CUTLASS's kernels wait for that kernel
+// to complete (griddepcontrol.wait, compiled in by cuda_build's -DCUTLASS_ENABLE_GDC_FOR_SM90; without PDL it
+// returns at once) before their first global-memory access, and let the next kernel start early
+// (griddepcontrol.launch_dependents) as their mainloop ends. A CUDA graph keeps the launch's programmatic
+// dependency. Off by default: on Hopper the 8-bit steps took the same time either way (docs/perf.md).
 
 //
 // Parts: on a machine with CPUs to spare, cuda_build compiles this file as P translation units side by side
@@ -109,7 +110,7 @@ enum : int {
 inline thread_local std::string last_error;
 
 // Launch with programmatic dependent launch (`sdxl_gemm8_set_pdl`); inline: one flag for every part.
-inline std::atomic<int> pdl{1};
+inline std::atomic<int> pdl{0};
 
 inline int fail(int code, std::string message) {
   last_error = std::move(message);
@@ -709,7 +710,7 @@ SDXL_EXPORT const char* sdxl_gemm8_format() { return kFormat; }
 
 SDXL_EXPORT int sdxl_gemm8_num_configs() { return kNumConfigs; }
 
-// Programmatic dependent launch on (1, the default) or off (0) for every later launch; returns the setting.
+// Programmatic dependent launch on (1) or off (0, the default) for every later launch; returns the setting.
 SDXL_EXPORT int sdxl_gemm8_set_pdl(int on) {
   pdl.store(on ? 1 : 0);
   return pdl.load();
