@@ -7,7 +7,7 @@ should: PyTorch's CUDA GroupNorm copies its channels-last input to NCHW first an
 call, and `.contiguous()` copies the output back to NCHW, so every following block reads the other layout. As
 two compiled regions (`TransformerInput`, `TransformerOutput`) the GroupNorm reads NHWC in place, the token
 views are free, an 8-bit `proj_in`'s input quantization fuses into the GroupNorm's kernel, and the residual add
-into `proj_out`'s epilogue kernel.
+is one pointwise kernel after `proj_out` with no copy.
 
 The values are diffusers' own, op for op; only the output's memory layout differs: it stays channels-last (a
 view of the tokens) where diffusers copies it to NCHW. Nothing the engine stores changes: `install` runs after
