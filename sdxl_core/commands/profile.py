@@ -4,8 +4,9 @@
 
 Builds (or loads from `--engine-dir`) one engine per precision as the suite runs them, but without the CUDA
 graph so the profiler sees each kernel, profiles `--steps` UNet steps per engine and sums each kernel's
-GPU time into the groups below. On the CPU it runs the same way on `tiny` with CPU op times (the CI
-smoke test).
+GPU time into the groups below. Each 8-bit engine's row also carries the per-shape kernel timings that chose its
+kernels (`gemm_timings`), so one file holds both views of a step. On the CPU it runs the same way on `tiny` with
+CPU op times (the CI smoke test).
 
 Kernel names are grouped by their origin, most specific first: Inductor's generated Triton kernels are named
 `triton_<kind>_fused_<ops>` and may name the ops they fuse (a GEGLU fused with the next layer's quantize is
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -78,6 +81,15 @@ def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], li
     return groups, top, launches / steps
 
 
+def dispatch_timings(info) -> list[dict] | None:
+    """The per-shape kernel timings that chose an 8-bit engine's kernels: measured by this run's build, or kept in
+    the engine (`gemm_dispatch.json`: timings for people to read, nothing in it runs); None for FP16 or a CPU."""
+    if info.gemm_timings:
+        return info.gemm_timings
+    path = Path(info.engine_path) / "gemm_dispatch.json" if info.engine_path else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
 def main(args) -> int:
     precisions = [p for p in args.precisions.split(",") if p]
     variants = {
@@ -108,6 +120,7 @@ def main(args) -> int:
                 "top_kernels_ms": top,
                 "kernels_per_step": launches,
                 "layers_by_kernel": engines.info.layers_by_kernel,
+                "gemm_timings": dispatch_timings(engines.info),
             }
         )
         print(f"{precision}: {sum(groups.values()):.2f} ms per step profiled", flush=True)

@@ -61,9 +61,24 @@ def test_profile_groups_every_op_and_sees_the_8bit_gemm(tmp_path):
     assert not any(group.startswith("8-bit") for group in fp16["ms_by_group"])
     assert sum(ms for group, ms in int8["ms_by_group"].items() if group.startswith("8-bit")) > 0
     assert "top kernels" in done.stdout
+    assert fp16["gemm_timings"] is None and int8["gemm_timings"] is None  # the per-shape timings are a GPU build's
     rendered = sdxl_bench("report", str(tmp_path / "profile.json")).stdout
     assert "| kernel group | fp16 | int8 |" in rendered
     assert "| kernels per step |" in rendered
+
+
+def test_profile_rows_carry_the_per_shape_timings_of_a_build_or_of_the_engine(tmp_path):
+    from sdxl_core.engines.info import EngineInfo
+
+    def info(**kw):
+        return EngineInfo(backend="torch", backend_version="2", engine_key="k", mode="loaded", cuda_graph=True, **kw)
+
+    measured = [{"fmt": "int8", "op": "gemm", "shape": [2048, 1280, 1280], "choice": "cutlass:coop_128x160x128"}]
+    assert profile.dispatch_timings(info(gemm_timings=measured, engine_path=str(tmp_path / "absent"))) == measured
+    (tmp_path / "gemm_dispatch.json").write_text(json.dumps(measured))
+    assert profile.dispatch_timings(info(engine_path=str(tmp_path))) == measured  # a reloaded engine's own file
+    assert profile.dispatch_timings(info(engine_path=str(tmp_path / "fp16"))) is None
+    assert profile.dispatch_timings(info()) is None
 
 
 @pytest.mark.parametrize(
