@@ -86,7 +86,7 @@ def dispatch_timings(info) -> list[dict] | None:
     the engine (`gemm_dispatch.json`: timings for people to read, nothing in it runs); None for FP16 or a CPU."""
     if info.gemm_timings:
         return info.gemm_timings
-    path = Path(info.engine_path) / "gemm_dispatch.json" if info.engine_path else None
+    path = Path(info.engine_path) / torch_backend.DISPATCH_FILE if info.engine_path else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 

@@ -50,6 +50,7 @@ from sdxl_core.variants import Variant
 
 NAME = "torch"
 COMPILE_CACHE = "compile_cache.bin"
+DISPATCH_FILE = "gemm_dispatch.json"  # an 8-bit GPU engine's per-shape kernel timings, for people to read
 CACHES = (COMPILE_CACHE, precompiled.FILE)  # what a build keeps of its compile, in `compiled.Compiled`'s order
 
 
@@ -259,7 +260,7 @@ def _get_or_build(
             try:
                 qmodules.save(unet, staging)
                 if info.gemm_timings:  # what the dispatch measured on this card, kept for people to read
-                    (staging / "gemm_dispatch.json").write_text(json.dumps(info.gemm_timings, indent=1) + "\n")
+                    (staging / DISPATCH_FILE).write_text(json.dumps(info.gemm_timings, indent=1) + "\n")
             except Exception as exc:  # a full disk or a read-only dir is one line, as publish says it
                 failure = write_failure(store.engine_path(engine_dir, key), exc)
                 if failure is None:
