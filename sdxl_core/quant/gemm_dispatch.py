@@ -155,7 +155,7 @@ def _conv_candidates(layer, shape: tuple, dtype: torch.dtype, channels_last: boo
     n, c, h, w, *_ = shape
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(n, c, h, w, device=layer.weight.device, dtype=dtype).contiguous(memory_format=layout)
-    x_dq = qmodules.fake_quantize(x, layer.a_scale, layer.FMT)
+    x_dq = layer.fake_quantize_input(x)
     w16 = layer.float_weight(dtype).contiguous(memory_format=layout)
     calls = {
         SIXTEEN_BIT: lambda: F.conv2d(x_dq, w16, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -170,7 +170,7 @@ def _conv_candidates(layer, shape: tuple, dtype: torch.dtype, channels_last: boo
         or conv_cutlass.unsupported_reason(x.shape, w_krsc.shape, layer.stride, layer.padding)
     ):
         return calls, x
-    x_q = qmodules.quantize(x, layer.a_scale, layer.FMT).contiguous(memory_format=torch.channels_last)
+    x_q = layer.quantize_input(x).contiguous(memory_format=torch.channels_last)
     w_scale = layer.w_scale.reshape(-1).expand(layer.out_channels).contiguous()
     bias = None if layer.bias is None else layer.bias.to(dtype)
     for index, name in enumerate(conv_cutlass.configs(layer.FMT)):
@@ -188,7 +188,7 @@ def time_candidate(fn: Callable[[], object], candidate: str, shape: tuple) -> fl
 def relative_error(layer, fn, x: torch.Tensor, candidate: str) -> float:
     """One candidate's result against float64 on the same quantized values. A wrong kernel is far above the
     fp16/bf16 rounding of a right one."""
-    x = qmodules.fake_quantize(x.float(), layer.a_scale, layer.FMT)
+    x = layer.fake_quantize_input(x.float())
     out = fn().double()
     w = layer.float_weight(torch.float64)
     bias = layer.bias.double() if layer.bias is not None else None
@@ -252,7 +252,7 @@ def candidates(
     weight = layer.weight.reshape(n, k)
     x = torch.randn(m, k, device=device, dtype=dtype)
     w16 = layer.float_weight(dtype).reshape(n, k)
-    x_dq = qmodules.fake_quantize(x, layer.a_scale, layer.FMT)
+    x_dq = layer.fake_quantize_input(x)
     calls = {SIXTEEN_BIT: lambda: F.linear(x_dq, w16, layer.bias)}
     x_q = qmodules.quantize(x, layer.a_scale, layer.FMT)
     if layer.FMT == "int8":

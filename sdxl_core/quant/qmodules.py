@@ -165,6 +165,10 @@ class QuantizedModule(torch.nn.Module):
         """x (already smoothed) quantized with the layer's activation scale."""
         return quantize(x, self.a_scale, self.FMT, self.a_inv_scale)
 
+    def fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (already smoothed) quantized and dequantized in x's dtype: the 16-bit path's 8-bit numerics."""
+        return fake_quantize(x, self.a_scale, self.FMT, self.a_inv_scale)
+
     def _interleave_for_geglu(self):
         if self.kernel not in gemm8_cutlass.GEGLU_KERNELS or self.weight.is_meta:
             self.geglu_weight = self.geglu_w_scale = self.geglu_bias = None
@@ -251,8 +255,7 @@ class QLinear(QuantizedModule):
         if self.smooth is not None:
             x = x * self.smooth
         if not self.runs_8bit_gemm:
-            x = fake_quantize(x, self.a_scale, self.FMT, self.a_inv_scale)
-            return F.linear(x, self._float_weight(x.dtype), self.bias)
+            return F.linear(self.fake_quantize_input(x), self._float_weight(x.dtype), self.bias)
         return gemm(x, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel, self.a_inv_scale)
 
     def forward_quantized(self, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -401,7 +404,7 @@ class QConv2d(QuantizedModule):
             )
         # A 3x3 conv without an 8-bit kernel ("emulated"), or any conv on the 16-bit path: 8-bit numerics computed
         # in the activation dtype.
-        x = fake_quantize(x, self.a_scale, self.FMT, self.a_inv_scale)
+        x = self.fake_quantize_input(x)
         return F.conv2d(
             x, self._float_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups
         )
