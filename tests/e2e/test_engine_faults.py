@@ -202,7 +202,9 @@ def test_three_builders_and_a_reader_leave_one_engine(tmp_path):
     ]
     try:
         while not (engine_dir / key_of(FP16)).exists():  # the reader starts once one builder has published
-            assert time.perf_counter() - started < RUN_BOUND_S and all(b.poll() in (None, 0) for b in builders)
+            assert time.perf_counter() - started < RUN_BOUND_S, "no builder published within the run bound"
+            failed = [(i, b.returncode) for i, b in enumerate(builders) if b.poll() not in (None, 0)]
+            assert not failed, [(i, code, errors[i].read_text()[-2000:]) for i, code in failed]
             time.sleep(0.1)
         reader = sdxl_bench(txt2img(FP16, engine_dir, outs[3], "--no-build"))
         codes = [b.wait(timeout=RUN_BOUND_S) for b in builders]
