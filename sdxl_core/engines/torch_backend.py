@@ -401,7 +401,7 @@ def dispatches(device: torch.device) -> bool:
 
 
 def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dict]:
-    from sdxl_core.quant import geglu, gemm_dispatch
+    from sdxl_core.quant import attention, geglu, gemm_dispatch
 
     inputs = unet_inputs(variant, unet, device, dtype)
     timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs), channels_last=channels_last)
@@ -416,7 +416,16 @@ def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dic
     )
     if progress:
         geglu.print_table(fused)
-    return [t.row() for t in timings] + fused
+    # And whether each attention's kernel quantizes its output for the 8-bit projection after it.
+    attentions = attention.choose(
+        unet,
+        lambda: unet_stage(unet)(*inputs),
+        max_error=gemm_dispatch.MAX_RELATIVE_ERROR,
+        allowed=gemm_dispatch.allowed,
+    )
+    if progress:
+        attention.print_table(attentions)
+    return [t.row() for t in timings] + fused + attentions
 
 
 def _load_or_none(engine: store.Engine, device, dtype, allow_build):

@@ -15,6 +15,7 @@ import re
 
 from sdxl_core.errors import UserError
 from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
+from sdxl_core.quant.kernels.attention8 import KERNEL as ATTENTION_KERNEL
 from sdxl_core.quant.kernels.geglu8 import KERNEL as GEGLU_KERNEL
 
 PLAN_FILE = "layer_plan.json"
@@ -35,7 +36,10 @@ LAYER_TYPES = {
 _GEGLU_KERNELS = (GEGLU_KERNEL, *gemm8_cutlass.GEGLU_KERNELS)
 _GEMM_KERNELS = {"int8": ("pointer", "tma", *_GEGLU_KERNELS), "fp8": ("scaled_mm", "scaled_mm_fast", *_GEGLU_KERNELS)}
 _SPEC_FIELDS = ("type", "smooth", "per_channel", "gemm", "kernel")
-_PLAN_FIELDS = ("format", "fused_qkv", "layers")
+_PLAN_FIELDS = ("format", "fused_qkv", "layers", "attention")
+# The kernels an attention fused with its 8-bit output projection may name (`quant.attention` checks that each
+# module named is such an attention).
+ATTENTION_KERNELS = (ATTENTION_KERNEL,)
 _LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
 # What diffusers adds to a model's config besides its constructor's arguments.
 _CONFIG_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -73,6 +77,15 @@ def check_layer_plan(plan, device_type: str | None = None) -> None:
         raise _refuse(PLAN_FILE, f"its layers are {found}, not an object of layer name: spec")
     for name, spec in layers.items():
         _check_spec(name, spec, device_type)
+    attention = plan.get("attention", {})
+    if not isinstance(attention, dict):
+        raise _refuse(PLAN_FILE, f"its attention entry is a JSON {type(attention).__name__}, not an object")
+    for name, kernel in attention.items():
+        if not _LAYER_NAME.fullmatch(name):
+            raise _refuse(PLAN_FILE, f"attention {name[:80]!r} is not a module name")
+        if not isinstance(kernel, str) or kernel not in ATTENTION_KERNELS:
+            what = f"attention {name[:80]!r} names kernel {str(kernel)[:80]!r}, which this build does not have"
+            raise _refuse(PLAN_FILE, what)
 
 
 def _check_spec(name: str, spec, device_type: str | None) -> None:

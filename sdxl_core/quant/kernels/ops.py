@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from sdxl_core.quant.kernels import attention8 as attention8_kernel
 from sdxl_core.quant.kernels import conv_cutlass, fp8_gemm, geglu8, gemm8_cutlass, int8_gemm
 
 CUTLASS_PREFIX = "cutlass:"
@@ -182,3 +183,23 @@ def geglu8_cutlass(
 @geglu8_cutlass.register_fake
 def _geglu8_cutlass_shape(x_q, w_i, a_scale, w_scale_i, bias_i, smooth, out_scale, act_dtype, config):
     return x_q.new_empty((x_q.shape[0], w_i.shape[0] // 2))
+
+
+@torch.library.custom_op("sdxl_bench::attention8", mutates_args=())
+def attention8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    smooth: torch.Tensor | None,
+    inv_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Attention on [B, S, H, D] views with the output projection's smoothing and input quantization in its epilogue
+    (`attention8.attention8`): [B * Sq, H * D] in `out_dtype` (8-bit, or the activation dtype unquantized)."""
+    return attention8_kernel.attention8(q, k, v, smooth, inv_scale, out_dtype)
+
+
+@attention8.register_fake
+def _attention8_shape(q, k, v, smooth, inv_scale, out_dtype):
+    b, sq, h, d = q.shape
+    return q.new_empty((b * sq, h * d), dtype=out_dtype)

@@ -1,0 +1,250 @@
+"""Attentions whose kernel quantizes their output for the 8-bit output projection (`quant.attention`,
+`kernels.attention8`).
+
+CPU: the Triton kernel in the Triton interpreter against float64 attention and torch's quantization, the fused
+processor against diffusers' own on calibrated tiny UNets (projections fused and not, cross-attention K/V reused),
+the build-time choice, and the layer plan that carries it. GPU: the kernel on SDXL's four attention shapes (its speed
+is measured by the engine build's dispatch, per shape).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from sdxl_core.engines import cross_kv
+from sdxl_core.errors import UserError
+from sdxl_core.models import build_builtin
+from sdxl_core.quant import attention, qmodules, quantize
+from sdxl_core.quant import plan as plan_schema
+from sdxl_core.quant.kernels import attention8, ops
+from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
+from sdxl_core.variants import Variant
+from tests.support.tiny import run, run_in_interpreter, unet_inputs
+
+needs_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
+)
+TINY_ATTENTIONS = 34  # 17 transformer blocks in tiny, a self- and a cross-attention each
+
+
+@pytest.fixture(scope="module")
+def data():
+    generator = torch.Generator().manual_seed(11)
+    return {"calib": [unet_inputs(generator, t) for t in (900, 400)], "eval": unet_inputs(generator, 650)}
+
+
+@pytest.fixture(scope="module")
+def converted(data):
+    """(precision, fused projections) -> a calibrated, converted tiny UNet at level 3 (every attention's output
+    projection 8-bit)."""
+    cache = {}
+
+    def get(precision, fused_qkv=False):
+        key = (precision, fused_qkv)
+        if key not in cache:
+            variant = Variant(name="t", model="tiny", precision=precision, quant_level=3.0, steps=2)
+            unet = build_builtin("tiny").unet
+            if fused_qkv:
+                qmodules.fuse_qkv(unet)
+
+            def forward_loop(model):
+                with torch.inference_mode():
+                    for batch in data["calib"]:
+                        model(**batch)
+
+            unet = quantize.quantize_unet(unet, variant, forward_loop, progress=False)
+            cache[key] = qmodules.convert_to_real(unet)[0]
+        return copy.deepcopy(cache[key])
+
+    return get
+
+
+def fuse_all(unet) -> int:
+    attentions = [m for m in unet.modules() if attention.fusable(m)]
+    for attn in attentions:
+        attention.fuse(attn)
+    return len(attentions)
+
+
+@pytest.mark.slow
+def test_attention8_kernel_in_interpreter():
+    proc = run_in_interpreter("attention_interp_check.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK 35 cases" in proc.stdout
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["projections", "fused-projections"])
+def test_fused_attention_computes_what_diffusers_processor_does(converted, data, precision, fused_qkv):
+    """On the CPU the op computes the unfused engine's arithmetic (torch's SDPA, then `to_out`'s quantization) in
+    float32, so the processor alone decides whether the UNet's output moves: a Q, K or V taken from the wrong slice
+    of a fused projection, or heads split the wrong way, would move it."""
+    unet = converted(precision, fused_qkv)
+    expected = run(unet, data["eval"])
+    assert fuse_all(unet) == TINY_ATTENTIONS
+    assert len(attention.fused_attentions(unet)) == TINY_ATTENTIONS
+    assert torch.equal(run(unet, data["eval"]), expected)
+
+
+def test_fused_attention_reads_reused_cross_attention_keys_and_values(converted, data):
+    unet = converted("int8", True)
+    expected = run(unet, data["eval"])
+    fuse_all(unet)
+    kv = cross_kv.CrossKV(unet)
+    kv.fill(data["eval"]["encoder_hidden_states"])
+    assert torch.equal(run(unet, data["eval"]), expected)
+
+
+def test_an_attention_whose_projection_runs_16_bits_or_that_rescales_is_not_fusable(converted):
+    unet = converted("int8")
+    attn = next(m for m in unet.modules() if attention.fusable(m))
+    attn.to_out[0].set_gemm_path("16bit", torch.float32)
+    assert not attention.fusable(attn)
+    with pytest.raises(ValueError, match="cannot run fused"):
+        attention.fuse(attn)
+    attn.to_out[0].set_gemm_path("8bit", torch.float32)
+    attn.rescale_output_factor = 2.0
+    assert not attention.fusable(attn)
+
+
+def timer_preferring(fused_wins: bool):
+    def timer(fn, candidate, shape):
+        if candidate == attention.KERNEL:
+            return 1.0 if fused_wins else 5.0
+        return 2.0  # the unfused pair, SDPA alone, the kernel with a 16-bit output
+
+    return timer
+
+
+@pytest.mark.parametrize("fused_wins", [True, False])
+def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted, data, fused_wins, tmp_path):
+    unet = converted("int8", True)
+    expected = run(unet, data["eval"])
+    rows = attention.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(fused_wins), max_error=2e-2
+    )
+    # tiny's attentions: self-attention at two token counts, cross-attention at the same two
+    assert sum(r["layers"] for r in rows) == TINY_ATTENTIONS
+    assert {r["op"] for r in rows} == {"attention"}
+    assert {tuple(r["shape"][-1:]) for r in rows} == {(0,), (1,)}
+    for row in rows:
+        assert set(row["ms"]) == {attention.UNFUSED, attention.SDPA, attention.KERNEL, attention.KERNEL_16BIT}
+        assert row["choice"] == (attention.KERNEL if fused_wins else attention.UNFUSED)
+    plan = qmodules.layer_plan(unet)
+    if not fused_wins:
+        assert "attention" not in plan  # plans of engines without fused attentions stay as they were
+        return
+    assert len(plan["attention"]) == TINY_ATTENTIONS
+    plan_schema.check_layer_plan(plan, "cpu")
+    qmodules.save(unet, tmp_path)
+    loaded = _load(tmp_path)
+    assert attention.fused_attentions(loaded) == plan["attention"]
+    assert torch.equal(run(loaded, data["eval"]), expected)
+
+
+def _load(directory):
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "unet_config.json").read_text())
+    plan = json.loads((directory / "layer_plan.json").read_text())
+    tensors = load_file(str(directory / "unet.safetensors"))
+    unet = qmodules.load_real(config, plan, tensors, unet_cls=UNet2DConditionModel)
+    qmodules.dequantize_weights(unet, torch.float32)
+    return unet
+
+
+def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypatch):
+    unet = converted("fp8")
+    right = ops.attention8
+
+    def wrong(q, k, v, smooth, inv_scale, out_dtype):
+        return right(q, v, k, smooth, inv_scale, out_dtype)  # keys and values swapped
+
+    monkeypatch.setattr(ops, "attention8", wrong)
+    rows = attention.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2)
+    assert rows and all(r["choice"] == attention.UNFUSED and attention.KERNEL in r["rejected"] for r in rows)
+    assert not attention.fused_attentions(unet)
+
+
+def test_the_dispatch_filter_can_leave_the_kernel_out(converted, data):
+    unet = converted("int8")
+    rows = attention.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2, allowed=lambda k: False
+    )
+    assert rows == [] and not attention.fused_attentions(unet)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"down_blocks.1.attentions.0.transformer_blocks.0.attn1": "flash"}, "does not have"),
+        ({"not a name": attention.KERNEL}, "not a module name"),
+        (["down_blocks.1.attentions.0.transformer_blocks.0.attn1"], "not an object"),
+    ],
+)
+def test_a_plan_with_a_foreign_attention_entry_is_refused(converted, entry, message):
+    plan = qmodules.layer_plan(converted("int8"))
+    plan["attention"] = entry
+    with pytest.raises(UserError, match=message):
+        plan_schema.check_layer_plan(plan)
+
+
+@pytest.mark.parametrize("name", ["down_blocks.1.attentions.0.proj_in", "down_blocks.1.attentions.0.nothing_here"])
+def test_a_plan_that_fuses_something_else_than_an_attention_is_refused(converted, name):
+    from diffusers import UNet2DConditionModel
+
+    unet = converted("int8")
+    plan = qmodules.layer_plan(unet)
+    plan["attention"] = {name: attention.KERNEL}
+    with torch.device("meta"):
+        plain = UNet2DConditionModel.from_config(unet.config)
+    with pytest.raises(UserError, match="rebuild the engine"):
+        qmodules.apply_layer_plan(plain, plan)
+
+
+def test_the_op_refuses_what_the_kernel_cannot_write():
+    q = k = v = torch.randn(1, 4, 2, 16).half()
+    with pytest.raises(ValueError, match="activation dtype"):
+        attention8.attention8(q, k, v, None, None, torch.float32)
+    with pytest.raises(ValueError, match="inverse input scale"):
+        attention8.attention8(q, k, v, None, None, torch.int8)
+
+
+def test_supports_takes_the_layouts_the_processors_make_and_nothing_else():
+    q, k, v = attention.operands((2, 5, 77, 2, 64, 1), torch.float16, "cpu")
+    assert attention8.supports(q, k, v)
+    assert attention8.supports(*attention.operands((2, 5, 5, 2, 64, 0), torch.float16, "cpu"))
+    assert not attention8.supports(q.float(), k.float(), v.float())  # the kernel computes on 16-bit operands
+    assert not attention8.supports(*attention.operands((2, 5, 77, 2, 48, 1), torch.float16, "cpu"))
+    assert not attention8.supports(q.transpose(2, 3), k, v)  # D not contiguous
+
+
+# SDXL's attentions at 1024x1024 with classifier-free guidance: self-attention at 4096 and 1024 tokens, and
+# cross-attention to the 77 prompt tokens at both.
+SDXL_SHAPES = [(2, 4096, 4096, 10, 64, 0), (2, 1024, 1024, 20, 64, 0), (2, 4096, 77, 10, 64, 1), (2, 1024, 77, 20, 64, 1)]
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("out_dtype", [torch.int8, FP8_DTYPE], ids=["int8", "fp8"])
+@pytest.mark.parametrize("shape", SDXL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention8_on_sdxl_shapes(shape, out_dtype):
+    torch.manual_seed(0)
+    q, k, v = attention.operands(shape, torch.float16, "cuda")
+    smooth = (torch.rand(shape[3] * shape[4], device="cuda") + 0.5).half()
+    o16 = attention8.attention8(q, k, v, None, None, torch.float16)
+    exact = attention8.attention_reference(q.float(), k.float(), v.float(), None, None, torch.float32)
+    err = float((o16.float() - exact).abs().max() / exact.abs().max())
+    assert err < 4e-3, f"relative error {err:.2e}"
+    qmax = 127.0 if out_dtype == torch.int8 else 448.0
+    inv_scale = torch.tensor(qmax / (0.8 * float(exact.abs().max())), device="cuda")
+    got = attention8.attention8(q, k, v, smooth, inv_scale, out_dtype)
+    own = attention8.quantize_output(o16, smooth, inv_scale, out_dtype)
+    assert torch.equal(got.float(), own.float())
+    ref = attention8.attention_reference(q, k, v, smooth, inv_scale, out_dtype)
+    rel = float((got.float() - ref.float()).norm() / ref.float().norm())
+    assert rel < 2e-2, f"against the unfused pair: relative error {rel:.2e}"
