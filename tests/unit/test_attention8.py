@@ -87,6 +87,22 @@ def test_fused_attention_computes_what_diffusers_processor_does(converted, data,
     assert torch.equal(run(unet, data["eval"]), expected)
 
 
+@pytest.mark.slow
+def test_a_fused_unet_traces_as_one_graph_and_matches_eager(converted, data):
+    """The op is opaque to torch.compile (a custom op with a fake implementation), so the fused processors cost no
+    graph break: everything around them still fuses on the GPU."""
+    unet = converted("int8", True)
+    fuse_all(unet)
+    with torch.inference_mode():
+        eager = unet(**data["eval"]).sample
+        explanation = torch._dynamo.explain(unet)(**data["eval"])
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons[:3]
+        torch._dynamo.reset()
+        graph = torch.compile(unet, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(graph(**data["eval"]).sample, eager, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+
+
 def test_fused_attention_reads_reused_cross_attention_keys_and_values(converted, data):
     unet = converted("int8", True)
     expected = run(unet, data["eval"])
@@ -121,9 +137,7 @@ def timer_preferring(fused_wins: bool):
 def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted, data, fused_wins, tmp_path):
     unet = converted("int8", True)
     expected = run(unet, data["eval"])
-    rows = attention.choose(
-        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(fused_wins), max_error=2e-2
-    )
+    rows = attention.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(fused_wins), max_error=2e-2)
     # tiny's attentions: self-attention at two token counts, cross-attention at the same two
     assert sum(r["layers"] for r in rows) == TINY_ATTENTIONS
     assert {r["op"] for r in rows} == {"attention"}
@@ -225,7 +239,12 @@ def test_supports_takes_the_layouts_the_processors_make_and_nothing_else():
 
 # SDXL's attentions at 1024x1024 with classifier-free guidance: self-attention at 4096 and 1024 tokens, and
 # cross-attention to the 77 prompt tokens at both.
-SDXL_SHAPES = [(2, 4096, 4096, 10, 64, 0), (2, 1024, 1024, 20, 64, 0), (2, 4096, 77, 10, 64, 1), (2, 1024, 77, 20, 64, 1)]
+SDXL_SHAPES = [
+    (2, 4096, 4096, 10, 64, 0),
+    (2, 1024, 1024, 20, 64, 0),
+    (2, 4096, 77, 10, 64, 1),
+    (2, 1024, 77, 20, 64, 1),
+]
 
 
 @pytest.mark.gpu

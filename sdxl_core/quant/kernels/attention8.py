@@ -143,7 +143,7 @@ def _attention8_kernel(
 
 @functools.cache
 def _autotuned(interpret: bool, quick: bool):
-    return triton.autotune(configs(interpret, quick), key=["SQ", "SK", "H", "OUT"])(_attention8_kernel)
+    return triton.autotune(configs(interpret, quick), key=["SQ", "SK", "H", "D", "OUT"])(_attention8_kernel)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

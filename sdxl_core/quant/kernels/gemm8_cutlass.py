@@ -46,6 +46,7 @@ CONFIG_NAMES = (
     "coop_128x256x128",
     "pingpong_64x128x128",
     "pingpong_128x128x128_cluster2x1",
+    "coop_128x160x128_cluster2x1",
 )
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 # The GEGLU GEMM's configurations, in index order (N counts W1's 2F rows).

@@ -1,4 +1,5 @@
-"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations.
+"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations, and the attention that quantizes its
+output for them.
 
 torch.compile keeps each op as one opaque call (no graph break at a Python wrapper, no tracing into the
 autotuner) while the activation quantization before it stays plain torch ops that Inductor fuses into

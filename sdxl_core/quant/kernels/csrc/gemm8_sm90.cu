@@ -44,9 +44,9 @@
 //
 // Parts: on a machine with CPUs to spare, cuda_build compiles this file as P translation units side by side
 // (-DSDXL_PARTS=P -DSDXL_PART=p, P up to the `sdxl-parts` count below) and links them into one library: part p
-// instantiates the configs i with i % P == p (the GEMM configs 0-4, then the GEGLU config as 5), part 0 also the
+// instantiates the configs i with i % P == p (the GEMM configs 0-5, then the GEGLU config as 6), part 0 also the
 // exported functions. Without SDXL_PART it is one translation unit holding everything.
-// sdxl-parts: 6
+// sdxl-parts: 7
 
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1  // wgmma N=160 (the 128x160 tile)
 
@@ -140,14 +140,19 @@ using Config1 = Config<128, 160, 128, 1, Coop, CoopEpi, Persistent>;  // N=1280/
 using Config2 = Config<128, 256, 128, 1, Coop, CoopEpi, Persistent>;  // large N
 using Config3 = Config<64, 128, 128, 1, PingPong, PingPongEpi, Persistent>;  // small M
 using Config4 = Config<128, 128, 128, 2, PingPong, PingPongEpi, Persistent>;  // W tiles multicast to 2 CTAs
+// Config1's tile with its W tiles multicast to 2 CTAs: at 2048 x 1280 -> 1280 (192 SDXL layers) Config1 runs one
+// wave and reads 36 KiB per CTA and K step from L2; multicast makes that 26 (cuBLAS's FP16 pick there is 128x160
+// in a 2x1 cluster too).
+using Config5 = Config<128, 160, 128, 2, Coop, CoopEpi, Persistent>;
 
-constexpr int kNumConfigs = 5;
+constexpr int kNumConfigs = 6;
 const char* const kConfigNames[kNumConfigs] = {
     "coop_128x128x128",
     "coop_128x160x128",
     "coop_128x256x128",
     "pingpong_64x128x128",
     "pingpong_128x128x128_cluster2x1",
+    "coop_128x160x128_cluster2x1",
 };
 
 // The GEGLU GEMM's config (N counts both halves: the 256-wide tile yields 128 output columns). Measured on Hopper
@@ -626,6 +631,11 @@ SDXL_GEMM8_INSTANTIATE(, Config4)
 #else
 SDXL_GEMM8_INSTANTIATE(extern, Config4)
 #endif
+#if SDXL_IN_PART(5)
+SDXL_GEMM8_INSTANTIATE(, Config5)
+#else
+SDXL_GEMM8_INSTANTIATE(extern, Config5)
+#endif
 #undef SDXL_GEMM8_INSTANTIATE
 // The GEGLU config follows the GEMM configs in the parts' round robin (the preprocessor needs literal indices).
 using GegluArguments = GegluEpilogue<ElementAcc, ElementAB>::Arguments;
@@ -633,7 +643,7 @@ using GegluArguments = GegluEpilogue<ElementAcc, ElementAB>::Arguments;
   prefix template int run_geglu_config<Cfg>(const void*, const void*, const GegluArguments&, int, int, int, int,   \
                                             void*, size_t, cudaStream_t, int, int);                               \
   prefix template size_t workspace_geglu_config<Cfg>(int, int, int, int, int);
-#if SDXL_IN_PART(5)
+#if SDXL_IN_PART(6)
 SDXL_GEGLU8_INSTANTIATE(, GegluConfig0)
 #else
 SDXL_GEGLU8_INSTANTIATE(extern, GegluConfig0)
@@ -650,10 +660,11 @@ auto with_config(int config, F&& f) {
     case 1: return f(Config1{});
     case 2: return f(Config2{});
     case 3: return f(Config3{});
-    default: return f(Config4{});
+    case 4: return f(Config4{});
+    default: return f(Config5{});
   }
 }
-static_assert(kNumConfigs == 5, "with_config lists every config");
+static_assert(kNumConfigs == 6, "with_config lists every config");
 
 template <class F>
 auto with_geglu_config(int, F&& f) {
