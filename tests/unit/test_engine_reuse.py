@@ -278,25 +278,35 @@ def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path)
 
 
 def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):
-    from sdxl_core.quant import gemm_dispatch
+    from sdxl_core.quant import attention, gemm_dispatch
 
     # On the CPU nothing is timed, so script what a GPU build's dispatch would measure: the pointer kernel
-    # wins at GEMM shapes with N >= 128, the 16-bit path everywhere else.
+    # wins at GEMM shapes with N >= 64, the 16-bit path everywhere else, and the attention kernel that quantizes
+    # its output for `to_out` at self-attention shapes.
     def scripted(fn, candidate, shape):
         fn()  # each candidate must run at the recorded shape
         if candidate == "16bit":
             return 1.5
-        return 1.0 if candidate == "pointer" and len(shape) == 3 and shape[2] >= 128 else 2.0
+        if candidate == attention.KERNEL:
+            return 1.0 if shape[-1] == 0 else 3.0
+        return 1.0 if candidate == "pointer" and len(shape) == 3 and shape[2] >= 64 else 2.0
 
     monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
     monkeypatch.setattr(gemm_dispatch, "time_candidate", scripted)
+    # Scripted timings must neither come from nor land in the user's timing cache (they did: a changed script then
+    # read the last run's numbers).
+    monkeypatch.setenv("SDXL_BENCH_DISPATCH_CACHE", "0")
     built_components, built = prepare(INT8, tmp_path / "engines", tmp_path / "onnx")
     path = Path(built.info.engine_path)
     rows = json.loads((path / "gemm_dispatch.json").read_text())
     assert "gemm_dispatch.json" in store.read_sidecar(path)["files"]  # checksummed like the weights
     assert {"16bit", "pointer"} <= {row["choice"] for row in rows}
     assert sum(built.info.layers_by_kernel.values()) == sum(qmodules.module_counts(built_components.unet).values())
-    plan = json.loads((path / "layer_plan.json").read_text())["layers"]
+    full_plan = json.loads((path / "layer_plan.json").read_text())
+    plan = full_plan["layers"]
+    fused = full_plan["attention"]
+    assert fused and all(name.endswith(".attn1") for name in fused)  # the self-attentions only, as scripted
+    assert {row["choice"] for row in rows if row["op"] == "attention"} == {attention.KERNEL, attention.UNFUSED}
 
     components, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)
     ran = {
@@ -305,6 +315,7 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
         if isinstance(m, qmodules.QuantizedModule)
     }
     assert ran == {name: (spec["gemm"], spec["kernel"]) for name, spec in plan.items()}
+    assert attention.fused_attentions(components.unet) == fused
     assert {path for path, _ in ran.values()} == {"8bit", "16bit"}
     assert image_bytes(INT8, components, loaded) == image_bytes(INT8, built_components, built)
 
