@@ -9,7 +9,10 @@ the CUTLASS INT8/FP8 convs; convs channels-last, with the fp16 NCHW conv timed b
 first checked against a float64 reference on the same quantized values, then timed with the dispatch's own
 timer (`timing.graph_ms`: CUDA-graph replays, median). Each row gives microseconds, TFLOP/s (TOPS for
 8-bit) and the speed-up over 16 bits; the file is rewritten after every row. `--ops quantize` adds the
-activation quantization as Inductor fuses it into its producers, per formulation (`quantize_glue`).
+activation quantization as Inductor fuses it into its producers, per formulation (`quantize_glue`); `--ops
+attention` SDXL's four attention shapes as the build's attention choice times them (`quant.attention`): SDPA alone
+("16bit", the FP16 engine's), SDPA plus the output projection's input quantization ("unfused", the 8-bit engines'
+today), and the Triton kernel that quantizes in its epilogue, with an 8-bit and a 16-bit output.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from sdxl_core.commands import quantize_glue
 from sdxl_core.errors import UserError
-from sdxl_core.quant import gemm_dispatch, qmodules
+from sdxl_core.quant import attention, gemm_dispatch, qmodules
 from sdxl_core.quant.gemm_dispatch import ShapeTiming
 from sdxl_core.quant.kernels import shapes
 from sdxl_core.quant.kernels.conv_cutlass import SDXL_CONV3X3
@@ -39,6 +42,14 @@ LAYERS = {
     (8192, 2560, 640): 10,
 }
 QUICK = [(2048, 1280, 1280), (8192, 640, 5120), (154, 2048, 1280)]
+# SDXL's attentions at 1024x1024 with classifier-free guidance, (B, Sq, Sk, H, D, cross): layers per UNet step.
+SDXL_ATTENTIONS = {
+    (2, 4096, 4096, 10, 64, 0): 10,
+    (2, 1024, 1024, 20, 64, 0): 60,
+    (2, 4096, 77, 10, 64, 1): 10,
+    (2, 1024, 77, 20, 64, 1): 60,
+}
+OPS = ("gemm", "conv", "quantize", "attention")
 
 
 def add_arguments(p) -> None:
@@ -47,7 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--ops",
         default="gemm,conv,quantize",
-        help="what to time, from gemm,conv,quantize (the quantization fused into its producers)",
+        help="what to time, from gemm,conv,quantize,attention (quantize: the quantization fused into its producers; "
+        "attention: the attention kernel that quantizes its output, against SDPA)",
     )
     p.add_argument("--out", required=True, help="directory for kernels.json")
 
@@ -76,8 +88,8 @@ def main(args) -> int:
     if any(f not in ("int8", "fp8") for f in formats):
         raise UserError(f"--formats takes int8 and fp8, got {args.formats!r}")
     ops = [o for o in args.ops.split(",") if o]
-    if any(o not in ("gemm", "conv", "quantize") for o in ops):
-        raise UserError(f"--ops takes gemm, conv and quantize, got {args.ops!r}")
+    if any(o not in OPS for o in ops):
+        raise UserError(f"--ops takes {', '.join(OPS)}, got {args.ops!r}")
     device = torch.device("cuda")
     result = ResultFile(args.out, "kernels", device)
     work = []
@@ -102,6 +114,12 @@ def main(args) -> int:
                 result.add(row)
                 times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
                 print(f"{row['fmt']} {row['op']} {'x'.join(map(str, shape))}: us {times}", flush=True)
+    if "attention" in ops:
+        for shape, layers in SDXL_ATTENTIONS.items():
+            for fmt in formats:
+                row = result.add(measure_attention(fmt, shape, layers, device))
+                times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
+                print(f"{fmt} attention {'x'.join(map(str, shape))}: us {times}", flush=True)
     print(render_kernels(result.data))
     return 0
 
@@ -132,5 +150,28 @@ def measure(op: str, fmt: str, shape: tuple, layers, device) -> dict:
         "tflops": {name: round(flop / t / 1e9, 1) for name, t in ms.items()},
         "speedup": {name: round(ms["16bit"] / t, 3) for name, t in ms.items()},
         "rel_err": errors,
+        "rejected": rejected,
+    }
+
+
+def measure_attention(fmt: str, shape: tuple, layers: int, device, timer=gemm_dispatch.time_candidate) -> dict:
+    """One attention row, timed as the engine build times it (`attention.time_shape`), its output projection a random
+    8-bit layer (with a SmoothQuant scale for INT8, as the engines' have). `timer(fn, name, shape)`: ms per call."""
+    batch, _, _, heads, head_dim, _ = shape
+    out = layer_for(fmt, 1, heads * head_dim, heads * head_dim, device)
+    if fmt == "int8":
+        out.smooth = torch.rand(heads * head_dim, device=device, dtype=torch.float16) + 0.5
+    with torch.inference_mode():
+        ms, rejected = attention.time_shape(out, shape, torch.float16, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR)
+    _, sq, sk, _, _, _ = shape
+    flop = 4.0 * batch * heads * sq * sk * head_dim
+    return {
+        "op": "attention",
+        "fmt": fmt,
+        "shape": list(shape),
+        "layers": layers,
+        "ms": ms,
+        "tflops": {name: round(flop / t / 1e9, 1) for name, t in ms.items()},
+        "speedup": {name: round(ms[attention.SDPA] / t, 3) for name, t in ms.items()},
         "rejected": rejected,
     }

@@ -30,7 +30,7 @@ from sdxl_core.quant.kernels import attention8, ops
 KERNEL = attention8.KERNEL
 KERNELS = (KERNEL,)
 UNFUSED = "unfused"
-SDPA = "sdpa:16bit"  # SDPA alone, with a 16-bit output: the FP16 engine's attention
+SDPA = "16bit"  # SDPA alone, with a 16-bit output: the FP16 engine's attention (not a candidate here)
 KERNEL_16BIT = f"{KERNEL}:16bit"  # the Triton kernel with a 16-bit output
 
 
@@ -162,7 +162,7 @@ def choose(
     rows = []
     for (fmt, shape, dtype), unique in sorted(_group_by_shape(attentions, run_step).items(), key=lambda i: i[0][:2]):
         with torch.inference_mode():
-            ms, rejected = _time_shape(unique[0], shape, dtype, timer, cache, max_error, allowed)
+            ms, rejected = time_shape(unique[0].to_out[0], shape, dtype, timer, cache, max_error, allowed)
         choice = min((k for k in KERNELS if k in ms), key=ms.get, default=UNFUSED)
         if choice != UNFUSED and ms[choice] >= ms[UNFUSED]:
             choice = UNFUSED
@@ -223,17 +223,19 @@ def operands(shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, to
     return tuple(_heads(t, heads) for t in (q, k, v))
 
 
-def _time_shape(attn, shape, dtype, timer, cache, max_error, allowed) -> tuple[dict, dict]:
+def time_shape(out, shape, dtype, timer, cache, max_error, allowed=lambda _: True) -> tuple[dict, dict]:
+    """({UNFUSED: SDPA and `out`'s input quantization, SDPA: SDPA alone, and, where it runs and computes right, KERNEL
+    and KERNEL_16BIT: ms per call}, {KERNEL: why it was not timed}) for the attention of `shape` = (B, Sq, Sk, H,
+    D, cross) whose output projection is `out` (an 8-bit linear layer)."""
     # One compiled graph per shape and output dtype, up to 16 in a process that builds INT8 and FP8 engines: past
     # Dynamo's default limit of 8 the unfused pair would run eagerly and be timed slower than the engine runs it.
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
-        return _time_shape_compiled(attn, shape, dtype, timer, cache, max_error, allowed)
+        return _time_shape(out, shape, dtype, timer, cache, max_error, allowed)
 
 
-def _time_shape_compiled(attn, shape, dtype, timer, cache, max_error, allowed) -> tuple[dict, dict]:
+def _time_shape(out, shape, dtype, timer, cache, max_error, allowed) -> tuple[dict, dict]:
     from sdxl_core.quant import dispatch_cache
 
-    out = attn.to_out[0]
     storage = qmodules.STORAGE[out.FMT]
     q, k, v = operands(shape, dtype, out.weight.device)
     unfused = _compiled_reference(q.is_cuda)

@@ -103,6 +103,11 @@ def _us(row: dict, name: str) -> str:
     return f"{row['ms'][name] * 1e3:.1f}" + (f" ({tflops[name]:.0f})" if name in tflops else "")
 
 
+def _err(err) -> str:
+    """A rejected candidate's error: a number (GEMM and conv rows), or the reason in words (attention rows)."""
+    return f"{err:.1e}" if isinstance(err, int | float) else str(err)
+
+
 def render_kernels(data: dict) -> str:
     rows = []
     for r in data["rows"]:
@@ -118,7 +123,7 @@ def render_kernels(data: dict) -> str:
                 f"{best}: {_us(r, best)}" if best else None,
                 f"{r['speedup'][best]:.2f}x" if best else None,
                 ", ".join(f"{name} {r['speedup'][name]:.2f}x" for name in eight),
-                ", ".join(f"{name} {err:.1e}" for name, err in r.get("rejected", {}).items()) or None,
+                ", ".join(f"{name} {_err(err)}" for name, err in r.get("rejected", {}).items()) or None,
             ]
         )
     columns = [

@@ -237,6 +237,31 @@ def test_supports_takes_the_layouts_the_processors_make_and_nothing_else():
     assert not attention8.supports(q.transpose(2, 3), k, v)  # D not contiguous
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_the_kernels_command_times_an_attention_as_the_build_does(fmt):
+    from sdxl_core.commands import kernels
+    from sdxl_core.reports.measurements import render_kernels
+
+    timed = []
+
+    def timer(fn, candidate, shape):
+        fn()
+        timed.append(candidate)
+        return {attention.SDPA: 2.0, attention.UNFUSED: 3.0}.get(candidate, 1.5)
+
+    row = kernels.measure_attention(fmt, (2, 8, 5, 2, 16, 1), 60, torch.device("cpu"), timer)
+    assert sorted(timed) == sorted([attention.SDPA, attention.UNFUSED, attention.KERNEL, attention.KERNEL_16BIT])
+    assert row["speedup"] == {
+        attention.SDPA: 1.0,
+        attention.UNFUSED: 0.667,
+        attention.KERNEL: 1.333,
+        attention.KERNEL_16BIT: 1.333,
+    }
+    assert row["tflops"][attention.SDPA] == round(4 * 2 * 2 * 8 * 5 * 16 / 2.0 / 1e9, 1)
+    row["rejected"] = {"x": "relative error 1.00e+00"}  # how an attention row says why
+    assert "| attention |" in render_kernels({"rows": [row]}) and "relative error" in render_kernels({"rows": [row]})
+
+
 # SDXL's attentions at 1024x1024 with classifier-free guidance: self-attention at 4096 and 1024 tokens, and
 # cross-attention to the 77 prompt tokens at both.
 SDXL_SHAPES = [
