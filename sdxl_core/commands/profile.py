@@ -4,7 +4,7 @@
 
 Builds (or loads from `--engine-dir`) one engine per precision as the suite runs them, but without the CUDA
 graph so the profiler sees each kernel, profiles `--steps` UNet steps per engine and sums each kernel's
-GPU time into the groups below. Each 8-bit engine's row also carries the per-shape kernel timings that chose its
+GPU time into the groups below. Each engine's row also carries the per-shape kernel timings that chose its
 kernels (`gemm_timings`), so one file holds both views of a step. On the CPU it runs the same way on `tiny` with
 CPU op times (the CI smoke test).
 
@@ -82,8 +82,9 @@ def profile_step(step, inputs, steps: int, device) -> tuple[dict[str, float], li
 
 
 def dispatch_timings(info) -> list[dict] | None:
-    """The per-shape kernel timings that chose an 8-bit engine's kernels: measured by this run's build, or kept in
-    the engine (`gemm_dispatch.json`: timings for people to read, nothing in it runs); None for FP16 or a CPU."""
+    """The per-shape kernel timings that chose an engine's kernels (an FP16 engine's: its attentions'): measured by
+    this run's build, or kept in the engine (`gemm_dispatch.json`: timings for people to read, nothing in it runs);
+    None on a CPU."""
     if info.gemm_timings:
         return info.gemm_timings
     path = Path(info.engine_path) / torch_backend.DISPATCH_FILE if info.engine_path else None

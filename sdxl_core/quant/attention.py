@@ -1,17 +1,21 @@
-"""Attentions whose kernel also quantizes their output for the 8-bit output projection (`kernels.attention8`).
+"""Attentions on our Triton attention kernel, which can also quantize its output for the 8-bit output projection
+(`kernels.attention8`).
 
 In an 8-bit engine, cuDNN's flash SDPA writes each attention's output in 16 bits and a separate kernel then
 applies `to_out`'s SmoothQuant scale and input quantization: 140 such passes per SDXL step, 0.68 ms on Hopper
-(docs/perf.md), which the FP16 engine does not have. An attention fused here runs the Triton attention kernel
-whose epilogue writes `to_out`'s 8-bit input, and `to_out` then runs its chosen 8-bit GEMM on it.
+(docs/perf.md), which the FP16 engine does not have. An attention fused here runs the Triton attention kernel;
+where `to_out` is an 8-bit layer on an 8-bit GEMM, the kernel's epilogue writes `to_out`'s 8-bit input and `to_out`
+runs its GEMM on it; anywhere else (an FP16 engine, a layer on the 16-bit path) the kernel writes the 16-bit output
+SDPA would and `to_out` runs as it is.
 
-Whether that pays is measured per attention shape at build time (`choose`), as the GEMM kernels are: the unfused
-pair (SDPA and the quantization, compiled as the engine compiles them) against the fused kernel, each on operands
-laid out as the attention processors make them. Each row also times SDPA alone and the Triton kernel with a 16-bit
-output: what a 16-bit engine would gain from the kernel, so that a speed-up of the kernel itself, which the FP16
-engine could have too, is told apart from the quantization pass it removes. A fused attention is named in the layer
-plan (`"attention": {module name: kernel}`), and `apply_fusions` fuses it again when the engine is loaded. The
-processor swap leaves every module and tensor as it is: the engine files change only by that plan entry.
+Whether that pays is measured per attention shape at build time (`choose`), as the GEMM kernels are, on operands
+laid out as the attention processors make them: for an 8-bit `to_out`, the unfused pair (SDPA and the quantization,
+compiled as the engine compiles them) against the kernel with the quantizing epilogue; otherwise SDPA against the
+kernel with a 16-bit output. FP16 engines are built with the same choice, so the speed gates stay like for like:
+whatever the kernel gains over cuDNN's attention itself, FP16 gets too, and only the removed pass is the 8-bit
+engines' own. A fused attention is named in the layer plan (`"attention": {module name: kernel}`), and
+`apply_fusions` fuses it again when the engine is loaded. The processor swap leaves every module and tensor as it
+is: the engine files change only by that plan entry.
 """
 
 from __future__ import annotations
@@ -30,31 +34,36 @@ from sdxl_core.quant.kernels import attention8, ops
 KERNEL = attention8.KERNEL
 KERNELS = (KERNEL,)
 UNFUSED = "unfused"
-SDPA = "16bit"  # SDPA alone, with a 16-bit output: the FP16 engine's attention (not a candidate here)
+SDPA = "16bit"  # SDPA alone, with a 16-bit output: the FP16 engine's attention unfused
 KERNEL_16BIT = f"{KERNEL}:16bit"  # the Triton kernel with a 16-bit output
+SIXTEEN_BIT = "16bit"  # the "fmt" of a row whose `to_out` takes a 16-bit input
 
 
 class FusedOutputAttention:
-    """An attention processor for diffusers' `Attention` (self- or cross-attention, projections fused or not) that
-    hands `to_out` its 8-bit input from the attention kernel. Only for attentions `fusable` accepts: no masks, norms
-    or residual connection, unit output rescale, SDPA's default scale."""
+    """An attention processor for diffusers' `Attention` (self- or cross-attention, projections fused or not) on the
+    Triton kernel: `to_out`'s 8-bit input straight from the kernel where `to_out` runs an 8-bit GEMM, else the
+    16-bit output. Only for attentions `fusable` accepts: no masks, norms or residual connection, unit output
+    rescale, SDPA's default scale."""
 
     kernel = KERNEL
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if attention_mask is not None or hidden_states.dim() != 3:
             raise UserError("a fused attention takes [batch, tokens, channels] states and no attention mask")
-        q, k, v = _projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (_heads(t, attn.heads) for t in _projections(attn, hidden_states, encoder_hidden_states))
         batch, tokens, _ = hidden_states.shape
         out = attn.to_out[0]
-        y_q = ops.attention8(
-            *(_heads(t, attn.heads) for t in (q, k, v)),
-            out.smooth,
-            out.a_inv_scale,
-            qmodules.STORAGE[out.FMT],
-        )
-        y = out.forward_quantized(y_q, hidden_states.dtype).reshape(batch, tokens, out.out_features)
-        return attn.to_out[1](y)
+        if quantizes(out):
+            y_q = ops.attention8(q, k, v, out.smooth, out.a_inv_scale, qmodules.STORAGE[out.FMT])
+            y = out.forward_quantized(y_q, hidden_states.dtype)
+        else:
+            y = out(ops.attention8(q, k, v, None, None, hidden_states.dtype))
+        return attn.to_out[1](y.reshape(batch, tokens, out.out_features))
+
+
+def quantizes(out: torch.nn.Module) -> bool:
+    """Whether the attention kernel hands this output projection its 8-bit input: an 8-bit layer on an 8-bit GEMM."""
+    return isinstance(out, qmodules.QLinear) and out.runs_8bit_gemm
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -82,14 +91,14 @@ def _default_processor(attn):
 
 
 def fusable(attn: torch.nn.Module) -> bool:
-    """A diffusers Attention as SDXL's transformer blocks hold them, whose output projection is an 8-bit linear
-    layer on an 8-bit GEMM and whose heads the kernel takes."""
+    """A diffusers Attention as SDXL's transformer blocks hold them, whose output projection is a linear layer
+    (16-bit or 8-bit) and whose heads the kernel takes."""
     from diffusers.models.attention_processor import Attention
 
     if not isinstance(attn, Attention) or len(attn.to_out) != 2 or not isinstance(attn.to_out[1], torch.nn.Dropout):
         return False
     out = attn.to_out[0]
-    if not isinstance(out, qmodules.QLinear) or not out.runs_8bit_gemm:
+    if not isinstance(out, torch.nn.Linear | qmodules.QLinear):
         return False
     plain = all(
         getattr(attn, name, None) is None for name in ("spatial_norm", "group_norm", "norm_q", "norm_k", "norm_cross")
@@ -147,9 +156,10 @@ def choose(
     max_error: float,
     allowed=lambda _: True,
 ) -> list[dict]:
-    """Per distinct attention shape: the unfused pair against the fused kernel (`allowed` here); fuse every
-    attention of that shape where the kernel is faster and its output matches. One JSON-ready row per shape.
-    `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own, kept in its timing cache."""
+    """Per distinct attention shape and output projection kind: the unfused attention against the kernel
+    (`allowed` here); fuse every attention of that kind and shape where the kernel is faster and its output matches.
+    One JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own,
+    kept in its timing cache."""
     from sdxl_core.quant import dispatch_cache, gemm_dispatch
 
     attentions = [m for m in unet.modules() if fusable(m)]
@@ -161,11 +171,11 @@ def choose(
         timer = gemm_dispatch.time_candidate
     rows = []
     for (fmt, shape, dtype), unique in sorted(_group_by_shape(attentions, run_step).items(), key=lambda i: i[0][:2]):
+        out = unique[0].to_out[0]
         with torch.inference_mode():
-            ms, rejected = time_shape(unique[0].to_out[0], shape, dtype, timer, cache, max_error, allowed)
-        choice = min((k for k in KERNELS if k in ms), key=ms.get, default=UNFUSED)
-        if choice != UNFUSED and ms[choice] >= ms[UNFUSED]:
-            choice = UNFUSED
+            ms, rejected = time_shape(out, shape, dtype, timer, cache, max_error, allowed)
+        unfused, fused = (UNFUSED, KERNEL) if quantizes(out) else (SDPA, KERNEL_16BIT)
+        choice = KERNEL if fused in ms and ms[fused] < ms[unfused] else UNFUSED
         for attn in unique:
             fuse(attn, choice) if choice != UNFUSED else unfuse(attn)
         for kernel, why in rejected.items():
@@ -186,8 +196,13 @@ def choose(
     return rows
 
 
+def _fmt(out: torch.nn.Module) -> str:
+    return out.FMT if quantizes(out) else SIXTEEN_BIT
+
+
 def _group_by_shape(attentions, run_step) -> dict[tuple, list[torch.nn.Module]]:
-    """{(fmt, (B, Sq, Sk, H, D, cross), dtype): the attentions called so} over one `run_step()`."""
+    """{(fmt, (B, Sq, Sk, H, D, cross), dtype): the attentions called so} over one `run_step()`; fmt is the 8-bit
+    format the kernel would write for `to_out`, or SIXTEEN_BIT."""
     groups: dict[tuple, list[torch.nn.Module]] = {}
 
     def record(attn, args, kwargs):
@@ -196,7 +211,7 @@ def _group_by_shape(attentions, run_step) -> dict[tuple, list[torch.nn.Module]]:
         batch, sq, channels = hidden.shape
         sk = sq if context is None else context.shape[1]
         shape = (batch, sq, sk, attn.heads, channels // attn.heads, int(context is not None))
-        group = groups.setdefault((attn.to_out[0].FMT, shape, hidden.dtype), [])
+        group = groups.setdefault((_fmt(attn.to_out[0]), shape, hidden.dtype), [])
         if attn not in group:
             group.append(attn)
 
@@ -224,9 +239,10 @@ def operands(shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, to
 
 
 def time_shape(out, shape, dtype, timer, cache, max_error, allowed=lambda _: True) -> tuple[dict, dict]:
-    """({UNFUSED: SDPA and `out`'s input quantization, SDPA: SDPA alone, and, where it runs and computes right, KERNEL
-    and KERNEL_16BIT: ms per call}, {KERNEL: why it was not timed}) for the attention of `shape` = (B, Sq, Sk, H,
-    D, cross) whose output projection is `out` (an 8-bit linear layer)."""
+    """({candidate: ms per call}, {KERNEL: why it was not timed}) for the attention of `shape` = (B, Sq, Sk, H, D,
+    cross) whose output projection is `out`. Always SDPA (alone); where `out` runs an 8-bit GEMM also UNFUSED
+    (SDPA and `out`'s input quantization) and KERNEL (the kernel writing `out`'s 8-bit input); and KERNEL_16BIT (the
+    kernel with a 16-bit output), where the kernel runs and computes right."""
     # One compiled graph per shape and output dtype, up to 16 in a process that builds INT8 and FP8 engines: past
     # Dynamo's default limit of 8 the unfused pair would run eagerly and be timed slower than the engine runs it.
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
@@ -236,37 +252,40 @@ def time_shape(out, shape, dtype, timer, cache, max_error, allowed=lambda _: Tru
 def _time_shape(out, shape, dtype, timer, cache, max_error, allowed) -> tuple[dict, dict]:
     from sdxl_core.quant import dispatch_cache
 
-    storage = qmodules.STORAGE[out.FMT]
     q, k, v = operands(shape, dtype, out.weight.device)
-    unfused = _compiled_reference(q.is_cuda)
-    timed = {
-        UNFUSED: lambda: unfused(q, k, v, out.smooth, out.a_inv_scale, storage),
-        SDPA: lambda: unfused(q, k, v, None, None, dtype),
-    }
+    reference = _compiled_reference(q.is_cuda)
+    timed = {SDPA: lambda: reference(q, k, v, None, None, dtype)}
+    candidates = {KERNEL_16BIT: (functools.partial(ops.attention8, q, k, v, None, None, dtype), SDPA, None)}
+    if quantizes(out):
+        storage = qmodules.STORAGE[out.FMT]
+        timed[UNFUSED] = lambda: reference(q, k, v, out.smooth, out.a_inv_scale, storage)
+        fused = functools.partial(ops.attention8, q, k, v, out.smooth, out.a_inv_scale, storage)
+        candidates[KERNEL] = (fused, UNFUSED, out.a_scale)
     rejected = {}
     if allowed(KERNEL) and attention8.can_run(q, k, v):
-        fused = functools.partial(ops.attention8, q, k, v, out.smooth, out.a_inv_scale, storage)
-        error = _relative_error(fused(), timed[UNFUSED](), out.a_scale)
-        if error <= max_error:
-            timed[KERNEL] = fused
-            timed[KERNEL_16BIT] = functools.partial(ops.attention8, q, k, v, None, None, dtype)
-        else:
-            rejected[KERNEL] = f"relative error {error:.2e}"
-    ms, _ = dispatch_cache.measure(cache, timed, timer, (out.FMT, "attention", shape, dtype, False))
+        for name, (fn, unfused, scale) in candidates.items():
+            error = _relative_error(fn(), timed[unfused](), scale)
+            if error <= max_error:
+                timed[name] = fn
+            else:
+                rejected[name] = f"relative error {error:.2e}"
+    ms, _ = dispatch_cache.measure(cache, timed, timer, (_fmt(out), "attention", shape, dtype, False))
     return ms, rejected
 
 
-def _relative_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> float:
-    """The fused kernel's dequantized output against the unfused pair's: a right kernel differs by the attention's
-    float rounding, which moves a few outputs to the neighbouring 8-bit value."""
-    got_f, ref_f = got.float() * scale.float(), ref.float() * scale.float()
+def _relative_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None) -> float:
+    """The kernel's output (dequantized with `scale` where it is 8-bit) against the unfused attention's: a right
+    kernel differs by the attention's float rounding, which moves a few 8-bit outputs to the neighbouring value."""
+    got_f, ref_f = got.float(), ref.float()
+    if scale is not None:
+        got_f, ref_f = got_f * scale.float(), ref_f * scale.float()
     return float((got_f - ref_f).norm() / ref_f.norm().clamp(min=1e-30))
 
 
 @functools.cache
 def _compiled_reference(on_gpu: bool):
-    """SDPA and `to_out`'s smoothing and quantization as the unfused engine runs them: cuDNN's SDPA and one Inductor
-    kernel on a GPU."""
+    """SDPA, and `to_out`'s smoothing and quantization where given, as the unfused engine runs them: cuDNN's SDPA and
+    one Inductor kernel on a GPU."""
     reference = attention8.attention_reference
     return torch.compile(reference, dynamic=False) if on_gpu else reference
 
@@ -274,9 +293,10 @@ def _compiled_reference(on_gpu: bool):
 def print_table(rows: list[dict], file=sys.stderr) -> None:
     for row in rows:
         ms = row["ms"]
-        fused = f"{ms[KERNEL]:.4f}" if KERNEL in ms else "-"
+        unfused, fused = (SDPA, KERNEL_16BIT) if row["fmt"] == SIXTEEN_BIT else (UNFUSED, KERNEL)
+        kernel = f"{ms[fused]:.4f}" if fused in ms else "-"
         print(
-            f"{row['fmt']:>4} attention {'x'.join(map(str, row['shape'])):>22} {row['layers']:>6} "
-            f"unfused {ms[UNFUSED]:.4f} ms, fused {fused} ms  choice {row['choice']}",
+            f"{row['fmt']:>5} attention {'x'.join(map(str, row['shape'])):>22} {row['layers']:>6} "
+            f"unfused {ms[unfused]:.4f} ms, kernel {kernel} ms  choice {row['choice']}",
             file=file,
         )

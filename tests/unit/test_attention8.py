@@ -112,25 +112,65 @@ def test_fused_attention_reads_reused_cross_attention_keys_and_values(converted,
     assert torch.equal(run(unet, data["eval"]), expected)
 
 
-def test_an_attention_whose_projection_runs_16_bits_or_that_rescales_is_not_fusable(converted):
+def test_an_attention_whose_projection_runs_16_bits_gets_the_16_bit_output(converted, data):
     unet = converted("int8")
-    attn = next(m for m in unet.modules() if attention.fusable(m))
-    attn.to_out[0].set_gemm_path("16bit", torch.float32)
+    attentions = [m for m in unet.modules() if attention.fusable(m)]
+    for attn in attentions:
+        attn.to_out[0].set_gemm_path("16bit", torch.float32)
+        assert not attention.quantizes(attn.to_out[0])
+    expected = run(unet, data["eval"])
+    for attn in attentions:
+        attention.fuse(attn)
+    assert torch.equal(run(unet, data["eval"]), expected)
+
+
+def test_an_attention_that_rescales_its_output_is_not_fusable(converted):
+    attn = next(m for m in converted("int8").modules() if attention.fusable(m))
+    attn.rescale_output_factor = 2.0
     assert not attention.fusable(attn)
     with pytest.raises(ValueError, match="cannot run fused"):
         attention.fuse(attn)
-    attn.to_out[0].set_gemm_path("8bit", torch.float32)
-    attn.rescale_output_factor = 2.0
-    assert not attention.fusable(attn)
 
 
-def timer_preferring(fused_wins: bool):
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["projections", "fused-projections"])
+def test_a_16_bit_unet_fused_computes_what_diffusers_processor_does(data, fused_qkv):
+    unet = build_builtin("tiny").unet.eval()
+    if fused_qkv:
+        qmodules.fuse_qkv(unet)
+    expected = run(unet, data["eval"])
+    assert fuse_all(unet) == TINY_ATTENTIONS
+    assert torch.equal(run(unet, data["eval"]), expected)
+
+
+def timer_preferring(fused_wins: bool, winner: str = attention.KERNEL):
     def timer(fn, candidate, shape):
-        if candidate == attention.KERNEL:
+        if candidate == winner:
             return 1.0 if fused_wins else 5.0
-        return 2.0  # the unfused pair, SDPA alone, the kernel with a 16-bit output
+        return 2.0  # the unfused pair, SDPA alone, the kernel with the other output
 
     return timer
+
+
+@pytest.mark.parametrize("fused_wins", [True, False])
+def test_a_16_bit_unet_fuses_where_the_kernel_beats_sdpa_and_the_plan_keeps_it(data, fused_wins, tmp_path):
+    """What the FP16 engines get, so that the speed gates compare like for like."""
+    unet = build_builtin("tiny").unet.eval()
+    qmodules.fuse_qkv(unet)
+    expected = run(unet, data["eval"])
+    timer = timer_preferring(fused_wins, attention.KERNEL_16BIT)
+    rows = attention.choose(unet, lambda: run(unet, data["eval"]), timer=timer, max_error=2e-2)
+    assert sum(r["layers"] for r in rows) == TINY_ATTENTIONS
+    for row in rows:
+        assert row["fmt"] == attention.SIXTEEN_BIT
+        assert set(row["ms"]) == {attention.SDPA, attention.KERNEL_16BIT}
+        assert row["choice"] == (attention.KERNEL if fused_wins else attention.UNFUSED)
+    plan = qmodules.layer_plan(unet)
+    assert ("attention" in plan) == fused_wins
+    if fused_wins:
+        qmodules.save(unet, tmp_path)
+        loaded = _load(tmp_path)
+        assert attention.fused_attentions(loaded) == plan["attention"]
+        assert torch.equal(run(loaded, data["eval"]), expected)
 
 
 @pytest.mark.parametrize("fused_wins", [True, False])

@@ -320,6 +320,29 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     assert image_bytes(INT8, components, loaded) == image_bytes(INT8, built_components, built)
 
 
+def test_an_fp16_engine_runs_the_attention_kernel_where_its_build_measured_it_faster(tmp_path, monkeypatch):
+    """An FP16 build times its attentions as the 8-bit builds do, so a kernel that beats cuDNN's attention speeds up
+    FP16 too and the speed gates stay like for like."""
+    from sdxl_core.quant import attention, gemm_dispatch
+
+    def scripted(fn, candidate, shape):
+        fn()
+        return 1.0 if candidate == attention.KERNEL_16BIT and shape[-1] == 1 else 2.0  # cross-attention wins
+
+    monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
+    monkeypatch.setattr(gemm_dispatch, "time_candidate", scripted)
+    monkeypatch.setenv("SDXL_BENCH_DISPATCH_CACHE", "0")
+    built_components, built = prepare(FP16, tmp_path / "engines")
+    path = Path(built.info.engine_path)
+    rows = json.loads((path / "gemm_dispatch.json").read_text())
+    assert rows and {row["op"] for row in rows} == {"attention"} and {row["fmt"] for row in rows} == {"16bit"}
+    fused = json.loads((path / "layer_plan.json").read_text())["attention"]
+    assert fused and all(name.endswith(".attn2") for name in fused)
+    components, loaded = prepare(FP16, tmp_path / "engines", allow_build=False, unet_weights=False)
+    assert attention.fused_attentions(components.unet) == fused
+    assert image_bytes(FP16, components, loaded) == image_bytes(FP16, built_components, built)
+
+
 def test_no_engine_lists_the_engines_present_and_how_they_differ(tmp_path):
     engine_dir = tmp_path / "engines"
     with pytest.raises(UserError, match="it holds no engine"):
