@@ -177,7 +177,10 @@ def choose(
         unfused, fused = (UNFUSED, KERNEL) if quantizes(out) else (SDPA, KERNEL_16BIT)
         choice = KERNEL if fused in ms and ms[fused] < ms[unfused] else UNFUSED
         for attn in unique:
-            fuse(attn, choice) if choice != UNFUSED else unfuse(attn)
+            if choice != UNFUSED:
+                fuse(attn, choice)
+            elif isinstance(attn.processor, FusedOutputAttention):  # another build's choice: undone, else untouched
+                unfuse(attn)
         for kernel, why in rejected.items():
             print(f"warning: {fmt} attention {shape}: not using {kernel} ({why})", file=sys.stderr)
         rows.append(

@@ -142,3 +142,39 @@ def _with_defaults(function, **defaults):
         return function(*args, **{**defaults, **kwargs})
 
     return call
+
+
+def test_regions_with_attentions_on_our_kernel_precompile_and_reuse_without_tracing():
+    """An engine whose attentions run our attention kernel (`quant.attention`: another processor class): its
+    regions save and load like diffusers' own, and a UNet whose attentions were not swapped is refused."""
+    from sdxl_core.quant import attention, qmodules
+
+    def fused_unet():
+        unet = tiny_unet()
+        qmodules.fuse_qkv(unet)
+        for module in unet.modules():
+            if attention.fusable(module):
+                attention.fuse(module)
+        return unet
+
+    unet = fused_unet()
+    inputs = inputs_for(unet)
+    built = info()
+    made = compiled.compile_unet(
+        unet, inputs, mode="regional", info=built, keep_cache=True, precompile=True, backend="aot_eager"
+    )
+    torch._dynamo.reset()
+    assert made.regions is not None, built.compiled_regions
+    reused, loaded = fused_unet(), info()
+    expected = eager(fused_unet(), inputs)
+    runnable = compiled.compile_unet(
+        reused, inputs, mode="regional", info=loaded, regions_file=made.regions, backend="aot_eager"
+    ).runnable
+    assert (loaded.compiled_regions, loaded.dynamo_frames) == ("loaded", 0)
+    torch.testing.assert_close(eager(runnable, inputs), expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    plain, refused = tiny_unet(), info()
+    qmodules.fuse_qkv(plain)
+    compiled.compile_unet(plain, inputs, mode="regional", info=refused, regions_file=made.regions, backend="aot_eager")
+    assert refused.compiled_regions.startswith("not used: "), refused.compiled_regions
+    torch._dynamo.reset()
