@@ -246,8 +246,8 @@ def time_shape(out, shape, dtype, timer, cache, max_error, allowed=lambda _: Tru
     cross) whose output projection is `out`. Always SDPA (alone); where `out` runs an 8-bit GEMM also UNFUSED
     (SDPA and `out`'s input quantization) and KERNEL (the kernel writing `out`'s 8-bit input); and KERNEL_16BIT (the
     kernel with a 16-bit output), where the kernel runs and computes right."""
-    # One compiled graph per shape and output dtype, up to 16 in a process that builds INT8 and FP8 engines: past
-    # Dynamo's default limit of 8 the unfused pair would run eagerly and be timed slower than the engine runs it.
+    # One compiled graph per shape and 8-bit format, 8 in a process that builds INT8 and FP8 engines (more with other
+    # sizes): past Dynamo's limit the unfused pair would run eagerly and be timed slower than the engine runs it.
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
         return _time_shape(out, shape, dtype, timer, cache, max_error, allowed)
 
@@ -256,18 +256,20 @@ def _time_shape(out, shape, dtype, timer, cache, max_error, allowed) -> tuple[di
     from sdxl_core.quant import dispatch_cache
 
     q, k, v = operands(shape, dtype, out.weight.device)
-    reference = _compiled_reference(q.is_cuda)
-    timed = {SDPA: lambda: reference(q, k, v, None, None, dtype)}
+    # SDPA alone runs eagerly: compiled it is the same cuDNN call (its output's reshape is a view), and an FP16
+    # build then compiles nothing here.
+    timed = {SDPA: functools.partial(attention8.attention_reference, q, k, v, None, None, dtype)}
     candidates = {KERNEL_16BIT: (functools.partial(ops.attention8, q, k, v, None, None, dtype), SDPA, None)}
     if quantizes(out):
         storage = qmodules.STORAGE[out.FMT]
-        timed[UNFUSED] = lambda: reference(q, k, v, out.smooth, out.a_inv_scale, storage)
+        pair = _compiled_reference(q.is_cuda)
+        timed[UNFUSED] = lambda: pair(q, k, v, out.smooth, out.a_inv_scale, storage)
         fused = functools.partial(ops.attention8, q, k, v, out.smooth, out.a_inv_scale, storage)
         candidates[KERNEL] = (fused, UNFUSED, out.a_scale)
     rejected = {}
     if allowed(KERNEL) and attention8.can_run(q, k, v):
-        for name, (fn, unfused, scale) in candidates.items():
-            error = _relative_error(fn(), timed[unfused](), scale)
+        for name, (fn, against, scale) in candidates.items():
+            error = _relative_error(fn(), timed[against](), scale)
             if error <= max_error:
                 timed[name] = fn
             else:
@@ -287,8 +289,8 @@ def _relative_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | 
 
 @functools.cache
 def _compiled_reference(on_gpu: bool):
-    """SDPA, and `to_out`'s smoothing and quantization where given, as the unfused engine runs them: cuDNN's SDPA and
-    one Inductor kernel on a GPU."""
+    """SDPA and `to_out`'s smoothing and quantization as the unfused 8-bit engine runs them: cuDNN's SDPA and one
+    Inductor kernel on a GPU."""
     reference = attention8.attention_reference
     return torch.compile(reference, dynamic=False) if on_gpu else reference
 
