@@ -28,7 +28,10 @@ SETTINGS = {
         "a GPU engine build also stores its regions compiled ahead of time (reuse traces nothing)",
     ),
     "GEMM_DISPATCH": ("on (default), off", "time each 8-bit layer shape's kernels when a GPU engine is built"),
-    "KERNELS": ("comma-separated kernel names", "the 8-bit kernels the dispatch may time (unset: all)"),
+    "KERNELS": (
+        "comma-separated kernel names or prefixes (`cutlass`, `scaled_mm`, `attention_triton`, ...)",
+        "the kernels the dispatch may time besides the 16-bit path (unset: all)",
+    ),
     "PDL": (
         "0 (default), 1",
         "the CUTLASS 8-bit kernels start their prologue while the kernel before them ends (dependent launch)",
