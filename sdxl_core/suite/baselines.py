@@ -279,11 +279,22 @@ def path_change(stored: dict | None, current: dict | None) -> str | None:
         layers = "layer" if total == 1 else "layers"
         return f"the engine runs {total} {layers} on another path than the baseline's engine ({said}){_BY_TIMING}"
     if stored["kernels_digest"] != current["kernels_digest"]:
-        was, now = stored["layers_by_kernel"], current["layers_by_kernel"]
-        counts = [f"{k} {was.get(k, 0)} -> {now.get(k, 0)}" for k in sorted({*was, *now}) if was.get(k) != now.get(k)]
-        which = f"layers per kernel: {', '.join(counts)}" if counts else "as many per kernel"
+        counts = _changed_counts(stored["layers_by_kernel"], current["layers_by_kernel"])
+        which = f"layers per kernel: {counts}" if counts else "as many per kernel"
         return f"the engine runs layers on other 8-bit kernels than the baseline's engine ({which}){_BY_TIMING}"
+    # A baseline stored before attentions could run our kernel ran none on it.
+    was, now = stored.get("attention_kernels", {}), current.get("attention_kernels", {})
+    if was != now:
+        counts = _changed_counts(was, now)
+        return f"the engine runs attentions on our attention kernel where the baseline's did not ({counts}){_BY_TIMING}"
     return None
+
+
+def _changed_counts(was: dict, now: dict) -> str:
+    """ "name before -> after" for each count that differs."""
+    return ", ".join(
+        f"{k} {was.get(k, 0)} -> {now.get(k, 0)}" for k in sorted({*was, *now}) if was.get(k) != now.get(k)
+    )
 
 
 PATH_KINDS = ("latents", "image", "unet")  # what a layer's path moves; the calibrated numbers are taken before it

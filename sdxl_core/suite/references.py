@@ -161,8 +161,9 @@ def _digest(rows) -> str:
 
 def layer_paths(unet: torch.nn.Module | None) -> dict | None:
     """What the engine ran per quantized layer, compact: layers per path and per kernel (as the engine info counts
-    them), sha256 digests of the sorted (layer name, path) and (layer name, kernel) pairs, and the layer-name groups
-    on the 16-bit path with their counts. None for a UNet without 8-bit torch layers (FP16, TensorRT)."""
+    them), sha256 digests of the sorted (layer name, path) and (layer name, kernel) pairs, the layer-name groups
+    on the 16-bit path with their counts, and how many attentions run our attention kernel. None for a UNet without
+    8-bit torch layers (FP16, TensorRT)."""
     from sdxl_core.engines.cross_kv import CachedProjection
     from sdxl_core.engines.torch_backend import layer_counts
     from sdxl_core.quant.qmodules import QuantizedModule
@@ -179,12 +180,16 @@ def layer_paths(unet: torch.nn.Module | None) -> dict | None:
         return None
     by_path, by_kernel = layer_counts(unet)
     sixteen = Counter(layer_group(name) for name, (path, _) in layers.items() if path == "16bit")
+    from sdxl_core.quant import attention
+
     return {
         "layers_by_path": dict(sorted(by_path.items())),
         "layers_by_kernel": dict(sorted(by_kernel.items())),
         "paths_digest": _digest([name, path] for name, (path, _) in layers.items()),
         "kernels_digest": _digest([name, kernel] for name, (_, kernel) in layers.items()),
         "16bit_groups": dict(sorted(sixteen.items())),
+        # which attentions run our attention kernel (quant.attention), also chosen by timing
+        "attention_kernels": dict(sorted(Counter(attention.fused_attentions(unet).values()).items())),
     }
 
 

@@ -188,3 +188,23 @@ def test_other_kernels_and_other_layers_are_named(unet):
         cause = baselines.failure_cause(baseline(stored), LIBRARIES, DEVICE, over, one_layer())
         assert f"the engine has 1 quantized layers, the baseline's engine had {total}" in cause, cause
         assert "regression" not in cause, cause
+
+
+def test_attentions_on_our_kernel_are_named(unet):
+    """Which attentions run our attention kernel is chosen by timing too (`quant.attention`): a baseline stored
+    before they could, or by an engine that fused others, is named as the possible cause."""
+    from sdxl_core.quant import attention
+
+    stored = references.layer_paths(unet)
+    assert stored["attention_kernels"] == {}
+    fused = [m for m in unet.modules() if attention.fusable(m)]
+    for attn in fused:
+        attention.fuse(attn)
+    now = references.layer_paths(unet)
+    assert now["attention_kernels"] == {attention.KERNEL: len(fused)} and len(fused) == 34
+    expected = f"attentions on our attention kernel where the baseline's did not ({attention.KERNEL} 0 -> 34)"
+    old = {key: value for key, value in stored.items() if key != "attention_kernels"}  # stored before the key
+    for record in (stored, old):
+        cause = baselines.failure_cause(baseline(record), LIBRARIES, DEVICE, {"latents"}, now)
+        assert expected in cause and "regression" not in cause, cause
+    assert baselines.failure_cause(baseline(now), LIBRARIES, DEVICE, {"latents"}, now) == REGRESSION
