@@ -115,7 +115,7 @@ def fuse(attn: torch.nn.Module, kernel: str = KERNEL) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"{kernel!r} is not a fused attention kernel: choose one of {', '.join(KERNELS)}")
     if not fusable(attn):
-        raise ValueError(f"{type(attn).__name__} cannot run fused with its 8-bit output projection")
+        raise ValueError(f"this {type(attn).__name__} cannot run on the attention kernel (see `fusable`)")
     attn.set_processor(FusedOutputAttention())
 
 
@@ -242,10 +242,10 @@ def operands(shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, to
 
 
 def time_shape(out, shape, dtype, timer, cache, max_error, allowed=lambda _: True) -> tuple[dict, dict]:
-    """({candidate: ms per call}, {KERNEL: why it was not timed}) for the attention of `shape` = (B, Sq, Sk, H, D,
-    cross) whose output projection is `out`. Always SDPA (alone); where `out` runs an 8-bit GEMM also UNFUSED
-    (SDPA and `out`'s input quantization) and KERNEL (the kernel writing `out`'s 8-bit input); and KERNEL_16BIT (the
-    kernel with a 16-bit output), where the kernel runs and computes right."""
+    """({candidate: ms per call}, {kernel candidate: why it was not timed}) for the attention of `shape` = (B, Sq,
+    Sk, H, D, cross) whose output projection is `out`. Always SDPA (alone); where `out` runs an 8-bit GEMM also
+    UNFUSED (SDPA and `out`'s input quantization) and KERNEL (the kernel writing `out`'s 8-bit input); and
+    KERNEL_16BIT (the kernel with a 16-bit output), where the kernel runs and computes right."""
     # One compiled graph per shape and 8-bit format, 8 in a process that builds INT8 and FP8 engines (more with other
     # sizes): past Dynamo's limit the unfused pair would run eagerly and be timed slower than the engine runs it.
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
