@@ -412,31 +412,34 @@ def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dic
     timings = gemm_dispatch.choose(unet, lambda: unet_stage(unet)(*inputs), channels_last=channels_last)
     if progress:
         gemm_dispatch.print_table(timings)
-    # Then whether each GEGLU projection runs fused with what follows it, against the kernels just chosen.
-    fused = geglu.choose(
-        unet,
-        lambda: unet_stage(unet)(*inputs),
-        max_error=gemm_dispatch.MAX_RELATIVE_ERROR,
-        allowed=gemm_dispatch.allowed,
+    # Then whether each GEGLU projection runs fused with what follows it, against the kernels just chosen, and
+    # whether each attention runs the kernel that quantizes its output for the 8-bit projection after it.
+    return (
+        [t.row() for t in timings]
+        + _choose_fused(geglu, unet, inputs, progress)
+        + _choose_attention(unet, inputs, progress)
     )
-    if progress:
-        geglu.print_table(fused)
-    # And whether each attention runs the kernel that quantizes its output for the 8-bit projection after it.
-    return [t.row() for t in timings] + fused + _choose_attention(unet, inputs, progress)
 
 
 def _choose_attention(unet, inputs, progress) -> list[dict]:
     """Which attentions run our attention kernel (`quant.attention`), timed per shape: rows for gemm_dispatch.json."""
-    from sdxl_core.quant import attention, gemm_dispatch
+    from sdxl_core.quant import attention
 
-    rows = attention.choose(
+    return _choose_fused(attention, unet, inputs, progress)
+
+
+def _choose_fused(fusion, unet, inputs, progress) -> list[dict]:
+    """`fusion.choose` (`quant.geglu` or `quant.attention`) with the dispatch's error bound and kernel filter."""
+    from sdxl_core.quant import gemm_dispatch
+
+    rows = fusion.choose(
         unet,
         lambda: unet_stage(unet)(*inputs),
         max_error=gemm_dispatch.MAX_RELATIVE_ERROR,
         allowed=gemm_dispatch.allowed,
     )
     if progress:
-        attention.print_table(rows)
+        fusion.print_table(rows)
     return rows
 
 

@@ -170,7 +170,8 @@ def choose(
         cache = dispatch_cache.open_for(next(unet.parameters()).device)
         timer = gemm_dispatch.time_candidate
     rows = []
-    for (fmt, shape, dtype), unique in sorted(_group_by_shape(attentions, run_step).items(), key=lambda i: i[0][:2]):
+    shapes = gemm_dispatch.group_by_input(attentions, run_step, _shape_key)
+    for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
         out = unique[0].to_out[0]
         with torch.inference_mode():
             ms, rejected = time_shape(out, shape, dtype, timer, cache, max_error, allowed)
@@ -181,19 +182,7 @@ def choose(
                 fuse(attn, choice)
             elif isinstance(attn.processor, FusedOutputAttention):  # another build's choice: undone, else untouched
                 unfuse(attn)
-        for kernel, why in rejected.items():
-            print(f"warning: {fmt} attention {shape}: not using {kernel} ({why})", file=sys.stderr)
-        rows.append(
-            {
-                "fmt": fmt,
-                "op": "attention",
-                "shape": list(shape),
-                "layers": len(unique),
-                "ms": {name: round(value, 5) for name, value in ms.items()},
-                "choice": choice,
-                "rejected": rejected,
-            }
-        )
+        rows.append(gemm_dispatch.fusion_row(fmt, "attention", shape, len(unique), ms, choice, rejected))
     if cache is not None:
         cache.save()
     return rows
@@ -203,29 +192,13 @@ def _fmt(out: torch.nn.Module) -> str:
     return out.FMT if quantizes(out) else SIXTEEN_BIT
 
 
-def _group_by_shape(attentions, run_step) -> dict[tuple, list[torch.nn.Module]]:
-    """{(fmt, (B, Sq, Sk, H, D, cross), dtype): the attentions called so} over one `run_step()`; fmt is the 8-bit
-    format the kernel would write for `to_out`, or SIXTEEN_BIT."""
-    groups: dict[tuple, list[torch.nn.Module]] = {}
-
-    def record(attn, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-        batch, sq, channels = hidden.shape
-        sk = sq if context is None else context.shape[1]
-        shape = (batch, sq, sk, attn.heads, channels // attn.heads, int(context is not None))
-        group = groups.setdefault((_fmt(attn.to_out[0]), shape, hidden.dtype), [])
-        if attn not in group:
-            group.append(attn)
-
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in attentions]
-    try:
-        with torch.inference_mode():
-            run_step()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return groups
+def _shape_key(attn, hidden_states, encoder_hidden_states=None, **_) -> tuple:
+    """(fmt, (B, Sq, Sk, H, D, cross), dtype) of an attention call; fmt is the 8-bit format the kernel would write
+    for `to_out`, or SIXTEEN_BIT."""
+    batch, sq, channels = hidden_states.shape
+    sk = sq if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+    shape = (batch, sq, sk, attn.heads, channels // attn.heads, int(encoder_hidden_states is not None))
+    return _fmt(attn.to_out[0]), shape, hidden_states.dtype
 
 
 def operands(shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

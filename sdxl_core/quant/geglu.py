@@ -148,19 +148,7 @@ def choose(
         if choice != UNFUSED:
             for module in unique:
                 fuse(module, dtype, choice)
-        for kernel, why in rejected.items():
-            print(f"warning: {fmt} geglu {shape}: not using {kernel} ({why})", file=sys.stderr)
-        rows.append(
-            {
-                "fmt": fmt,
-                "op": "geglu",
-                "shape": list(shape),
-                "layers": len(unique),
-                "ms": {name: round(value, 5) for name, value in ms.items()},
-                "choice": choice,
-                "rejected": rejected,
-            }
-        )
+        rows.append(gemm_dispatch.fusion_row(fmt, "geglu", shape, len(unique), ms, choice, rejected))
     if cache is not None:
         cache.save()
     return rows

@@ -128,16 +128,16 @@ def choose(
 
 
 def group_by_input(modules, run_step: Callable[[], object], key: Callable) -> dict[tuple, list[torch.nn.Module]]:
-    """{key(module, its input): the distinct modules called with such an input} over one `run_step()`, recorded by
-    forward pre-hooks (removed again whatever happens)."""
+    """{key(module, *its arguments): the distinct modules called with such arguments} over one `run_step()`, recorded
+    by forward pre-hooks (removed again whatever happens)."""
     groups: dict[tuple, list[torch.nn.Module]] = {}
 
-    def record(module, args):
-        group = groups.setdefault(key(module, args[0]), [])
+    def record(module, args, kwargs):
+        group = groups.setdefault(key(module, *args, **kwargs), [])
         if module not in group:
             group.append(module)
 
-    hooks = [m.register_forward_pre_hook(record) for m in modules]
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules]
     try:
         with torch.inference_mode():
             run_step()
@@ -197,6 +197,22 @@ def relative_error(layer, fn, x: torch.Tensor, candidate: str) -> float:
     else:
         ref = F.linear(x.double(), w.reshape(out.shape[-1], -1), bias)
     return float((out - ref).norm() / ref.norm())
+
+
+def fusion_row(fmt: str, op: str, shape: tuple, layers: int, ms: dict, choice: str, rejected: dict) -> dict:
+    """One JSON-ready row of a fused kernel's choice (`quant.geglu`, `quant.attention`) for gemm_dispatch.json; each
+    rejected candidate is named on stderr."""
+    for kernel, why in rejected.items():
+        print(f"warning: {fmt} {op} {shape}: not using {kernel} ({why})", file=sys.stderr)
+    return {
+        "fmt": fmt,
+        "op": op,
+        "shape": list(shape),
+        "layers": layers,
+        "ms": {name: round(value, 5) for name, value in ms.items()},
+        "choice": choice,
+        "rejected": rejected,
+    }
 
 
 def allowed(candidate: str) -> bool:
