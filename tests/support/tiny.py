@@ -1,5 +1,5 @@
-"""What several CPU tests share: random inputs for the tiny UNet, a UNet call as the pipeline makes it, and a
-check script run in the Triton interpreter."""
+"""What several CPU tests share: random inputs for the tiny UNet, a UNet call as the pipeline makes it, a tiny UNet
+calibrated and converted to 8-bit modules, and a check script run in the Triton interpreter."""
 
 import os
 import subprocess
@@ -27,6 +27,26 @@ def unet_inputs(generator, timestep):
 def run(unet, inputs):
     with torch.inference_mode():
         return unet(**inputs).sample
+
+
+def converted_tiny(precision: str, calib: list[dict], fused_qkv: bool = False) -> torch.nn.Module:
+    """The tiny UNet calibrated on `calib` (unet_inputs batches) at quantization level 3 (every transformer-block
+    linear 8-bit) and converted to real 8-bit modules; with `fused_qkv`, on fused attention projections."""
+    from sdxl_core.models import build_builtin
+    from sdxl_core.quant import qmodules, quantize
+    from sdxl_core.variants import Variant
+
+    variant = Variant(name="t", model="tiny", precision=precision, quant_level=3.0, steps=2)
+    unet = build_builtin("tiny").unet
+    if fused_qkv:
+        qmodules.fuse_qkv(unet)
+
+    def forward_loop(model):
+        with torch.inference_mode():
+            for batch in calib:
+                model(**batch)
+
+    return qmodules.convert_to_real(quantize.quantize_unet(unet, variant, forward_loop, progress=False))[0]
 
 
 def run_in_interpreter(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -15,12 +15,11 @@ import torch
 from sdxl_core.engines import cross_kv
 from sdxl_core.errors import UserError
 from sdxl_core.models import build_builtin
-from sdxl_core.quant import attention, qmodules, quantize
+from sdxl_core.quant import attention, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import attention8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from sdxl_core.variants import Variant
-from tests.support.tiny import run, run_in_interpreter, unet_inputs
+from tests.support.tiny import converted_tiny, run, run_in_interpreter, unet_inputs
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -43,18 +42,7 @@ def converted(data):
     def get(precision, fused_qkv=False):
         key = (precision, fused_qkv)
         if key not in cache:
-            variant = Variant(name="t", model="tiny", precision=precision, quant_level=3.0, steps=2)
-            unet = build_builtin("tiny").unet
-            if fused_qkv:
-                qmodules.fuse_qkv(unet)
-
-            def forward_loop(model):
-                with torch.inference_mode():
-                    for batch in data["calib"]:
-                        model(**batch)
-
-            unet = quantize.quantize_unet(unet, variant, forward_loop, progress=False)
-            cache[key] = qmodules.convert_to_real(unet)[0]
+            cache[key] = converted_tiny(precision, data["calib"], fused_qkv)
         return copy.deepcopy(cache[key])
 
     return get

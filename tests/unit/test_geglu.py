@@ -15,11 +15,9 @@ import pytest
 import torch
 
 from sdxl_core.errors import UserError
-from sdxl_core.models import build_builtin
-from sdxl_core.quant import geglu, qmodules, quantize
+from sdxl_core.quant import geglu, qmodules
 from sdxl_core.quant.kernels import fp8_gemm, geglu8, gemm8_cutlass, int8_gemm, ops
-from sdxl_core.variants import Variant
-from tests.support.tiny import run, run_in_interpreter, unet_inputs
+from tests.support.tiny import converted_tiny, run, run_in_interpreter, unet_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_hopper = pytest.mark.skipif(
@@ -40,15 +38,7 @@ def converted(data):
 
     def get(precision):
         if precision not in cache:
-            variant = Variant(name="t", model="tiny", precision=precision, quant_level=3.0, steps=2)
-
-            def forward_loop(model):
-                with torch.inference_mode():
-                    for batch in data["calib"]:
-                        model(**batch)
-
-            unet = quantize.quantize_unet(build_builtin("tiny").unet, variant, forward_loop, progress=False)
-            cache[precision] = qmodules.convert_to_real(unet)[0]
+            cache[precision] = converted_tiny(precision, data["calib"])
         return copy.deepcopy(cache[precision])
 
     return get
