@@ -30,14 +30,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE, quantize_fp8
-from sdxl_core.quant.kernels.geglu8 import _round_e4m3
-from sdxl_core.quant.kernels.int8_gemm import _INTERPRET, _QUICK, _USE_RINT, _quantize_tile, quantize_per_tensor
+from sdxl_core.quant.kernels.epilogue8 import QUANTIZED, inverse_scale_arg, out_kind, quantize_8bit, quantize_output
+from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
+from sdxl_core.quant.kernels.int8_gemm import _INTERPRET, _QUICK, _USE_RINT
 
 KERNEL = "attention_triton"  # the name a layer plan gives an attention that runs this kernel
-QUANTIZED = (torch.int8, FP8_DTYPE)
 _LOG2E = 1.4426950408889634
-_OUT_16BIT, _OUT_INT8, _OUT_FP8 = 0, 1, 2
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -129,16 +127,7 @@ def _attention8_kernel(
         y = o.to(tl.float32)
         if HAS_SMOOTH:
             y = y * tl.load(smooth_ptr + channels).to(tl.float32)[None, :]
-        inv_scale = tl.load(inv_scale_ptr)
-        if OUT == 1:
-            out_q = _quantize_tile(y, inv_scale, USE_RINT)
-        else:
-            out_q = tl.minimum(tl.maximum(y * inv_scale, -448.0), 448.0)
-            if ROUND_E4M3:
-                out_q = _round_e4m3(out_q)  # stored as float32: the caller casts the e4m3 values, exactly
-            else:
-                out_q = out_q.to(tl.float8e4nv)
-        tl.store(out_ptrs, out_q, mask=in_m[:, None])
+        tl.store(out_ptrs, quantize_8bit(y, tl.load(inv_scale_ptr), OUT, ROUND_E4M3, USE_RINT), mask=in_m[:, None])
 
 
 @functools.cache
@@ -175,19 +164,6 @@ def attention_reference(q, k, v, smooth, inv_scale, out_dtype) -> torch.Tensor:
     return quantize_output(o, smooth, inv_scale, out_dtype)
 
 
-def quantize_output(o: torch.Tensor, smooth, inv_scale, out_dtype) -> torch.Tensor:
-    """`to_out`'s smoothing and input quantization of an attention output [M, H * D] (activation dtype), in float32
-    as Inductor's fused kernel computes them; a 16-bit `out_dtype` returns `o` as it is."""
-    if out_dtype not in QUANTIZED:
-        return o
-    y = o.float()
-    if smooth is not None:
-        y = y * smooth.float()
-    if out_dtype == torch.int8:
-        return quantize_per_tensor(y, None, inv_scale)
-    return quantize_fp8(y, None, inv_scale)
-
-
 def attention8(q, k, v, smooth, inv_scale, out_dtype: torch.dtype) -> torch.Tensor:
     """[B * Sq, H * D] in `out_dtype` (int8, float8_e4m3fn, or q's dtype) from [B, S, H, D] `q`, `k`, `v`, as the
     module docstring says. `smooth` ([H * D], or None) and `inv_scale` (float32, 1 / `to_out`'s a_scale) are used
@@ -209,13 +185,8 @@ def attention8(q, k, v, smooth, inv_scale, out_dtype: torch.dtype) -> torch.Tens
     # torch casts them (exact: each is an e4m3 value), as `geglu8` does.
     round_e4m3 = _INTERPRET and out_dtype == FP8_DTYPE
     out = torch.empty((b * sq, h * d), dtype=torch.float32 if round_e4m3 else out_dtype, device=q.device)
-    inv_arg = (
-        torch.as_tensor(inv_scale, dtype=torch.float32, device=q.device).reshape(1)
-        if quantized
-        else torch.ones(1, dtype=torch.float32, device=q.device)
-    )
+    inv_arg = inverse_scale_arg(inv_scale, quantized, q.device)
     smooth_arg = smooth.contiguous() if quantized and smooth is not None else inv_arg
-    out_kind = {torch.int8: _OUT_INT8, FP8_DTYPE: _OUT_FP8}.get(out_dtype, _OUT_16BIT)
 
     def grid(meta):
         return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
@@ -241,7 +212,7 @@ def attention8(q, k, v, smooth, inv_scale, out_dtype: torch.dtype) -> torch.Tens
         v.stride(2),
         _LOG2E / math.sqrt(d),
         D=d,
-        OUT=out_kind,
+        OUT=out_kind(out_dtype),
         HAS_SMOOTH=quantized and smooth is not None,
         ROUND_E4M3=round_e4m3,
         USE_RINT=_USE_RINT,
