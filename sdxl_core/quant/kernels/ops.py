@@ -1,5 +1,5 @@
-"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations, and the attention that quantizes its
-output for them.
+"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations, and the attention and LayerNorm that
+quantize their output for them.
 
 torch.compile keeps each op as one opaque call (no graph break at a Python wrapper, no tracing into the
 autotuner) while the activation quantization before it stays plain torch ops that Inductor fuses into
@@ -13,6 +13,7 @@ import torch
 
 from sdxl_core.quant.kernels import attention8 as attention8_kernel
 from sdxl_core.quant.kernels import conv_cutlass, fp8_gemm, geglu8, gemm8_cutlass, int8_gemm
+from sdxl_core.quant.kernels import layernorm8 as layernorm8_kernel
 
 CUTLASS_PREFIX = "cutlass:"
 # The FP8 GEMM kernels a layer can name: cuBLAS through torch._scaled_mm with float32 accumulation or with
@@ -204,3 +205,23 @@ def attention8(
 def _attention8_shape(q, k, v, smooth, inv_scale, out_dtype):
     b, sq, h, d = q.shape
     return q.new_empty((b * sq, h * d), dtype=out_dtype)
+
+
+@torch.library.custom_op("sdxl_bench::layernorm8", mutates_args=())
+def layernorm8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    smooth: torch.Tensor | None,
+    inv_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """LayerNorm of [M, C] with the next layer's smoothing and input quantization in its epilogue
+    (`layernorm8.layernorm8`): [M, C] in `out_dtype` (8-bit, or the activation dtype unquantized)."""
+    return layernorm8_kernel.layernorm8(x, weight, bias, eps, smooth, inv_scale, out_dtype)
+
+
+@layernorm8.register_fake
+def _layernorm8_shape(x, weight, bias, eps, smooth, inv_scale, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
