@@ -30,6 +30,7 @@ import torch
 from sdxl_core.errors import UserError
 from sdxl_core.quant import qmodules
 from sdxl_core.quant.kernels import attention8, ops
+from sdxl_core.quant.kernels.epilogue8 import QUANTIZED
 
 KERNEL = attention8.KERNEL
 KERNELS = (KERNEL,)
@@ -53,11 +54,12 @@ class FusedOutputAttention:
         q, k, v = (_heads(t, attn.heads) for t in _projections(attn, hidden_states, encoder_hidden_states))
         batch, tokens, _ = hidden_states.shape
         out = attn.to_out[0]
+        # The projections' dtype: the activation dtype even where a LayerNorm handed them an 8-bit input.
         if quantizes(out):
             y_q = ops.attention8(q, k, v, out.smooth, out.a_inv_scale, qmodules.STORAGE[out.FMT])
-            y = out.forward_quantized(y_q, hidden_states.dtype)
+            y = out.forward_quantized(y_q, q.dtype)
         else:
-            y = out(ops.attention8(q, k, v, None, None, hidden_states.dtype))
+            y = out(ops.attention8(q, k, v, None, None, q.dtype))
         return attn.to_out[1](y.reshape(batch, tokens, out.out_features))
 
 
@@ -198,7 +200,9 @@ def _shape_key(attn, hidden_states, encoder_hidden_states=None, **_) -> tuple:
     batch, sq, channels = hidden_states.shape
     sk = sq if encoder_hidden_states is None else encoder_hidden_states.shape[1]
     shape = (batch, sq, sk, attn.heads, channels // attn.heads, int(encoder_hidden_states is not None))
-    return _fmt(attn.to_out[0]), shape, hidden_states.dtype
+    # A fused LayerNorm may hand the projections their 8-bit input: the attention runs in their output dtype.
+    dtype = attn.to_out[0].act_dtype if hidden_states.dtype in QUANTIZED else hidden_states.dtype
+    return _fmt(attn.to_out[0]), shape, dtype
 
 
 def operands(shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

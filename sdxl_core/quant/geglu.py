@@ -34,11 +34,10 @@ class _FusedGegluForward:
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj, out = self.net[0].proj, self.net[2]
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if proj.smooth is not None:
-            x = x * proj.smooth
-        x_q = proj.quantize_input(x)
-        y_q = _fused(proj, out, x_q, hidden_states.dtype)
-        y = out.forward_quantized(y_q, hidden_states.dtype)
+        if x.dtype != qmodules.STORAGE[proj.FMT]:  # else the LayerNorm before it quantized it (`quant.layernorm`)
+            x = proj.quantize_input(x if proj.smooth is None else x * proj.smooth)
+        y_q = _fused(proj, out, x, proj.act_dtype)
+        y = out.forward_quantized(y_q, proj.act_dtype)
         return y.reshape(*hidden_states.shape[:-1], out.out_features)
 
 
@@ -156,7 +155,7 @@ def choose(
 
 def _shape_key(ff, x) -> tuple:
     proj = ff.net[0].proj
-    return proj.FMT, (x.numel() // proj.in_features, proj.in_features, proj.out_features), x.dtype
+    return proj.FMT, (x.numel() // proj.in_features, proj.in_features, proj.out_features), proj.act_dtype
 
 
 def _time_shape(ff, shape, dtype, timer, cache, max_error, gemm_dispatch, allowed) -> tuple[dict, dict]:

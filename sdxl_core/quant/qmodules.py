@@ -85,6 +85,7 @@ class QuantizedModule(torch.nn.Module):
 
     def _init_buffers(self, weight_shape, out_features, *, bias, per_channel, dtype, device):
         self.per_channel = per_channel
+        self.act_dtype = dtype  # the activation dtype: what the layer returns; follows `.to(dtype)` (`_apply`)
         self.register_buffer("weight", torch.empty(weight_shape, dtype=STORAGE[self.FMT], device=device))
         w_scale_shape = (out_features,) if per_channel else ()
         self.register_buffer("w_scale", torch.empty(w_scale_shape, dtype=torch.float32, device=device))
@@ -197,6 +198,7 @@ class QuantizedModule(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         before = {name: self._buffers[name] for name in self._FIXED if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
+        self.act_dtype = fn(torch.empty(0, dtype=self.act_dtype)).dtype
         for name, old in before.items():
             new = self._buffers[name]
             if new.dtype != old.dtype or (name in self._KEEP_LAYOUT and new.stride() != old.stride()):
@@ -252,15 +254,30 @@ class QLinear(QuantizedModule):
         return module
 
     def forward(self, x):
+        if x.dtype == STORAGE[self.FMT]:
+            return self._forward_prequantized(x)
         if self.smooth is not None:
             x = x * self.smooth
         if not self.runs_8bit_gemm:
             return F.linear(self.fake_quantize_input(x), self._float_weight(x.dtype), self.bias)
         return gemm(x, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel, self.a_inv_scale)
 
+    def _forward_prequantized(self, x_q: torch.Tensor) -> torch.Tensor:
+        """An input in the layer's 8-bit format is one the kernel before it has already smoothed and quantized with
+        this layer's scales (a LayerNorm on `kernels.layernorm8`, `quant.layernorm`): the GEMM runs on it as it is,
+        and the output is in the activation dtype."""
+        flat = x_q.reshape(-1, self.in_features)
+        if self.runs_8bit_gemm:
+            y = self.forward_quantized(flat, self.act_dtype)
+        else:
+            x_dq = (flat.float() * self.a_scale).to(self.act_dtype)
+            y = F.linear(x_dq, self._float_weight(self.act_dtype), self.bias)
+        return y.reshape(*x_q.shape[:-1], self.out_features)
+
     def forward_quantized(self, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """This layer on an input [M, K] that another kernel has already multiplied by `smooth` and quantized with
-        `a_scale` (the fused GEGLU projection does, for the feed-forward's second layer)."""
+        `a_scale` (the fused GEGLU projection does, for the feed-forward's second layer; the attention and LayerNorm
+        kernels do, for the layer after them)."""
         return mm(x_q, self.weight, self.a_scale, self.gemm_w_scale, self.bias, self.FMT, self.kernel, out_dtype)
 
     def extra_repr(self):
