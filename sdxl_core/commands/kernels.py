@@ -12,7 +12,10 @@ timer (`timing.graph_ms`: CUDA-graph replays, median). Each row gives microsecon
 activation quantization as Inductor fuses it into its producers, per formulation (`quantize_glue`); `--ops
 attention` SDXL's four attention shapes as the build's attention choice times them (`quant.attention`): SDPA alone
 ("16bit", the FP16 engine's), SDPA plus the output projection's input quantization ("unfused", the 8-bit engines'
-today), and the Triton kernel that quantizes in its epilogue, with an 8-bit and a 16-bit output.
+today), and the Triton kernel that quantizes in its epilogue, with an 8-bit and a 16-bit output; `--ops layernorm`
+SDXL's transformer-block LayerNorms as the build's LayerNorm choice times them (`quant.layernorm`): the norm (after
+its residual add where there is one) compiled by Inductor, in 16 bits ("16bit") and quantizing for the next 8-bit
+layer ("unfused"), and the same on the Triton LayerNorm kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from sdxl_core.commands import quantize_glue
 from sdxl_core.errors import UserError
-from sdxl_core.quant import attention, gemm_dispatch, qmodules
+from sdxl_core.quant import attention, gemm_dispatch, layernorm, qmodules
 from sdxl_core.quant.gemm_dispatch import ShapeTiming
 from sdxl_core.quant.kernels import shapes
 from sdxl_core.quant.kernels.conv_cutlass import SDXL_CONV3X3
@@ -49,7 +52,9 @@ SDXL_ATTENTIONS = {
     (2, 4096, 77, 10, 64, 1): 10,
     (2, 1024, 77, 20, 64, 1): 60,
 }
-OPS = ("gemm", "conv", "quantize", "attention")
+# SDXL's transformer-block LayerNorms, (tokens, channels, after a residual add): layers per UNet step.
+SDXL_NORMS = {(2048, 1280, 0): 60, (2048, 1280, 1): 120, (8192, 640, 0): 10, (8192, 640, 1): 20}
+OPS = ("gemm", "conv", "quantize", "attention", "layernorm")
 
 
 def add_arguments(p) -> None:
@@ -58,8 +63,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--ops",
         default="gemm,conv,quantize",
-        help="what to time, from gemm,conv,quantize,attention (quantize: the quantization fused into its producers; "
-        "attention: the attention kernel that quantizes its output, against SDPA)",
+        help="what to time, from gemm,conv,quantize,attention,layernorm (quantize: the quantization fused into its "
+        "producers; attention, layernorm: our kernels that quantize their output, against SDPA and Inductor's norm)",
     )
     p.add_argument("--out", required=True, help="directory for kernels.json")
 
@@ -120,6 +125,12 @@ def main(args) -> int:
                 row = result.add(measure_attention(fmt, shape, layers, device))
                 times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
                 print(f"{fmt} attention {'x'.join(map(str, shape))}: us {times}", flush=True)
+    if "layernorm" in ops:
+        for shape, layers in SDXL_NORMS.items():
+            for fmt in formats:
+                row = result.add(measure_layernorm(fmt, shape, layers, device))
+                times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
+                print(f"{fmt} layernorm {'x'.join(map(str, shape))}: us {times}", flush=True)
     print(render_kernels(result.data))
     return 0
 
@@ -173,5 +184,35 @@ def measure_attention(fmt: str, shape: tuple, layers: int, device, timer=gemm_di
         "ms": ms,
         "tflops": {name: round(flop / t / 1e9, 1) for name, t in ms.items()},
         "speedup": {name: round(ms[attention.SDPA] / t, 3) for name, t in ms.items()},
+        "rejected": rejected,
+    }
+
+
+def measure_layernorm(fmt: str, shape: tuple, layers: int, device, timer=gemm_dispatch.time_candidate) -> dict:
+    """One LayerNorm row, timed as the engine build times it (`layernorm.time_shape`): the 16-bit norm and the norm
+    quantizing for a random 8-bit layer (with a SmoothQuant scale for INT8, as the engines' have), each unfused and
+    on the kernel. `timer(fn, name, shape)`: ms per call."""
+    channels = shape[1]
+    norm = torch.nn.LayerNorm(channels, device=device, dtype=torch.float16)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    torch.nn.init.normal_(norm.bias, std=0.1)
+    layer = layer_for(fmt, 1, channels, channels, device)
+    if fmt == "int8":
+        layer.smooth = torch.rand(channels, device=device, dtype=torch.float16) + 0.5
+    ms, rejected = {}, {}
+    with torch.inference_mode():
+        for feeds in (None, layer):
+            timed, why = layernorm.time_shape(
+                norm, feeds, shape, torch.float16, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR
+            )
+            ms.update(timed)
+            rejected.update(why)
+    return {
+        "op": "layernorm",
+        "fmt": fmt,
+        "shape": list(shape),
+        "layers": layers,
+        "ms": ms,
+        "speedup": {name: round(ms[layernorm.SIXTEEN_BIT] / t, 3) for name, t in ms.items()},
         "rejected": rejected,
     }

@@ -312,10 +312,10 @@ def build_unet(
     channels_last: bool = False,
     forward_loop: Callable[[torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
-    """FP16: the model's UNet as is, on a GPU with each attention shape's kernel timed (`quant.attention`). INT8/FP8:
-    calibrate (or reuse the calibration under the ONNX dir), convert to real 8-bit modules, then on a GPU time each
-    layer shape's kernels (`gemm_dispatch`, `geglu`, `attention`) in the layout the UNet will run in. A shape-only
-    UNet gets its weights first."""
+    """FP16: the model's UNet as is, on a GPU with each attention and LayerNorm shape's kernel timed
+    (`quant.attention`, `quant.layernorm`). INT8/FP8: calibrate (or reuse the calibration under the ONNX dir),
+    convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`, `geglu`,
+    `attention`, `layernorm`) in the layout the UNet will run in. A shape-only UNet gets its weights first."""
     startup = startup or Startup()
     kernels = None
     if variant.is_quantized:
@@ -326,9 +326,9 @@ def build_unet(
     if variant.fused_qkv and not qmodules.has_fused_qkv(unet):
         qmodules.fuse_qkv(unet)
     if not variant.is_quantized:
-        if dispatches(device):  # the attention kernel, where it beats cuDNN's: FP16 gets what 8 bits get
+        if dispatches(device):  # the attention and LayerNorm kernels, where they win: FP16 gets what 8 bits get
             with startup.phase("gemm_dispatch", device) as timed:
-                info.gemm_timings = _choose_attention(unet, unet_inputs(variant, unet, device, dtype), progress)
+                info.gemm_timings = _choose_kernels(unet, unet_inputs(variant, unet, device, dtype), progress)
             info.gemm_dispatch_s = round(timed.seconds, 2)
         return unet
     with startup.phase("modelopt_import"):
@@ -413,23 +413,26 @@ def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dic
     if progress:
         gemm_dispatch.print_table(timings)
     # Then whether each GEGLU projection runs fused with what follows it, against the kernels just chosen, and
-    # whether each attention runs the kernel that quantizes its output for the 8-bit projection after it.
+    # whether each attention and LayerNorm runs our kernel, which quantizes its output for the 8-bit layer after it.
     return (
         [t.row() for t in timings]
         + _choose_fused(geglu, unet, inputs, progress)
-        + _choose_attention(unet, inputs, progress)
+        + _choose_kernels(unet, inputs, progress)
     )
 
 
-def _choose_attention(unet, inputs, progress) -> list[dict]:
-    """Which attentions run our attention kernel (`quant.attention`), timed per shape: rows for gemm_dispatch.json."""
-    from sdxl_core.quant import attention
+def _choose_kernels(unet, inputs, progress) -> list[dict]:
+    """Which attentions and LayerNorms run our kernels (`quant.attention`, `quant.layernorm`), timed per shape: rows
+    for gemm_dispatch.json. The norms come last: whether a norm's output is 8-bit depends on the GEMM chosen for the
+    layer it feeds."""
+    from sdxl_core.quant import attention, layernorm
 
-    return _choose_fused(attention, unet, inputs, progress)
+    return _choose_fused(attention, unet, inputs, progress) + _choose_fused(layernorm, unet, inputs, progress)
 
 
 def _choose_fused(fusion, unet, inputs, progress) -> list[dict]:
-    """`fusion.choose` (`quant.geglu` or `quant.attention`) with the dispatch's error bound and kernel filter."""
+    """`fusion.choose` (`quant.geglu`, `quant.attention` or `quant.layernorm`) with the dispatch's error bound and
+    kernel filter."""
     from sdxl_core.quant import gemm_dispatch
 
     rows = fusion.choose(

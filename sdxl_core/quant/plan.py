@@ -17,6 +17,7 @@ from sdxl_core.errors import UserError
 from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
 from sdxl_core.quant.kernels.attention8 import KERNEL as ATTENTION_KERNEL
 from sdxl_core.quant.kernels.geglu8 import KERNEL as GEGLU_KERNEL
+from sdxl_core.quant.kernels.layernorm8 import KERNEL as LAYERNORM_KERNEL
 
 PLAN_FILE = "layer_plan.json"
 CONFIG_FILE = "unet_config.json"
@@ -36,10 +37,10 @@ LAYER_TYPES = {
 _GEGLU_KERNELS = (GEGLU_KERNEL, *gemm8_cutlass.GEGLU_KERNELS)
 _GEMM_KERNELS = {"int8": ("pointer", "tma", *_GEGLU_KERNELS), "fp8": ("scaled_mm", "scaled_mm_fast", *_GEGLU_KERNELS)}
 _SPEC_FIELDS = ("type", "smooth", "per_channel", "gemm", "kernel")
-_PLAN_FIELDS = ("format", "fused_qkv", "layers", "attention")
-# The kernels an attention fused with its 8-bit output projection may name (`quant.attention` checks that each
-# module named is such an attention).
-ATTENTION_KERNELS = (ATTENTION_KERNEL,)
+_PLAN_FIELDS = ("format", "fused_qkv", "layers", "attention", "norms")
+# The fused modules a plan may name, per field: {module name: kernel}. `quant.attention` and `quant.layernorm` check
+# that each module named is an attention (a LayerNorm) their kernel runs.
+FUSED_KERNELS = {"attention": (ATTENTION_KERNEL,), "norms": (LAYERNORM_KERNEL,)}
 _LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
 # What diffusers adds to a model's config besides its constructor's arguments.
 _CONFIG_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -77,14 +78,18 @@ def check_layer_plan(plan, device_type: str | None = None) -> None:
         raise _refuse(PLAN_FILE, f"its layers are {found}, not an object of layer name: spec")
     for name, spec in layers.items():
         _check_spec(name, spec, device_type)
-    attention = plan.get("attention", {})
-    if not isinstance(attention, dict):
-        raise _refuse(PLAN_FILE, f"its attention entry is a JSON {type(attention).__name__}, not an object")
-    for name, kernel in attention.items():
+    for field, kernels in FUSED_KERNELS.items():
+        _check_fused(field, plan.get(field, {}), kernels)
+
+
+def _check_fused(field: str, fused, kernels: tuple[str, ...]) -> None:
+    if not isinstance(fused, dict):
+        raise _refuse(PLAN_FILE, f"its {field} entry is a JSON {type(fused).__name__}, not an object")
+    for name, kernel in fused.items():
         if not _LAYER_NAME.fullmatch(name):
-            raise _refuse(PLAN_FILE, f"attention {name[:80]!r} is not a module name")
-        if not isinstance(kernel, str) or kernel not in ATTENTION_KERNELS:
-            what = f"attention {name[:80]!r} names kernel {str(kernel)[:80]!r}, which this build does not have"
+            raise _refuse(PLAN_FILE, f"{field} {name[:80]!r} is not a module name")
+        if not isinstance(kernel, str) or kernel not in kernels:
+            what = f"{field} {name[:80]!r} names kernel {str(kernel)[:80]!r}, which this build does not have"
             raise _refuse(PLAN_FILE, what)
 
 

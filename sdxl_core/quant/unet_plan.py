@@ -81,15 +81,15 @@ def convert_to_real(unet: torch.nn.Module) -> tuple[torch.nn.Module, ConversionR
 
 def layer_plan(unet: torch.nn.Module) -> dict:
     """JSON-ready: which modules of a converted UNet are 8-bit, with the flags that fix their buffer shapes, and
-    whether its attention projections are fused (the module tree the layer names refer to); where a build fused
-    attentions with their 8-bit output projection (`quant.attention`), which and on which kernel."""
-    from sdxl_core.quant import attention
+    whether its attention projections are fused (the module tree the layer names refer to); where a build ran
+    attentions or LayerNorms on our kernels (`quant.attention`, `quant.layernorm`), which and on which kernel."""
+    from sdxl_core.quant import attention, layernorm
 
     layers = {name: _spec(m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule)}
     plan = {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": layers}
-    fused = attention.fused_attentions(unet)
-    if fused:  # only where a build fused some, so other engines' plans stay as they were
-        plan["attention"] = fused
+    for entry, fused in (("attention", attention.fused_attentions(unet)), ("norms", layernorm.fused_norms(unet))):
+        if fused:  # only where a build fused some, so other engines' plans stay as they were
+            plan[entry] = fused
     return plan
 
 
@@ -143,10 +143,11 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
         as_gemm = not isinstance(quantized, QConv2d) or quantized.as_gemm
         plan_schema.check_layer_kernel(name, quantized.kernel, quantized.FMT, as_gemm)
         plain_unet.set_submodule(name, quantized)
-    from sdxl_core.quant import attention, geglu
+    from sdxl_core.quant import attention, geglu, layernorm
 
     geglu.apply_fusions(plain_unet)
     attention.apply_fusions(plain_unet, plan.get("attention", {}))
+    layernorm.apply_fusions(plain_unet, plan.get("norms", {}))
     return plain_unet
 
 

@@ -282,11 +282,15 @@ def path_change(stored: dict | None, current: dict | None) -> str | None:
         counts = _changed_counts(stored["layers_by_kernel"], current["layers_by_kernel"])
         which = f"layers per kernel: {counts}" if counts else "as many per kernel"
         return f"the engine runs layers on other 8-bit kernels than the baseline's engine ({which}){_BY_TIMING}"
-    # A baseline stored before attentions could run our kernel ran none on it.
-    was, now = stored.get("attention_kernels", {}), current.get("attention_kernels", {})
-    if was != now:
-        counts = _changed_counts(was, now)
-        return f"the engine runs attentions on our attention kernel where the baseline's did not ({counts}){_BY_TIMING}"
+    # A baseline stored before attentions (LayerNorms) could run our kernels ran none on them.
+    for key, what in (
+        ("attention_kernels", "attentions on our attention"),
+        ("norm_kernels", "LayerNorms on our LayerNorm"),
+    ):
+        was, now = stored.get(key, {}), current.get(key, {})
+        if was != now:
+            counts = _changed_counts(was, now)
+            return f"the engine runs {what} kernel where the baseline's did not ({counts}){_BY_TIMING}"
     return None
 
 

@@ -87,6 +87,8 @@ def test_profile_rows_carry_the_per_shape_timings_of_a_build_or_of_the_engine(tm
         ("triton_poi_fused__to_copy_clamp_int8_mm_mul_round_1", "Inductor norm/pointwise"),  # names a GEMM it feeds
         ("triton_red_fused_native_layer_norm_0", "Inductor norm/pointwise"),
         ("_w8a8_tma_kernel", "8-bit GEMM (Triton, ours)"),
+        ("_layernorm8_kernel", "LayerNorm (Triton, ours)"),  # not the eager norms its name would match
+        ("_attention8_kernel", "attention"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
         ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution (cuDNN)"),
         ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNT", "16-bit GEMM (cuBLAS)"),

@@ -208,3 +208,22 @@ def test_attentions_on_our_kernel_are_named(unet):
         cause = baselines.failure_cause(baseline(record), LIBRARIES, DEVICE, {"latents"}, now)
         assert expected in cause and "regression" not in cause, cause
     assert baselines.failure_cause(baseline(now), LIBRARIES, DEVICE, {"latents"}, now) == REGRESSION
+
+
+def test_norms_on_our_kernel_are_named(unet):
+    """So are the LayerNorms on our LayerNorm kernel (`quant.layernorm`)."""
+    from sdxl_core.quant import layernorm
+
+    stored = references.layer_paths(unet)
+    assert stored["norm_kernels"] == {}
+    found = layernorm.norms(unet)
+    for norm, layer, _ in found.values():
+        layernorm.fuse(norm, layer)
+    now = references.layer_paths(unet)
+    assert now["norm_kernels"] == {layernorm.KERNEL: len(found)} and len(found) == 51
+    expected = f"LayerNorms on our LayerNorm kernel where the baseline's did not ({layernorm.KERNEL} 0 -> 51)"
+    old = {key: value for key, value in stored.items() if key != "norm_kernels"}  # stored before the key
+    for record in (stored, old):
+        cause = baselines.failure_cause(baseline(record), LIBRARIES, DEVICE, {"latents"}, now)
+        assert expected in cause and "regression" not in cause, cause
+    assert baselines.failure_cause(baseline(now), LIBRARIES, DEVICE, {"latents"}, now) == REGRESSION

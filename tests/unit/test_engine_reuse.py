@@ -278,17 +278,19 @@ def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path)
 
 
 def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):
-    from sdxl_core.quant import attention, gemm_dispatch
+    from sdxl_core.quant import attention, gemm_dispatch, layernorm
 
     # On the CPU nothing is timed, so script what a GPU build's dispatch would measure: the pointer kernel
-    # wins at GEMM shapes with N >= 64, the 16-bit path everywhere else, and the attention kernel that quantizes
-    # its output for `to_out` at self-attention shapes.
+    # wins at GEMM shapes with N >= 64, the 16-bit path everywhere else, the attention kernel that quantizes
+    # its output for `to_out` at self-attention shapes, and the LayerNorm kernel after residual adds.
     def scripted(fn, candidate, shape):
         fn()  # each candidate must run at the recorded shape
         if candidate == "16bit":
             return 1.5
         if candidate == attention.KERNEL:
             return 1.0 if shape[-1] == 0 else 3.0
+        if candidate == layernorm.KERNEL:
+            return 1.0 if shape[-1] == 1 else 3.0
         return 1.0 if candidate == "pointer" and len(shape) == 3 and shape[2] >= 64 else 2.0
 
     monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
@@ -307,6 +309,8 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     fused = full_plan["attention"]
     assert fused and all(name.endswith(".attn1") for name in fused)  # the self-attentions only, as scripted
     assert {row["choice"] for row in rows if row["op"] == "attention"} == {attention.KERNEL, attention.UNFUSED}
+    norms = full_plan["norms"]
+    assert norms and all(name.endswith((".norm2", ".norm3")) for name in norms)  # after residual adds, as scripted
 
     components, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)
     ran = {
@@ -316,17 +320,20 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     }
     assert ran == {name: (spec["gemm"], spec["kernel"]) for name, spec in plan.items()}
     assert attention.fused_attentions(components.unet) == fused
+    assert layernorm.fused_norms(components.unet) == norms
     assert {path for path, _ in ran.values()} == {"8bit", "16bit"}
     assert image_bytes(INT8, components, loaded) == image_bytes(INT8, built_components, built)
 
 
-def test_an_fp16_engine_runs_the_attention_kernel_where_its_build_measured_it_faster(tmp_path, monkeypatch):
-    """An FP16 build times its attentions as the 8-bit builds do, so a kernel that beats cuDNN's attention speeds up
-    FP16 too and the speed gates stay like for like."""
-    from sdxl_core.quant import attention, gemm_dispatch
+def test_an_fp16_engine_runs_our_kernels_where_its_build_measured_them_faster(tmp_path, monkeypatch):
+    """An FP16 build times its attentions and LayerNorms as the 8-bit builds do, so a kernel that beats cuDNN's
+    attention or Inductor's norm speeds up FP16 too and the speed gates stay like for like."""
+    from sdxl_core.quant import attention, gemm_dispatch, layernorm
 
     def scripted(fn, candidate, shape):
         fn()
+        if candidate == layernorm.KERNEL_16BIT:
+            return 1.0 if shape[-1] == 0 else 3.0  # the norms without a residual add before them win
         return 1.0 if candidate == attention.KERNEL_16BIT and shape[-1] == 1 else 2.0  # cross-attention wins
 
     monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
@@ -335,11 +342,16 @@ def test_an_fp16_engine_runs_the_attention_kernel_where_its_build_measured_it_fa
     built_components, built = prepare(FP16, tmp_path / "engines")
     path = Path(built.info.engine_path)
     rows = json.loads((path / "gemm_dispatch.json").read_text())
-    assert rows and {row["op"] for row in rows} == {"attention"} and {row["fmt"] for row in rows} == {"16bit"}
-    fused = json.loads((path / "layer_plan.json").read_text())["attention"]
+    assert (
+        rows and {row["op"] for row in rows} == {"attention", "layernorm"} and {row["fmt"] for row in rows} == {"16bit"}
+    )
+    plan = json.loads((path / "layer_plan.json").read_text())
+    fused, norms = plan["attention"], plan["norms"]
     assert fused and all(name.endswith(".attn2") for name in fused)
+    assert norms and all(name.endswith(".norm1") for name in norms)
     components, loaded = prepare(FP16, tmp_path / "engines", allow_build=False, unet_weights=False)
     assert attention.fused_attentions(components.unet) == fused
+    assert layernorm.fused_norms(components.unet) == norms
     assert image_bytes(FP16, components, loaded) == image_bytes(FP16, built_components, built)
 
 
