@@ -83,7 +83,10 @@ def regions(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     channels-last input to NCHW first), then each 8-bit layer outside them all."""
     from sdxl_core.quant.qmodules import QuantizedModule
 
-    blocks = [(name, m) for name, m in unet.named_modules() if type(m).__name__ in COMPILED_REGIONS]
+    # By class name through the class's bases: a block whose norms run our kernel is a subclass (`quant.layernorm`).
+    blocks = [
+        (name, m) for name, m in unet.named_modules() if any(c.__name__ in COMPILED_REGIONS for c in type(m).__mro__)
+    ]
     if not blocks:
         raise UserError(f"no {' or '.join(COMPILED_REGIONS)} in this UNet to compile")
     blocks += glue.install(unet)

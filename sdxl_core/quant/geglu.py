@@ -52,7 +52,17 @@ def _fused(proj, out, x_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @functools.cache
 def _fused_class(cls: type) -> type:
-    return type(f"GegluFused{cls.__name__}", (_FusedGegluForward, cls), {})
+    name = f"GegluFused{cls.__name__}"
+    return type(name, (_FusedGegluForward, cls), {"__module__": __name__, "__qualname__": name})
+
+
+def __getattr__(name: str):
+    """A fused class is pickled by name (an engine's precompiled regions): it is made when it is looked up."""
+    if name != "GegluFusedFeedForward":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from diffusers.models.attention import FeedForward
+
+    return _fused_class(FeedForward)
 
 
 def _unfused_class(cls: type) -> type:

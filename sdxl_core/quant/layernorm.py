@@ -8,21 +8,25 @@ took 2-4 us longer per call than the FP16 engine's plain LayerNorm (docs/perf.md
 Triton kernel instead: where the layer it feeds is an 8-bit layer on an 8-bit GEMM, the kernel writes that layer's
 8-bit input and the layer runs its GEMM on it as it is (`QLinear` takes an input in its own 8-bit format as already
 quantized); anywhere else (an FP16 engine, a layer on the 16-bit path, a self-attention whose Q, K and V are three
-layers with scales of their own) it writes the 16-bit norm.
+layers with scales of their own) it writes the 16-bit norm. `norm2` and `norm3` follow the block's residual adds
+(attention output + residual stream): fused, the kernel does that add too and writes the new residual stream beside
+the norm, and the block runs `_AddNormBlock.forward` (diffusers' forward for SDXL's blocks, with the add handed to
+the norm), so Inductor's own kernels for those adds are gone.
 
-Whether that pays is measured per norm shape at build time (`choose`), as the GEMM kernels are: the unfused norm (and
-the residual add before `norm2` and `norm3`, with the quantization for an 8-bit layer) compiled as the engine
-compiles it, against the same with the norm on the kernel. FP16 engines are built with the same choice, so the speed
-gates stay like for like. A fused norm is named in the layer plan (`"norms": {module name: kernel}`), and
-`apply_fusions` fuses it again when the engine is loaded. The class swap leaves every module and tensor as it is: the
-engine files change only by that plan entry.
+Whether that pays is measured per norm shape at build time (`choose`), as the GEMM kernels are: the unfused residual
+add, norm and quantization for an 8-bit layer, compiled as the engine compiles them, against the kernel doing the
+same. FP16 engines are built with the same choice, so the speed gates stay like for like. A fused norm is named in the
+layer plan (`"norms": {module name: kernel}`), and `apply_fusions` fuses it again when the engine is loaded. The class
+swaps leave every module and tensor as it is: the engine files change only by that plan entry.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -50,23 +54,85 @@ class _FusedLayerNormForward:
     feeds: tuple[torch.nn.Module | None] = (None,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (layer,) = self.feeds
         flat = x.reshape(-1, x.shape[-1])
+        return ops.layernorm8(flat, self.weight, self.bias, self.eps, *self._output(x)).reshape(x.shape)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, the norm of it) in one kernel."""
+        flat, flat_residual = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+        total, y = ops.add_layernorm8(flat, flat_residual, self.weight, self.bias, self.eps, *self._output(x))
+        return total.reshape(x.shape), y.reshape(x.shape)
+
+    def _output(self, x: torch.Tensor) -> tuple:
+        """(smooth, inverse scale, dtype) of the output: the next layer's 8-bit input, or the 16-bit norm."""
+        (layer,) = self.feeds
         if layer is not None and quantizes(layer):
-            storage = qmodules.STORAGE[layer.FMT]
-            y = ops.layernorm8(flat, self.weight, self.bias, self.eps, layer.smooth, layer.a_inv_scale, storage)
-        else:
-            y = ops.layernorm8(flat, self.weight, self.bias, self.eps, None, None, x.dtype)
-        return y.reshape(x.shape)
+            return layer.smooth, layer.a_inv_scale, qmodules.STORAGE[layer.FMT]
+        return None, None, x.dtype
+
+
+class _AddNormBlock:
+    """Mixed into a transformer block's own class where its `norm2` or `norm3` is fused: diffusers' forward for
+    SDXL's blocks (`_plain_block`), with each residual add that precedes a fused norm done by the norm's kernel."""
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        timestep=None,
+        cross_attention_kwargs=None,
+        class_labels=None,
+        added_cond_kwargs=None,
+    ):
+        kwargs = dict(cross_attention_kwargs or {})
+        if kwargs.pop("gligen", None) is not None:
+            raise ValueError("a transformer block with norms on the LayerNorm kernel takes no GLIGEN inputs")
+        norm_hidden_states = self.norm1(hidden_states)
+        attn_output = self.attn1(
+            norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs
+        )
+        hidden_states, norm_hidden_states = _add_norm(self.norm2, attn_output, hidden_states)
+        attn_output = self.attn2(
+            norm_hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            **kwargs,
+        )
+        hidden_states, norm_hidden_states = _add_norm(self.norm3, attn_output, hidden_states)
+        return self.ff(norm_hidden_states) + hidden_states
+
+
+def _add_norm(norm, x, residual):
+    if isinstance(norm, _FusedLayerNormForward):
+        return norm.add_forward(x, residual)
+    total = x + residual
+    return total, norm(total)
 
 
 @functools.cache
-def _fused_class(cls: type) -> type:
-    return type(f"KernelFused{cls.__name__}", (_FusedLayerNormForward, cls), {})
+def _fused_class(mixin: type, cls: type) -> type:
+    name = f"KernelFused{cls.__name__}"
+    return type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
 
 
-def _unfused_class(cls: type) -> type:
-    return cls.__mro__[2] if issubclass(cls, _FusedLayerNormForward) else cls
+# A fused class is pickled by name (an engine's precompiled regions): this module makes it when it is looked up.
+_FUSED_BASES = {
+    "KernelFusedLayerNorm": (_FusedLayerNormForward, "torch.nn", "LayerNorm"),
+    "KernelFusedBasicTransformerBlock": (_AddNormBlock, "diffusers.models.attention", "BasicTransformerBlock"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _FUSED_BASES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    mixin, module, base = _FUSED_BASES[name]
+    return _fused_class(mixin, getattr(importlib.import_module(module), base))
+
+
+def _unfused_class(mixin: type, cls: type) -> type:
+    return cls.__mro__[2] if issubclass(cls, mixin) else cls
 
 
 def fusable(norm: torch.nn.Module) -> bool:
@@ -79,7 +145,7 @@ def fusable(norm: torch.nn.Module) -> bool:
 def _plain_block(block: torch.nn.Module) -> bool:
     """A diffusers BasicTransformerBlock as SDXL's are: LayerNorms, a self- and a cross-attention, a feed-forward, no
     positional embedding or chunking. Its norms' outputs then go only to the layers `_FEEDS` names (a UNet step
-    always passes the cross-attention its text states)."""
+    always passes the cross-attention its text states), and `_AddNormBlock.forward` is its forward."""
     from diffusers.models.attention import BasicTransformerBlock
 
     return (
@@ -102,9 +168,18 @@ def _layer_at(block: torch.nn.Module, path: tuple[str, ...]) -> torch.nn.Module 
     return module
 
 
-def norms(unet: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, torch.nn.Module | None, bool]]:
-    """{module name: (LayerNorm, the layer its output feeds or None, whether a residual add makes its input)} of
-    every transformer-block norm the kernel can run."""
+class Norm(NamedTuple):
+    """A transformer-block norm the kernel can run: the LayerNorm, the layer its output feeds (None where it feeds
+    several), whether a residual add makes its input, and its block."""
+
+    norm: torch.nn.Module
+    feeds: torch.nn.Module | None
+    after_residual: bool
+    block: torch.nn.Module
+
+
+def norms(unet: torch.nn.Module) -> dict[str, Norm]:
+    """{module name: `Norm`} of every transformer-block norm the kernel can run."""
     found = {}
     for name, block in unet.named_modules():
         if not _plain_block(block):
@@ -112,23 +187,29 @@ def norms(unet: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, torch.nn.Mo
         for norm_name, path in _FEEDS.items():
             norm = getattr(block, norm_name)
             if fusable(norm):
-                layer = _layer_at(block, path)
-                found[f"{name}.{norm_name}"] = (norm, layer, _AFTER_RESIDUAL[norm_name])
+                found[f"{name}.{norm_name}"] = Norm(norm, _layer_at(block, path), _AFTER_RESIDUAL[norm_name], block)
     return found
 
 
-def fuse(norm: torch.nn.Module, feeds: torch.nn.Module | None, kernel: str = KERNEL) -> None:
+def fuse(found: Norm, kernel: str = KERNEL) -> None:
+    """Run this norm on the kernel (with its block's residual add before it, where there is one)."""
     if kernel not in KERNELS:
         raise ValueError(f"{kernel!r} is not a LayerNorm kernel: choose one of {', '.join(KERNELS)}")
-    if not fusable(norm):
-        raise ValueError(f"this {type(norm).__name__} cannot run on the LayerNorm kernel (see `fusable`)")
-    norm.__class__ = _fused_class(_unfused_class(type(norm)))
-    norm.feeds = (feeds,)
+    if not fusable(found.norm):
+        raise ValueError(f"this {type(found.norm).__name__} cannot run on the LayerNorm kernel (see `fusable`)")
+    norm_cls = _unfused_class(_FusedLayerNormForward, type(found.norm))
+    found.norm.__class__ = _fused_class(_FusedLayerNormForward, norm_cls)
+    found.norm.feeds = (found.feeds,)
+    if found.after_residual:
+        block_cls = _unfused_class(_AddNormBlock, type(found.block))
+        found.block.__class__ = _fused_class(_AddNormBlock, block_cls)
 
 
-def unfuse(norm: torch.nn.Module) -> None:
-    norm.__class__ = _unfused_class(type(norm))
-    norm.__dict__.pop("feeds", None)
+def unfuse(found: Norm) -> None:
+    found.norm.__class__ = _unfused_class(_FusedLayerNormForward, type(found.norm))
+    found.norm.__dict__.pop("feeds", None)
+    if not any(isinstance(getattr(found.block, name), _FusedLayerNormForward) for name in ("norm2", "norm3")):
+        found.block.__class__ = _unfused_class(_AddNormBlock, type(found.block))
 
 
 def fused_norms(unet: torch.nn.Module) -> dict[str, str]:
@@ -142,11 +223,9 @@ def apply_fusions(unet: torch.nn.Module, planned: dict[str, str]) -> int:
     found = norms(unet) if planned else {}
     for name, kernel in planned.items():
         if name not in found or kernel not in KERNELS:
-            raise UserError(
-                f"layer plan runs {name[:80]!r} on the LayerNorm kernel, which it cannot: rebuild the engine"
-            )
-        norm, layer, _ = found[name]
-        fuse(norm, layer, kernel)
+            what = f"layer plan runs {name[:80]!r} on the LayerNorm kernel, which it cannot"
+            raise UserError(f"{what}: rebuild the engine")
+        fuse(found[name], kernel)
     return len(planned)
 
 
@@ -170,26 +249,25 @@ def choose(
     if timer is None:
         cache = dispatch_cache.open_for(next(unet.parameters()).device)
         timer = gemm_dispatch.time_candidate
-    where = {id(norm): (layer, residual) for norm, layer, residual in found.values()}
+    by_norm = {id(entry.norm): entry for entry in found.values()}
+    for entry in found.values():  # another build's choice: undone, so that every norm is called (and recorded) alike
+        unfuse(entry)
 
     def key(norm, x):
-        layer, residual = where[id(norm)]
-        fmt = layer.FMT if layer is not None and quantizes(layer) else SIXTEEN_BIT
-        return fmt, (x.numel() // x.shape[-1], x.shape[-1], int(residual)), x.dtype
+        entry = by_norm[id(norm)]
+        fmt = entry.feeds.FMT if entry.feeds is not None and quantizes(entry.feeds) else SIXTEEN_BIT
+        return fmt, (x.numel() // x.shape[-1], x.shape[-1], int(entry.after_residual)), x.dtype
 
     rows = []
-    shapes = gemm_dispatch.group_by_input([norm for norm, _, _ in found.values()], run_step, key)
+    shapes = gemm_dispatch.group_by_input([entry.norm for entry in found.values()], run_step, key)
     for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
-        layer = where[id(unique[0])][0] if fmt != SIXTEEN_BIT else None
+        layer = by_norm[id(unique[0])].feeds if fmt != SIXTEEN_BIT else None
         with torch.inference_mode():
             ms, rejected = time_shape(unique[0], layer, shape, dtype, timer, cache, max_error, allowed)
         unfused, fused = (UNFUSED, KERNEL) if layer is not None else (SIXTEEN_BIT, KERNEL_16BIT)
         choice = KERNEL if fused in ms and ms[fused] < ms[unfused] else UNFUSED
-        for norm in unique:
-            if choice != UNFUSED:
-                fuse(norm, where[id(norm)][0], choice)
-            elif isinstance(norm, _FusedLayerNormForward):  # another build's choice: undone, else untouched
-                unfuse(norm)
+        for norm in unique if choice != UNFUSED else ():
+            fuse(by_norm[id(norm)], choice)
         rows.append(gemm_dispatch.fusion_row(fmt, "layernorm", shape, len(unique), ms, choice, rejected))
     if cache is not None:
         cache.save()
@@ -198,10 +276,10 @@ def choose(
 
 def time_shape(norm, layer, shape, dtype, timer, cache, max_error, allowed=lambda _: True) -> tuple[dict, dict]:
     """({candidate: ms per call}, {kernel candidate: why it was not timed}) for a norm of `shape` = (rows, C,
-    residual) whose output feeds `layer` quantized (an 8-bit layer on an 8-bit GEMM) or, with `layer` None, in 16
-    bits. The unfused candidate (UNFUSED, or SIXTEEN_BIT) is the residual add, the norm and any quantization compiled
-    together; the kernel candidate (KERNEL, or KERNEL_16BIT) is the same with the norm on the kernel, where the
-    kernel runs and computes right."""
+    after a residual add) whose output feeds `layer` quantized (an 8-bit layer on an 8-bit GEMM) or, with `layer`
+    None, in 16 bits. The unfused candidate (UNFUSED, or SIXTEEN_BIT) is the residual add, the norm and any
+    quantization compiled together; the kernel candidate (KERNEL, or KERNEL_16BIT) is the kernel doing all of it,
+    where the kernel runs and computes right."""
     # One compiled graph per shape and output kind: past Dynamo's limit the unfused norm would run eagerly and be
     # timed slower than the engine runs it.
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
@@ -226,7 +304,10 @@ def _time_shape(norm, layer, shape, dtype, timer, cache, max_error, allowed) -> 
     rejected = {}
     if allowed(KERNEL) and layernorm8.can_run(x, weight, bias):
         candidate = functools.partial(kernel_fn, *args)
-        error = _relative_error(candidate()[1], timed[names[0]]()[1], layer.a_scale if layer is not None else None)
+        (total, y), (ref_total, ref_y) = candidate(), timed[names[0]]()
+        error = _relative_error(y, ref_y, layer.a_scale if layer is not None else None)
+        if residual:  # the new residual stream too: the same additions, rounded alike
+            error = max(error, _relative_error(total, ref_total, None))
         if error <= max_error:
             timed[names[1]] = candidate
         else:
@@ -246,16 +327,17 @@ def _relative_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | 
 
 
 def _unfused(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype):
-    """The residual add, the norm and the next layer's smoothing and quantization, as the unfused engine runs them."""
+    """The residual add, the norm and the next layer's smoothing and quantization, as the unfused engine runs them:
+    (the residual stream, the norm's output)."""
     if residual is not None:
-        x = x + residual
+        return layernorm8.add_layernorm_reference(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype)
     return x, layernorm8.layernorm_reference(x, weight, bias, eps, smooth, inv_scale, out_dtype)
 
 
 def _on_kernel(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype):
-    """The same with the norm on the kernel: Inductor's kernel for the residual add, then the kernel."""
+    """The same on the kernel."""
     if residual is not None:
-        x = x + residual
+        return ops.add_layernorm8(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype)
     return x, ops.layernorm8(x, weight, bias, eps, smooth, inv_scale, out_dtype)
 
 

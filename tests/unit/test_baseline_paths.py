@@ -217,8 +217,8 @@ def test_norms_on_our_kernel_are_named(unet):
     stored = references.layer_paths(unet)
     assert stored["norm_kernels"] == {}
     found = layernorm.norms(unet)
-    for norm, layer, _ in found.values():
-        layernorm.fuse(norm, layer)
+    for entry in found.values():
+        layernorm.fuse(entry)
     now = references.layer_paths(unet)
     assert now["norm_kernels"] == {layernorm.KERNEL: len(found)} and len(found) == 51
     expected = f"LayerNorms on our LayerNorm kernel where the baseline's did not ({layernorm.KERNEL} 0 -> 51)"

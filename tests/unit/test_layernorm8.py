@@ -49,24 +49,25 @@ def converted(data):
 def fuse_all(unet) -> dict[str, bool]:
     """Fuse every norm; {name: whether its output is 8-bit}."""
     found = layernorm.norms(unet)
-    for norm, layer, _ in found.values():
-        layernorm.fuse(norm, layer)
-    return {name: layer is not None and attention.quantizes(layer) for name, (_, layer, _) in found.items()}
+    for entry in found.values():
+        layernorm.fuse(entry)
+    return {name: entry.feeds is not None and attention.quantizes(entry.feeds) for name, entry in found.items()}
 
 
 @pytest.mark.slow
 def test_layernorm8_kernel_in_interpreter():
     proc = run_in_interpreter("layernorm_interp_check.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "OK 50 cases" in proc.stdout
+    assert "OK 100 cases" in proc.stdout
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @pytest.mark.parametrize("fused_qkv", [False, True], ids=["projections", "fused-projections"])
 def test_fused_norms_compute_what_diffusers_blocks_do(converted, data, precision, fused_qkv):
-    """On the CPU the op computes the unfused engine's arithmetic (PyTorch's LayerNorm, then the next layer's
-    quantization) in float32, so the fusion alone decides whether the UNet's output moves: a norm quantizing with
-    another layer's scales, or a layer quantizing an input that is already quantized, would move it."""
+    """On the CPU the op computes the unfused engine's arithmetic (the residual add, PyTorch's LayerNorm, then the next
+    layer's quantization) in float32, so the fusion alone decides whether the UNet's output moves: a norm quantizing
+    with another layer's scales, a layer quantizing an input that is already quantized, or a block adding a residual
+    twice or not at all, would move it."""
     unet = converted(precision, fused_qkv)
     expected = run(unet, data["eval"])
     eight_bit = fuse_all(unet)
@@ -87,8 +88,8 @@ def test_fused_norms_and_fused_attentions_together(converted, data):
 
 def test_a_norm_whose_layer_runs_16_bits_gets_the_16_bit_output(converted, data):
     unet = converted("int8")
-    for _, layer, _ in layernorm.norms(unet).values():
-        layer.set_gemm_path("16bit", torch.float32)
+    for entry in layernorm.norms(unet).values():
+        entry.feeds.set_gemm_path("16bit", torch.float32)
     expected = run(unet, data["eval"])
     assert not any(fuse_all(unet).values())
     assert torch.equal(run(unet, data["eval"]), expected)
@@ -142,8 +143,30 @@ def test_a_norm_without_weight_or_bias_is_not_fusable():
     for norm in (torch.nn.LayerNorm(32, elementwise_affine=False), torch.nn.LayerNorm(32, bias=False)):
         assert not layernorm.fusable(norm)
         with pytest.raises(ValueError, match="cannot run on the LayerNorm kernel"):
-            layernorm.fuse(norm, None)
+            layernorm.fuse(layernorm.Norm(norm, None, False, torch.nn.Module()))
     assert not layernorm.fusable(torch.nn.LayerNorm((4, 8)))
+
+
+def test_a_block_whose_norms_take_the_residual_add_is_still_a_compiled_region_and_unfuses(converted, data):
+    from sdxl_core.engines import compiled
+
+    unet = converted("int8")
+    blocks = {name for name, _ in compiled.regions(copy.deepcopy(unet))}
+    found = layernorm.norms(unet)
+    for entry in found.values():
+        layernorm.fuse(entry)
+    fused_blocks = {id(entry.block) for entry in found.values()}
+    assert all(isinstance(b, layernorm._AddNormBlock) for b in (e.block for e in found.values()))
+    assert {name for name, _ in compiled.regions(copy.deepcopy(unet))} == blocks  # each block still its own region
+    for name, entry in found.items():
+        if name.endswith("norm2"):
+            layernorm.unfuse(entry)
+    assert all(isinstance(b, layernorm._AddNormBlock) for b in (e.block for e in found.values()))  # norm3 still is
+    for name, entry in found.items():
+        if name.endswith("norm3"):
+            layernorm.unfuse(entry)
+    assert not any(isinstance(m, layernorm._AddNormBlock) for m in unet.modules()) and len(fused_blocks) == 17
+    assert layernorm.fused_norms(unet) == {n: layernorm.KERNEL for n in found if n.endswith("norm1")}
 
 
 def timer_preferring(kernel_wins: bool, winner: str = layernorm.KERNEL, residual_only: bool = False):
@@ -215,12 +238,17 @@ def _load(directory):
 
 def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypatch):
     unet = converted("fp8")
-    right = ops.layernorm8
+    right, right_add = ops.layernorm8, ops.add_layernorm8
 
     def wrong(x, weight, bias, eps, smooth, inv_scale, out_dtype):
         return right(x, bias, weight, eps, smooth, inv_scale, out_dtype)  # weight and bias swapped
 
+    def wrong_stream(x, residual, *args):
+        total, y = right_add(x, residual, *args)
+        return total - residual, y  # the norm right, the residual stream without the residual
+
     monkeypatch.setattr(ops, "layernorm8", wrong)
+    monkeypatch.setattr(ops, "add_layernorm8", wrong_stream)
     rows = layernorm.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2)
     assert rows and all(r["choice"] == layernorm.UNFUSED and layernorm.KERNEL in r["rejected"] for r in rows)
     assert not layernorm.fused_norms(unet)
@@ -335,3 +363,21 @@ def test_the_kernels_command_times_a_norm_as_the_build_does(fmt):
         layernorm.KERNEL: 1.333,
     }
     assert "| layernorm |" in render_kernels({"rows": [row]})
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("layernorm", "KernelFusedLayerNorm"),
+        ("layernorm", "KernelFusedBasicTransformerBlock"),
+        ("geglu", "GegluFusedFeedForward"),
+    ],
+)
+def test_a_fused_class_pickles_by_name(module, name):
+    """An engine's precompiled regions pickle the classes of the modules they run: a fused module's class must be
+    found by its name, also in a process that has not fused anything yet."""
+    import importlib
+    import pickle
+
+    cls = getattr(importlib.import_module(f"sdxl_core.quant.{module}"), name)
+    assert cls.__name__ == name and pickle.loads(pickle.dumps(cls)) is cls

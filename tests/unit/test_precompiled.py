@@ -144,14 +144,20 @@ def _with_defaults(function, **defaults):
     return call
 
 
-def test_regions_with_attentions_on_our_kernel_precompile_and_reuse_without_tracing():
-    """An engine whose attentions run our attention kernel (`quant.attention`: another processor class): its
-    regions save and load like diffusers' own, and a UNet whose attentions were not swapped is refused."""
-    from sdxl_core.quant import attention, qmodules
+@pytest.mark.parametrize("ours", ["attention", "layernorm"])
+def test_regions_with_our_kernels_precompile_and_reuse_without_tracing(ours):
+    """An engine whose attentions run our attention kernel (`quant.attention`: another processor class), or whose
+    LayerNorms run ours (`quant.layernorm`: subclasses of the norms and their blocks): its regions save and load like
+    diffusers' own, and a UNet whose modules were not swapped is refused."""
+    from sdxl_core.quant import attention, layernorm, qmodules
 
     def fused_unet():
         unet = tiny_unet()
         qmodules.fuse_qkv(unet)
+        if ours == "layernorm":
+            for entry in layernorm.norms(unet).values():
+                layernorm.fuse(entry)
+            return unet
         for module in unet.modules():
             if attention.fusable(module):
                 attention.fuse(module)

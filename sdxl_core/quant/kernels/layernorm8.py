@@ -8,14 +8,17 @@ step, docs/perf.md): Inductor loops over each 1280-channel row twice, and its de
 reductions are far from the best it can find when it tunes them. Here a program holds whole rows in registers, reads
 each element once and writes the next layer's 8-bit input directly:
 
-    y16   = LayerNorm(x) * weight + bias      in float32, rounded to the activation dtype as the norm's output is
+    s     = x + residual                      `add_layernorm8` only: the block's residual add before `norm2` and
+                                              `norm3`, rounded to the activation dtype and written (the block's new
+                                              residual stream), as the unfused add writes it
+    y16   = LayerNorm(s) * weight + bias      in float32, rounded to the activation dtype as the norm's output is
     out_q = quantize(y16 * smooth)            the next layer's smoothing and input quantization (`epilogue8`)
 
 With `out_dtype` the activation dtype the kernel writes y16 (no smoothing, no quantization): the norm as a 16-bit
 engine runs it, so a build can tell whether this kernel beats Inductor's without the quantization.
 
-x is [M, C] with unit stride in C (any row stride); C up to 8192. CPU tensors run the torch reference, or the kernel
-in the Triton interpreter when TRITON_INTERPRET=1 (as `int8_gemm` decides).
+x (and the residual) is [M, C] with unit stride in C (any row stride); C up to 8192. CPU tensors run the torch
+reference, or the kernel in the Triton interpreter when TRITON_INTERPRET=1 (as `int8_gemm` decides).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def configs(interpret: bool, quick: bool) -> list[triton.Config]:
 @triton.jit
 def _layernorm8_kernel(
     x_ptr,
+    r_ptr,
+    sum_ptr,
     w_ptr,
     b_ptr,
     out_ptr,
@@ -59,7 +64,9 @@ def _layernorm8_kernel(
     M,
     C,
     stride_xm,
+    stride_rm,
     eps,
+    HAS_RESIDUAL: tl.constexpr,
     OUT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
     ROUND_E4M3: tl.constexpr,
@@ -72,6 +79,11 @@ def _layernorm8_kernel(
     in_c = cols < C
     mask = (rows < M)[:, None] & in_c[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s16 = (x + r).to(x_ptr.dtype.element_ty)  # the residual stream is kept in the activation dtype
+        tl.store(sum_ptr + rows[:, None] * C + cols[None, :], s16, mask=mask)
+        x = s16.to(tl.float32)
     # Two passes over the registers (mean, then the centred squares), as PyTorch's LayerNorm computes the variance.
     mean = tl.sum(x, 1) / C
     centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -91,7 +103,7 @@ def _layernorm8_kernel(
 
 @functools.cache
 def _autotuned(interpret: bool, quick: bool):
-    return triton.autotune(configs(interpret, quick), key=["M", "C", "OUT"])(_layernorm8_kernel)
+    return triton.autotune(configs(interpret, quick), key=["M", "C", "HAS_RESIDUAL", "OUT"])(_layernorm8_kernel)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -117,27 +129,49 @@ def layernorm_reference(x, weight, bias, eps: float, smooth, inv_scale, out_dtyp
     return quantize_output(y16, smooth, inv_scale, out_dtype)
 
 
+def add_layernorm_reference(x, residual, weight, bias, eps: float, smooth, inv_scale, out_dtype):
+    """(x + residual, its `layernorm_reference`): the unfused block's residual add and norm."""
+    s = x + residual
+    return s, layernorm_reference(s, weight, bias, eps, smooth, inv_scale, out_dtype)
+
+
 def layernorm8(x, weight, bias, eps: float, smooth, inv_scale, out_dtype: torch.dtype) -> torch.Tensor:
     """[M, C] in `out_dtype` (int8, float8_e4m3fn, or x's dtype) from [M, C] `x`, as the module docstring says.
     `smooth` ([C], or None) and `inv_scale` (float32, 1 / the next layer's a_scale) are used only for an 8-bit
     `out_dtype`."""
+    return _run(x, None, weight, bias, eps, smooth, inv_scale, out_dtype)[1]
+
+
+def add_layernorm8(x, residual, weight, bias, eps: float, smooth, inv_scale, out_dtype: torch.dtype):
+    """(x + residual in x's dtype, `layernorm8` of it) in one kernel: the block's residual add and the norm after it."""
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"add_layernorm8 adds a residual like x {tuple(x.shape)} {x.dtype}, not {tuple(residual.shape)}"
+        )
+    return _run(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype)
+
+
+def _run(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
     quantized = out_dtype in QUANTIZED
     if out_dtype != x.dtype and not quantized:
         raise ValueError(f"layernorm8 writes int8, float8_e4m3fn or the activation dtype {x.dtype}, not {out_dtype}")
     if quantized and inv_scale is None:
         raise ValueError("an 8-bit LayerNorm output needs the next layer's inverse input scale")
     if not (x.is_cuda or _INTERPRET) or x.numel() == 0:
-        return layernorm_reference(x, weight, bias, eps, smooth, inv_scale, out_dtype)
-    if not supports(x, weight, bias):
+        if residual is None:
+            return None, layernorm_reference(x, weight, bias, eps, smooth, inv_scale, out_dtype)
+        return add_layernorm_reference(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype)
+    if not supports(x, weight, bias) or (residual is not None and residual.stride(1) != 1):
         raise ValueError(
-            f"layernorm8 cannot run x {tuple(x.shape)} {x.dtype}: it takes a 16-bit [M, C] input with unit stride in "
-            f"C, C <= {MAX_CHANNELS}, and a weight and a bias of C values"
+            f"layernorm8 cannot run x {tuple(x.shape)} {x.dtype}: it takes a 16-bit [M, C] input (and residual) with "
+            f"unit stride in C, C <= {MAX_CHANNELS}, and a weight and a bias of C values"
         )
     m, channels = x.shape
     # The interpreter's float32 -> e4m3 cast mis-rounds: there the kernel writes the rounded values in float32 and
     # torch casts them (exact: each is an e4m3 value), as `geglu8` does.
     round_e4m3 = _INTERPRET and out_dtype == FP8_DTYPE
     out = torch.empty((m, channels), dtype=torch.float32 if round_e4m3 else out_dtype, device=x.device)
+    total = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     inv_arg = inverse_scale_arg(inv_scale, quantized, x.device)
     smooth_arg = smooth.contiguous() if quantized and smooth is not None else inv_arg
 
@@ -146,6 +180,8 @@ def layernorm8(x, weight, bias, eps: float, smooth, inv_scale, out_dtype: torch.
 
     _autotuned(_INTERPRET, _QUICK)[grid](
         x,
+        x if residual is None else residual,
+        out if total is None else total,
         weight,
         bias,
         out,
@@ -154,11 +190,13 @@ def layernorm8(x, weight, bias, eps: float, smooth, inv_scale, out_dtype: torch.
         m,
         channels,
         x.stride(0),
+        x.stride(0) if residual is None else residual.stride(0),
         eps,
+        HAS_RESIDUAL=residual is not None,
         OUT=out_kind(out_dtype),
         HAS_SMOOTH=quantized and smooth is not None,
         ROUND_E4M3=round_e4m3,
         USE_RINT=_USE_RINT,
         BLOCK_C=triton.next_power_of_2(channels),
     )
-    return out.to(out_dtype) if round_e4m3 else out
+    return total, (out.to(out_dtype) if round_e4m3 else out)

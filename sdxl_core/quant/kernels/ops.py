@@ -225,3 +225,24 @@ def layernorm8(
 @layernorm8.register_fake
 def _layernorm8_shape(x, weight, bias, eps, smooth, inv_scale, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("sdxl_bench::add_layernorm8", mutates_args=())
+def add_layernorm8(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    smooth: torch.Tensor | None,
+    inv_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's residual add and the LayerNorm after it in one kernel (`layernorm8.add_layernorm8`): (x + residual
+    [M, C] in x's dtype, the norm of it [M, C] in `out_dtype`)."""
+    return layernorm8_kernel.add_layernorm8(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype)
+
+
+@add_layernorm8.register_fake
+def _add_layernorm8_shape(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=out_dtype)
