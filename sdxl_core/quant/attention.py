@@ -162,15 +162,12 @@ def choose(
     (`allowed` here); fuse every attention of that kind and shape where the kernel is faster and its output matches.
     One JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own,
     kept in its timing cache."""
-    from sdxl_core.quant import dispatch_cache, gemm_dispatch
+    from sdxl_core.quant import gemm_dispatch
 
     attentions = [m for m in unet.modules() if fusable(m)]
     if not attentions or not any(allowed(kernel) for kernel in KERNELS):
         return []
-    cache = None
-    if timer is None:
-        cache = dispatch_cache.open_for(next(unet.parameters()).device)
-        timer = gemm_dispatch.time_candidate
+    timer, cache = gemm_dispatch.timer_and_cache(unet, timer)
     rows = []
     shapes = gemm_dispatch.group_by_input(attentions, run_step, _shape_key)
     for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):

@@ -136,15 +136,12 @@ def choose(
     output matches the reference. Returns one JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per
     call; by default the dispatch's own (`gemm_dispatch.time_candidate`), whose timings the kernel timing cache
     keeps (`dispatch_cache`)."""
-    from sdxl_core.quant import dispatch_cache, gemm_dispatch
+    from sdxl_core.quant import gemm_dispatch
 
     ffs = feed_forwards(unet)
     if not ffs or not any(allowed(kernel) for kernel in FUSED_KERNELS):
         return []
-    cache = None
-    if timer is None:
-        cache = dispatch_cache.open_for(next(unet.parameters()).device)
-        timer = gemm_dispatch.time_candidate
+    timer, cache = gemm_dispatch.timer_and_cache(unet, timer)
     shapes = gemm_dispatch.group_by_input(ffs.values(), run_step, _shape_key)
     rows = []
     for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):

@@ -199,6 +199,15 @@ def relative_error(layer, fn, x: torch.Tensor, candidate: str) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+def timer_and_cache(unet: torch.nn.Module, timer: Callable | None):
+    """(timer, timing cache) for a fused kernel's choice (`quant.geglu`, `quant.attention`, `quant.layernorm`): a
+    caller's own timer and no cache (its timings are kept nowhere), else `time_candidate` and the cache for the
+    UNet's device, which the caller saves when it is done."""
+    if timer is not None:
+        return timer, None
+    return time_candidate, dispatch_cache.open_for(_device(unet))
+
+
 def fusion_row(fmt: str, op: str, shape: tuple, layers: int, ms: dict, choice: str, rejected: dict) -> dict:
     """One JSON-ready row of a fused kernel's choice (`quant.geglu`, `quant.attention`) for gemm_dispatch.json; each
     rejected candidate is named on stderr."""

@@ -240,15 +240,12 @@ def choose(
     """Per distinct norm shape and output kind: the unfused norm against the kernel (`allowed` here); fuse every
     norm of that kind and shape where the kernel is faster and its output matches. One JSON-ready row per shape.
     `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own, kept in its timing cache."""
-    from sdxl_core.quant import dispatch_cache, gemm_dispatch
+    from sdxl_core.quant import gemm_dispatch
 
     found = norms(unet)
     if not found or not any(allowed(kernel) for kernel in KERNELS):
         return []
-    cache = None
-    if timer is None:
-        cache = dispatch_cache.open_for(next(unet.parameters()).device)
-        timer = gemm_dispatch.time_candidate
+    timer, cache = gemm_dispatch.timer_and_cache(unet, timer)
     by_norm = {id(entry.norm): entry for entry in found.values()}
     for entry in found.values():  # another build's choice: undone, so that every norm is called (and recorded) alike
         unfuse(entry)

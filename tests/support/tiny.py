@@ -49,6 +49,23 @@ def converted_tiny(precision: str, calib: list[dict], fused_qkv: bool = False) -
     return qmodules.convert_to_real(quantize.quantize_unet(unet, variant, forward_loop, progress=False))[0]
 
 
+def load_saved(directory) -> torch.nn.Module:
+    """The UNet `qmodules.save` wrote to `directory`, loaded as an engine loads it (weights dequantized in float32)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from sdxl_core.quant import qmodules
+
+    config = json.loads((directory / "unet_config.json").read_text())
+    plan = json.loads((directory / "layer_plan.json").read_text())
+    tensors = load_file(str(directory / "unet.safetensors"))
+    unet = qmodules.load_real(config, plan, tensors, unet_cls=UNet2DConditionModel)
+    qmodules.dequantize_weights(unet, torch.float32)
+    return unet
+
+
 def run_in_interpreter(script: str, *args: str) -> subprocess.CompletedProcess:
     """tests/support/<script> in a fresh process with the Triton interpreter opted in: the interpreter has to be
     chosen before triton is imported. The opt-in variable (rather than TRITON_INTERPRET itself) also covers the

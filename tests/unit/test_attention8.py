@@ -19,7 +19,7 @@ from sdxl_core.quant import attention, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import attention8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from tests.support.tiny import converted_tiny, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import converted_tiny, load_saved, run, run_in_interpreter, unet_inputs
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -156,7 +156,7 @@ def test_a_16_bit_unet_fuses_where_the_kernel_beats_sdpa_and_the_plan_keeps_it(d
     assert ("attention" in plan) == fused_wins
     if fused_wins:
         qmodules.save(unet, tmp_path)
-        loaded = _load(tmp_path)
+        loaded = load_saved(tmp_path)
         assert attention.fused_attentions(loaded) == plan["attention"]
         assert torch.equal(run(loaded, data["eval"]), expected)
 
@@ -180,23 +180,9 @@ def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted
     assert len(plan["attention"]) == TINY_ATTENTIONS
     plan_schema.check_layer_plan(plan, "cpu")
     qmodules.save(unet, tmp_path)
-    loaded = _load(tmp_path)
+    loaded = load_saved(tmp_path)
     assert attention.fused_attentions(loaded) == plan["attention"]
     assert torch.equal(run(loaded, data["eval"]), expected)
-
-
-def _load(directory):
-    import json
-
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    config = json.loads((directory / "unet_config.json").read_text())
-    plan = json.loads((directory / "layer_plan.json").read_text())
-    tensors = load_file(str(directory / "unet.safetensors"))
-    unet = qmodules.load_real(config, plan, tensors, unet_cls=UNet2DConditionModel)
-    qmodules.dequantize_weights(unet, torch.float32)
-    return unet
 
 
 def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypatch):

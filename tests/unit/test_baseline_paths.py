@@ -190,39 +190,43 @@ def test_other_kernels_and_other_layers_are_named(unet):
         assert "regression" not in cause, cause
 
 
-def test_attentions_on_our_kernel_are_named(unet):
-    """Which attentions run our attention kernel is chosen by timing too (`quant.attention`): a baseline stored
-    before they could, or by an engine that fused others, is named as the possible cause."""
+def _fuse_attentions(unet) -> int:
     from sdxl_core.quant import attention
 
-    stored = references.layer_paths(unet)
-    assert stored["attention_kernels"] == {}
     fused = [m for m in unet.modules() if attention.fusable(m)]
     for attn in fused:
         attention.fuse(attn)
-    now = references.layer_paths(unet)
-    assert now["attention_kernels"] == {attention.KERNEL: len(fused)} and len(fused) == 34
-    expected = f"attentions on our attention kernel where the baseline's did not ({attention.KERNEL} 0 -> 34)"
-    old = {key: value for key, value in stored.items() if key != "attention_kernels"}  # stored before the key
-    for record in (stored, old):
-        cause = baselines.failure_cause(baseline(record), LIBRARIES, DEVICE, {"latents"}, now)
-        assert expected in cause and "regression" not in cause, cause
-    assert baselines.failure_cause(baseline(now), LIBRARIES, DEVICE, {"latents"}, now) == REGRESSION
+    return len(fused)
 
 
-def test_norms_on_our_kernel_are_named(unet):
-    """So are the LayerNorms on our LayerNorm kernel (`quant.layernorm`)."""
+def _fuse_norms(unet) -> int:
     from sdxl_core.quant import layernorm
 
-    stored = references.layer_paths(unet)
-    assert stored["norm_kernels"] == {}
     found = layernorm.norms(unet)
     for entry in found.values():
         layernorm.fuse(entry)
+    return len(found)
+
+
+@pytest.mark.parametrize(
+    ("key", "fuse", "kernel", "count", "named"),
+    [
+        ("attention_kernels", _fuse_attentions, "attention_triton", 34, "attentions on our attention kernel"),
+        ("norm_kernels", _fuse_norms, "layernorm_triton", 51, "LayerNorms on our LayerNorm kernel"),
+    ],
+    ids=["attention", "layernorm"],
+)
+def test_modules_on_our_kernels_are_named(unet, key, fuse, kernel, count, named):
+    """Which attentions and LayerNorms run our kernels is chosen by timing too (`quant.attention`,
+    `quant.layernorm`): a baseline stored before they could, or by an engine that fused others, is named as the
+    possible cause."""
+    stored = references.layer_paths(unet)
+    assert stored[key] == {}
+    assert fuse(unet) == count
     now = references.layer_paths(unet)
-    assert now["norm_kernels"] == {layernorm.KERNEL: len(found)} and len(found) == 51
-    expected = f"LayerNorms on our LayerNorm kernel where the baseline's did not ({layernorm.KERNEL} 0 -> 51)"
-    old = {key: value for key, value in stored.items() if key != "norm_kernels"}  # stored before the key
+    assert now[key] == {kernel: count}
+    expected = f"{named} where the baseline's did not ({kernel} 0 -> {count})"
+    old = {k: value for k, value in stored.items() if k != key}  # stored before the key
     for record in (stored, old):
         cause = baselines.failure_cause(baseline(record), LIBRARIES, DEVICE, {"latents"}, now)
         assert expected in cause and "regression" not in cause, cause

@@ -18,7 +18,7 @@ from sdxl_core.quant import attention, layernorm, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import epilogue8, layernorm8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from tests.support.tiny import converted_tiny, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import converted_tiny, load_saved, run, run_in_interpreter, unet_inputs
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -200,7 +200,7 @@ def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted
     assert len(plan["norms"]) == TINY_NORMS * 2 // 3 and all(n.endswith(("norm2", "norm3")) for n in plan["norms"])
     plan_schema.check_layer_plan(plan, "cpu")
     qmodules.save(unet, tmp_path)
-    loaded = _load(tmp_path)
+    loaded = load_saved(tmp_path)
     assert layernorm.fused_norms(loaded) == plan["norms"]
     assert torch.equal(run(loaded, data["eval"]), expected)
     # A build that finds the kernel slower undoes the fusion it inherited.
@@ -220,20 +220,6 @@ def test_a_16_bit_unet_times_the_kernel_with_its_16_bit_output(data):
     assert rows and {r["fmt"] for r in rows} == {layernorm.SIXTEEN_BIT}
     assert all(set(r["ms"]) == {layernorm.SIXTEEN_BIT, layernorm.KERNEL_16BIT} for r in rows)
     assert len(layernorm.fused_norms(unet)) == TINY_NORMS
-
-
-def _load(directory):
-    import json
-
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    config = json.loads((directory / "unet_config.json").read_text())
-    plan = json.loads((directory / "layer_plan.json").read_text())
-    tensors = load_file(str(directory / "unet.safetensors"))
-    unet = qmodules.load_real(config, plan, tensors, unet_cls=UNet2DConditionModel)
-    qmodules.dequantize_weights(unet, torch.float32)
-    return unet
 
 
 def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypatch):
