@@ -30,7 +30,7 @@ SETTINGS = {
     "GEMM_DISPATCH": ("on (default), off", "time each 8-bit layer shape's kernels when a GPU engine is built"),
     "KERNELS": (
         "comma-separated kernel names or prefixes (`cutlass`, `scaled_mm`, `attention_triton`, `layernorm_triton`,"
-        " ...)",
+        " `geglu_act_triton`, ...)",
         "the kernels the dispatch may time besides the 16-bit path (unset: all)",
     ),
     "PDL": (

@@ -15,7 +15,8 @@ attention` SDXL's four attention shapes as the build's attention choice times th
 today), and the Triton kernel that quantizes in its epilogue, with an 8-bit and a 16-bit output; `--ops layernorm`
 SDXL's transformer-block LayerNorms as the build's LayerNorm choice times them (`quant.layernorm`): the norm (after
 its residual add where there is one) compiled by Inductor, in 16 bits ("16bit") and quantizing for the next 8-bit
-layer ("unfused"), and the same on the Triton LayerNorm kernel.
+layer ("unfused"), and the same on the Triton LayerNorm kernel; `--ops geglu_act` SDXL's feed-forward GEGLUs the same
+way (`quant.geglu_act`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from sdxl_core.commands import quantize_glue
 from sdxl_core.errors import UserError
-from sdxl_core.quant import attention, gemm_dispatch, layernorm, qmodules
+from sdxl_core.quant import attention, geglu_act, gemm_dispatch, layernorm, qmodules
 from sdxl_core.quant.gemm_dispatch import ShapeTiming
 from sdxl_core.quant.kernels import shapes
 from sdxl_core.quant.kernels.conv_cutlass import SDXL_CONV3X3
@@ -54,7 +55,9 @@ SDXL_ATTENTIONS = {
 }
 # SDXL's transformer-block LayerNorms, (tokens, channels, after a residual add): layers per UNet step.
 SDXL_NORMS = {(2048, 1280, 0): 60, (2048, 1280, 1): 120, (8192, 640, 0): 10, (8192, 640, 1): 20}
-OPS = ("gemm", "conv", "quantize", "attention", "layernorm")
+# SDXL's feed-forward GEGLUs, (tokens, output width F): layers per UNet step.
+SDXL_GEGLUS = {(2048, 5120): 60, (8192, 2560): 10}
+OPS = ("gemm", "conv", "quantize", "attention", "layernorm", "geglu_act")
 
 
 def add_arguments(p) -> None:
@@ -63,8 +66,9 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--ops",
         default="gemm,conv,quantize",
-        help="what to time, from gemm,conv,quantize,attention,layernorm (quantize: the quantization fused into its "
-        "producers; attention, layernorm: our kernels that quantize their output, against SDPA and Inductor's norm)",
+        help="what to time, from gemm,conv,quantize,attention,layernorm,geglu_act (quantize: the quantization fused "
+        "into its producers; attention, layernorm, geglu_act: our kernels that quantize their output, against SDPA "
+        "and Inductor's kernels)",
     )
     p.add_argument("--out", required=True, help="directory for kernels.json")
 
@@ -131,6 +135,12 @@ def main(args) -> int:
                 row = result.add(measure_layernorm(fmt, shape, layers, device))
                 times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
                 print(f"{fmt} layernorm {'x'.join(map(str, shape))}: us {times}", flush=True)
+    if "geglu_act" in ops:
+        for shape, layers in SDXL_GEGLUS.items():
+            for fmt in formats:
+                row = result.add(measure_geglu_act(fmt, shape, layers, device))
+                times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
+                print(f"{fmt} geglu_act {'x'.join(map(str, shape))}: us {times}", flush=True)
     print(render_kernels(result.data))
     return 0
 
@@ -214,5 +224,32 @@ def measure_layernorm(fmt: str, shape: tuple, layers: int, device, timer=gemm_di
         "layers": layers,
         "ms": ms,
         "speedup": {name: round(ms[layernorm.SIXTEEN_BIT] / t, 3) for name, t in ms.items()},
+        "rejected": rejected,
+    }
+
+
+def measure_geglu_act(fmt: str, shape: tuple, layers: int, device, timer=gemm_dispatch.time_candidate) -> dict:
+    """One GEGLU row, timed as the engine build times it (`geglu_act.time_shape`): the 16-bit GEGLU and the GEGLU
+    quantizing for a random 8-bit layer (with a SmoothQuant scale for INT8, as the engines' have), each unfused and
+    on the kernel. `timer(fn, name, shape)`: ms per call."""
+    width = shape[1]
+    layer = layer_for(fmt, 1, width, 320, device)
+    if fmt == "int8":
+        layer.smooth = torch.rand(width, device=device, dtype=torch.float16) + 0.5
+    ms, rejected = {}, {}
+    with torch.inference_mode():
+        for feeds in (None, layer):
+            timed, why = geglu_act.time_shape(
+                feeds, shape, torch.float16, device, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR
+            )
+            ms.update(timed)
+            rejected.update(why)
+    return {
+        "op": "geglu_act",
+        "fmt": fmt,
+        "shape": list(shape),
+        "layers": layers,
+        "ms": ms,
+        "speedup": {name: round(ms[geglu_act.SIXTEEN_BIT] / t, 3) for name, t in ms.items()},
         "rejected": rejected,
     }

@@ -312,10 +312,11 @@ def build_unet(
     channels_last: bool = False,
     forward_loop: Callable[[torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
-    """FP16: the model's UNet as is, on a GPU with each attention and LayerNorm shape's kernel timed
-    (`quant.attention`, `quant.layernorm`). INT8/FP8: calibrate (or reuse the calibration under the ONNX dir),
-    convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`, `geglu`,
-    `attention`, `layernorm`) in the layout the UNet will run in. A shape-only UNet gets its weights first."""
+    """FP16: the model's UNet as is, on a GPU with each attention, GEGLU and LayerNorm shape's kernel timed
+    (`quant.attention`, `quant.geglu_act`, `quant.layernorm`). INT8/FP8: calibrate (or reuse the calibration under
+    the ONNX dir), convert to real 8-bit modules, then on a GPU time each layer shape's kernels (`gemm_dispatch`,
+    `geglu`, `attention`, `geglu_act`, `layernorm`) in the layout the UNet will run in. A shape-only UNet gets its
+    weights first."""
     startup = startup or Startup()
     kernels = None
     if variant.is_quantized:
@@ -326,7 +327,7 @@ def build_unet(
     if variant.fused_qkv and not qmodules.has_fused_qkv(unet):
         qmodules.fuse_qkv(unet)
     if not variant.is_quantized:
-        if dispatches(device):  # the attention and LayerNorm kernels, where they win: FP16 gets what 8 bits get
+        if dispatches(device):  # our attention, GEGLU and LayerNorm kernels, where they win: FP16 gets what 8 bits get
             with startup.phase("gemm_dispatch", device) as timed:
                 info.gemm_timings = _choose_kernels(unet, unet_inputs(variant, unet, device, dtype), progress)
             info.gemm_dispatch_s = round(timed.seconds, 2)
@@ -413,7 +414,7 @@ def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dic
     if progress:
         gemm_dispatch.print_table(timings)
     # Then whether each GEGLU projection runs fused with what follows it, against the kernels just chosen, and
-    # whether each attention and LayerNorm runs our kernel, which quantizes its output for the 8-bit layer after it.
+    # whether each attention, GEGLU and LayerNorm runs our kernel, which quantizes its output for the layer after it.
     return (
         [t.row() for t in timings]
         + _choose_fused(geglu, unet, inputs, progress)
@@ -422,12 +423,14 @@ def _dispatch(unet, variant, device, dtype, progress, channels_last) -> list[dic
 
 
 def _choose_kernels(unet, inputs, progress) -> list[dict]:
-    """Which attentions and LayerNorms run our kernels (`quant.attention`, `quant.layernorm`), timed per shape: rows
-    for gemm_dispatch.json. The norms come last: whether a norm's output is 8-bit depends on the GEMM chosen for the
-    layer it feeds."""
-    from sdxl_core.quant import attention, layernorm
+    """Which attentions, GEGLUs and LayerNorms run our kernels (`quant.attention`, `quant.geglu_act`,
+    `quant.layernorm`), timed per shape: rows for gemm_dispatch.json. They come after the GEMMs: whether a kernel's
+    output is 8-bit depends on the GEMM chosen for the layer it feeds."""
+    from sdxl_core.quant import attention, geglu_act, layernorm
 
-    return _choose_fused(attention, unet, inputs, progress) + _choose_fused(layernorm, unet, inputs, progress)
+    return [
+        row for fusion in (attention, geglu_act, layernorm) for row in _choose_fused(fusion, unet, inputs, progress)
+    ]
 
 
 def _choose_fused(fusion, unet, inputs, progress) -> list[dict]:

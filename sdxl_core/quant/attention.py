@@ -28,16 +28,16 @@ from collections.abc import Callable
 import torch
 
 from sdxl_core.errors import UserError
-from sdxl_core.quant import qmodules
+from sdxl_core.quant import fusions, qmodules
 from sdxl_core.quant.kernels import attention8, ops
 from sdxl_core.quant.kernels.epilogue8 import QUANTIZED
 
 KERNEL = attention8.KERNEL
 KERNELS = (KERNEL,)
-UNFUSED = "unfused"
-SDPA = "16bit"  # SDPA alone, with a 16-bit output: the FP16 engine's attention unfused
+UNFUSED = fusions.UNFUSED
+SDPA = fusions.SIXTEEN_BIT  # SDPA alone, with a 16-bit output: the FP16 engine's attention unfused
 KERNEL_16BIT = f"{KERNEL}:16bit"  # the Triton kernel with a 16-bit output
-SIXTEEN_BIT = "16bit"  # the "fmt" of a row whose `to_out` takes a 16-bit input
+SIXTEEN_BIT = fusions.SIXTEEN_BIT  # the "fmt" of a row whose `to_out` takes a 16-bit input
 
 
 class FusedOutputAttention:
@@ -243,22 +243,13 @@ def _time_shape(out, shape, dtype, timer, cache, max_error, allowed) -> tuple[di
     rejected = {}
     if allowed(KERNEL) and attention8.can_run(q, k, v):
         for name, (fn, against, scale) in candidates.items():
-            error = _relative_error(fn(), timed[against](), scale)
+            error = fusions.output_error(fn(), timed[against](), scale)
             if error <= max_error:
                 timed[name] = fn
             else:
                 rejected[name] = f"relative error {error:.2e}"
     ms, _ = dispatch_cache.measure(cache, timed, timer, (_fmt(out), "attention", shape, dtype, False))
     return ms, rejected
-
-
-def _relative_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None) -> float:
-    """The kernel's output (dequantized with `scale` where it is 8-bit) against the unfused attention's: a right
-    kernel differs by the attention's float rounding, which moves a few 8-bit outputs to the neighbouring value."""
-    got_f, ref_f = got.float(), ref.float()
-    if scale is not None:
-        got_f, ref_f = got_f * scale.float(), ref_f * scale.float()
-    return float((got_f - ref_f).norm() / ref_f.norm().clamp(min=1e-30))
 
 
 @functools.cache
@@ -270,12 +261,4 @@ def _compiled_reference(on_gpu: bool):
 
 
 def print_table(rows: list[dict], file=sys.stderr) -> None:
-    for row in rows:
-        ms = row["ms"]
-        unfused, fused = (SDPA, KERNEL_16BIT) if row["fmt"] == SIXTEEN_BIT else (UNFUSED, KERNEL)
-        kernel = f"{ms[fused]:.4f}" if fused in ms else "-"
-        print(
-            f"{row['fmt']:>5} attention {'x'.join(map(str, row['shape'])):>22} {row['layers']:>6} "
-            f"unfused {ms[unfused]:.4f} ms, kernel {kernel} ms  choice {row['choice']}",
-            file=file,
-        )
+    fusions.print_table(rows, "attention", KERNEL, KERNEL_16BIT, file)

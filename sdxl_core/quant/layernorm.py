@@ -31,14 +31,14 @@ from typing import NamedTuple
 import torch
 
 from sdxl_core.errors import UserError
-from sdxl_core.quant import qmodules
+from sdxl_core.quant import fusions, qmodules
 from sdxl_core.quant.attention import quantizes
 from sdxl_core.quant.kernels import layernorm8, ops
 
 KERNEL = layernorm8.KERNEL
 KERNELS = (KERNEL,)
-UNFUSED = "unfused"
-SIXTEEN_BIT = "16bit"  # the "fmt" of a row whose norm feeds a 16-bit input; also the unfused 16-bit norm
+UNFUSED = fusions.UNFUSED
+SIXTEEN_BIT = fusions.SIXTEEN_BIT  # the "fmt" of a row whose norm feeds a 16-bit input; also the unfused 16-bit norm
 KERNEL_16BIT = f"{KERNEL}:16bit"  # the Triton kernel with a 16-bit output
 # Per transformer-block norm: the path of the one layer its output feeds (`norm1` feeds one layer only where the
 # self-attention's projections are fused), and whether a residual add makes its input.
@@ -111,12 +111,11 @@ def _add_norm(norm, x, residual):
     return total, norm(total)
 
 
-@functools.cache
 def _fused_class(mixin: type, cls: type) -> type:
-    name = f"KernelFused{cls.__name__}"
-    return type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+    return fusions.fused_class(mixin, cls, __name__)
 
 
+_unfused_class = fusions.unfused_class
 # A fused class is pickled by name (an engine's precompiled regions): this module makes it when it is looked up.
 _FUSED_BASES = {
     "KernelFusedLayerNorm": (_FusedLayerNormForward, "torch.nn", "LayerNorm"),
@@ -129,10 +128,6 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     mixin, module, base = _FUSED_BASES[name]
     return _fused_class(mixin, getattr(importlib.import_module(module), base))
-
-
-def _unfused_class(mixin: type, cls: type) -> type:
-    return cls.__mro__[2] if issubclass(cls, mixin) else cls
 
 
 def fusable(norm: torch.nn.Module) -> bool:
@@ -302,9 +297,9 @@ def _time_shape(norm, layer, shape, dtype, timer, cache, max_error, allowed) -> 
     if allowed(KERNEL) and layernorm8.can_run(x, weight, bias):
         candidate = functools.partial(kernel_fn, *args)
         (total, y), (ref_total, ref_y) = candidate(), timed[names[0]]()
-        error = _relative_error(y, ref_y, layer.a_scale if layer is not None else None)
+        error = fusions.output_error(y, ref_y, layer.a_scale if layer is not None else None)
         if residual:  # the new residual stream too: the same additions, rounded alike
-            error = max(error, _relative_error(total, ref_total, None))
+            error = max(error, fusions.output_error(total, ref_total, None))
         if error <= max_error:
             timed[names[1]] = candidate
         else:
@@ -312,15 +307,6 @@ def _time_shape(norm, layer, shape, dtype, timer, cache, max_error, allowed) -> 
     fmt = layer.FMT if layer is not None else SIXTEEN_BIT
     ms, _ = dispatch_cache.measure(cache, timed, timer, (fmt, "layernorm", shape, dtype, False))
     return ms, rejected
-
-
-def _relative_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None) -> float:
-    """The kernel's output (dequantized with `scale` where it is 8-bit) against the unfused norm's: a right kernel
-    differs by the norm's float rounding, which moves a few 8-bit outputs to the neighbouring value."""
-    got_f, ref_f = got.float(), ref.float()
-    if scale is not None:
-        got_f, ref_f = got_f * scale.float(), ref_f * scale.float()
-    return float((got_f - ref_f).norm() / ref_f.norm().clamp(min=1e-30))
 
 
 def _unfused(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype):
@@ -347,12 +333,4 @@ def _compiled(on_gpu: bool):
 
 
 def print_table(rows: list[dict], file=sys.stderr) -> None:
-    for row in rows:
-        ms = row["ms"]
-        unfused, fused = (SIXTEEN_BIT, KERNEL_16BIT) if row["fmt"] == SIXTEEN_BIT else (UNFUSED, KERNEL)
-        kernel = f"{ms[fused]:.4f}" if fused in ms else "-"
-        print(
-            f"{row['fmt']:>5} layernorm {'x'.join(map(str, row['shape'])):>16} {row['layers']:>6} "
-            f"unfused {ms[unfused]:.4f} ms, kernel {kernel} ms  choice {row['choice']}",
-            file=file,
-        )
+    fusions.print_table(rows, "layernorm", KERNEL, KERNEL_16BIT, file)

@@ -17,6 +17,7 @@ from sdxl_core.errors import UserError
 from sdxl_core.quant.kernels import conv_cutlass, gemm8_cutlass
 from sdxl_core.quant.kernels.attention8 import KERNEL as ATTENTION_KERNEL
 from sdxl_core.quant.kernels.geglu8 import KERNEL as GEGLU_KERNEL
+from sdxl_core.quant.kernels.geglu_act8 import KERNEL as GEGLU_ACT_KERNEL
 from sdxl_core.quant.kernels.layernorm8 import KERNEL as LAYERNORM_KERNEL
 
 PLAN_FILE = "layer_plan.json"
@@ -37,10 +38,10 @@ LAYER_TYPES = {
 _GEGLU_KERNELS = (GEGLU_KERNEL, *gemm8_cutlass.GEGLU_KERNELS)
 _GEMM_KERNELS = {"int8": ("pointer", "tma", *_GEGLU_KERNELS), "fp8": ("scaled_mm", "scaled_mm_fast", *_GEGLU_KERNELS)}
 _SPEC_FIELDS = ("type", "smooth", "per_channel", "gemm", "kernel")
-_PLAN_FIELDS = ("format", "fused_qkv", "layers", "attention", "norms")
-# The fused modules a plan may name, per field: {module name: kernel}. `quant.attention` and `quant.layernorm` check
-# that each module named is an attention (a LayerNorm) their kernel runs.
-FUSED_KERNELS = {"attention": (ATTENTION_KERNEL,), "norms": (LAYERNORM_KERNEL,)}
+_PLAN_FIELDS = ("format", "fused_qkv", "layers", "attention", "norms", "activations")
+# The fused modules a plan may name, per field: {module name: kernel}. `quant.attention`, `quant.layernorm` and
+# `quant.geglu_act` check that each module named is an attention (a LayerNorm, a GEGLU) their kernel runs.
+FUSED_KERNELS = {"attention": (ATTENTION_KERNEL,), "norms": (LAYERNORM_KERNEL,), "activations": (GEGLU_ACT_KERNEL,)}
 _LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
 # What diffusers adds to a model's config besides its constructor's arguments.
 _CONFIG_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")

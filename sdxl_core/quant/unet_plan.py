@@ -82,12 +82,18 @@ def convert_to_real(unet: torch.nn.Module) -> tuple[torch.nn.Module, ConversionR
 def layer_plan(unet: torch.nn.Module) -> dict:
     """JSON-ready: which modules of a converted UNet are 8-bit, with the flags that fix their buffer shapes, and
     whether its attention projections are fused (the module tree the layer names refer to); where a build ran
-    attentions or LayerNorms on our kernels (`quant.attention`, `quant.layernorm`), which and on which kernel."""
-    from sdxl_core.quant import attention, layernorm
+    attentions, LayerNorms or GEGLUs on our kernels (`quant.attention`, `quant.layernorm`, `quant.geglu_act`), which
+    and on which kernel."""
+    from sdxl_core.quant import attention, geglu_act, layernorm
 
     layers = {name: _spec(m) for name, m in unet.named_modules() if isinstance(m, QuantizedModule)}
     plan = {"format": PLAN_FORMAT, "fused_qkv": has_fused_qkv(unet), "layers": layers}
-    for entry, fused in (("attention", attention.fused_attentions(unet)), ("norms", layernorm.fused_norms(unet))):
+    ours = {
+        "attention": attention.fused_attentions(unet),
+        "norms": layernorm.fused_norms(unet),
+        "activations": geglu_act.fused_activations(unet),
+    }
+    for entry, fused in ours.items():
         if fused:  # only where a build fused some, so other engines' plans stay as they were
             plan[entry] = fused
     return plan
@@ -143,10 +149,11 @@ def apply_layer_plan(plain_unet: torch.nn.Module, plan: dict) -> torch.nn.Module
         as_gemm = not isinstance(quantized, QConv2d) or quantized.as_gemm
         plan_schema.check_layer_kernel(name, quantized.kernel, quantized.FMT, as_gemm)
         plain_unet.set_submodule(name, quantized)
-    from sdxl_core.quant import attention, geglu, layernorm
+    from sdxl_core.quant import attention, geglu, geglu_act, layernorm
 
     geglu.apply_fusions(plain_unet)
     attention.apply_fusions(plain_unet, plan.get("attention", {}))
+    geglu_act.apply_fusions(plain_unet, plan.get("activations", {}))
     layernorm.apply_fusions(plain_unet, plan.get("norms", {}))
     return plain_unet
 

@@ -13,7 +13,8 @@ from sdxl_core.reports.tables import markdown_table
 GROUPS = [  # (group, pattern over the lower-cased kernel or op name); the first match wins
     ("Inductor norm/pointwise", r"^triton_(poi|per|red)_"),
     ("Inductor GEMM template", r"^triton_tem_"),
-    ("LayerNorm (Triton, ours)", r"_layernorm8|sdxl_bench::layernorm8"),  # before "norm (eager)", which would match
+    ("LayerNorm (Triton, ours)", r"_layernorm8|sdxl_bench::(add_)?layernorm8"),  # before "norm (eager)"
+    ("GEGLU (Triton, ours)", r"_geglu_act8|sdxl_bench::geglu_act8"),
     ("8-bit GEMM (Triton, ours)", r"_w8a8|sdxl_bench::int8_mm"),  # the op name is what a CPU profile sees
     ("8-bit conv (CUTLASS, ours)", r"cutlass.*conv|conv.*cutlass"),
     ("8-bit GEMM (CUTLASS, ours)", r"cutlass"),

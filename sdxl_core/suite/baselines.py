@@ -282,10 +282,11 @@ def path_change(stored: dict | None, current: dict | None) -> str | None:
         counts = _changed_counts(stored["layers_by_kernel"], current["layers_by_kernel"])
         which = f"layers per kernel: {counts}" if counts else "as many per kernel"
         return f"the engine runs layers on other 8-bit kernels than the baseline's engine ({which}){_BY_TIMING}"
-    # A baseline stored before attentions (LayerNorms) could run our kernels ran none on them.
+    # A baseline stored before attentions (LayerNorms, GEGLUs) could run our kernels ran none on them.
     for key, what in (
         ("attention_kernels", "attentions on our attention"),
         ("norm_kernels", "LayerNorms on our LayerNorm"),
+        ("activation_kernels", "GEGLUs on our GEGLU"),
     ):
         was, now = stored.get(key, {}), current.get(key, {})
         if was != now:

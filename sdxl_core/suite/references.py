@@ -180,7 +180,7 @@ def layer_paths(unet: torch.nn.Module | None) -> dict | None:
         return None
     by_path, by_kernel = layer_counts(unet)
     sixteen = Counter(layer_group(name) for name, (path, _) in layers.items() if path == "16bit")
-    from sdxl_core.quant import attention, layernorm
+    from sdxl_core.quant import attention, geglu_act, layernorm
 
     return {
         "layers_by_path": dict(sorted(by_path.items())),
@@ -188,9 +188,11 @@ def layer_paths(unet: torch.nn.Module | None) -> dict | None:
         "paths_digest": _digest([name, path] for name, (path, _) in layers.items()),
         "kernels_digest": _digest([name, kernel] for name, (_, kernel) in layers.items()),
         "16bit_groups": dict(sorted(sixteen.items())),
-        # which attentions and LayerNorms run our kernels (quant.attention, quant.layernorm), also chosen by timing
+        # which attentions, LayerNorms and GEGLUs run our kernels (quant.attention, quant.layernorm, quant.geglu_act),
+        # also chosen by timing
         "attention_kernels": dict(sorted(Counter(attention.fused_attentions(unet).values()).items())),
         "norm_kernels": dict(sorted(Counter(layernorm.fused_norms(unet).values()).items())),
+        "activation_kernels": dict(sorted(Counter(geglu_act.fused_activations(unet).values()).items())),
     }
 
 

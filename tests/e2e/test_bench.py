@@ -88,6 +88,7 @@ def test_profile_rows_carry_the_per_shape_timings_of_a_build_or_of_the_engine(tm
         ("triton_red_fused_native_layer_norm_0", "Inductor norm/pointwise"),
         ("_w8a8_tma_kernel", "8-bit GEMM (Triton, ours)"),
         ("_layernorm8_kernel", "LayerNorm (Triton, ours)"),  # not the eager norms its name would match
+        ("_geglu_act8_kernel", "GEGLU (Triton, ours)"),
         ("_attention8_kernel", "attention"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
         ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution (cuDNN)"),

@@ -1,6 +1,7 @@
 """What several CPU tests share: random inputs for the tiny UNet, a UNet call as the pipeline makes it, a tiny UNet
 calibrated and converted to 8-bit modules, and a check script run in the Triton interpreter."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,6 +65,18 @@ def load_saved(directory) -> torch.nn.Module:
     unet = qmodules.load_real(config, plan, tensors, unet_cls=UNet2DConditionModel)
     qmodules.dequantize_weights(unet, torch.float32)
     return unet
+
+
+@contextlib.contextmanager
+def input_dtypes(layers):
+    """The set of dtypes `layers` are called with, while the body of the `with` runs."""
+    seen = set()
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype)) for layer in layers]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def run_in_interpreter(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -199,6 +199,15 @@ def _fuse_attentions(unet) -> int:
     return len(fused)
 
 
+def _fuse_geglus(unet) -> int:
+    from sdxl_core.quant import geglu_act
+
+    found = geglu_act.activations(unet)
+    for entry in found.values():
+        geglu_act.fuse(entry)
+    return len(found)
+
+
 def _fuse_norms(unet) -> int:
     from sdxl_core.quant import layernorm
 
@@ -213,13 +222,14 @@ def _fuse_norms(unet) -> int:
     [
         ("attention_kernels", _fuse_attentions, "attention_triton", 34, "attentions on our attention kernel"),
         ("norm_kernels", _fuse_norms, "layernorm_triton", 51, "LayerNorms on our LayerNorm kernel"),
+        ("activation_kernels", _fuse_geglus, "geglu_act_triton", 17, "GEGLUs on our GEGLU kernel"),
     ],
-    ids=["attention", "layernorm"],
+    ids=["attention", "layernorm", "geglu_act"],
 )
 def test_modules_on_our_kernels_are_named(unet, key, fuse, kernel, count, named):
-    """Which attentions and LayerNorms run our kernels is chosen by timing too (`quant.attention`,
-    `quant.layernorm`): a baseline stored before they could, or by an engine that fused others, is named as the
-    possible cause."""
+    """Which attentions, LayerNorms and GEGLUs run our kernels is chosen by timing too (`quant.attention`,
+    `quant.layernorm`, `quant.geglu_act`): a baseline stored before they could, or by an engine that fused others, is
+    named as the possible cause."""
     stored = references.layer_paths(unet)
     assert stored[key] == {}
     assert fuse(unet) == count

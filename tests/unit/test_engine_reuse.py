@@ -278,11 +278,12 @@ def test_an_8bit_engine_runs_channels_last(built_int8, no_calibration, tmp_path)
 
 
 def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatch):
-    from sdxl_core.quant import attention, gemm_dispatch, layernorm
+    from sdxl_core.quant import attention, geglu, geglu_act, gemm_dispatch, layernorm
 
     # On the CPU nothing is timed, so script what a GPU build's dispatch would measure: the pointer kernel
     # wins at GEMM shapes with N >= 64, the 16-bit path everywhere else, the attention kernel that quantizes
-    # its output for `to_out` at self-attention shapes, and the LayerNorm kernel after residual adds.
+    # its output for `to_out` at self-attention shapes, the LayerNorm kernel after residual adds, and the GEGLU
+    # kernel everywhere (not the GEGLU in the projection's GEMM).
     def scripted(fn, candidate, shape):
         fn()  # each candidate must run at the recorded shape
         if candidate == "16bit":
@@ -291,6 +292,10 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
             return 1.0 if shape[-1] == 0 else 3.0
         if candidate == layernorm.KERNEL:
             return 1.0 if shape[-1] == 1 else 3.0
+        if candidate in (geglu_act.KERNEL, geglu_act.KERNEL_16BIT):
+            return 1.0
+        if candidate in geglu.FUSED_KERNELS:
+            return 9.0  # the GEGLU in the projection's GEMM: slower, so the GEGLU modules run (and are timed)
         return 1.0 if candidate == "pointer" and len(shape) == 3 and shape[2] >= 64 else 2.0
 
     monkeypatch.setattr(torch_backend, "dispatches", lambda device: True)
@@ -311,6 +316,8 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     assert {row["choice"] for row in rows if row["op"] == "attention"} == {attention.KERNEL, attention.UNFUSED}
     norms = full_plan["norms"]
     assert norms and all(name.endswith((".norm2", ".norm3")) for name in norms)  # after residual adds, as scripted
+    activations = full_plan["activations"]
+    assert sum(r["layers"] for r in rows if r["op"] == "geglu_act") == len(activations) > 0  # all, as scripted
 
     components, loaded = prepare(INT8, tmp_path / "engines", allow_build=False, unet_weights=False)
     ran = {
@@ -321,6 +328,7 @@ def test_an_8bit_reload_runs_the_kernels_its_build_measured(tmp_path, monkeypatc
     assert ran == {name: (spec["gemm"], spec["kernel"]) for name, spec in plan.items()}
     assert attention.fused_attentions(components.unet) == fused
     assert layernorm.fused_norms(components.unet) == norms
+    assert geglu_act.fused_activations(components.unet) == activations
     assert {path for path, _ in ran.values()} == {"8bit", "16bit"}
     assert image_bytes(INT8, components, loaded) == image_bytes(INT8, built_components, built)
 
@@ -342,9 +350,9 @@ def test_an_fp16_engine_runs_our_kernels_where_its_build_measured_them_faster(tm
     built_components, built = prepare(FP16, tmp_path / "engines")
     path = Path(built.info.engine_path)
     rows = json.loads((path / "gemm_dispatch.json").read_text())
-    assert (
-        rows and {row["op"] for row in rows} == {"attention", "layernorm"} and {row["fmt"] for row in rows} == {"16bit"}
-    )
+    assert {row["op"] for row in rows} == {"attention", "geglu_act", "layernorm"}
+    assert {row["fmt"] for row in rows} == {"16bit"}
+    assert {row["choice"] for row in rows if row["op"] == "geglu_act"} == {"unfused"}  # as scripted
     plan = json.loads((path / "layer_plan.json").read_text())
     fused, norms = plan["attention"], plan["norms"]
     assert fused and all(name.endswith(".attn2") for name in fused)

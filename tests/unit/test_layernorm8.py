@@ -18,7 +18,7 @@ from sdxl_core.quant import attention, layernorm, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import epilogue8, layernorm8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from tests.support.tiny import converted_tiny, load_saved, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import converted_tiny, input_dtypes, load_saved, run, run_in_interpreter, unet_inputs
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -74,7 +74,10 @@ def test_fused_norms_compute_what_diffusers_blocks_do(converted, data, precision
     assert len(eight_bit) == len(layernorm.fused_norms(unet)) == TINY_NORMS
     # norm2 and norm3 feed one layer each; norm1 feeds one only where Q, K and V are one fused projection.
     assert sum(eight_bit.values()) == TINY_NORMS if fused_qkv else sum(eight_bit.values()) == TINY_NORMS * 2 // 3
-    assert torch.equal(run(unet, data["eval"]), expected)
+    fed = [entry.feeds for name, entry in layernorm.norms(unet).items() if eight_bit[name]]
+    with input_dtypes(fed) as seen:
+        assert torch.equal(run(unet, data["eval"]), expected)
+    assert seen == {qmodules.STORAGE[precision]}  # each fed layer got its input quantized by the kernel
 
 
 def test_fused_norms_and_fused_attentions_together(converted, data):

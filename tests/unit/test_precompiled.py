@@ -144,19 +144,21 @@ def _with_defaults(function, **defaults):
     return call
 
 
-@pytest.mark.parametrize("ours", ["attention", "layernorm"])
+@pytest.mark.parametrize("ours", ["attention", "layernorm", "geglu_act"])
 def test_regions_with_our_kernels_precompile_and_reuse_without_tracing(ours):
     """An engine whose attentions run our attention kernel (`quant.attention`: another processor class), or whose
     LayerNorms run ours (`quant.layernorm`: subclasses of the norms and their blocks): its regions save and load like
     diffusers' own, and a UNet whose modules were not swapped is refused."""
-    from sdxl_core.quant import attention, layernorm, qmodules
+    from sdxl_core.quant import attention, geglu_act, layernorm, qmodules
 
     def fused_unet():
         unet = tiny_unet()
         qmodules.fuse_qkv(unet)
-        if ours == "layernorm":
-            for entry in layernorm.norms(unet).values():
-                layernorm.fuse(entry)
+        if ours != "attention":
+            fusion = layernorm if ours == "layernorm" else geglu_act
+            found = layernorm.norms(unet) if ours == "layernorm" else geglu_act.activations(unet)
+            for entry in found.values():
+                fusion.fuse(entry)
             return unet
         for module in unet.modules():
             if attention.fusable(module):

@@ -1,4 +1,4 @@
-"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations, and the attention and LayerNorm that
+"""The 8-bit GEMMs as PyTorch custom ops on pre-quantized activations, and the attention, LayerNorm and GEGLU that
 quantize their output for them.
 
 torch.compile keeps each op as one opaque call (no graph break at a Python wrapper, no tracing into the
@@ -13,6 +13,7 @@ import torch
 
 from sdxl_core.quant.kernels import attention8 as attention8_kernel
 from sdxl_core.quant.kernels import conv_cutlass, fp8_gemm, geglu8, gemm8_cutlass, int8_gemm
+from sdxl_core.quant.kernels import geglu_act8 as geglu_act8_kernel
 from sdxl_core.quant.kernels import layernorm8 as layernorm8_kernel
 
 CUTLASS_PREFIX = "cutlass:"
@@ -246,3 +247,17 @@ def add_layernorm8(
 @add_layernorm8.register_fake
 def _add_layernorm8_shape(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("sdxl_bench::geglu_act8", mutates_args=())
+def geglu_act8(
+    h: torch.Tensor, smooth: torch.Tensor | None, inv_scale: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The GEGLU of [M, 2F] with the next layer's smoothing and input quantization in its epilogue
+    (`geglu_act8.geglu_act8`): [M, F] in `out_dtype` (8-bit, or the activation dtype unquantized)."""
+    return geglu_act8_kernel.geglu_act8(h, smooth, inv_scale, out_dtype)
+
+
+@geglu_act8.register_fake
+def _geglu_act8_shape(h, smooth, inv_scale, out_dtype):
+    return h.new_empty((h.shape[0], h.shape[1] // 2), dtype=out_dtype)

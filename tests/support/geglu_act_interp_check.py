@@ -1,0 +1,80 @@
+"""Runs the GEGLU activation kernel with the quantizing epilogue (`kernels.geglu_act8`) in the Triton interpreter on
+CPU against float64 GEGLU, its epilogue against torch's quantization of the kernel's own 16-bit output, and the 8-bit
+outputs against the unfused torch reference (diffusers' GEGLU, then the quantization).
+
+Needs SDXL_BENCH_TRITON_ON_CPU=1 (or TRITON_INTERPRET=1) before it starts, which is why
+tests/unit/test_geglu_act8.py runs it in a subprocess. Prints "OK <n> cases" and exits 0, or fails with an
+AssertionError naming the case.
+"""
+
+import itertools
+import math
+
+import torch
+
+from sdxl_core.quant.kernels import epilogue8, geglu_act8
+from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
+from sdxl_core.quant.kernels.int8_gemm import _INTERPRET
+
+# (M, F): ragged against the interpreter's 4 x 16 tile in rows and columns, one row.
+SHAPES = [(5, 40), (9, 24), (1, 16), (6, 80)]
+
+
+def operands(m, f, strided, seed):
+    g = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(m, 2 * f + (16 if strided else 0), generator=g) * 2).half()
+    return wide[:, 8 : 8 + 2 * f] if strided else wide
+
+
+def exact(h):
+    f = h.shape[1] // 2
+    value, gate = h[:, :f].double(), h[:, f:].double()
+    return value * 0.5 * gate * (1 + torch.special.erf(gate / math.sqrt(2)))
+
+
+def case(shape, out_dtype, with_smooth, strided, seed):
+    m, f = shape
+    name = f"{out_dtype} M={m} F={f} smooth={with_smooth} strided={strided}"
+    h = operands(m, f, strided, seed)
+    assert geglu_act8.supports(h), name
+    smooth = (torch.rand(f, generator=torch.Generator().manual_seed(seed)) + 0.5).half() if with_smooth else None
+    qmax = 127.0 if out_dtype == torch.int8 else 448.0
+    ref64 = exact(h)
+    inv_scale = torch.tensor(qmax / (0.8 * float(ref64.abs().max())), dtype=torch.float32)  # clamps the largest few
+    got = geglu_act8.geglu_act8(h, smooth, inv_scale, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, f), name
+    y16 = got if out_dtype == torch.float16 else geglu_act8.geglu_act8(h, None, None, torch.float16)
+    # Within fp16 rounding of the exact GEGLU (erf in float32 rounds far below that).
+    err = ((y16.double() - ref64).abs() / (ref64.abs() + 1e-2)).max()
+    assert err < 1.5e-3, f"{name}: relative error {float(err):.2e}"
+    if out_dtype == torch.float16:
+        return
+    own = epilogue8.quantize_output(y16, smooth, inv_scale, out_dtype)
+    assert torch.equal(got.float(), own.float()), f"{name}: {int((got.float() != own.float()).sum())} outputs differ"
+    assert int((own.float() != 0).sum()) > got.numel() // 2, name
+    # Against diffusers' GEGLU in fp16 (gelu rounded before the product), then the quantization: an output within an
+    # fp16 ulp of a rounding boundary may land on the neighbouring value.
+    ref = geglu_act8.geglu_reference(h, smooth, inv_scale, out_dtype).float()
+    if out_dtype == torch.int8:
+        assert float((got.float() - ref).abs().max()) <= 1, f"{name}: an output is more than one step off"
+    else:
+        near = (got.float() - ref).abs() <= ref.abs() * 2**-3 + 2**-9
+        assert bool(near.all()), f"{name}: an output is more than one e4m3 step off the reference"
+    differ = int((got.float() != ref).sum())
+    assert differ <= max(2, got.numel() // 20), f"{name}: {differ} outputs differ from the reference"
+
+
+def main():
+    assert _INTERPRET, "set SDXL_BENCH_TRITON_ON_CPU=1 so the kernel runs in the Triton interpreter"
+    cases = 0
+    combos = itertools.product(SHAPES, (torch.int8, FP8_DTYPE, torch.float16), (True, False), (True, False))
+    for seed, (shape, out_dtype, with_smooth, strided) in enumerate(combos):
+        if out_dtype == torch.float16 and with_smooth:
+            continue  # the 16-bit output is neither smoothed nor quantized
+        case(shape, out_dtype, with_smooth, strided, seed)
+        cases += 1
+    print(f"OK {cases} cases")
+
+
+if __name__ == "__main__":
+    main()
