@@ -1,6 +1,8 @@
 """Runs the GEGLU activation kernel with the quantizing epilogue (`kernels.geglu_act8`) in the Triton interpreter on
-CPU against float64 GEGLU, its epilogue against torch's quantization of the kernel's own 16-bit output, and the 8-bit
-outputs against the unfused torch reference (diffusers' GEGLU, then the quantization).
+CPU against float64 GEGLU, and both its outputs against the unfused arithmetic: the gelu in float32 as PyTorch's CUDA
+kernel and Inductor compute it (x / 2 * (1 + erf(x / sqrt 2))), rounded to fp16, the product in float32, rounded to
+fp16 or quantized as Inductor computes them. (PyTorch's CPU gelu in fp16 is another approximation: 4 % of its values
+differ by an ulp.)
 
 Needs SDXL_BENCH_TRITON_ON_CPU=1 (or TRITON_INTERPRET=1) before it starts, which is why
 tests/unit/test_geglu_act8.py runs it in a subprocess. Prints "OK <n> cases" and exits 0, or fails with an
@@ -32,6 +34,17 @@ def exact(h):
     return value * 0.5 * gate * (1 + torch.special.erf(gate / math.sqrt(2)))
 
 
+def unfused(h, smooth, inv_scale, out_dtype):
+    """`geglu_act8.geglu_reference`'s arithmetic with the float32 gelu of the GPU kernels."""
+    f = h.shape[1] // 2
+    gate = h[:, f:].float()
+    g16 = (0.5 * gate * (1.0 + torch.special.erf(gate * 0.7071067811865476))).half()
+    y = h[:, :f].float() * g16.float()
+    if out_dtype == torch.float16:
+        return y.half()
+    return epilogue8.quantize_output(y, smooth, inv_scale, out_dtype)
+
+
 def case(shape, out_dtype, with_smooth, strided, seed):
     m, f = shape
     name = f"{out_dtype} M={m} F={f} smooth={with_smooth} strided={strided}"
@@ -44,24 +57,25 @@ def case(shape, out_dtype, with_smooth, strided, seed):
     got = geglu_act8.geglu_act8(h, smooth, inv_scale, out_dtype)
     assert got.dtype == out_dtype and got.shape == (m, f), name
     y16 = got if out_dtype == torch.float16 else geglu_act8.geglu_act8(h, None, None, torch.float16)
-    # Within fp16 rounding of the exact GEGLU (erf in float32 rounds far below that).
+    # Within fp16 rounding of the exact GEGLU (erf in float32 rounds far below that), and diffusers' GEGLU bit for
+    # bit but where the two erfs round a gelu to neighbouring fp16 values.
     err = ((y16.double() - ref64).abs() / (ref64.abs() + 1e-2)).max()
     assert err < 1.5e-3, f"{name}: relative error {float(err):.2e}"
+    differ16 = int((y16 != unfused(h, None, None, torch.float16)).sum())
+    assert differ16 <= max(1, y16.numel() // 100), f"{name}: {differ16} 16-bit outputs differ from the reference"
     if out_dtype == torch.float16:
         return
-    own = epilogue8.quantize_output(y16, smooth, inv_scale, out_dtype)
-    assert torch.equal(got.float(), own.float()), f"{name}: {int((got.float() != own.float()).sum())} outputs differ"
-    assert int((own.float() != 0).sum()) > got.numel() // 2, name
-    # Against diffusers' GEGLU in fp16 (gelu rounded before the product), then the quantization: an output within an
-    # fp16 ulp of a rounding boundary may land on the neighbouring value.
-    ref = geglu_act8.geglu_reference(h, smooth, inv_scale, out_dtype).float()
+    # Against the unfused ops (the float32 product of the 16-bit gelu, then the quantization): the same arithmetic,
+    # so the same values but where the erfs round apart.
+    ref = unfused(h, smooth, inv_scale, out_dtype).float()
+    assert int((ref != 0).sum()) > got.numel() // 2, name
     if out_dtype == torch.int8:
         assert float((got.float() - ref).abs().max()) <= 1, f"{name}: an output is more than one step off"
     else:
         near = (got.float() - ref).abs() <= ref.abs() * 2**-3 + 2**-9
         assert bool(near.all()), f"{name}: an output is more than one e4m3 step off the reference"
     differ = int((got.float() != ref).sum())
-    assert differ <= max(2, got.numel() // 20), f"{name}: {differ} outputs differ from the reference"
+    assert differ <= max(1, got.numel() // 100), f"{name}: {differ} outputs differ from the reference"
 
 
 def main():

@@ -79,6 +79,15 @@ def input_dtypes(layers):
             hook.remove()
 
 
+def grid_index(q: torch.Tensor) -> torch.Tensor:
+    """Each 8-bit value's position among all values of its format, in order (so neighbours differ by 1)."""
+    if q.dtype == torch.int8:
+        return q.int()
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.unique(values[~values.isnan()]).to(q.device)  # sorted; +0 and -0 are one value
+    return torch.searchsorted(grid, q.float().contiguous())
+
+
 def run_in_interpreter(script: str, *args: str) -> subprocess.CompletedProcess:
     """tests/support/<script> in a fresh process with the Triton interpreter opted in: the interpreter has to be
     chosen before triton is imported. The opt-in variable (rather than TRITON_INTERPRET itself) also covers the

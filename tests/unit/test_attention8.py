@@ -19,7 +19,7 @@ from sdxl_core.quant import attention, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import attention8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from tests.support.tiny import converted_tiny, load_saved, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import converted_tiny, grid_index, load_saved, run, run_in_interpreter, unet_inputs
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -286,19 +286,10 @@ SDXL_SHAPES = [
 ]
 
 
-def _grid_index(q: torch.Tensor) -> torch.Tensor:
-    """Each 8-bit value's position among all values of its format, in order (so neighbours differ by 1)."""
-    if q.dtype == torch.int8:
-        return q.int()
-    values = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
-    grid = torch.unique(values[~values.isnan()]).to(q.device)  # sorted; +0 and -0 are one value
-    return torch.searchsorted(grid, q.float().contiguous())
-
-
 def test_grid_index_counts_neighbouring_8_bit_values_one_apart():
     fp8 = torch.tensor([-448.0, -0.0, 0.0, 2.0**-9, 0.25, 448.0]).to(FP8_DTYPE)
-    assert _grid_index(fp8).tolist() == [0, 126, 126, 127, 166, 252]  # 7 subnormals, then 8 values per power of 2
-    assert _grid_index(torch.tensor([-128, 0, 127], dtype=torch.int8)).tolist() == [-128, 0, 127]
+    assert grid_index(fp8).tolist() == [0, 126, 126, 127, 166, 252]  # 7 subnormals, then 8 values per power of 2
+    assert grid_index(torch.tensor([-128, 0, 127], dtype=torch.int8)).tolist() == [-128, 0, 127]
 
 
 @pytest.mark.gpu
@@ -319,7 +310,7 @@ def test_attention8_on_sdxl_shapes(shape, out_dtype):
     own = attention8.quantize_output(o16, smooth, inv_scale, out_dtype)
     # The 8-bit and 16-bit outputs are two autotuned kernels, whose tiles may sum in another order: an output within
     # an fp16 ulp of a rounding boundary may land on the neighbouring 8-bit value, and nothing more.
-    steps = (_grid_index(got) - _grid_index(own)).abs()
+    steps = (grid_index(got) - grid_index(own)).abs()
     assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= got.numel() // 100
     ref = attention8.attention_reference(q, k, v, smooth, inv_scale, out_dtype)
     rel = float((got.float() - ref.float()).norm() / ref.float().norm())

@@ -16,9 +16,17 @@ from sdxl_core.errors import UserError
 from sdxl_core.models import build_builtin
 from sdxl_core.quant import attention, geglu, geglu_act, layernorm, qmodules
 from sdxl_core.quant import plan as plan_schema
-from sdxl_core.quant.kernels import epilogue8, geglu_act8, ops
+from sdxl_core.quant.kernels import geglu_act8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from tests.support.tiny import converted_tiny, input_dtypes, load_saved, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import (
+    converted_tiny,
+    grid_index,
+    input_dtypes,
+    load_saved,
+    run,
+    run_in_interpreter,
+    unet_inputs,
+)
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -262,14 +270,15 @@ def test_geglu_act8_on_sdxl_shapes(shape, out_dtype):
     y16 = geglu_act8.geglu_act8(h, None, None, torch.float16)
     exact = geglu_act8.geglu_reference(h.float(), None, None, torch.float32)
     assert float((y16.float() - exact).abs().max()) <= 2 * float(exact.abs().max()) * 2**-11
+    # PyTorch's CUDA gelu computes the same float32 formula: diffusers' GEGLU but where the two erfs round apart.
+    differ = int((y16 != geglu_act8.geglu_reference(h, None, None, torch.float16)).sum())
+    assert differ <= y16.numel() // 1000, f"{differ} outputs differ from diffusers' GEGLU"
     if out_dtype == torch.float16:
         return
     smooth = (torch.rand(width, device="cuda") + 0.5).half()
     qmax = 127.0 if out_dtype == torch.int8 else 448.0
     inv_scale = torch.tensor(qmax / (0.8 * float((exact * smooth.float()).abs().max())), device="cuda")
     got = geglu_act8.geglu_act8(h, smooth, inv_scale, out_dtype)
-    own = epilogue8.quantize_output(y16, smooth, inv_scale, out_dtype)
-    assert torch.equal(got.float(), own.float())  # pointwise: the same values whatever the tile
     ref = geglu_act8.geglu_reference(h, smooth, inv_scale, out_dtype)
-    rel = float((got.float() - ref.float()).norm() / ref.float().norm())
-    assert rel < 1e-2, f"against the unfused GEGLU: relative error {rel:.2e}"
+    steps = (grid_index(got) - grid_index(ref)).abs()
+    assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= got.numel() // 1000, "against the unfused GEGLU"

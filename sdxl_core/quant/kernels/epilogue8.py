@@ -40,8 +40,9 @@ def quantize_8bit(y, inv_scale, OUT: tl.constexpr, ROUND_E4M3: tl.constexpr, USE
 
 
 def quantize_output(o: torch.Tensor, smooth, inv_scale, out_dtype) -> torch.Tensor:
-    """The next layer's smoothing and input quantization of a producer's output [M, C] (activation dtype), in
-    float32 as Inductor's fused kernel computes them; a 16-bit `out_dtype` returns `o` as it is."""
+    """The next layer's smoothing and input quantization of a producer's output [M, C] (activation dtype, or float32
+    where the producer's output is not rounded first), in float32 as Inductor's fused kernel computes them; a
+    16-bit `out_dtype` returns `o` as it is."""
     if out_dtype not in QUANTIZED:
         return o
     y = o.float()
