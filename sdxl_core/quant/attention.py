@@ -162,29 +162,17 @@ def choose(
     (`allowed` here); fuse every attention of that kind and shape where the kernel is faster and its output matches.
     One JSON-ready row per shape. `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own,
     kept in its timing cache."""
-    from sdxl_core.quant import gemm_dispatch
-
     attentions = [m for m in unet.modules() if fusable(m)]
     if not attentions or not any(allowed(kernel) for kernel in KERNELS):
         return []
-    timer, cache = gemm_dispatch.timer_and_cache(unet, timer)
-    rows = []
-    shapes = gemm_dispatch.group_by_input(attentions, run_step, _shape_key)
-    for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
-        out = unique[0].to_out[0]
-        with torch.inference_mode():
-            ms, rejected = time_shape(out, shape, dtype, timer, cache, max_error, allowed)
-        unfused, fused = (UNFUSED, KERNEL) if quantizes(out) else (SDPA, KERNEL_16BIT)
-        choice = KERNEL if fused in ms and ms[fused] < ms[unfused] else UNFUSED
-        for attn in unique:
-            if choice != UNFUSED:
-                fuse(attn, choice)
-            elif isinstance(attn.processor, FusedOutputAttention):  # another build's choice: undone, else untouched
-                unfuse(attn)
-        rows.append(gemm_dispatch.fusion_row(fmt, "attention", shape, len(unique), ms, choice, rejected))
-    if cache is not None:
-        cache.save()
-    return rows
+    for attn in attentions:  # another build's choice: undone
+        if isinstance(attn.processor, FusedOutputAttention):
+            unfuse(attn)
+
+    def time(attn, fmt, shape, dtype, timer, cache):
+        return time_shape(attn.to_out[0], shape, dtype, timer, cache, max_error, allowed)
+
+    return fusions.choose_per_shape("attention", KERNEL, attentions, run_step, _shape_key, time, fuse, unet, timer)
 
 
 def _fmt(out: torch.nn.Module) -> str:

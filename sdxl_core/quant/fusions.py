@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -26,6 +27,40 @@ def fused_class(mixin: type, cls: type, module: str) -> type:
 
 def unfused_class(mixin: type, cls: type) -> type:
     return cls.__mro__[2] if issubclass(cls, mixin) else cls
+
+
+def choose_per_shape(
+    op: str,
+    kernel: str,
+    modules: list[torch.nn.Module],
+    run_step: Callable[[], object],
+    key: Callable,
+    time: Callable,
+    fuse: Callable[[torch.nn.Module, str], None],
+    unet: torch.nn.Module,
+    timer: Callable | None,
+) -> list[dict]:
+    """The choice each of our fused kernels makes: per (fmt, shape, dtype) that `key(module, *call args)` gives over
+    one `run_step()`, `time(first module, fmt, shape, dtype, timer, cache)` -> ({candidate: ms}, {candidate: why not
+    timed}); every module of a shape where the kernel (`kernel`, or `kernel:16bit` for a 16-bit output) beats the
+    unfused ops is fused with `fuse(module, kernel)`. One JSON-ready row per shape for gemm_dispatch.json. The modules
+    come unfused: a fused one may not be called as `key` expects."""
+    from sdxl_core.quant import gemm_dispatch
+
+    timer, cache = gemm_dispatch.timer_and_cache(unet, timer)
+    rows = []
+    shapes = gemm_dispatch.group_by_input(modules, run_step, key)
+    for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
+        with torch.inference_mode():
+            ms, rejected = time(unique[0], fmt, shape, dtype, timer, cache)
+        unfused, fused = (SIXTEEN_BIT, f"{kernel}:16bit") if fmt == SIXTEEN_BIT else (UNFUSED, kernel)
+        choice = kernel if fused in ms and ms[fused] < ms[unfused] else UNFUSED
+        for module in unique if choice != UNFUSED else ():
+            fuse(module, choice)
+        rows.append(gemm_dispatch.fusion_row(fmt, op, shape, len(unique), ms, choice, rejected))
+    if cache is not None:
+        cache.save()
+    return rows
 
 
 def output_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None) -> float:

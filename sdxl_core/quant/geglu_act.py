@@ -132,12 +132,9 @@ def choose(
     """Per distinct GEGLU shape and output kind: the unfused GEGLU against the kernel (`allowed` here); fuse every
     GEGLU of that kind and shape where the kernel is faster and its output matches. One JSON-ready row per shape.
     `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own, kept in its timing cache."""
-    from sdxl_core.quant import gemm_dispatch
-
     found = activations(unet)
     if not found or not any(allowed(kernel) for kernel in KERNELS):
         return []
-    timer, cache = gemm_dispatch.timer_and_cache(unet, timer)
     by_module = {id(entry.module): entry for entry in found.values()}
     for entry in found.values():  # another build's choice: undone, so that every GEGLU is timed afresh
         unfuse(entry)
@@ -149,22 +146,15 @@ def choose(
         dtype = layer.act_dtype if isinstance(layer, qmodules.QLinear) else layer.weight.dtype
         return fmt, (x.numel() // x.shape[-1], module.proj.out_features // 2), dtype
 
-    rows = []
-    shapes = gemm_dispatch.group_by_input([entry.module for entry in found.values()], run_step, key)
-    for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
-        layer = by_module[id(unique[0])].feeds if fmt != SIXTEEN_BIT else None
-        with torch.inference_mode():
-            ms, rejected = time_shape(
-                layer, shape, dtype, unique[0].proj.weight.device, timer, cache, max_error, allowed
-            )
-        unfused, fused = (UNFUSED, KERNEL) if layer is not None else (SIXTEEN_BIT, KERNEL_16BIT)
-        choice = KERNEL if fused in ms and ms[fused] < ms[unfused] else UNFUSED
-        for module in unique if choice != UNFUSED else ():
-            fuse(by_module[id(module)], choice)
-        rows.append(gemm_dispatch.fusion_row(fmt, "geglu_act", shape, len(unique), ms, choice, rejected))
-    if cache is not None:
-        cache.save()
-    return rows
+    def time(module, fmt, shape, dtype, timer, cache):
+        layer = by_module[id(module)].feeds if fmt != SIXTEEN_BIT else None
+        return time_shape(layer, shape, dtype, module.proj.weight.device, timer, cache, max_error, allowed)
+
+    def fuse_module(module, kernel):
+        fuse(by_module[id(module)], kernel)
+
+    modules = [entry.module for entry in found.values()]
+    return fusions.choose_per_shape("geglu_act", KERNEL, modules, run_step, key, time, fuse_module, unet, timer)
 
 
 def time_shape(layer, shape, dtype, device, timer, cache, max_error, allowed=lambda _: True) -> tuple[dict, dict]:

@@ -235,12 +235,9 @@ def choose(
     """Per distinct norm shape and output kind: the unfused norm against the kernel (`allowed` here); fuse every
     norm of that kind and shape where the kernel is faster and its output matches. One JSON-ready row per shape.
     `timer(fn, candidate, shape)` gives ms per call; by default the dispatch's own, kept in its timing cache."""
-    from sdxl_core.quant import gemm_dispatch
-
     found = norms(unet)
     if not found or not any(allowed(kernel) for kernel in KERNELS):
         return []
-    timer, cache = gemm_dispatch.timer_and_cache(unet, timer)
     by_norm = {id(entry.norm): entry for entry in found.values()}
     for entry in found.values():  # another build's choice: undone, so that every norm is called (and recorded) alike
         unfuse(entry)
@@ -250,20 +247,15 @@ def choose(
         fmt = entry.feeds.FMT if entry.feeds is not None and quantizes(entry.feeds) else SIXTEEN_BIT
         return fmt, (x.numel() // x.shape[-1], x.shape[-1], int(entry.after_residual)), x.dtype
 
-    rows = []
-    shapes = gemm_dispatch.group_by_input([entry.norm for entry in found.values()], run_step, key)
-    for (fmt, shape, dtype), unique in sorted(shapes.items(), key=lambda item: item[0][:2]):
-        layer = by_norm[id(unique[0])].feeds if fmt != SIXTEEN_BIT else None
-        with torch.inference_mode():
-            ms, rejected = time_shape(unique[0], layer, shape, dtype, timer, cache, max_error, allowed)
-        unfused, fused = (UNFUSED, KERNEL) if layer is not None else (SIXTEEN_BIT, KERNEL_16BIT)
-        choice = KERNEL if fused in ms and ms[fused] < ms[unfused] else UNFUSED
-        for norm in unique if choice != UNFUSED else ():
-            fuse(by_norm[id(norm)], choice)
-        rows.append(gemm_dispatch.fusion_row(fmt, "layernorm", shape, len(unique), ms, choice, rejected))
-    if cache is not None:
-        cache.save()
-    return rows
+    def time(norm, fmt, shape, dtype, timer, cache):
+        layer = by_norm[id(norm)].feeds if fmt != SIXTEEN_BIT else None
+        return time_shape(norm, layer, shape, dtype, timer, cache, max_error, allowed)
+
+    def fuse_norm(norm, kernel):
+        fuse(by_norm[id(norm)], kernel)
+
+    modules = [entry.norm for entry in found.values()]
+    return fusions.choose_per_shape("layernorm", KERNEL, modules, run_step, key, time, fuse_norm, unet, timer)
 
 
 def time_shape(norm, layer, shape, dtype, timer, cache, max_error, allowed=lambda _: True) -> tuple[dict, dict]:
