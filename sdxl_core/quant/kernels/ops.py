@@ -2,9 +2,11 @@
 quantize their output for them.
 
 torch.compile keeps each op as one opaque call (no graph break at a Python wrapper, no tracing into the
-autotuner) while the activation quantization before it stays plain torch ops that Inductor fuses into
+autotuner) while the activation quantization before a GEMM stays plain torch ops that Inductor fuses into
 the producer (LayerNorm, GELU, the previous epilogue): measured on H100, quantizing inside the GEMM
-or as separate eager kernels cost more than the 8-bit GEMM saved (docs/perf).
+or as separate eager kernels cost more than the 8-bit GEMM saved (docs/perf). Where a build measures our own
+producer kernel faster (the attention, LayerNorm and GEGLU ops below), that kernel quantizes in its epilogue instead
+and the GEMM takes its output as it is.
 """
 
 from __future__ import annotations
