@@ -181,6 +181,12 @@ def load_real(config: dict, plan: dict, state_dict: dict[str, torch.Tensor], *, 
     left = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
     if left:
         raise UserError(f"8-bit UNet is missing {len(left)} tensors (e.g. {left[0]}): rebuild the engine")
+    # The UNet was built in the default dtype and its tensors assigned: the 8-bit layers' activation dtype is the
+    # assigned float tensors' (the 8-bit layers hold none of their own to follow where they have no bias or smooth).
+    activation = next(p.dtype for p in unet.parameters() if p.is_floating_point())
+    for module in unet.modules():
+        if isinstance(module, QuantizedModule):
+            module.act_dtype = activation
     return unet.eval().requires_grad_(False)
 
 

@@ -270,15 +270,17 @@ def test_geglu_act8_on_sdxl_shapes(shape, out_dtype):
     y16 = geglu_act8.geglu_act8(h, None, None, torch.float16)
     exact = geglu_act8.geglu_reference(h.float(), None, None, torch.float32)
     assert float((y16.float() - exact).abs().max()) <= 2 * float(exact.abs().max()) * 2**-11
-    # PyTorch's CUDA gelu computes the same float32 formula: diffusers' GEGLU but where the two erfs round apart.
-    differ = int((y16 != geglu_act8.geglu_reference(h, None, None, torch.float16)).sum())
-    assert differ <= y16.numel() // 1000, f"{differ} outputs differ from diffusers' GEGLU"
+    # What the engine runs unfused is Inductor's GEGLU, x / 2 * (1 + erf(x / sqrt 2)) in float32: ours but where the
+    # erfs round apart. (PyTorch's eager CUDA gelu uses erfc: 0.9 % of its fp16 outputs differ by an ulp.)
+    unfused = torch.compile(geglu_act8.geglu_reference, dynamic=False)
+    differ = int((y16 != unfused(h, None, None, torch.float16)).sum())
+    assert differ <= y16.numel() // 1000, f"{differ} outputs differ from Inductor's GEGLU"
     if out_dtype == torch.float16:
         return
     smooth = (torch.rand(width, device="cuda") + 0.5).half()
     qmax = 127.0 if out_dtype == torch.int8 else 448.0
     inv_scale = torch.tensor(qmax / (0.8 * float((exact * smooth.float()).abs().max())), device="cuda")
     got = geglu_act8.geglu_act8(h, smooth, inv_scale, out_dtype)
-    ref = geglu_act8.geglu_reference(h, smooth, inv_scale, out_dtype)
+    ref = unfused(h, smooth, inv_scale, out_dtype)
     steps = (grid_index(got) - grid_index(ref)).abs()
     assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= got.numel() // 1000, "against the unfused GEGLU"

@@ -18,7 +18,15 @@ from sdxl_core.quant import attention, layernorm, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import epilogue8, layernorm8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from tests.support.tiny import converted_tiny, input_dtypes, load_saved, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import (
+    converted_tiny,
+    grid_index,
+    input_dtypes,
+    load_saved,
+    run,
+    run_in_interpreter,
+    unet_inputs,
+)
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -324,7 +332,10 @@ def test_layernorm8_on_sdxl_shapes(shape, out_dtype):
     inv_scale = torch.tensor(qmax / (0.8 * float((ref16.float() * smooth.float()).abs().max())), device="cuda")
     got = layernorm8.layernorm8(x, weight, bias, 1e-5, smooth, inv_scale, out_dtype)
     own = epilogue8.quantize_output(y16, smooth, inv_scale, out_dtype)
-    assert torch.equal(got.float(), own.float())  # one configuration per shape: the same rows, the same sums
+    # The 8-bit and 16-bit outputs are two autotuned kernels, whose warps may sum a row in another order: an output
+    # within an fp16 ulp of a rounding boundary may land on the neighbouring 8-bit value, and nothing more.
+    steps = (grid_index(got) - grid_index(own)).abs()
+    assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= got.numel() // 1000
     ref = layernorm8.layernorm_reference(x, weight, bias, 1e-5, smooth, inv_scale, out_dtype)
     rel = float((got.float() - ref.float()).norm() / ref.float().norm())
     assert rel < 1e-2, f"against the unfused norm: relative error {rel:.2e}"
@@ -370,3 +381,20 @@ def test_a_fused_class_pickles_by_name(module, name):
 
     cls = getattr(importlib.import_module(f"sdxl_core.quant.{module}"), name)
     assert cls.__name__ == name and pickle.loads(pickle.dumps(cls)) is cls
+
+
+def test_a_loaded_unets_8_bit_layers_take_the_activation_dtype_of_its_tensors(converted, tmp_path):
+    """An engine is built on the meta device in the default dtype and its tensors assigned: its 8-bit layers must
+    still return the dtype the UNet runs in (fp16 on a GPU), also those without a bias or a SmoothQuant scale."""
+    unet = converted("fp8").half()
+    qmodules.save(unet, tmp_path)
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((tmp_path / "unet_config.json").read_text())
+    plan = json.loads((tmp_path / "layer_plan.json").read_text())
+    loaded = qmodules.load_real(config, plan, load_file(str(tmp_path / "unet.safetensors")))
+    layers = [m for m in loaded.modules() if isinstance(m, qmodules.QuantizedModule)]
+    assert layers and {m.act_dtype for m in layers} == {torch.float16}
+    assert any(m.bias is None and getattr(m, "smooth", None) is None for m in layers)
