@@ -25,7 +25,7 @@ import torch
 
 from sdxl_core.commands import quantize_glue
 from sdxl_core.errors import UserError
-from sdxl_core.quant import attention, geglu_act, gemm_dispatch, layernorm, qmodules
+from sdxl_core.quant import attention, fusions, geglu_act, gemm_dispatch, layernorm, qmodules
 from sdxl_core.quant.gemm_dispatch import ShapeTiming
 from sdxl_core.quant.kernels import shapes
 from sdxl_core.quant.kernels.conv_cutlass import SDXL_CONV3X3
@@ -82,6 +82,15 @@ def layer_for(fmt: str, m: int, k: int, n: int, device, dtype=torch.float16) -> 
     return cls.from_float(linear, w_amax=w_amax, a_amax=torch.tensor(4.0, device=device)).eval()
 
 
+def smoothed_layer_for(fmt: str, k: int, n: int, device) -> qmodules.QLinear:
+    """`layer_for` with a SmoothQuant scale for INT8, as the engines' INT8 layers have: the layer whose input our
+    attention, LayerNorm and GEGLU kernels quantize."""
+    layer = layer_for(fmt, 1, k, n, device)
+    if fmt == "int8":
+        layer.smooth = torch.rand(k, device=device, dtype=torch.float16) + 0.5
+    return layer
+
+
 def conv_layer_for(fmt: str, c: int, k: int, stride: int, device, dtype=torch.float16) -> qmodules.QConv2d:
     """A random 8-bit 3x3 conv layer (padding 1), as a calibrated engine would hold it."""
     conv = torch.nn.Conv2d(c, k, 3, stride=stride, padding=1, device=device, dtype=dtype)
@@ -123,24 +132,18 @@ def main(args) -> int:
                 result.add(row)
                 times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
                 print(f"{row['fmt']} {row['op']} {'x'.join(map(str, shape))}: us {times}", flush=True)
-    if "attention" in ops:
-        for shape, layers in SDXL_ATTENTIONS.items():
+    ours = {
+        "attention": (SDXL_ATTENTIONS, measure_attention),
+        "layernorm": (SDXL_NORMS, measure_layernorm),
+        "geglu_act": (SDXL_GEGLUS, measure_geglu_act),
+    }
+    for op in (op for op in ours if op in ops):
+        shapes_of_op, measure_op = ours[op]
+        for shape, layers in shapes_of_op.items():
             for fmt in formats:
-                row = result.add(measure_attention(fmt, shape, layers, device))
+                row = result.add(measure_op(fmt, shape, layers, device))
                 times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
-                print(f"{fmt} attention {'x'.join(map(str, shape))}: us {times}", flush=True)
-    if "layernorm" in ops:
-        for shape, layers in SDXL_NORMS.items():
-            for fmt in formats:
-                row = result.add(measure_layernorm(fmt, shape, layers, device))
-                times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
-                print(f"{fmt} layernorm {'x'.join(map(str, shape))}: us {times}", flush=True)
-    if "geglu_act" in ops:
-        for shape, layers in SDXL_GEGLUS.items():
-            for fmt in formats:
-                row = result.add(measure_geglu_act(fmt, shape, layers, device))
-                times = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in row["ms"].items())
-                print(f"{fmt} geglu_act {'x'.join(map(str, shape))}: us {times}", flush=True)
+                print(f"{fmt} {op} {'x'.join(map(str, shape))}: us {times}", flush=True)
     print(render_kernels(result.data))
     return 0
 
@@ -179,9 +182,7 @@ def measure_attention(fmt: str, shape: tuple, layers: int, device, timer=gemm_di
     """One attention row, timed as the engine build times it (`attention.time_shape`), its output projection a random
     8-bit layer (with a SmoothQuant scale for INT8, as the engines' have). `timer(fn, name, shape)`: ms per call."""
     batch, _, _, heads, head_dim, _ = shape
-    out = layer_for(fmt, 1, heads * head_dim, heads * head_dim, device)
-    if fmt == "int8":
-        out.smooth = torch.rand(heads * head_dim, device=device, dtype=torch.float16) + 0.5
+    out = smoothed_layer_for(fmt, heads * head_dim, heads * head_dim, device)
     with torch.inference_mode():
         ms, rejected = attention.time_shape(out, shape, torch.float16, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR)
     _, sq, sk, _, _, _ = shape
@@ -200,56 +201,44 @@ def measure_attention(fmt: str, shape: tuple, layers: int, device, timer=gemm_di
 
 def measure_layernorm(fmt: str, shape: tuple, layers: int, device, timer=gemm_dispatch.time_candidate) -> dict:
     """One LayerNorm row, timed as the engine build times it (`layernorm.time_shape`): the 16-bit norm and the norm
-    quantizing for a random 8-bit layer (with a SmoothQuant scale for INT8, as the engines' have), each unfused and
-    on the kernel. `timer(fn, name, shape)`: ms per call."""
+    quantizing for a random 8-bit layer, each unfused and on the kernel. `timer(fn, name, shape)`: ms per call."""
     channels = shape[1]
     norm = torch.nn.LayerNorm(channels, device=device, dtype=torch.float16)
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     torch.nn.init.normal_(norm.bias, std=0.1)
-    layer = layer_for(fmt, 1, channels, channels, device)
-    if fmt == "int8":
-        layer.smooth = torch.rand(channels, device=device, dtype=torch.float16) + 0.5
-    ms, rejected = {}, {}
-    with torch.inference_mode():
-        for feeds in (None, layer):
-            timed, why = layernorm.time_shape(
-                norm, feeds, shape, torch.float16, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR
-            )
-            ms.update(timed)
-            rejected.update(why)
-    return {
-        "op": "layernorm",
-        "fmt": fmt,
-        "shape": list(shape),
-        "layers": layers,
-        "ms": ms,
-        "speedup": {name: round(ms[layernorm.SIXTEEN_BIT] / t, 3) for name, t in ms.items()},
-        "rejected": rejected,
-    }
+
+    def time(feeds):
+        return layernorm.time_shape(norm, feeds, shape, torch.float16, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR)
+
+    return _both_outputs_row("layernorm", fmt, shape, layers, smoothed_layer_for(fmt, channels, channels, device), time)
 
 
 def measure_geglu_act(fmt: str, shape: tuple, layers: int, device, timer=gemm_dispatch.time_candidate) -> dict:
     """One GEGLU row, timed as the engine build times it (`geglu_act.time_shape`): the 16-bit GEGLU and the GEGLU
-    quantizing for a random 8-bit layer (with a SmoothQuant scale for INT8, as the engines' have), each unfused and
-    on the kernel. `timer(fn, name, shape)`: ms per call."""
+    quantizing for a random 8-bit layer, each unfused and on the kernel. `timer(fn, name, shape)`: ms per call."""
     width = shape[1]
-    layer = layer_for(fmt, 1, width, 320, device)
-    if fmt == "int8":
-        layer.smooth = torch.rand(width, device=device, dtype=torch.float16) + 0.5
+
+    def time(feeds):
+        return geglu_act.time_shape(feeds, shape, torch.float16, device, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR)
+
+    return _both_outputs_row("geglu_act", fmt, shape, layers, smoothed_layer_for(fmt, width, 320, device), time)
+
+
+def _both_outputs_row(op: str, fmt: str, shape: tuple, layers: int, layer, time) -> dict:
+    """A row of one of our producer kernels with both outputs: `time(None)` (16-bit) and `time(layer)` (quantizing
+    for `layer`), each -> ({candidate: ms}, {candidate: why not timed}); speed-ups over the 16-bit unfused op."""
     ms, rejected = {}, {}
     with torch.inference_mode():
         for feeds in (None, layer):
-            timed, why = geglu_act.time_shape(
-                feeds, shape, torch.float16, device, timer, None, gemm_dispatch.MAX_RELATIVE_ERROR
-            )
+            timed, why = time(feeds)
             ms.update(timed)
             rejected.update(why)
     return {
-        "op": "geglu_act",
+        "op": op,
         "fmt": fmt,
         "shape": list(shape),
         "layers": layers,
         "ms": ms,
-        "speedup": {name: round(ms[geglu_act.SIXTEEN_BIT] / t, 3) for name, t in ms.items()},
+        "speedup": {name: round(ms[fusions.SIXTEEN_BIT] / t, 3) for name, t in ms.items()},
         "rejected": rejected,
     }
