@@ -2,6 +2,7 @@
 calibrated and converted to 8-bit modules, and a check script run in the Triton interpreter."""
 
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -48,6 +49,32 @@ def converted_tiny(precision: str, calib: list[dict], fused_qkv: bool = False) -
                 model(**batch)
 
     return qmodules.convert_to_real(quantize.quantize_unet(unet, variant, forward_loop, progress=False))[0]
+
+
+def converted_copies(calib: list[dict], fused_qkv: bool = False):
+    """(precision, fused_qkv=`fused_qkv`) -> a fresh copy of `converted_tiny(precision, calib, fused_qkv)`, each UNet
+    calibrated once per module that asks (a module-scoped fixture returns this)."""
+    cache = {}
+
+    def get(precision: str, fused: bool = fused_qkv) -> torch.nn.Module:
+        if (precision, fused) not in cache:
+            cache[precision, fused] = converted_tiny(precision, calib, fused)
+        return copy.deepcopy(cache[precision, fused])
+
+    return get
+
+
+def timer_preferring(wins: bool, winner: str, where=lambda shape: True):
+    """A scripted dispatch timer (`timer(fn, candidate, shape)`): `winner` takes 1 ms where `where(shape)` (5 ms
+    if not `wins`), every other candidate 2 ms. Each candidate runs once, as the real timer runs it."""
+
+    def timer(fn, candidate, shape):
+        fn()
+        if candidate == winner and where(shape):
+            return 1.0 if wins else 5.0
+        return 2.0
+
+    return timer
 
 
 def load_saved(directory) -> torch.nn.Module:

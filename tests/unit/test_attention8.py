@@ -7,8 +7,6 @@ the build-time choice, and the layer plan that carries it. GPU: the kernel on SD
 is measured by the engine build's dispatch, per shape).
 """
 
-import copy
-
 import pytest
 import torch
 
@@ -19,7 +17,15 @@ from sdxl_core.quant import attention, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import attention8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
-from tests.support.tiny import converted_tiny, grid_index, load_saved, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import (
+    converted_copies,
+    grid_index,
+    load_saved,
+    run,
+    run_in_interpreter,
+    timer_preferring,
+    unet_inputs,
+)
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
@@ -37,15 +43,7 @@ def data():
 def converted(data):
     """(precision, fused projections) -> a calibrated, converted tiny UNet at level 3 (every attention's output
     projection 8-bit)."""
-    cache = {}
-
-    def get(precision, fused_qkv=False):
-        key = (precision, fused_qkv)
-        if key not in cache:
-            cache[key] = converted_tiny(precision, data["calib"], fused_qkv)
-        return copy.deepcopy(cache[key])
-
-    return get
+    return converted_copies(data["calib"], fused_qkv=False)
 
 
 def fuse_all(unet) -> int:
@@ -130,15 +128,6 @@ def test_a_16_bit_unet_fused_computes_what_diffusers_processor_does(data, fused_
     assert torch.equal(run(unet, data["eval"]), expected)
 
 
-def timer_preferring(fused_wins: bool, winner: str = attention.KERNEL):
-    def timer(fn, candidate, shape):
-        if candidate == winner:
-            return 1.0 if fused_wins else 5.0
-        return 2.0  # the unfused pair, SDPA alone, the kernel with the other output
-
-    return timer
-
-
 @pytest.mark.parametrize("fused_wins", [True, False])
 def test_a_16_bit_unet_fuses_where_the_kernel_beats_sdpa_and_the_plan_keeps_it(data, fused_wins, tmp_path):
     """What the FP16 engines get, so that the speed gates compare like for like."""
@@ -165,7 +154,9 @@ def test_a_16_bit_unet_fuses_where_the_kernel_beats_sdpa_and_the_plan_keeps_it(d
 def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted, data, fused_wins, tmp_path):
     unet = converted("int8", True)
     expected = run(unet, data["eval"])
-    rows = attention.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(fused_wins), max_error=2e-2)
+    rows = attention.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(fused_wins, attention.KERNEL), max_error=2e-2
+    )
     # tiny's attentions: self-attention at two token counts, cross-attention at the same two
     assert sum(r["layers"] for r in rows) == TINY_ATTENTIONS
     assert {r["op"] for r in rows} == {"attention"}
@@ -193,7 +184,9 @@ def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypa
         return right(q, v, k, smooth, inv_scale, out_dtype)  # keys and values swapped
 
     monkeypatch.setattr(ops, "attention8", wrong)
-    rows = attention.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2)
+    rows = attention.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True, attention.KERNEL), max_error=2e-2
+    )
     assert rows and all(r["choice"] == attention.UNFUSED and attention.KERNEL in r["rejected"] for r in rows)
     assert not attention.fused_attentions(unet)
 
@@ -201,7 +194,11 @@ def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypa
 def test_the_dispatch_filter_can_leave_the_kernel_out(converted, data):
     unet = converted("int8")
     rows = attention.choose(
-        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2, allowed=lambda k: False
+        unet,
+        lambda: run(unet, data["eval"]),
+        timer=timer_preferring(True, attention.KERNEL),
+        max_error=2e-2,
+        allowed=lambda k: False,
     )
     assert rows == [] and not attention.fused_attentions(unet)
 

@@ -7,7 +7,6 @@ layer plan that carries it. GPU: each kernel on SDXL shapes against the referenc
 engine build's dispatch, per shape).
 """
 
-import copy
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from sdxl_core.errors import UserError
 from sdxl_core.quant import geglu, qmodules
 from sdxl_core.quant.kernels import fp8_gemm, geglu8, gemm8_cutlass, int8_gemm, ops
-from tests.support.tiny import converted_tiny, run, run_in_interpreter, unet_inputs
+from tests.support.tiny import converted_copies, run, run_in_interpreter, unet_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_hopper = pytest.mark.skipif(
@@ -34,14 +33,7 @@ def data():
 @pytest.fixture(scope="module")
 def converted(data):
     """precision -> a calibrated, converted tiny UNet at level 3 (every feed-forward linear 8-bit)."""
-    cache = {}
-
-    def get(precision):
-        if precision not in cache:
-            cache[precision] = converted_tiny(precision, data["calib"])
-        return copy.deepcopy(cache[precision])
-
-    return get
+    return converted_copies(data["calib"])
 
 
 def timer_preferring(fused_wins: bool, winner: str = geglu.KERNEL):

@@ -7,8 +7,6 @@ layers on the 16-bit path, FP16), the build-time choice, and the layer plan that
 two GEGLU shapes (its speed is measured by the engine build's dispatch).
 """
 
-import copy
-
 import pytest
 import torch
 
@@ -19,12 +17,13 @@ from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import geglu_act8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
 from tests.support.tiny import (
-    converted_tiny,
+    converted_copies,
     grid_index,
     input_dtypes,
     load_saved,
     run,
     run_in_interpreter,
+    timer_preferring,
     unet_inputs,
 )
 
@@ -43,14 +42,7 @@ def data():
 @pytest.fixture(scope="module")
 def converted(data):
     """precision -> a calibrated, converted tiny UNet at level 3 on fused attention projections."""
-    cache = {}
-
-    def get(precision):
-        if precision not in cache:
-            cache[precision] = converted_tiny(precision, data["calib"], True)
-        return copy.deepcopy(cache[precision])
-
-    return get
+    return converted_copies(data["calib"], fused_qkv=True)
 
 
 def fuse_all(unet) -> int:
@@ -113,21 +105,13 @@ def test_a_16_bit_unet_fused_computes_what_diffusers_feed_forwards_do(data):
     assert torch.equal(run(unet, data["eval"]), expected)
 
 
-def timer_preferring(kernel_wins: bool, winner: str = geglu_act.KERNEL):
-    def timer(fn, candidate, shape):
-        fn()
-        if candidate == winner:
-            return 1.0 if kernel_wins else 5.0
-        return 2.0
-
-    return timer
-
-
 @pytest.mark.parametrize("kernel_wins", [True, False])
 def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted, data, kernel_wins, tmp_path):
     unet = converted("int8")
     expected = run(unet, data["eval"])
-    rows = geglu_act.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(kernel_wins), max_error=2e-2)
+    rows = geglu_act.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(kernel_wins, geglu_act.KERNEL), max_error=2e-2
+    )
     assert sum(r["layers"] for r in rows) == TINY_FEED_FORWARDS
     assert {r["op"] for r in rows} == {"geglu_act"} and {r["fmt"] for r in rows} == {"int8"}
     for row in rows:
@@ -144,7 +128,9 @@ def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted
     assert geglu_act.fused_activations(loaded) == plan["activations"]
     assert torch.equal(run(loaded, data["eval"]), expected)
     # A build that finds the kernel slower undoes the fusion it inherited.
-    geglu_act.choose(loaded, lambda: run(loaded, data["eval"]), timer=timer_preferring(False), max_error=2e-2)
+    geglu_act.choose(
+        loaded, lambda: run(loaded, data["eval"]), timer=timer_preferring(False, geglu_act.KERNEL), max_error=2e-2
+    )
     assert not geglu_act.fused_activations(loaded)
 
 
@@ -155,7 +141,9 @@ def test_a_feed_forward_with_the_geglu_in_its_gemm_is_not_timed(converted, data)
     ffs = list(geglu.feed_forwards(unet).values())
     for ff in ffs[:5]:
         geglu.fuse(ff, torch.float32)
-    rows = geglu_act.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2)
+    rows = geglu_act.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True, geglu_act.KERNEL), max_error=2e-2
+    )
     assert sum(r["layers"] for r in rows) == TINY_FEED_FORWARDS - 5
     in_gemm = {id(ff.net[0]) for ff in ffs[:5]}
     fused = [m for m in unet.modules() if isinstance(m, geglu_act._FusedGegluActForward)]
@@ -181,7 +169,9 @@ def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypa
         return right(torch.cat([gate, value], dim=-1), smooth, inv_scale, out_dtype)  # value and gate swapped
 
     monkeypatch.setattr(ops, "geglu_act8", wrong)
-    rows = geglu_act.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2)
+    rows = geglu_act.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True, geglu_act.KERNEL), max_error=2e-2
+    )
     assert rows and all(r["choice"] == geglu_act.UNFUSED and geglu_act.KERNEL in r["rejected"] for r in rows)
     assert not geglu_act.fused_activations(unet)
 
@@ -189,7 +179,11 @@ def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypa
 def test_the_dispatch_filter_can_leave_the_kernel_out(converted, data):
     unet = converted("int8")
     rows = geglu_act.choose(
-        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2, allowed=lambda k: False
+        unet,
+        lambda: run(unet, data["eval"]),
+        timer=timer_preferring(True, geglu_act.KERNEL),
+        max_error=2e-2,
+        allowed=lambda k: False,
     )
     assert rows == [] and not geglu_act.fused_activations(unet)
 

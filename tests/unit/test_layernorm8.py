@@ -19,12 +19,13 @@ from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import epilogue8, layernorm8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
 from tests.support.tiny import (
-    converted_tiny,
+    converted_copies,
     grid_index,
     input_dtypes,
     load_saved,
     run,
     run_in_interpreter,
+    timer_preferring,
     unet_inputs,
 )
 
@@ -43,15 +44,7 @@ def data():
 @pytest.fixture(scope="module")
 def converted(data):
     """(precision, fused projections) -> a calibrated, converted tiny UNet at level 3."""
-    cache = {}
-
-    def get(precision, fused_qkv=True):
-        key = (precision, fused_qkv)
-        if key not in cache:
-            cache[key] = converted_tiny(precision, data["calib"], fused_qkv)
-        return copy.deepcopy(cache[key])
-
-    return get
+    return converted_copies(data["calib"], fused_qkv=True)
 
 
 def fuse_all(unet) -> dict[str, bool]:
@@ -180,22 +173,15 @@ def test_a_block_whose_norms_take_the_residual_add_is_still_a_compiled_region_an
     assert layernorm.fused_norms(unet) == {n: layernorm.KERNEL for n in found if n.endswith("norm1")}
 
 
-def timer_preferring(kernel_wins: bool, winner: str = layernorm.KERNEL, residual_only: bool = False):
-    def timer(fn, candidate, shape):
-        fn()
-        if candidate == winner and (shape[-1] == 1 or not residual_only):
-            return 1.0 if kernel_wins else 5.0
-        return 2.0
-
-    return timer
-
-
 @pytest.mark.parametrize("kernel_wins", [True, False])
 def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted, data, kernel_wins, tmp_path):
     unet = converted("int8")
     expected = run(unet, data["eval"])
     rows = layernorm.choose(
-        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(kernel_wins, residual_only=True), max_error=2e-2
+        unet,
+        lambda: run(unet, data["eval"]),
+        timer=timer_preferring(kernel_wins, layernorm.KERNEL, where=lambda shape: shape[-1] == 1),
+        max_error=2e-2,
     )
     assert sum(r["layers"] for r in rows) == TINY_NORMS
     assert {r["op"] for r in rows} == {"layernorm"} and {r["fmt"] for r in rows} == {"int8"}
@@ -215,7 +201,9 @@ def test_choose_fuses_where_the_kernel_is_faster_and_the_plan_keeps_it(converted
     assert layernorm.fused_norms(loaded) == plan["norms"]
     assert torch.equal(run(loaded, data["eval"]), expected)
     # A build that finds the kernel slower undoes the fusion it inherited.
-    layernorm.choose(loaded, lambda: run(loaded, data["eval"]), timer=timer_preferring(False), max_error=2e-2)
+    layernorm.choose(
+        loaded, lambda: run(loaded, data["eval"]), timer=timer_preferring(False, layernorm.KERNEL), max_error=2e-2
+    )
     assert not layernorm.fused_norms(loaded)
 
 
@@ -246,7 +234,9 @@ def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypa
 
     monkeypatch.setattr(ops, "layernorm8", wrong)
     monkeypatch.setattr(ops, "add_layernorm8", wrong_stream)
-    rows = layernorm.choose(unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2)
+    rows = layernorm.choose(
+        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True, layernorm.KERNEL), max_error=2e-2
+    )
     assert rows and all(r["choice"] == layernorm.UNFUSED and layernorm.KERNEL in r["rejected"] for r in rows)
     assert not layernorm.fused_norms(unet)
 
@@ -254,7 +244,11 @@ def test_choose_rejects_a_kernel_whose_output_is_wrong(converted, data, monkeypa
 def test_the_dispatch_filter_can_leave_the_kernel_out(converted, data):
     unet = converted("int8")
     rows = layernorm.choose(
-        unet, lambda: run(unet, data["eval"]), timer=timer_preferring(True), max_error=2e-2, allowed=lambda k: False
+        unet,
+        lambda: run(unet, data["eval"]),
+        timer=timer_preferring(True, layernorm.KERNEL),
+        max_error=2e-2,
+        allowed=lambda k: False,
     )
     assert rows == [] and not layernorm.fused_norms(unet)
 
