@@ -20,7 +20,8 @@ GROUPS = [  # (group, pattern over the lower-cased kernel or op name); the first
     ("8-bit GEMM (CUTLASS, ours)", r"cutlass"),
     ("attention", r"sdpa|flash|fmha|attention|softmax"),
     ("convolution (cuDNN)", r"fprop|implicit_convolve|conv|winograd|dgrad"),
-    ("8-bit GEMM (cuBLAS FP8)", r"e4m3|f8f8|_scaled_mm|qgmma|sdxl_bench::fp8_mm"),
+    # cuBLAS names its FP8 kernels by operand types: nvjet_sm90_qqhsh_... takes two e4m3 ("qq") operands
+    ("8-bit GEMM (cuBLAS FP8)", r"e4m3|f8f8|_scaled_mm|qgmma|nvjet_sm\d+_qq|sdxl_bench::fp8_mm"),
     ("16-bit GEMM (cuBLAS)", r"gemm|nvjet|xmma|cublas|sm90_|\bmm\b|addmm|aten::linear|aten::matmul"),
     ("norm (eager)", r"norm"),
     ("copy/cast", r"copy|cast|contiguous|\bcat\b|catarray"),

@@ -94,6 +94,8 @@ def test_profile_rows_carry_the_per_shape_timings_of_a_build_or_of_the_engine(tm
         ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution (cuDNN)"),
         ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNT", "16-bit GEMM (cuBLAS)"),
         ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128", "8-bit GEMM (cuBLAS FP8)"),
+        ("nvjet_sm90_qqhsh_128x160_128x5_2x1_v_bz_coopA_bias_TNT", "8-bit GEMM (cuBLAS FP8)"),  # two e4m3 operands
+        ("nvjet_sm90_hsh_64x56_64x14_4x1_v_bz_TNT", "16-bit GEMM (cuBLAS)"),
         ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<int8_t>>", "8-bit GEMM (CUTLASS, ours)"),
     ],
 )
