@@ -185,7 +185,7 @@ def attention8(q, k, v, smooth, inv_scale, out_dtype: torch.dtype) -> torch.Tens
     # torch casts them (exact: each is an e4m3 value), as `geglu8` does.
     round_e4m3 = _INTERPRET and out_dtype == FP8_DTYPE
     out = torch.empty((b * sq, h * d), dtype=torch.float32 if round_e4m3 else out_dtype, device=q.device)
-    inv_arg = inverse_scale_arg(inv_scale, quantized, q.device)
+    inv_arg = inverse_scale_arg(inv_scale, quantized, out)
     smooth_arg = smooth.contiguous() if quantized and smooth is not None else inv_arg
 
     def grid(meta):

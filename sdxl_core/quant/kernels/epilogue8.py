@@ -53,8 +53,10 @@ def quantize_output(o: torch.Tensor, smooth, inv_scale, out_dtype) -> torch.Tens
     return quantize_fp8(y, None, inv_scale)
 
 
-def inverse_scale_arg(inv_scale, quantized: bool, device) -> torch.Tensor:
-    """The kernels' inv_scale pointer argument: 1 / a_scale as one float32, or a placeholder for a 16-bit output."""
+def inverse_scale_arg(inv_scale, quantized: bool, out: torch.Tensor) -> torch.Tensor:
+    """The kernels' inv_scale pointer argument: 1 / a_scale as one float32, or for a 16-bit output (which never reads
+    it) the output itself. A placeholder allocated per call would be a fill kernel per call: in the FP16 engine's
+    profile on Hopper, 240 extra kernels per step and 0.2 ms of fills."""
     if quantized:
-        return torch.as_tensor(inv_scale, dtype=torch.float32, device=device).reshape(1)
-    return torch.ones(1, dtype=torch.float32, device=device)
+        return torch.as_tensor(inv_scale, dtype=torch.float32, device=out.device).reshape(1)
+    return out

@@ -129,7 +129,7 @@ def geglu_act8(h, smooth, inv_scale, out_dtype: torch.dtype) -> torch.Tensor:
     # torch casts them (exact: each is an e4m3 value), as `geglu8` does.
     round_e4m3 = _INTERPRET and out_dtype == FP8_DTYPE
     out = torch.empty((m, f), dtype=torch.float32 if round_e4m3 else out_dtype, device=h.device)
-    inv_arg = inverse_scale_arg(inv_scale, quantized, h.device)
+    inv_arg = inverse_scale_arg(inv_scale, quantized, out)
     smooth_arg = smooth.contiguous() if quantized and smooth is not None else inv_arg
 
     def grid(meta):

@@ -172,7 +172,7 @@ def _run(x, residual, weight, bias, eps, smooth, inv_scale, out_dtype) -> tuple[
     round_e4m3 = _INTERPRET and out_dtype == FP8_DTYPE
     out = torch.empty((m, channels), dtype=torch.float32 if round_e4m3 else out_dtype, device=x.device)
     total = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
-    inv_arg = inverse_scale_arg(inv_scale, quantized, x.device)
+    inv_arg = inverse_scale_arg(inv_scale, quantized, out)
     smooth_arg = smooth.contiguous() if quantized and smooth is not None else inv_arg
 
     def grid(meta):
