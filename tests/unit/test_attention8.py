@@ -293,7 +293,7 @@ def test_grid_index_counts_neighbouring_8_bit_values_one_apart():
 @needs_hopper
 @pytest.mark.parametrize("out_dtype", [torch.int8, FP8_DTYPE], ids=["int8", "fp8"])
 @pytest.mark.parametrize("shape", SDXL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_attention8_on_sdxl_shapes(shape, out_dtype):
+def test_attention8_on_sdxl_shapes(shape, out_dtype, monkeypatch):
     torch.manual_seed(0)
     q, k, v = attention.operands(shape, torch.float16, "cuda")
     smooth = (torch.rand(shape[3] * shape[4], device="cuda") + 0.5).half()
@@ -304,10 +304,13 @@ def test_attention8_on_sdxl_shapes(shape, out_dtype):
     qmax = 127.0 if out_dtype == torch.int8 else 448.0
     inv_scale = torch.tensor(qmax / (0.8 * float(exact.abs().max())), device="cuda")
     got = attention8.attention8(q, k, v, smooth, inv_scale, out_dtype)
-    own = attention8.quantize_output(o16, smooth, inv_scale, out_dtype)
-    # The 8-bit and 16-bit outputs are two autotuned kernels, whose tiles may sum in another order: an output within
-    # an fp16 ulp of a rounding boundary may land on the neighbouring 8-bit value, and nothing more.
-    steps = (grid_index(got) - grid_index(own)).abs()
+    # On one tile config the 8-bit output is the 16-bit one quantized but for that rounding: within one 8-bit step.
+    # The autotuned calls may pick different tiles (the 8-bit and 16-bit outputs tune apart), and P is rounded to
+    # fp16 per key block, so their outputs differ at fp16 level, which near zero spans many e4m3 steps (14 on Hopper).
+    monkeypatch.setattr(attention8, "_QUICK", True)
+    one16 = attention8.attention8(q, k, v, None, None, torch.float16)
+    one8 = attention8.attention8(q, k, v, smooth, inv_scale, out_dtype)
+    steps = (grid_index(one8) - grid_index(attention8.quantize_output(one16, smooth, inv_scale, out_dtype))).abs()
     assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= got.numel() // 100
     ref = attention8.attention_reference(q, k, v, smooth, inv_scale, out_dtype)
     rel = float((got.float() - ref.float()).norm() / ref.float().norm())
