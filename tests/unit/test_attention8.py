@@ -17,6 +17,7 @@ from sdxl_core.quant import attention, qmodules
 from sdxl_core.quant import plan as plan_schema
 from sdxl_core.quant.kernels import attention8, ops
 from sdxl_core.quant.kernels.fp8_gemm import FP8_DTYPE
+from tests.support.hardware import needs_hopper
 from tests.support.tiny import (
     converted_copies,
     grid_index,
@@ -27,9 +28,6 @@ from tests.support.tiny import (
     unet_inputs,
 )
 
-needs_hopper = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
-)
 TINY_ATTENTIONS = 34  # 17 transformer blocks in tiny, a self- and a cross-attention each
 
 

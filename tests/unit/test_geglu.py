@@ -16,12 +16,10 @@ import torch
 from sdxl_core.errors import UserError
 from sdxl_core.quant import geglu, qmodules
 from sdxl_core.quant.kernels import fp8_gemm, geglu8, gemm8_cutlass, int8_gemm, ops
+from tests.support.hardware import needs_hopper
 from tests.support.tiny import converted_copies, run, run_in_interpreter, unet_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
-needs_hopper = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU"
-)
 
 
 @pytest.fixture(scope="module")
